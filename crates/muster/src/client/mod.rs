@@ -1,0 +1,606 @@
+//! The etcd connection layer.
+//!
+//! [`Etcd`] is a cheap-to-clone handle on one or more etcd endpoints. Every
+//! unary call carries a timeout; when an endpoint is unreachable the call
+//! fails over to the next one (always for reads and lease calls, and for
+//! writes only when the request provably never left: the connection could
+//! not be made). With credentials it authenticates, attaches the token to
+//! every call and refreshes it when etcd says it is invalid. Long-lived
+//! streams (lease keep-alive, watch) are opened through the same failover and
+//! carry etcd's require-leader metadata, so a member cut off from its cluster
+//! ends the stream instead of silently going quiet.
+//!
+//! All watches of one handle share a single gRPC watch stream: see
+//! [`watch`].
+
+pub mod watch;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use muster_proto as pb;
+use muster_proto::auth_client::AuthClient;
+use muster_proto::cluster_client::ClusterClient;
+use muster_proto::kv_client::KvClient;
+use muster_proto::lease_client::LeaseClient;
+use muster_proto::maintenance_client::MaintenanceClient;
+use muster_proto::watch_client::WatchClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+
+pub use watch::{WatchEvent, WatchOptions, Watcher};
+
+/// The metadata key etcd reads to refuse serving a stream from a member
+/// without a leader (`rpctypes.MetadataRequireLeaderKey`).
+pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+/// etcd's default largest request (1.5 MiB) plus gRPC overhead.
+const MAX_MESSAGE: usize = 2 * 1024 * 1024 + 512 * 1024;
+
+/// How to reach etcd.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `host:port` or `http://host:port`, tried in order with failover.
+    pub endpoints: Vec<String>,
+    /// Username and password, when etcd has auth enabled.
+    pub credentials: Option<(String, String)>,
+    /// How long to wait for a TCP connection.
+    pub connect_timeout: Duration,
+    /// How long one unary call may take.
+    pub request_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval; a dead connection is noticed within
+    /// this plus [`Config::keepalive_timeout`] even when idle.
+    pub keepalive_interval: Duration,
+    /// How long to wait for a keep-alive ping's answer.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            credentials: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(3),
+            keepalive_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for these endpoints with default timeouts.
+    pub fn new<I, S>(endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Config {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            ..Config::default()
+        }
+    }
+
+    /// Sets username and password.
+    pub fn with_credentials(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Sets the per-request timeout.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+}
+
+/// A handle on an etcd cluster (or muster's embedded registry). Clones share
+/// connections, the auth token and the watch stream.
+#[derive(Clone)]
+pub struct Etcd {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    channels: Vec<(String, Channel)>,
+    current: AtomicUsize,
+    config: Config,
+    token: ArcSwapOption<AsciiMetadataValue>,
+    auth_lock: tokio::sync::Mutex<()>,
+    watch_hub: OnceLock<watch::Hub>,
+}
+
+/// Whether a failed call may be sent again to another endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads and lease calls: safe to repeat.
+    Idempotent,
+    /// Writes: only when the request never reached a server.
+    IfNotSent,
+}
+
+fn normalize(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+fn is_connect_error(status: &Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let msg = status.message().to_ascii_lowercase();
+    msg.contains("connect") || msg.contains("connection refused") || msg.contains("dns")
+}
+
+fn is_invalid_token(status: &Status) -> bool {
+    status.code() == tonic::Code::Unauthenticated
+        || (status.code() == tonic::Code::InvalidArgument
+            && status.message().contains("invalid auth token"))
+}
+
+impl Etcd {
+    /// Creates a handle. Connections are made lazily, so this fails only on
+    /// a malformed configuration, never because etcd is down.
+    pub fn connect(config: Config) -> Result<Etcd> {
+        if config.endpoints.is_empty() {
+            return Err(Error::invalid(
+                "endpoints",
+                "at least one endpoint is required",
+            ));
+        }
+        let mut channels = Vec::with_capacity(config.endpoints.len());
+        for ep in &config.endpoints {
+            let url = normalize(ep.trim());
+            let endpoint = Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::invalid("endpoint", format!("{ep:?}: {e}")))?
+                .connect_timeout(config.connect_timeout)
+                .http2_keep_alive_interval(config.keepalive_interval)
+                .keep_alive_timeout(config.keepalive_timeout)
+                .keep_alive_while_idle(true)
+                .tcp_nodelay(true);
+            channels.push((url, endpoint.connect_lazy()));
+        }
+        Ok(Etcd {
+            inner: Arc::new(Inner {
+                channels,
+                current: AtomicUsize::new(0),
+                config,
+                token: ArcSwapOption::empty(),
+                auth_lock: tokio::sync::Mutex::new(()),
+                watch_hub: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// A handle on one endpoint with default settings.
+    pub fn connect_to(endpoint: impl Into<String>) -> Result<Etcd> {
+        Etcd::connect(Config::new([endpoint.into()]))
+    }
+
+    /// The endpoints, normalized to URLs.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner.channels.iter().map(|(u, _)| u.clone()).collect()
+    }
+
+    /// The configuration this handle was made with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The endpoint calls currently go to.
+    pub fn current_endpoint(&self) -> String {
+        let i = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
+        self.inner.channels[i].0.clone()
+    }
+
+    /// The endpoint to use first, then `start + 1`, ... for later attempts.
+    fn first_endpoint(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed)
+    }
+
+    fn channel(&self, start: usize, attempt: usize) -> (usize, Channel) {
+        let i = (start + attempt) % self.inner.channels.len();
+        (i, self.inner.channels[i].1.clone())
+    }
+
+    fn mark_failed(&self, index: usize) {
+        let n = self.inner.channels.len();
+        if n > 1 {
+            // Move on only if nobody else already did.
+            let _ = self.inner.current.compare_exchange(
+                index,
+                (index + 1) % n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn request<M>(&self, msg: M, timeout: Option<Duration>) -> Request<M> {
+        let mut req = Request::new(msg);
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        if let Some(token) = self.inner.token.load_full() {
+            req.metadata_mut().insert("token", (*token).clone());
+        }
+        req
+    }
+
+    async fn authenticate(&self, stale: Option<Arc<AsciiMetadataValue>>) -> Result<()> {
+        let Some((user, password)) = self.inner.config.credentials.clone() else {
+            return Ok(());
+        };
+        let _guard = self.inner.auth_lock.lock().await;
+        let current = self.inner.token.load_full();
+        if current.is_some() && current.as_ref().map(Arc::as_ptr) != stale.as_ref().map(Arc::as_ptr)
+        {
+            return Ok(()); // someone refreshed it while we waited
+        }
+        let msg = pb::AuthenticateRequest {
+            name: user,
+            password,
+        };
+        let timeout = self.inner.config.request_timeout;
+        let resp = self
+            .call_unchecked(Retry::Idempotent, msg, |ch, req| async move {
+                AuthClient::new(ch).authenticate(req).await
+            })
+            .await
+            .map_err(|e| match e {
+                Error::Unavailable(_) | Error::Timeout(_) => e,
+                other => Error::AuthFailed(other.to_string()),
+            })?;
+        let token = AsciiMetadataValue::try_from(resp.token.as_str())
+            .map_err(|_| Error::AuthFailed("etcd returned an unusable token".into()))?;
+        self.inner.token.store(Some(Arc::new(token)));
+        tracing::debug!(timeout = ?timeout, "authenticated to etcd");
+        Ok(())
+    }
+
+    /// One unary call with timeout and endpoint failover, no auth handling.
+    async fn call_unchecked<M, R, F, Fut>(&self, retry: Retry, msg: M, f: F) -> Result<R>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<R>, Status>>,
+    {
+        let timeout = self.inner.config.request_timeout;
+        let attempts = self.inner.channels.len();
+        let mut last = None;
+        let start = self.first_endpoint();
+        for attempt in 0..attempts {
+            let (index, channel) = self.channel(start, attempt);
+            let req = self.request(msg.clone(), Some(timeout));
+            let status = match tokio::time::timeout(timeout, f(channel, req)).await {
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    self.mark_failed(index);
+                    if retry == Retry::Idempotent {
+                        last = Some(Error::Timeout(timeout));
+                        continue;
+                    }
+                    return Err(Error::Timeout(timeout));
+                }
+            };
+            let failover = status.code() == tonic::Code::Unavailable
+                && (retry == Retry::Idempotent || is_connect_error(&status));
+            if failover {
+                tracing::debug!(endpoint = %self.inner.channels[index].0, error = %status.message(), "etcd endpoint failed, trying the next");
+                self.mark_failed(index);
+                last = Some(Error::from_status(status));
+                continue;
+            }
+            return Err(Error::Grpc(status));
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no endpoint answered".into())))
+    }
+
+    /// One unary call: authentication, timeout, failover, error mapping.
+    async fn call<M, R, F, Fut>(&self, retry: Retry, msg: M, f: F) -> Result<R>
+    where
+        M: Clone,
+        F: Fn(Channel, Request<M>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<R>, Status>>,
+    {
+        if self.inner.config.credentials.is_some() && self.inner.token.load().is_none() {
+            self.authenticate(None).await?;
+        }
+        let token = self.inner.token.load_full();
+        match self.call_unchecked(retry, msg.clone(), &f).await {
+            Err(Error::Grpc(status))
+                if self.inner.config.credentials.is_some() && is_invalid_token(&status) =>
+            {
+                self.authenticate(token).await?;
+                self.call_unchecked(retry, msg, &f).await.map_err(map_grpc)
+            }
+            other => other.map_err(map_grpc),
+        }
+    }
+
+    /// Opens a bidirectional stream with failover, sending `first` before
+    /// waiting for the server's answer (etcd sends no headers until the
+    /// first request arrives).
+    async fn open_stream<M, R, F, Fut>(
+        &self,
+        first: Vec<M>,
+        f: F,
+    ) -> Result<(mpsc::Sender<M>, tonic::Streaming<R>)>
+    where
+        M: Clone + Send + 'static,
+        F: Fn(Channel, Request<ReceiverStream<M>>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<tonic::Streaming<R>>, Status>>,
+    {
+        if self.inner.config.credentials.is_some() && self.inner.token.load().is_none() {
+            self.authenticate(None).await?;
+        }
+        let timeout = self.inner.config.request_timeout;
+        let attempts = self.inner.channels.len();
+        let mut last = None;
+        let mut reauthed = false;
+        let mut attempt = 0;
+        let start = self.first_endpoint();
+        while attempt < attempts {
+            let (index, channel) = self.channel(start, attempt);
+            let (tx, rx) = mpsc::channel(64.max(first.len() + 16));
+            for m in &first {
+                // A fresh channel with room for all of `first`.
+                let _ = tx.try_send(m.clone());
+            }
+            let token = self.inner.token.load_full();
+            let mut req = self.request(ReceiverStream::new(rx), None);
+            req.metadata_mut()
+                .insert(REQUIRE_LEADER_KEY, AsciiMetadataValue::from_static("true"));
+            match tokio::time::timeout(timeout, f(channel, req)).await {
+                Ok(Ok(resp)) => return Ok((tx, resp.into_inner())),
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                    self.mark_failed(index);
+                    last = Some(Error::from_status(status));
+                }
+                Ok(Err(status))
+                    if !reauthed
+                        && self.inner.config.credentials.is_some()
+                        && is_invalid_token(&status) =>
+                {
+                    reauthed = true;
+                    self.authenticate(token).await?;
+                    continue;
+                }
+                Ok(Err(status)) => return Err(Error::from_status(status)),
+                Err(_) => {
+                    self.mark_failed(index);
+                    last = Some(Error::Timeout(timeout));
+                }
+            }
+            attempt += 1;
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no endpoint answered".into())))
+    }
+
+    /// Reads keys.
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse> {
+        self.call(Retry::Idempotent, req, |ch, r| async move {
+            KvClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .range(r)
+                .await
+        })
+        .await
+    }
+
+    /// Writes one key.
+    pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse> {
+        self.call(Retry::IfNotSent, req, |ch, r| async move {
+            KvClient::new(ch).put(r).await
+        })
+        .await
+    }
+
+    /// Deletes a key or range.
+    pub async fn delete_range(
+        &self,
+        req: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse> {
+        self.call(Retry::IfNotSent, req, |ch, r| async move {
+            KvClient::new(ch).delete_range(r).await
+        })
+        .await
+    }
+
+    /// Runs a transaction.
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse> {
+        self.call(Retry::IfNotSent, req, |ch, r| async move {
+            KvClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .txn(r)
+                .await
+        })
+        .await
+    }
+
+    /// Compacts history up to `revision`.
+    pub async fn compact(&self, revision: i64, physical: bool) -> Result<pb::CompactionResponse> {
+        let req = pb::CompactionRequest { revision, physical };
+        self.call(Retry::IfNotSent, req, |ch, r| async move {
+            KvClient::new(ch).compact(r).await
+        })
+        .await
+    }
+
+    /// Grants a lease of `ttl` seconds.
+    pub async fn lease_grant(&self, ttl: i64) -> Result<pb::LeaseGrantResponse> {
+        let resp = self
+            .call(
+                Retry::Idempotent,
+                pb::LeaseGrantRequest { ttl, id: 0 },
+                |ch, r| async move { LeaseClient::new(ch).lease_grant(r).await },
+            )
+            .await?;
+        if !resp.error.is_empty() {
+            return Err(Error::Grpc(Status::unknown(resp.error)));
+        }
+        Ok(resp)
+    }
+
+    /// Revokes a lease, deleting every key attached to it.
+    pub async fn lease_revoke(&self, id: i64) -> Result<pb::LeaseRevokeResponse> {
+        self.call(
+            Retry::Idempotent,
+            pb::LeaseRevokeRequest { id },
+            |ch, r| async move { LeaseClient::new(ch).lease_revoke(r).await },
+        )
+        .await
+    }
+
+    /// A lease's remaining time (TTL -1 when it does not exist).
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<pb::LeaseTimeToLiveResponse> {
+        self.call(
+            Retry::Idempotent,
+            pb::LeaseTimeToLiveRequest { id, keys },
+            |ch, r| async move { LeaseClient::new(ch).lease_time_to_live(r).await },
+        )
+        .await
+    }
+
+    /// Opens a keep-alive stream, sending a first keep-alive for `first_id`.
+    pub async fn lease_keep_alive(
+        &self,
+        first_id: i64,
+    ) -> Result<(
+        mpsc::Sender<pb::LeaseKeepAliveRequest>,
+        tonic::Streaming<pb::LeaseKeepAliveResponse>,
+    )> {
+        self.open_stream(
+            vec![pb::LeaseKeepAliveRequest { id: first_id }],
+            |ch, r| async move { LeaseClient::new(ch).lease_keep_alive(r).await },
+        )
+        .await
+    }
+
+    /// Opens a raw watch stream with these first requests. Most callers
+    /// want [`Etcd::watch`], which shares one stream per handle.
+    pub async fn watch_stream(
+        &self,
+        first: Vec<pb::WatchRequest>,
+    ) -> Result<(
+        mpsc::Sender<pb::WatchRequest>,
+        tonic::Streaming<pb::WatchResponse>,
+    )> {
+        self.open_stream(first, |ch, r| async move {
+            WatchClient::new(ch)
+                .max_decoding_message_size(usize::MAX)
+                .watch(r)
+                .await
+        })
+        .await
+    }
+
+    /// Watches a key or range on this handle's shared watch stream.
+    pub async fn watch(&self, options: WatchOptions) -> Result<Watcher> {
+        self.inner
+            .watch_hub
+            .get_or_init(|| watch::Hub::start(self.clone()))
+            .subscribe(options)
+            .await
+    }
+
+    /// The status of the endpoint calls currently go to.
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        self.call(
+            Retry::Idempotent,
+            pb::StatusRequest {},
+            |ch, r| async move { MaintenanceClient::new(ch).status(r).await },
+        )
+        .await
+    }
+
+    /// The cluster's members.
+    pub async fn member_list(&self) -> Result<pb::MemberListResponse> {
+        self.call(
+            Retry::Idempotent,
+            pb::MemberListRequest {
+                linearizable: false,
+            },
+            |ch, r| async move { ClusterClient::new(ch).member_list(r).await },
+        )
+        .await
+    }
+
+    /// Number of gRPC watch streams this handle has opened so far (one at a
+    /// time; reconnects count again). For tests and metrics.
+    pub fn watch_streams_opened(&self) -> u64 {
+        self.inner
+            .watch_hub
+            .get()
+            .map(watch::Hub::streams_opened)
+            .unwrap_or(0)
+    }
+}
+
+fn map_grpc(e: Error) -> Error {
+    match e {
+        Error::Grpc(status) => Error::from_status(status),
+        other => other,
+    }
+}
+
+/// Capped exponential backoff with jitter: attempt 0 waits about `base`,
+/// each later attempt doubles up to `cap`; the wait is drawn from
+/// [half, full] of that so that many clients do not retry in lockstep.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let full = exp.min(cap);
+    let half = full / 2;
+    half + full.saturating_sub(half).mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(2);
+        for attempt in 0..40 {
+            let d = backoff(attempt, base, cap);
+            assert!(d <= cap, "{d:?}");
+            assert!(d >= base / 2, "{d:?}");
+        }
+        assert!(backoff(30, base, cap) >= cap / 2);
+    }
+
+    #[test]
+    fn bad_config_is_an_error() {
+        assert!(Etcd::connect(Config::new(Vec::<String>::new())).is_err());
+        let err = Etcd::connect(Config::new(["http://[::1"])).unwrap_err();
+        assert!(err.to_string().contains("endpoint"), "{err}");
+    }
+}

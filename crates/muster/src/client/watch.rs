@@ -1,0 +1,602 @@
+//! One watch stream per [`Etcd`] handle, shared by every watcher.
+//!
+//! The hub owns the gRPC stream and multiplexes watchers on it, each with
+//! its own watch id. It remembers, per watcher, the next revision it has to
+//! deliver, so that:
+//!
+//! - after a disconnect it reconnects (with backoff, failing over between
+//!   endpoints) and re-creates every watch from that revision: nothing is
+//!   missed and nothing is delivered twice;
+//! - a slow watcher never blocks the others: when its channel is full its
+//!   server-side watch is cancelled and later re-created from the first
+//!   undelivered revision, so it catches up from etcd's history in order;
+//! - progress notifications advance quiet watchers' revisions;
+//! - history lost to compaction ends the watcher with
+//!   [`WatchEvent::Compacted`], and a registry whose revision went backwards
+//!   (wiped, or restored from an old backup) ends it with
+//!   [`WatchEvent::Reset`]: the owner re-lists and watches again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use muster_proto as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Etcd, Inner, backoff};
+use crate::error::{Error, Result};
+
+/// How many responses a watcher may have waiting before it is paused.
+const WATCHER_BUFFER: usize = 256;
+/// How often the hub asks etcd for a progress notification.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// How often paused watchers are checked for room to resume.
+const RESUME_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What to watch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// The key, or the start of the range.
+    pub key: Vec<u8>,
+    /// The exclusive end of the range; empty for a single key.
+    pub range_end: Vec<u8>,
+    /// The first revision to deliver; 0 means changes after now.
+    pub start_revision: i64,
+    /// Whether events carry the previous key-value.
+    pub prev_kv: bool,
+}
+
+impl WatchOptions {
+    /// Watches one key.
+    pub fn key(key: impl Into<Vec<u8>>) -> Self {
+        WatchOptions {
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Watches every key starting with `prefix`. End prefixes with `/`, or
+    /// `foo` also matches `foo_other` (etcd issue 15022).
+    pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
+        let key = prefix.into();
+        let range_end = crate::instance::prefix_range_end(&key);
+        WatchOptions {
+            key,
+            range_end,
+            ..Default::default()
+        }
+    }
+
+    /// Delivers events from `revision` on.
+    pub fn from_revision(mut self, revision: i64) -> Self {
+        self.start_revision = revision;
+        self
+    }
+
+    /// Asks for previous key-values in events.
+    pub fn with_prev_kv(mut self) -> Self {
+        self.prev_kv = true;
+        self
+    }
+}
+
+/// What a [`Watcher`] receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    /// The changes of one or more revisions, in order. Events of one
+    /// transaction always arrive in one batch.
+    Events {
+        /// The store's revision when etcd sent the batch.
+        revision: i64,
+        /// The events.
+        events: Vec<pb::Event>,
+    },
+    /// Every change up to `revision` has been delivered.
+    Progress {
+        /// The revision the watcher is now current with.
+        revision: i64,
+    },
+    /// The stream broke; the hub is reconnecting and the watcher will resume
+    /// where it stopped. Until [`WatchEvent::Resumed`], what the owner holds
+    /// may be stale.
+    Disconnected {
+        /// Why.
+        error: String,
+    },
+    /// The watch is back, resumed from the last delivered revision.
+    Resumed,
+    /// The revisions the watcher still needed were compacted. Terminal:
+    /// re-list and watch again.
+    Compacted {
+        /// The oldest revision still available.
+        compact_revision: i64,
+    },
+    /// The registry is behind what this watcher saw (it was wiped or
+    /// restored). Terminal: re-list and watch again.
+    Reset {
+        /// The registry's current revision.
+        revision: i64,
+    },
+    /// etcd cancelled the watch for another reason. Terminal.
+    Canceled {
+        /// etcd's reason.
+        reason: String,
+    },
+}
+
+impl WatchEvent {
+    /// Whether nothing follows this event on its watcher.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            WatchEvent::Compacted { .. } | WatchEvent::Reset { .. } | WatchEvent::Canceled { .. }
+        )
+    }
+}
+
+/// The state of the shared stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connection {
+    /// Not opened yet (no watcher so far).
+    Idle,
+    /// Open and delivering.
+    Connected,
+    /// Broken since `since`; reconnecting.
+    Disconnected {
+        /// When the stream broke.
+        since: Instant,
+        /// Why.
+        error: String,
+    },
+}
+
+/// A subscription on the shared watch stream; dropping it cancels the watch.
+#[derive(Debug)]
+pub struct Watcher {
+    id: u64,
+    rx: mpsc::Receiver<WatchEvent>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    connection: watch::Receiver<Connection>,
+}
+
+impl Watcher {
+    /// The next event; `None` after a terminal event or when the client is gone.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        self.rx.recv().await
+    }
+
+    /// The state of the shared stream right now.
+    pub fn connection(&self) -> Connection {
+        self.connection.borrow().clone()
+    }
+}
+
+impl tokio_stream::Stream for Watcher {
+    type Item = WatchEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<WatchEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Cancel(self.id));
+    }
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Subscribe {
+        options: WatchOptions,
+        tx: mpsc::Sender<WatchEvent>,
+        reply: oneshot::Sender<u64>,
+    },
+    Cancel(u64),
+}
+
+/// The per-handle multiplexer; see the module docs.
+pub(crate) struct Hub {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    connection: watch::Receiver<Connection>,
+    opened: Arc<AtomicU64>,
+}
+
+impl Hub {
+    pub(crate) fn start(etcd: Etcd) -> Hub {
+        let (cmd, cmd_rx) = mpsc::unbounded_channel();
+        let (conn_tx, connection) = watch::channel(Connection::Idle);
+        let opened = Arc::new(AtomicU64::new(0));
+        let task = Task {
+            etcd: Arc::downgrade(&etcd.inner),
+            cmd_rx,
+            connection: conn_tx,
+            opened: opened.clone(),
+            subs: HashMap::new(),
+            by_watch: HashMap::new(),
+            next_sub: 0,
+            next_watch: 0,
+        };
+        drop(etcd);
+        tokio::spawn(task.run());
+        Hub {
+            cmd,
+            connection,
+            opened,
+        }
+    }
+
+    pub(crate) async fn subscribe(&self, options: WatchOptions) -> Result<Watcher> {
+        let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
+        let (reply, id) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Subscribe { options, tx, reply })
+            .map_err(|_| Error::Closed("watch hub"))?;
+        let id = id.await.map_err(|_| Error::Closed("watch hub"))?;
+        Ok(Watcher {
+            id,
+            rx,
+            cmd: self.cmd.clone(),
+            connection: self.connection.clone(),
+        })
+    }
+
+    pub(crate) fn streams_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+}
+
+struct Sub {
+    options: WatchOptions,
+    tx: mpsc::Sender<WatchEvent>,
+    /// The next revision to deliver; 0 until the first create answers.
+    next_rev: i64,
+    /// The server-side watch id on the current stream.
+    watch_id: Option<i64>,
+    created: bool,
+    paused: bool,
+    disconnected: bool,
+}
+
+struct Task {
+    etcd: std::sync::Weak<Inner>,
+    cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+    connection: watch::Sender<Connection>,
+    opened: Arc<AtomicU64>,
+    subs: HashMap<u64, Sub>,
+    by_watch: HashMap<i64, u64>,
+    next_sub: u64,
+    next_watch: i64,
+}
+
+enum StreamEnd {
+    Broken(String),
+    Exit,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            if self.subs.is_empty() {
+                match self.cmd_rx.recv().await {
+                    Some(cmd) => self.apply_offline(cmd),
+                    None => return,
+                }
+                continue;
+            }
+            let Some(inner) = self.etcd.upgrade() else {
+                self.end_all("the etcd client was dropped");
+                return;
+            };
+            let etcd = Etcd { inner };
+            let creates: Vec<pb::WatchRequest> = {
+                self.by_watch.clear();
+                let ids: Vec<u64> = self.subs.keys().copied().collect();
+                ids.into_iter()
+                    .filter_map(|id| self.create_request(id))
+                    .collect()
+            };
+            let opened = etcd.watch_stream(creates).await;
+            drop(etcd);
+            let reason = match opened {
+                Ok((tx, stream)) => {
+                    attempt = 0;
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    self.connection.send_replace(Connection::Connected);
+                    match self.drive(tx, stream).await {
+                        StreamEnd::Exit => return,
+                        StreamEnd::Broken(reason) => reason,
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            self.disconnected(&reason);
+            let wait = backoff(attempt, Duration::from_millis(50), Duration::from_secs(2));
+            attempt = attempt.saturating_add(1);
+            let sleep = tokio::time::sleep(wait);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    cmd = self.cmd_rx.recv() => match cmd {
+                        Some(cmd) => self.apply_offline(cmd),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    fn apply_offline(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Subscribe { options, tx, reply } => {
+                let id = self.add(options, tx);
+                let _ = reply.send(id);
+            }
+            Cmd::Cancel(id) => {
+                if let Some(sub) = self.subs.remove(&id)
+                    && let Some(w) = sub.watch_id
+                {
+                    self.by_watch.remove(&w);
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, options: WatchOptions, tx: mpsc::Sender<WatchEvent>) -> u64 {
+        let id = self.next_sub;
+        self.next_sub += 1;
+        let next_rev = options.start_revision.max(0);
+        self.subs.insert(
+            id,
+            Sub {
+                options,
+                tx,
+                next_rev,
+                watch_id: None,
+                created: false,
+                paused: false,
+                disconnected: false,
+            },
+        );
+        id
+    }
+
+    /// Assigns a fresh watch id to `sub` and builds its create request.
+    fn create_request(&mut self, sub_id: u64) -> Option<pb::WatchRequest> {
+        let sub = self.subs.get_mut(&sub_id)?;
+        self.next_watch += 1;
+        let watch_id = self.next_watch;
+        sub.watch_id = Some(watch_id);
+        sub.created = false;
+        sub.paused = false;
+        self.by_watch.insert(watch_id, sub_id);
+        Some(pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                pb::WatchCreateRequest {
+                    key: sub.options.key.clone(),
+                    range_end: sub.options.range_end.clone(),
+                    start_revision: sub.next_rev,
+                    progress_notify: true,
+                    filters: Vec::new(),
+                    prev_kv: sub.options.prev_kv,
+                    watch_id,
+                    fragment: false,
+                },
+            )),
+        })
+    }
+
+    fn cancel_request(watch_id: i64) -> pb::WatchRequest {
+        pb::WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CancelRequest(
+                pb::WatchCancelRequest { watch_id },
+            )),
+        }
+    }
+
+    async fn drive(
+        &mut self,
+        tx: mpsc::Sender<pb::WatchRequest>,
+        mut stream: tonic::Streaming<pb::WatchResponse>,
+    ) -> StreamEnd {
+        let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        progress.tick().await;
+        let mut resume = tokio::time::interval(RESUME_INTERVAL);
+        resume.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut outgoing = Vec::new();
+            tokio::select! {
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None => return StreamEnd::Exit,
+                    Some(Cmd::Subscribe { options, tx: sub_tx, reply }) => {
+                        let id = self.add(options, sub_tx);
+                        let _ = reply.send(id);
+                        outgoing.extend(self.create_request(id));
+                    }
+                    Some(Cmd::Cancel(id)) => {
+                        if let Some(sub) = self.subs.remove(&id)
+                            && let Some(w) = sub.watch_id
+                        {
+                            self.by_watch.remove(&w);
+                            outgoing.push(Self::cancel_request(w));
+                        }
+                    }
+                },
+                msg = stream.message() => match msg {
+                    Ok(Some(resp)) => self.handle(resp, &mut outgoing),
+                    Ok(None) => return StreamEnd::Broken("watch stream closed by the server".into()),
+                    Err(status) => return StreamEnd::Broken(Error::from_status(status).to_string()),
+                },
+                _ = resume.tick() => {
+                    let ready: Vec<u64> = self
+                        .subs
+                        .iter()
+                        .filter(|(_, s)| s.paused && s.tx.capacity() >= WATCHER_BUFFER / 2)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in ready {
+                        tracing::debug!(watcher = id, "resuming a slow watcher from history");
+                        outgoing.extend(self.create_request(id));
+                    }
+                }
+                _ = progress.tick() => {
+                    outgoing.push(pb::WatchRequest {
+                        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+                            pb::WatchProgressRequest {},
+                        )),
+                    });
+                }
+            }
+            for req in outgoing {
+                if tx.send(req).await.is_err() {
+                    return StreamEnd::Broken("watch stream closed".into());
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, resp: pb::WatchResponse, outgoing: &mut Vec<pb::WatchRequest>) {
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        if resp.watch_id == -1 && !resp.created && !resp.canceled && resp.events.is_empty() {
+            // Answer to a progress request: every synced watcher is current.
+            for sub in self.subs.values_mut().filter(|s| s.created && !s.paused) {
+                if revision + 1 > sub.next_rev {
+                    sub.next_rev = revision + 1;
+                    let _ = sub.tx.try_send(WatchEvent::Progress { revision });
+                }
+            }
+            return;
+        }
+        let Some(&sub_id) = self.by_watch.get(&resp.watch_id) else {
+            return; // a watch we cancelled; its last responses are still arriving
+        };
+        let Some(sub) = self.subs.get_mut(&sub_id) else {
+            return;
+        };
+        let terminal = if resp.compact_revision > 0 {
+            Some(WatchEvent::Compacted {
+                compact_revision: resp.compact_revision,
+            })
+        } else if resp.canceled {
+            Some(WatchEvent::Canceled {
+                reason: if resp.cancel_reason.is_empty() {
+                    "canceled by the server".into()
+                } else {
+                    resp.cancel_reason.clone()
+                },
+            })
+        } else if resp.created && sub.next_rev > 0 && revision + 1 < sub.next_rev {
+            outgoing.push(Self::cancel_request(resp.watch_id));
+            Some(WatchEvent::Reset { revision })
+        } else {
+            None
+        };
+        if let Some(event) = terminal {
+            tracing::debug!(?event, "watch ended");
+            // try_send: the receiver may be full; a terminal event must
+            // still arrive, so spawn the send if needed.
+            if let Err(mpsc::error::TrySendError::Full(event)) = sub.tx.try_send(event) {
+                let tx = sub.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(event).await;
+                });
+            }
+            self.by_watch.remove(&resp.watch_id);
+            self.subs.remove(&sub_id);
+            return;
+        }
+        if resp.created {
+            sub.created = true;
+            if sub.next_rev == 0 {
+                sub.next_rev = revision + 1;
+            }
+            if sub.disconnected {
+                sub.disconnected = false;
+                let _ = sub.tx.try_send(WatchEvent::Resumed);
+            }
+            return;
+        }
+        if resp.events.is_empty() {
+            if revision + 1 > sub.next_rev {
+                sub.next_rev = revision + 1;
+                let _ = sub.tx.try_send(WatchEvent::Progress { revision });
+            }
+            return;
+        }
+        let first = resp
+            .events
+            .first()
+            .and_then(|e| e.kv.as_ref())
+            .map_or(0, |kv| kv.mod_revision);
+        let last = resp
+            .events
+            .last()
+            .and_then(|e| e.kv.as_ref())
+            .map_or(0, |kv| kv.mod_revision);
+        match sub.tx.try_send(WatchEvent::Events {
+            revision,
+            events: resp.events,
+        }) {
+            Ok(()) => sub.next_rev = sub.next_rev.max(last + 1),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Too slow: stop the server-side watch and catch up from
+                // history once the watcher has drained its backlog.
+                tracing::warn!(
+                    watcher = sub_id,
+                    from = first,
+                    "watcher is behind; pausing it"
+                );
+                sub.next_rev = first.max(sub.next_rev);
+                sub.paused = true;
+                sub.created = false;
+                if let Some(w) = sub.watch_id.take() {
+                    self.by_watch.remove(&w);
+                    outgoing.push(Self::cancel_request(w));
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.by_watch.remove(&resp.watch_id);
+                self.subs.remove(&sub_id);
+                outgoing.push(Self::cancel_request(resp.watch_id));
+            }
+        }
+    }
+
+    fn disconnected(&mut self, reason: &str) {
+        tracing::warn!(error = %reason, "etcd watch stream lost; reconnecting");
+        if !matches!(*self.connection.borrow(), Connection::Disconnected { .. }) {
+            self.connection.send_replace(Connection::Disconnected {
+                since: Instant::now(),
+                error: reason.to_string(),
+            });
+        }
+        self.by_watch.clear();
+        self.subs.retain(|_, sub| !sub.tx.is_closed());
+        for sub in self.subs.values_mut() {
+            sub.watch_id = None;
+            sub.created = false;
+            sub.paused = false;
+            if !sub.disconnected {
+                sub.disconnected = true;
+                let _ = sub.tx.try_send(WatchEvent::Disconnected {
+                    error: reason.to_string(),
+                });
+            }
+        }
+    }
+
+    fn end_all(&mut self, reason: &str) {
+        for (_, sub) in self.subs.drain() {
+            let _ = sub.tx.try_send(WatchEvent::Canceled {
+                reason: reason.to_string(),
+            });
+        }
+    }
+}

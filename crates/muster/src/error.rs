@@ -1,0 +1,126 @@
+//! Typed errors for everything the library does.
+//!
+//! etcd's gRPC statuses are mapped to variants a caller can act on
+//! (compacted history, future revision, lost lease, unavailable registry,
+//! failed authentication); anything else keeps its [`tonic::Status`].
+
+use std::time::Duration;
+
+/// A `Result` with muster's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in muster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Input rejected before anything was sent: a bad service name, id,
+    /// address, weight or configuration.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was invalid ("service name", "instance id", ...).
+        what: &'static str,
+        /// Why, in words a user can act on.
+        reason: String,
+    },
+    /// The requested revision has been compacted away; history before
+    /// `compact_revision` is gone.
+    #[error(
+        "etcdserver: mvcc: required revision has been compacted (compact revision {compact_revision})"
+    )]
+    Compacted {
+        /// The oldest revision still available, when the server said so.
+        compact_revision: i64,
+    },
+    /// The requested revision is newer than the store's current revision.
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// The lease does not exist (expired, revoked, or the registry was wiped).
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// No endpoint of the registry could be reached, or it has no leader.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// Authentication failed or the token could not be refreshed.
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+    /// A request did not complete within its timeout.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// Another live instance already holds this service/id.
+    #[error(
+        "instance {service}/{id} is already registered by another live instance (lease {holder_lease:x})"
+    )]
+    AlreadyRegistered {
+        /// The service name.
+        service: String,
+        /// The instance id.
+        id: String,
+        /// The lease of the current holder.
+        holder_lease: i64,
+    },
+    /// The named registration is not held by this registrar.
+    #[error("instance {service}/{id} is not registered here")]
+    NotRegistered {
+        /// The service name.
+        service: String,
+        /// The instance id.
+        id: String,
+    },
+    /// A value read from the registry could not be decoded.
+    #[error("malformed value at {key}: {reason}")]
+    Malformed {
+        /// The key holding the bad value.
+        key: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The component was shut down and no longer accepts requests.
+    #[error("{0} has shut down")]
+    Closed(&'static str),
+    /// Any other gRPC status from the registry.
+    #[error("etcd: {0}")]
+    Grpc(#[from] tonic::Status),
+}
+
+impl Error {
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    /// Maps a gRPC status from etcd to the variant a caller can act on.
+    pub fn from_status(status: tonic::Status) -> Self {
+        use tonic::Code;
+        let msg = status.message();
+        match status.code() {
+            Code::OutOfRange if msg.contains("compacted") => Error::Compacted {
+                compact_revision: 0,
+            },
+            Code::OutOfRange if msg.contains("future revision") => Error::FutureRevision,
+            Code::NotFound if msg.contains("lease not found") => Error::LeaseNotFound,
+            Code::Unavailable | Code::Cancelled => Error::Unavailable(msg.to_string()),
+            // A connection that broke mid-stream surfaces as Unknown.
+            Code::Unknown
+                if msg.contains("transport error")
+                    || msg.contains("h2 protocol error")
+                    || msg.contains("broken pipe") =>
+            {
+                Error::Unavailable(msg.to_string())
+            }
+            Code::Unauthenticated | Code::PermissionDenied
+                if msg.contains("auth") || msg.contains("token") || msg.contains("permission") =>
+            {
+                Error::AuthFailed(msg.to_string())
+            }
+            Code::Unauthenticated => Error::AuthFailed(msg.to_string()),
+            _ => Error::Grpc(status),
+        }
+    }
+
+    /// Whether retrying the same call later (or on another endpoint) may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable(_) | Error::Timeout(_))
+    }
+}

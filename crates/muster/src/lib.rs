@@ -1,0 +1,18 @@
+//! # muster
+//!
+//! Service registration and discovery for Rust microservices, on etcd.
+#![forbid(unsafe_code)]
+
+pub mod balance;
+pub mod client;
+pub mod discovery;
+pub mod error;
+pub mod grpc;
+pub mod instance;
+pub mod registrar;
+
+pub use client::{Config, Etcd};
+pub use discovery::{Discovery, DiscoveryConfig, Service};
+pub use error::{Error, Result};
+pub use instance::{Instance, Status};
+pub use registrar::{Registrar, RegistrarConfig, RegistrarState};

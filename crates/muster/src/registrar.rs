@@ -1,0 +1,801 @@
+//! Registration: keep this process's instances in the registry while it lives.
+//!
+//! A [`Registrar`] holds one lease for all of the process's registrations and
+//! keeps it alive on one keep-alive stream, renewing every TTL/3. It tracks a
+//! local deadline (send time of the last answered keep-alive plus the TTL),
+//! so it notices a lost lease even when etcd says nothing at all.
+//!
+//! When the lease is lost (etcd answers TTL 0, the lease is not found, the
+//! stream stays broken past the deadline, etcd was restarted or wiped) it
+//! grants a new lease and puts every registration again in one transaction,
+//! retrying forever with capped, jittered backoff: a live process never stays
+//! unregistered. It watches its own keys and restores one deleted or
+//! overwritten from outside.
+//!
+//! Registering an id that another live instance holds fails with
+//! [`Error::AlreadyRegistered`]: every write is a create-if-absent (or
+//! "still mine") transaction. The state ([`RegistrarState`]) is observable
+//! through a `tokio::sync::watch` and every transition is logged.
+//!
+//! [`Registrar::shutdown`] marks every instance draining, waits the grace
+//! period so callers stop sending new work, then revokes the lease so every
+//! key goes at once. Dropping the registrar revokes the lease too (best
+//! effort); a crashed process's keys vanish when its lease expires.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use muster_proto as pb;
+use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::request_op::Request as Op;
+use pb::response_op::Response as OpResponse;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_stream::{StreamExt, StreamMap};
+
+use crate::client::{Etcd, WatchEvent, WatchOptions, Watcher, backoff};
+use crate::error::{Error, Result};
+use crate::instance::{self, Instance, Status};
+
+/// etcd's limit on operations per transaction.
+const MAX_TXN_OPS: usize = 128;
+
+/// How a [`Registrar`] behaves.
+#[derive(Debug, Clone)]
+pub struct RegistrarConfig {
+    /// Key prefix (default [`instance::DEFAULT_PREFIX`]).
+    pub prefix: String,
+    /// Lease time-to-live: how long after a crash the instances vanish.
+    /// Whole seconds, at least 1 (etcd rounds up to its minimum).
+    pub ttl: Duration,
+    /// How long [`Registrar::shutdown`] keeps draining instances visible
+    /// before removing them.
+    pub grace: Duration,
+    /// First retry delay when recovering; doubles up to `backoff_cap`.
+    pub backoff_base: Duration,
+    /// Longest retry delay when recovering.
+    pub backoff_cap: Duration,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            prefix: instance::DEFAULT_PREFIX.to_string(),
+            ttl: Duration::from_secs(10),
+            grace: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RegistrarConfig {
+    /// Sets the lease TTL.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the drain grace period.
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Sets the key prefix.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.ttl.as_secs_f64().ceil().max(1.0) as i64
+    }
+}
+
+/// What a registrar is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrarState {
+    /// Every registration is in the registry under a live lease.
+    Registered {
+        /// The lease.
+        lease: i64,
+    },
+    /// The lease was lost or the registry is unreachable; re-registering.
+    Recovering {
+        /// Why.
+        reason: String,
+    },
+    /// Shutting down: instances are marked draining.
+    Draining,
+    /// Shut down; the lease is revoked.
+    Stopped,
+}
+
+/// Keeps this process's instances registered; see the module docs.
+#[derive(Debug)]
+pub struct Registrar {
+    cmd: mpsc::Sender<Cmd>,
+    state: watch::Receiver<RegistrarState>,
+    prefix: String,
+}
+
+enum Cmd {
+    Register(Instance, oneshot::Sender<Result<()>>),
+    Deregister(String, oneshot::Sender<Result<()>>),
+    Shutdown(oneshot::Sender<Result<()>>),
+}
+
+impl Registrar {
+    /// Grants the lease and starts keeping it alive. Fails if the registry
+    /// cannot be reached now; after that, outages are survived.
+    pub async fn start(etcd: Etcd, config: RegistrarConfig) -> Result<Registrar> {
+        instance::validate_prefix(&config.prefix)?;
+        if config.ttl.is_zero() {
+            return Err(Error::invalid("ttl", "must be at least one second"));
+        }
+        let granted = etcd.lease_grant(config.ttl_secs()).await?;
+        let lease = Lease::new(granted.id, granted.ttl);
+        tracing::info!(
+            lease = format_args!("{:x}", lease.id),
+            ttl = granted.ttl,
+            "registrar started"
+        );
+        let (state_tx, state) = watch::channel(RegistrarState::Registered { lease: lease.id });
+        let (cmd, cmd_rx) = mpsc::channel(64);
+        let prefix = config.prefix.clone();
+        let actor = Actor {
+            etcd,
+            config,
+            state: state_tx,
+            lease: Some(lease),
+            regs: BTreeMap::new(),
+            keepalive: None,
+            watchers: StreamMap::new(),
+            recovering: None,
+        };
+        tokio::spawn(actor.run(cmd_rx));
+        Ok(Registrar { cmd, state, prefix })
+    }
+
+    /// Registers (or re-registers) an instance under this process's lease.
+    /// Fails with [`Error::AlreadyRegistered`] if another live instance holds
+    /// the same service and id.
+    pub async fn register(&self, instance: Instance) -> Result<()> {
+        instance.encode()?;
+        self.ask(|reply| Cmd::Register(instance, reply)).await
+    }
+
+    /// Replaces a registered instance's fields (metadata, status, weight...)
+    /// in place.
+    pub async fn update(&self, instance: Instance) -> Result<()> {
+        self.register(instance).await
+    }
+
+    /// Marks one registered instance draining (or serving again).
+    pub async fn set_status(&self, mut instance: Instance, status: Status) -> Result<()> {
+        instance.status = status;
+        self.register(instance).await
+    }
+
+    /// Removes one instance now.
+    pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
+        instance::validate_name("service name", service)?;
+        instance::validate_name("instance id", id)?;
+        let key = instance::instance_key(&self.prefix, service, id);
+        self.ask(|reply| Cmd::Deregister(key, reply)).await
+    }
+
+    /// The current state.
+    pub fn state(&self) -> RegistrarState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn subscribe(&self) -> watch::Receiver<RegistrarState> {
+        self.state.clone()
+    }
+
+    /// Drains and removes every instance: marks them draining, waits the
+    /// grace period, then revokes the lease.
+    pub async fn shutdown(self) -> Result<()> {
+        self.ask(Cmd::Shutdown).await
+    }
+
+    async fn ask(&self, cmd: impl FnOnce(oneshot::Sender<Result<()>>) -> Cmd) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(cmd(reply))
+            .await
+            .map_err(|_| Error::Closed("registrar"))?;
+        rx.await.map_err(|_| Error::Closed("registrar"))?
+    }
+}
+
+struct Lease {
+    id: i64,
+    deadline: Instant,
+    /// Send times of keep-alives not answered yet.
+    in_flight: VecDeque<Instant>,
+}
+
+impl Lease {
+    fn new(id: i64, ttl_secs: i64) -> Lease {
+        let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
+        Lease {
+            id,
+            deadline: Instant::now() + ttl,
+            in_flight: VecDeque::new(),
+        }
+    }
+}
+
+struct Reg {
+    instance: Instance,
+    value: Vec<u8>,
+}
+
+type KeepAlive = (
+    mpsc::Sender<pb::LeaseKeepAliveRequest>,
+    tonic::Streaming<pb::LeaseKeepAliveResponse>,
+);
+
+struct Actor {
+    etcd: Etcd,
+    config: RegistrarConfig,
+    state: watch::Sender<RegistrarState>,
+    lease: Option<Lease>,
+    regs: BTreeMap<String, Reg>,
+    keepalive: Option<KeepAlive>,
+    watchers: StreamMap<String, Watcher>,
+    /// When recovering: the lease we lost (its keys may still exist), the
+    /// attempt count and when to try next.
+    recovering: Option<Recovery>,
+}
+
+struct Recovery {
+    old_lease: Option<i64>,
+    attempt: u32,
+    at: Instant,
+}
+
+/// The outcome of claiming one key.
+enum Claim {
+    Written,
+    HeldBy(i64),
+}
+
+impl Actor {
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
+        let mut tick = tokio::time::interval(self.renew_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.lease.as_ref().map(|l| l.deadline);
+            let recover_at = self.recovering.as_ref().map(|r| r.at);
+            tokio::select! {
+                cmd = cmd_rx.recv() => match cmd {
+                    Some(Cmd::Register(instance, reply)) => {
+                        let _ = reply.send(self.register(instance).await);
+                    }
+                    Some(Cmd::Deregister(key, reply)) => {
+                        let _ = reply.send(self.deregister(&key).await);
+                    }
+                    Some(Cmd::Shutdown(reply)) => {
+                        let _ = reply.send(self.shutdown().await);
+                        return;
+                    }
+                    None => {
+                        // Dropped without shutdown: remove everything now.
+                        self.revoke().await.ok();
+                        return;
+                    }
+                },
+                _ = tick.tick(), if self.lease.is_some() => self.send_keepalive().await,
+                resp = next_keepalive(&mut self.keepalive) => self.on_keepalive(resp),
+                _ = sleep_until(deadline) => {
+                    self.lost("no keep-alive answer before the lease deadline".into());
+                }
+                _ = sleep_until(recover_at) => self.try_recover().await,
+                Some((key, event)) = self.watchers.next(), if !self.watchers.is_empty() => {
+                    self.on_own_key_event(key, event).await;
+                }
+            }
+        }
+    }
+
+    fn renew_interval(&self) -> Duration {
+        (Duration::from_secs(self.config.ttl_secs() as u64) / 3).max(Duration::from_millis(100))
+    }
+
+    fn set_state(&self, state: RegistrarState) {
+        self.state.send_if_modified(|current| {
+            if *current == state {
+                return false;
+            }
+            match &state {
+                RegistrarState::Registered { lease } => {
+                    tracing::info!(
+                        lease = format_args!("{lease:x}"),
+                        registrations = self.regs.len(),
+                        "registered"
+                    )
+                }
+                RegistrarState::Recovering { reason } => {
+                    tracing::warn!(%reason, "registration lost; recovering")
+                }
+                RegistrarState::Draining => tracing::info!("draining"),
+                RegistrarState::Stopped => tracing::info!("registrar stopped"),
+            }
+            *current = state;
+            true
+        });
+    }
+
+    async fn send_keepalive(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let id = lease.id;
+        if let Some((tx, _)) = &self.keepalive {
+            if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_ok() {
+                lease.in_flight.push_back(Instant::now());
+                return;
+            }
+            self.keepalive = None;
+        }
+        let sent = Instant::now();
+        match self.etcd.lease_keep_alive(id).await {
+            Ok(stream) => {
+                if let Some(lease) = self.lease.as_mut() {
+                    lease.in_flight.clear();
+                    lease.in_flight.push_back(sent);
+                }
+                self.keepalive = Some(stream);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot open the keep-alive stream yet"),
+        }
+    }
+
+    fn on_keepalive(&mut self, resp: Option<pb::LeaseKeepAliveResponse>) {
+        let Some(resp) = resp else {
+            tracing::debug!("keep-alive stream broke; reopening on the next tick");
+            self.keepalive = None;
+            return;
+        };
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        if resp.id != lease.id {
+            return;
+        }
+        let sent = lease.in_flight.pop_front().unwrap_or_else(Instant::now);
+        if resp.ttl <= 0 {
+            self.lost(format!(
+                "lease {:x} expired or was revoked (keep-alive answered TTL 0)",
+                resp.id
+            ));
+            return;
+        }
+        lease.deadline = sent + Duration::from_secs(resp.ttl as u64);
+        let id = lease.id;
+        self.set_state(RegistrarState::Registered { lease: id });
+    }
+
+    /// The lease is gone (or must be presumed gone): start recovering.
+    fn lost(&mut self, reason: String) {
+        let old = self.lease.take().map(|l| l.id);
+        self.keepalive = None;
+        self.watchers = StreamMap::new();
+        self.recovering = Some(Recovery {
+            old_lease: old,
+            attempt: 0,
+            at: Instant::now(),
+        });
+        self.set_state(RegistrarState::Recovering { reason });
+    }
+
+    async fn try_recover(&mut self) {
+        let Some(rec) = self.recovering.as_mut() else {
+            return;
+        };
+        let old = rec.old_lease;
+        match self.reregister_all(old).await {
+            Ok(()) => {
+                self.recovering = None;
+                if let Some(old) = old {
+                    // Its keys moved to the new lease; revoke whatever is left.
+                    let etcd = self.etcd.clone();
+                    tokio::spawn(async move {
+                        let _ = etcd.lease_revoke(old).await;
+                    });
+                }
+                let lease = self.lease.as_ref().map_or(0, |l| l.id);
+                self.set_state(RegistrarState::Registered { lease });
+            }
+            Err(e) => {
+                let rec = self.recovering.as_mut().expect("recovering");
+                let wait = backoff(
+                    rec.attempt,
+                    self.config.backoff_base,
+                    self.config.backoff_cap,
+                );
+                rec.attempt = rec.attempt.saturating_add(1);
+                rec.at = Instant::now() + wait;
+                tracing::warn!(error = %e, retry_in = ?wait, "re-registration failed");
+                self.set_state(RegistrarState::Recovering {
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Grants a fresh lease and claims every registration with it, in as few
+    /// transactions as etcd allows.
+    async fn reregister_all(&mut self, old_lease: Option<i64>) -> Result<()> {
+        let granted = self.etcd.lease_grant(self.config.ttl_secs()).await?;
+        let new = granted.id;
+        let accept = old_lease.unwrap_or(new);
+        let keys: Vec<String> = self.regs.keys().cloned().collect();
+        let mut lost = Vec::new();
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let ops = chunk
+                .iter()
+                .map(|k| claim_op(k, &self.regs[k].value, new, accept))
+                .collect();
+            let resp = self.etcd.txn(pb::TxnRequest {
+                compare: Vec::new(),
+                success: ops,
+                failure: Vec::new(),
+            });
+            let resp = match resp.await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = self.etcd.lease_revoke(new).await;
+                    return Err(e);
+                }
+            };
+            let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+            for (key, op) in chunk.iter().zip(resp.responses) {
+                match parse_claim(op) {
+                    Claim::Written => {}
+                    Claim::HeldBy(holder) => lost.push((key.clone(), holder)),
+                }
+            }
+            for key in chunk {
+                self.watch_key(key, revision + 1).await;
+            }
+        }
+        for (key, holder) in lost {
+            tracing::error!(%key, holder = format_args!("{holder:x}"), "another instance took this id while the lease was lost; giving it up");
+            self.regs.remove(&key);
+            self.watchers.remove(&key);
+        }
+        self.lease = Some(Lease::new(new, granted.ttl));
+        self.send_keepalive().await;
+        Ok(())
+    }
+
+    async fn register(&mut self, instance: Instance) -> Result<()> {
+        let value = instance.encode()?;
+        let key = instance.key(&self.config.prefix);
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return Err(Error::Unavailable(format!(
+                "registrar is recovering: {}",
+                match &*self.state.borrow() {
+                    RegistrarState::Recovering { reason } => reason.clone(),
+                    other => format!("{other:?}"),
+                }
+            )));
+        };
+        let resp = self
+            .etcd
+            .txn(pb::TxnRequest {
+                compare: Vec::new(),
+                success: vec![claim_op(&key, &value, lease, lease)],
+                failure: Vec::new(),
+            })
+            .await;
+        let resp = match resp {
+            Err(Error::LeaseNotFound) => {
+                self.lost("lease not found while registering".into());
+                return Err(Error::LeaseNotFound);
+            }
+            other => other?,
+        };
+        let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        let op = resp.responses.into_iter().next();
+        match op.map(parse_claim) {
+            Some(Claim::Written) => {
+                tracing::info!(%key, addr = %instance.addr, status = %instance.status, "instance registered");
+                self.regs.insert(key.clone(), Reg { instance, value });
+                self.watch_key(&key, revision + 1).await;
+                Ok(())
+            }
+            Some(Claim::HeldBy(holder_lease)) => Err(Error::AlreadyRegistered {
+                service: instance.service,
+                id: instance.id,
+                holder_lease,
+            }),
+            None => Err(Error::Unavailable("empty transaction response".into())),
+        }
+    }
+
+    async fn watch_key(&mut self, key: &str, from: i64) {
+        match self
+            .etcd
+            .watch(WatchOptions::key(key.as_bytes().to_vec()).from_revision(from))
+            .await
+        {
+            Ok(w) => {
+                self.watchers.insert(key.to_string(), w);
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "cannot watch own key"),
+        }
+    }
+
+    async fn deregister(&mut self, key: &str) -> Result<()> {
+        let Some(reg) = self.regs.remove(key) else {
+            let (service, id) =
+                instance::parse_key(&self.config.prefix, key.as_bytes()).unwrap_or_default();
+            return Err(Error::NotRegistered { service, id });
+        };
+        self.watchers.remove(key);
+        let lease = self.lease.as_ref().map_or(0, |l| l.id);
+        let result = self
+            .etcd
+            .txn(pb::TxnRequest {
+                compare: vec![compare_lease(key, lease)],
+                success: vec![delete_op(key)],
+                failure: Vec::new(),
+            })
+            .await;
+        if let Err(e) = result {
+            // Keep it: it is still registered and kept alive.
+            self.regs.insert(key.to_string(), reg);
+            return Err(e);
+        }
+        tracing::info!(%key, "instance deregistered");
+        Ok(())
+    }
+
+    async fn on_own_key_event(&mut self, key: String, event: WatchEvent) {
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return;
+        };
+        if event.is_terminal() {
+            // The watch ended (compaction, reset): check the key, watch again.
+            self.watchers.remove(&key);
+        }
+        let Some(reg) = self.regs.get(&key) else {
+            return;
+        };
+        let restore = match &event {
+            WatchEvent::Events { events, .. } => match events.last() {
+                Some(e) if e.r#type == pb::EventType::Delete as i32 => {
+                    Some(claim_op(&key, &reg.value, lease, lease))
+                }
+                Some(pb::Event { kv: Some(kv), .. }) if kv.lease == lease => {
+                    (kv.value != reg.value).then(|| claim_op(&key, &reg.value, lease, lease))
+                }
+                Some(pb::Event { kv: Some(kv), .. }) if kv.lease == 0 => {
+                    // Overwritten by hand, without a lease: put ours back
+                    // unless it changed again since.
+                    Some(txn_op(
+                        compare_mod_revision(&key, kv.mod_revision),
+                        vec![put_op(&key, &reg.value, lease)],
+                        Vec::new(),
+                    ))
+                }
+                Some(pb::Event { kv: Some(kv), .. }) => {
+                    tracing::error!(%key, holder = format_args!("{:x}", kv.lease), "own registration was taken over under another live lease; leaving it");
+                    None
+                }
+                _ => None,
+            },
+            e if e.is_terminal() => Some(claim_op(&key, &reg.value, lease, lease)),
+            _ => None,
+        };
+        let Some(op) = restore else {
+            return;
+        };
+        tracing::warn!(%key, "own registration was changed or deleted from outside; restoring it");
+        let resp = self
+            .etcd
+            .txn(pb::TxnRequest {
+                compare: Vec::new(),
+                success: vec![op],
+                failure: Vec::new(),
+            })
+            .await;
+        match resp {
+            Ok(resp) => {
+                let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+                if !self.watchers.contains_key(&key) {
+                    self.watch_key(&key, revision + 1).await;
+                }
+            }
+            Err(Error::LeaseNotFound) => self.lost("lease not found while restoring a key".into()),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "restore failed; will retry on the next change")
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) -> Result<()> {
+        self.set_state(RegistrarState::Draining);
+        self.watchers = StreamMap::new();
+        if let Some(lease) = self.lease.as_ref().map(|l| l.id) {
+            let ops: Vec<_> = self
+                .regs
+                .iter()
+                .map(|(key, reg)| {
+                    let mut draining = reg.instance.clone();
+                    draining.status = Status::Draining;
+                    let value = draining.encode().unwrap_or_else(|_| reg.value.clone());
+                    claim_op(key, &value, lease, lease)
+                })
+                .collect();
+            for chunk in ops.chunks(MAX_TXN_OPS) {
+                let txn = pb::TxnRequest {
+                    compare: Vec::new(),
+                    success: chunk.to_vec(),
+                    failure: Vec::new(),
+                };
+                if let Err(e) = self.etcd.txn(txn).await {
+                    tracing::warn!(error = %e, "could not mark instances draining");
+                }
+            }
+            if !self.regs.is_empty() {
+                // Keep the lease alive through the grace period.
+                let until = Instant::now() + self.config.grace;
+                while Instant::now() < until {
+                    let step = self.renew_interval().min(until - Instant::now());
+                    tokio::time::sleep(step).await;
+                    self.send_keepalive().await;
+                }
+            }
+        }
+        let result = self.revoke().await;
+        self.set_state(RegistrarState::Stopped);
+        result
+    }
+
+    async fn revoke(&mut self) -> Result<()> {
+        self.keepalive = None;
+        self.regs.clear();
+        match self.lease.take() {
+            Some(lease) => match self.etcd.lease_revoke(lease.id).await {
+                Ok(_) | Err(Error::LeaseNotFound) => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+async fn next_keepalive(ka: &mut Option<KeepAlive>) -> Option<pb::LeaseKeepAliveResponse> {
+    match ka {
+        Some((_, stream)) => stream.message().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn compare_lease(key: &str, lease: i64) -> pb::Compare {
+    pb::Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Lease as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(TargetUnion::Lease(lease)),
+    }
+}
+
+fn compare_mod_revision(key: &str, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Mod as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(TargetUnion::ModRevision(revision)),
+    }
+}
+
+fn compare_absent(key: &str) -> pb::Compare {
+    pb::Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Create as i32,
+        key: key.as_bytes().to_vec(),
+        range_end: Vec::new(),
+        target_union: Some(TargetUnion::CreateRevision(0)),
+    }
+}
+
+fn put_op(key: &str, value: &[u8], lease: i64) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestPut(pb::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.to_vec(),
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+fn delete_op(key: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn range_op(key: &str) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestRange(pb::RangeRequest {
+            key: key.as_bytes().to_vec(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn txn_op(
+    compare: pb::Compare,
+    success: Vec<pb::RequestOp>,
+    failure: Vec<pb::RequestOp>,
+) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestTxn(pb::TxnRequest {
+            compare: vec![compare],
+            success,
+            failure,
+        })),
+    }
+}
+
+/// Writes `key` under `lease` if it is absent or held by `accept` (our
+/// current or previous lease); otherwise reads the holder.
+///
+/// `if absent { put } else if lease == accept { put } else { range }`
+fn claim_op(key: &str, value: &[u8], lease: i64, accept: i64) -> pb::RequestOp {
+    txn_op(
+        compare_absent(key),
+        vec![put_op(key, value, lease)],
+        vec![txn_op(
+            compare_lease(key, accept),
+            vec![put_op(key, value, lease)],
+            vec![range_op(key)],
+        )],
+    )
+}
+
+fn parse_claim(op: pb::ResponseOp) -> Claim {
+    let Some(OpResponse::ResponseTxn(outer)) = op.response else {
+        return Claim::HeldBy(0);
+    };
+    if outer.succeeded {
+        return Claim::Written;
+    }
+    match outer.responses.into_iter().next().and_then(|r| r.response) {
+        Some(OpResponse::ResponseTxn(inner)) if inner.succeeded => Claim::Written,
+        Some(OpResponse::ResponseTxn(inner)) => {
+            let holder = inner
+                .responses
+                .into_iter()
+                .find_map(|r| match r.response {
+                    Some(OpResponse::ResponseRange(range)) => range.kvs.into_iter().next(),
+                    _ => None,
+                })
+                .map_or(0, |kv| kv.lease);
+            Claim::HeldBy(holder)
+        }
+        _ => Claim::HeldBy(0),
+    }
+}

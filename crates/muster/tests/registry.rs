@@ -1,0 +1,593 @@
+//! Registration and discovery against a real etcd: the happy path, the
+//! failure paths, and bad input.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use muster::discovery::{Change, Update};
+use muster::{Discovery, Error, Instance, Registrar, RegistrarConfig, RegistrarState, Status};
+
+fn rconfig(ttl_secs: u64) -> RegistrarConfig {
+    RegistrarConfig::default()
+        .with_ttl(Duration::from_secs(ttl_secs))
+        .with_grace(Duration::from_millis(300))
+}
+
+fn ids(snapshot: &muster::discovery::Snapshot) -> Vec<String> {
+    snapshot.instances().iter().map(|i| i.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn registration_is_discovered_and_changes_propagate() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
+    let discovery = Discovery::new(etcd.clone());
+
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080").with_zone("z1");
+    registrar.register(a.clone()).await.unwrap();
+    let user = discovery.service("user").await.unwrap();
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+    assert_eq!(*user.snapshot().get("a").unwrap().as_ref(), a);
+
+    let mut updates = user.updates();
+    assert!(matches!(updates.next().await, Some(Update::Reset(s)) if s.len() == 1));
+
+    let b = Instance::new("user", "b", "http://127.0.0.1:8081");
+    registrar.register(b.clone()).await.unwrap();
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => {
+            assert_eq!(changes, vec![Change::Added(Arc::new(b.clone()))])
+        }
+        other => panic!("expected an addition, got {other:?}"),
+    }
+
+    let a2 = a.clone().with_metadata("build", "42");
+    registrar.update(a2.clone()).await.unwrap();
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => assert!(
+            matches!(&changes[..], [Change::Updated { old, new }] if **old == a && **new == a2),
+            "{changes:?}"
+        ),
+        other => panic!("expected an update, got {other:?}"),
+    }
+
+    registrar.deregister("user", "b").await.unwrap();
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => {
+            assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "b"))
+        }
+        other => panic!("expected a removal, got {other:?}"),
+    }
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+    assert!(user.health().stale_for.is_none());
+
+    // A service name that is a prefix of another is not mixed up with it.
+    registrar
+        .register(Instance::new("user_admin", "x", "http://127.0.0.1:9000"))
+        .await
+        .unwrap();
+    let admin = discovery.service("user_admin").await.unwrap();
+    assert_eq!(ids(&admin.snapshot()), ["x"]);
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+}
+
+#[tokio::test]
+async fn keepalive_holds_an_instance_past_many_ttls() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    // Check continuously for six TTLs: the instance never disappears.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            user.snapshot().len(),
+            1,
+            "instance vanished after {:?}",
+            start.elapsed()
+        );
+        assert!(get(&etcd, "/muster/services/user/a").await.is_some());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let RegistrarState::Registered { lease } = registrar.state() else {
+        panic!("not registered: {:?}", registrar.state())
+    };
+    let ttl = etcd.lease_time_to_live(lease, true).await.unwrap();
+    // Remaining seconds round down, so a live 1 s lease may say 0; -1 means gone.
+    assert!(ttl.ttl >= 0, "lease expired: {ttl:?}");
+    assert_eq!(ttl.granted_ttl, 1);
+    assert_eq!(ttl.keys, vec![b"/muster/services/user/a".to_vec()]);
+}
+
+/// Run as a child process by `a_crashed_instance_disappears_after_its_ttl`.
+#[tokio::test]
+async fn child_registrant() {
+    let Ok(endpoint) = std::env::var("MUSTER_CHILD_ENDPOINT") else {
+        return; // only meaningful as a child
+    };
+    let registrar = Registrar::start(client(&endpoint), rconfig(1))
+        .await
+        .unwrap();
+    registrar
+        .register(Instance::new("user", "crashy", "http://127.0.0.1:8082"))
+        .await
+        .unwrap();
+    println!("REGISTERED");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_crashed_instance_disappears_after_its_ttl() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_registrant",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MUSTER_CHILD_ENDPOINT", node.endpoint())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    user.wait_for(DEADLINE, |s| s.get("crashy").is_some())
+        .await
+        .expect("the child registers");
+    child.kill().unwrap(); // SIGKILL: no revoke, no goodbye
+    child.wait().unwrap();
+    let killed = Instant::now();
+    assert!(
+        user.snapshot().get("crashy").is_some(),
+        "gone before the lease could expire"
+    );
+    user.wait_for(DEADLINE, |s| s.get("crashy").is_none())
+        .await
+        .expect("removed once the lease expires");
+    assert!(killed.elapsed() < DEADLINE);
+    assert!(get(&etcd, "/muster/services/user/crashy").await.is_none());
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_then_removes_at_once() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    // A long TTL: only a revoke can remove the instance within the deadline.
+    let registrar = Registrar::start(etcd.clone(), rconfig(600)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let mut updates = user.updates();
+    updates.next().await; // reset
+    let mut state = registrar.subscribe();
+    let shutdown = tokio::spawn(registrar.shutdown());
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => assert!(
+            matches!(&changes[..], [Change::Updated { new, .. }] if new.status == Status::Draining),
+            "{changes:?}"
+        ),
+        other => panic!("expected draining, got {other:?}"),
+    }
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => {
+            assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "a"))
+        }
+        other => panic!("expected removal, got {other:?}"),
+    }
+    shutdown.await.unwrap().unwrap();
+    state
+        .wait_for(|s| *s == RegistrarState::Stopped)
+        .await
+        .unwrap();
+    assert!(get(&etcd, "/muster/services/user/a").await.is_none());
+}
+
+#[tokio::test]
+async fn etcd_killed_past_the_ttl_then_restarted_registration_comes_back() {
+    let Some(mut node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let before = registrar.state();
+
+    node.kill();
+    // The registrar notices by its local deadline, with etcd silent.
+    let mut state = registrar.subscribe();
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| matches!(s, RegistrarState::Recovering { .. })),
+    )
+    .await
+    .expect("registrar notices the lost lease")
+    .unwrap();
+    // Discovery keeps serving the last known instances and says they are stale.
+    eventually("discovery reports staleness", || async {
+        user.health().stale_for.is_some()
+    })
+    .await;
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+
+    node.restart().unwrap();
+    eventually("registrar registered again", || async {
+        matches!(registrar.state(), RegistrarState::Registered { lease } if RegistrarState::Registered { lease } != before)
+    })
+    .await;
+    eventually("discovery is fresh again", || async {
+        user.health().stale_for.is_none()
+    })
+    .await;
+    let RegistrarState::Registered { lease } = registrar.state() else {
+        unreachable!()
+    };
+    eventually("the key is back under the new lease", || async {
+        get(&etcd, "/muster/services/user/a")
+            .await
+            .is_some_and(|kv| kv.lease == lease)
+    })
+    .await;
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+}
+
+#[tokio::test]
+async fn etcd_wiped_registrations_come_back() {
+    let Some(mut node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
+    for id in ["a", "b"] {
+        registrar
+            .register(Instance::new("user", id, "http://127.0.0.1:8080"))
+            .await
+            .unwrap();
+    }
+    // Bump the revision so that the wiped store is clearly behind it.
+    for i in 0..20 {
+        put(&etcd, &format!("/noise/{i}"), b"x").await;
+    }
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    node.wipe();
+    node.restart().unwrap();
+    eventually("both keys are back in the wiped etcd", || async {
+        get(&etcd, "/muster/services/user/a").await.is_some()
+            && get(&etcd, "/muster/services/user/b").await.is_some()
+    })
+    .await;
+    eventually("discovery converges on the new store", || async {
+        let s = user.snapshot();
+        s.len() == 2 && user.health().stale_for.is_none()
+    })
+    .await;
+    assert!(matches!(
+        registrar.state(),
+        RegistrarState::Registered { .. }
+    ));
+}
+
+#[tokio::test]
+async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_change() {
+    let Some(node) = etcd() else { return };
+    let direct = client(&node.endpoint());
+    let proxy = muster_testkit::TcpProxy::start(node.client_port()).unwrap();
+    let partitioned = client(&proxy.endpoint());
+
+    let registrar = Registrar::start(direct.clone(), rconfig(30)).await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:1");
+    let b = Instance::new("user", "b", "http://127.0.0.1:2");
+    registrar.register(a.clone()).await.unwrap();
+    registrar.register(b.clone()).await.unwrap();
+
+    let user = Discovery::new(partitioned).service("user").await.unwrap();
+    let mut updates = user.updates();
+    updates.next().await; // reset
+    assert_eq!(user.snapshot().len(), 2);
+
+    proxy.cut();
+    eventually("discovery notices the partition", || async {
+        user.health().stale_for.is_some()
+    })
+    .await;
+    // While it is cut off: one removal, one addition, one update, then compaction.
+    registrar.deregister("user", "a").await.unwrap();
+    let c = Instance::new("user", "c", "http://127.0.0.1:3");
+    registrar.register(c.clone()).await.unwrap();
+    let b2 = b.clone().with_weight(7);
+    registrar.update(b2.clone()).await.unwrap();
+    let rev = direct.status().await.unwrap().header.unwrap().revision;
+    direct.compact(rev, true).await.unwrap();
+    assert_eq!(
+        ids(&user.snapshot()),
+        ["a", "b"],
+        "stale list is served during the partition"
+    );
+
+    proxy.restore();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match tokio::time::timeout(DEADLINE, updates.next())
+            .await
+            .expect("changes arrive")
+        {
+            Some(Update::Changes { changes, .. }) => seen.extend(changes),
+            Some(Update::Reset(_)) => {}
+            None => panic!("updates ended"),
+        }
+    }
+    assert!(seen.contains(&Change::Removed(Arc::new(a))));
+    assert!(seen.contains(&Change::Added(Arc::new(c))));
+    assert!(seen.contains(&Change::Updated {
+        old: Arc::new(b),
+        new: Arc::new(b2)
+    }));
+    assert_eq!(ids(&user.snapshot()), ["b", "c"]);
+    eventually("fresh again", || async {
+        user.health().stale_for.is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_key_deleted_from_outside_is_restored() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    registrar.register(a.clone()).await.unwrap();
+    let key = "/muster/services/user/a";
+    let original = get(&etcd, key).await.unwrap();
+
+    delete(&etcd, key).await;
+    eventually("the deleted key is restored", || async {
+        get(&etcd, key)
+            .await
+            .is_some_and(|kv| kv.lease == original.lease && kv.value == original.value)
+    })
+    .await;
+
+    put(&etcd, key, b"overwritten by hand").await;
+    eventually("the overwritten key is restored", || async {
+        get(&etcd, key)
+            .await
+            .is_some_and(|kv| kv.lease == original.lease && kv.value == original.value)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_malformed_value_is_skipped_and_counted() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    put(&etcd, "/muster/services/user/bad", b"{not json").await;
+    put(
+        &etcd,
+        "/muster/services/user/go",
+        br#"{"Op":0,"Addr":"10.0.0.1:50051","Metadata":null}"#,
+    )
+    .await;
+    put(
+        &etcd,
+        "/muster/services/user/ok",
+        br#"{"schema":1,"addr":"http://127.0.0.1:1"}"#,
+    )
+    .await;
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    assert_eq!(ids(&user.snapshot()), ["go", "ok"]);
+    assert_eq!(user.health().malformed, 1);
+
+    // A valid entry turning malformed later is skipped too; the rest stays.
+    put(&etcd, "/muster/services/user/ok", b"\xff\xfe").await;
+    put(&etcd, "/muster/services/user/deep/er", b"{}").await;
+    user.wait_for(DEADLINE, |s| s.get("ok").is_none())
+        .await
+        .unwrap();
+    assert_eq!(ids(&user.snapshot()), ["go"]);
+    eventually("both are counted", || async {
+        user.health().malformed == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let cases = [
+        Instance::new("us/er", "a", "x:1"),
+        Instance::new("user", "", "x:1"),
+        Instance::new("user", "a", " "),
+        Instance::new("user", "a", "x:1").with_weight(0),
+        Instance::new("user", "a", "x:1").with_metadata("big", "x".repeat(70_000)),
+    ];
+    for bad in cases {
+        let err = registrar.register(bad.clone()).await.unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{bad:?}: {err}");
+    }
+    let discovery = Discovery::new(etcd.clone());
+    assert!(matches!(
+        discovery.service("a/b").await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        discovery.service("").await,
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        Registrar::start(
+            etcd.clone(),
+            RegistrarConfig::default().with_prefix("no-slash")
+        )
+        .await,
+        Err(Error::Invalid { .. })
+    ));
+
+    // The same id held by another live instance.
+    let a = Instance::new("user", "a", "http://127.0.0.1:1");
+    registrar.register(a.clone()).await.unwrap();
+    let other = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let err = other.register(a.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyRegistered { .. }), "{err}");
+    assert!(err.to_string().contains("user/a"), "{err}");
+    assert!(matches!(
+        other.deregister("user", "a").await,
+        Err(Error::NotRegistered { .. })
+    ));
+    // Nothing was lost: the first holder still has it.
+    let RegistrarState::Registered { lease } = registrar.state() else {
+        panic!()
+    };
+    assert_eq!(
+        get(&etcd, "/muster/services/user/a").await.unwrap().lease,
+        lease
+    );
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_gets_a_clear_error() {
+    muster_testkit::require_etcd();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let etcd = client(&format!("127.0.0.1:{port}"));
+    let err = Registrar::start(etcd.clone(), rconfig(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Unavailable(_) | Error::Timeout(_)),
+        "{err}"
+    );
+    let err = Discovery::new(etcd).service("user").await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}
+
+#[tokio::test]
+async fn one_keepalive_stream_and_one_watch_stream_per_process() {
+    let Some(node) = etcd() else { return };
+    let etcd = client(&node.endpoint());
+    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
+    let discovery = Discovery::new(etcd.clone());
+    let mut services = Vec::new();
+    for s in 0..5 {
+        for i in 0..10 {
+            registrar
+                .register(Instance::new(
+                    format!("svc{s}"),
+                    format!("i{i}"),
+                    format!("10.0.0.{i}:80"),
+                ))
+                .await
+                .unwrap();
+        }
+        services.push(discovery.service(&format!("svc{s}")).await.unwrap());
+    }
+    for s in &services {
+        assert_eq!(s.snapshot().len(), 10);
+    }
+    // Let a few keep-alive rounds pass, then ask etcd itself.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(etcd.watch_streams_opened(), 1);
+    let keepalive_streams = node
+        .metric(
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        )
+        .expect("etcd exports grpc_server_started_total");
+    assert_eq!(keepalive_streams, 1.0);
+    let watch_streams = node
+        .metric("grpc_server_started_total", &["grpc_method=\"Watch\""])
+        .expect("etcd exports grpc_server_started_total");
+    assert_eq!(watch_streams, 1.0);
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_endpoint() {
+    let Some(node) = etcd() else { return };
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let etcd =
+        muster::Etcd::connect(config(vec![format!("127.0.0.1:{dead}"), node.endpoint()])).unwrap();
+    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    assert_eq!(user.snapshot().len(), 1);
+    assert_eq!(etcd.current_endpoint(), node.endpoint());
+}
+
+#[tokio::test]
+async fn authenticates_and_refreshes_an_expired_token() {
+    muster_testkit::require_etcd();
+    if !muster_testkit::etcd_available() {
+        return;
+    }
+    init_tracing();
+    let node = muster_testkit::EtcdNode::start_with(muster_testkit::EtcdOptions {
+        extra_args: vec!["--auth-token-ttl=1".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let out = node.etcdctl(args).unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wrong =
+        muster::Etcd::connect(config(vec![node.endpoint()]).with_credentials("root", "nope"))
+            .unwrap();
+    let err = Registrar::start(wrong, rconfig(5)).await.unwrap_err();
+    assert!(matches!(err, Error::AuthFailed(_)), "{err}");
+
+    let etcd =
+        muster::Etcd::connect(config(vec![node.endpoint()]).with_credentials("root", "rootpw"))
+            .unwrap();
+    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    assert_eq!(user.snapshot().len(), 1);
+    // Outlive the 1 s token: calls keep working because the token is refreshed.
+    let mut state = registrar.subscribe();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert!(get(&etcd, "/muster/services/user/a").await.is_some());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    registrar
+        .register(Instance::new("user", "b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    user.wait_for(DEADLINE, |s| s.len() == 2).await.unwrap();
+    assert!(matches!(
+        *state.borrow_and_update(),
+        RegistrarState::Registered { .. }
+    ));
+}
