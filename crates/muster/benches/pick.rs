@@ -11,7 +11,8 @@
 //!   100 instances, reported as wall time per pick over all threads (so
 //!   perfect scaling halves the figure from 1 to 2 threads).
 //!   `shared-counter-rr` is round-robin on a single shared atomic, to show
-//!   what the per-thread cursors of [`RoundRobin`] buy.
+//!   what the per-thread cursors of [`RoundRobin`] buy. (`hash` here picks
+//!   random keys, so it is not comparable with `pick/hash`.)
 //! - `update/<balancer>`: rebuilding for a changed set of 1000 instances
 //!   (off the hot path, for reference).
 #![allow(
@@ -204,6 +205,8 @@ fn threads(c: &mut Criterion) {
     let random = load_balancer::<Random>(&set);
     let weighted = load_balancer::<SmoothWeighted>(&set);
     let p2c = load_balancer::<PowerOfTwo>(&set);
+    let hash = load_balancer::<ConsistentHash>(&set);
+    let keys = keys();
     let baseline = Baseline::new(&set);
     type PickFn<'a> = Box<dyn Fn() -> Option<Picked> + Sync + 'a>;
     let cases: Vec<(&str, PickFn)> = vec![
@@ -212,6 +215,10 @@ fn threads(c: &mut Criterion) {
         ("random", Box::new(|| random.pick())),
         ("weighted", Box::new(|| weighted.pick())),
         ("p2c", Box::new(|| p2c.pick())),
+        (
+            "hash",
+            Box::new(|| hash.pick_key(&keys[fastrand::usize(..keys.len())])),
+        ),
     ];
     for (name, f) in &cases {
         for t in [1, 2] {

@@ -411,6 +411,11 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Failure {
                 | ErrorKind::UnexpectedEof => failure = Failure::ConnectionBroken,
                 _ => {}
             }
+            // An io::Error's source() skips the error it wraps; look inside.
+            if let Some(inner) = io.get_ref() {
+                source = Some(inner);
+                continue;
+            }
         }
         let text = e.to_string();
         if text.contains("tcp connect error") || text.contains("error trying to connect") {

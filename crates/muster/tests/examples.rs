@@ -36,14 +36,48 @@ fn example(name: &str) -> PathBuf {
     let path = profile_dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        path.is_file(),
-        "example binary {} not found: cargo builds the examples when it runs the whole test \
-         suite, so run this test with `cargo test -p muster` (or build them first with \
-         `cargo build -p muster --examples`)",
-        path.display()
-    );
+    const HOW: &str = "cargo builds the examples only when it runs a package's whole test \
+         suite: run `cargo test -p muster`, or build them first \
+         (`cargo build -p muster --examples && cargo test -p muster --test examples`)";
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("example binary {} not found: {HOW}", path.display()));
+    // `cargo test --test examples` does not rebuild the examples: refuse to
+    // test a binary older than its sources.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = manifest.join("examples").join(format!("{name}.rs"));
+    if let Some(newer) = std::iter::once(source)
+        .chain(rust_files(&manifest.join("src")))
+        .find(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+        })
+    {
+        panic!(
+            "example binary {} is older than {}: {HOW}",
+            path.display(),
+            newer.display()
+        );
+    }
     path
+}
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files
 }
 
 /// A child process whose stdout lines and stderr are collected by threads;

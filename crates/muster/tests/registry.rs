@@ -591,3 +591,48 @@ async fn authenticates_and_refreshes_an_expired_token() {
         RegistrarState::Registered { .. }
     ));
 }
+
+#[tokio::test]
+async fn survives_losing_the_cluster_member_it_talks_to() {
+    init_tracing();
+    let Some(()) = muster_testkit::require_etcd() else {
+        return;
+    };
+    let mut cluster = muster_testkit::EtcdCluster::start(3).expect("cluster");
+    let etcd = muster::Etcd::connect(config(cluster.endpoints())).unwrap();
+    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
+    registrar
+        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    assert_eq!(ids(&user.snapshot()), ["a"]);
+
+    let current = etcd.current_endpoint();
+    let member = cluster
+        .endpoints()
+        .iter()
+        .position(|e| *e == current)
+        .expect("the current endpoint is a member");
+    cluster.kill_member(member);
+
+    // Registering goes through another member once the client fails over.
+    let b = Instance::new("user", "b", "http://127.0.0.1:2");
+    eventually("a registration through the surviving members", || {
+        let registrar = &registrar;
+        let b = b.clone();
+        async move { registrar.register(b).await.is_ok() }
+    })
+    .await;
+    user.wait_for(DEADLINE, |s| s.get("b").is_some())
+        .await
+        .expect("discovery follows through another member");
+    assert_ne!(etcd.current_endpoint(), current);
+    // The first registration lived through the failover (or was restored).
+    eventually("both registered, registrar healthy", || async {
+        matches!(registrar.state(), RegistrarState::Registered { .. })
+            && get(&etcd, "/muster/services/user/a").await.is_some()
+    })
+    .await;
+    assert_eq!(ids(&user.snapshot()), ["a", "b"]);
+}

@@ -1,0 +1,241 @@
+//! Propagation and resources, against a local etcd started by the testkit.
+//!
+//! - Propagation: from `Registrar::register` returning to 100 independent
+//!   discovery clients (each with its own connection and watch stream)
+//!   showing the instance in their caches; p50, p99 and max over every
+//!   (client, registration) pair.
+//! - Resources: gRPC streams opened on etcd by one process holding many
+//!   registrations and watching many services (read from etcd's metrics),
+//!   and resident memory per cached instance.
+//!
+//! Run: `cargo bench -p muster --bench propagation` (needs `etcd` on PATH).
+//! `MUSTER_BENCH_ROUNDS` sets the number of registrations (default 200).
+
+use std::time::{Duration, Instant};
+
+use muster::{Config, Discovery, Etcd, Instance, Registrar, RegistrarConfig};
+use muster_testkit::EtcdNode;
+
+const CLIENTS: usize = 100;
+
+fn client(endpoint: &str) -> Etcd {
+    Etcd::connect(Config::new([endpoint.to_string()])).expect("client")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+async fn propagation(node: &EtcdNode, rounds: usize) {
+    let endpoint = node.endpoint();
+    let registrar = Registrar::start(client(&endpoint), RegistrarConfig::default())
+        .await
+        .expect("registrar");
+    let mut services = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let discovery = Discovery::new(client(&endpoint));
+        services.push(discovery.service("bench").await.expect("discover"));
+    }
+    let mut samples = Vec::with_capacity(rounds * CLIENTS);
+    for round in 0..rounds {
+        let id = format!("i{round}");
+        let waiters: Vec<_> = services
+            .iter()
+            .map(|svc| {
+                let svc = svc.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    svc.wait_for(Duration::from_secs(10), |s| s.get(&id).is_some())
+                        .await
+                        .expect("propagated");
+                    Instant::now()
+                })
+            })
+            .collect();
+        registrar
+            .register(Instance::new(
+                "bench",
+                id.as_str(),
+                format!("10.0.0.1:{round}"),
+            ))
+            .await
+            .expect("register");
+        let returned = Instant::now();
+        for w in waiters {
+            let seen = w.await.expect("waiter");
+            samples.push(seen.saturating_duration_since(returned));
+        }
+    }
+    samples.sort();
+    println!(
+        "propagation to {CLIENTS} clients over {rounds} registrations ({} samples): p50 {:?}  p99 {:?}  max {:?}",
+        samples.len(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        samples[samples.len() - 1]
+    );
+    registrar.shutdown().await.ok();
+}
+
+async fn streams(node: &EtcdNode) {
+    let endpoint = node.endpoint();
+    let before_ka = node
+        .metric(
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        )
+        .unwrap_or(0.0);
+    let before_watch = node
+        .metric("grpc_server_started_total", &["grpc_method=\"Watch\""])
+        .unwrap_or(0.0);
+    let etcd = client(&endpoint);
+    let registrar = Registrar::start(etcd.clone(), RegistrarConfig::default())
+        .await
+        .expect("registrar");
+    let discovery = Discovery::new(etcd.clone());
+    let mut held = Vec::new();
+    for s in 0..20 {
+        for i in 0..50 {
+            registrar
+                .register(Instance::new(
+                    format!("svc{s}"),
+                    format!("i{i}"),
+                    format!("10.1.{s}.{i}:80"),
+                ))
+                .await
+                .expect("register");
+        }
+        held.push(
+            discovery
+                .service(&format!("svc{s}"))
+                .await
+                .expect("discover"),
+        );
+    }
+    // Let several keep-alive rounds pass.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ka = node
+        .metric(
+            "grpc_server_started_total",
+            &["grpc_method=\"LeaseKeepAlive\""],
+        )
+        .unwrap_or(0.0)
+        - before_ka;
+    let watch = node
+        .metric("grpc_server_started_total", &["grpc_method=\"Watch\""])
+        .unwrap_or(0.0)
+        - before_watch;
+    println!(
+        "streams for 1000 registrations and 20 watched services: keep-alive {ka}, watch {watch}"
+    );
+    registrar.shutdown().await.ok();
+}
+
+/// Memory per cached instance: one service of 10k instances, written
+/// directly (as other processes would), then discovered. Runs first, so
+/// that resident memory is not blurred by what other phases freed.
+async fn memory(node: &EtcdNode) {
+    let endpoint = node.endpoint();
+    let writer = client(&endpoint);
+    let big = 10_000;
+    for chunk in (0..big).collect::<Vec<_>>().chunks(100) {
+        let ops = chunk
+            .iter()
+            .map(|i| {
+                let inst = Instance::new(
+                    "big",
+                    format!("i{i}"),
+                    format!("10.2.{}.{}:8080", i / 256, i % 256),
+                )
+                .with_zone("eu-1")
+                .with_version("1.0.0");
+                muster_proto::RequestOp {
+                    request: Some(muster_proto::request_op::Request::RequestPut(
+                        muster_proto::PutRequest {
+                            key: inst.key(muster::instance::DEFAULT_PREFIX).into_bytes(),
+                            value: inst.encode().expect("encode"),
+                            ..Default::default()
+                        },
+                    )),
+                }
+            })
+            .collect();
+        writer
+            .txn(muster_proto::TxnRequest {
+                success: ops,
+                ..Default::default()
+            })
+            .await
+            .expect("txn");
+    }
+    let before = rss_bytes();
+    let service = Discovery::new(client(&endpoint))
+        .service("big")
+        .await
+        .expect("discover");
+    assert_eq!(service.snapshot().len(), big);
+    let after = rss_bytes();
+    let snapshot = service.snapshot();
+    let heap: usize = snapshot
+        .instances()
+        .iter()
+        .map(|i| {
+            // The Arc (two counters + the Instance), its slot in the
+            // snapshot's Vec, and every owned buffer.
+            16 + std::mem::size_of::<Instance>()
+                + std::mem::size_of::<std::sync::Arc<Instance>>()
+                + i.service.capacity()
+                + i.id.capacity()
+                + i.addr.capacity()
+                + i.version.capacity()
+                + i.zone.capacity()
+                + i.tags.iter().map(|t| t.capacity() + 24).sum::<usize>()
+                + i.metadata
+                    .iter()
+                    .map(|(k, v)| k.capacity() + v.capacity() + 48)
+                    .sum::<usize>()
+        })
+        .sum();
+    println!(
+        "memory per cached instance ({big} instances with zone and version): {} bytes of heap in the snapshot; process resident +{:.1} MiB ({:.0} bytes per instance, including transient list buffers)",
+        heap / big,
+        (after.saturating_sub(before)) as f64 / (1024.0 * 1024.0),
+        after.saturating_sub(before) as f64 / big as f64
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test` runs benches with no flag.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if !muster_testkit::etcd_available() {
+        eprintln!("propagation bench skipped: etcd is not on PATH (apt-get install etcd-server)");
+        return;
+    }
+    let rounds = std::env::var("MUSTER_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let node = EtcdNode::start().expect("etcd");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        memory(&node).await;
+        propagation(&node, rounds).await;
+        streams(&node).await;
+    });
+}
