@@ -19,6 +19,9 @@
 //! cargo run -p muster --example caller -- --interval 200ms --count 10
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -59,7 +62,7 @@ fn parse_args() -> Result<Args, String> {
         service: "user".into(),
         interval: Duration::from_secs(1),
         count: None,
-        endpoints: default_endpoints(),
+        endpoints: Config::endpoints_from_env(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -80,7 +83,7 @@ fn parse_args() -> Result<Args, String> {
         };
         match name.as_str() {
             "--service" => args.service = value()?,
-            "--interval" => args.interval = parse_duration(&value()?)?,
+            "--interval" => args.interval = support::parse_duration(&value()?)?,
             "--count" => {
                 let v = value()?;
                 let n = v
@@ -88,7 +91,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| format!("--count: {v:?} is not a number"))?;
                 args.count = Some(n);
             }
-            "--endpoints" => args.endpoints = split_endpoints(&value()?),
+            "--endpoints" => args.endpoints = Config::parse_endpoints(&value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -99,37 +102,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("no etcd endpoint given".into());
     }
     Ok(args)
-}
-
-fn default_endpoints() -> Vec<String> {
-    match std::env::var("MUSTER_ENDPOINTS") {
-        Ok(list) if !list.trim().is_empty() => split_endpoints(&list),
-        _ => vec!["127.0.0.1:2379".into()],
-    }
-}
-
-fn split_endpoints(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// `100ms`, `2s`, `1.5s`, `1m`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {s:?} (try 100ms, 2s or 1m)");
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
-    Duration::try_from_secs_f64(value * scale).map_err(|_| bad())
 }
 
 // One thread: the round-robin balancer keeps a cursor per thread, so a

@@ -22,6 +22,9 @@
 //! cargo run -p muster --example user-service -- --listen 127.0.0.1:0 --id user-b
 //! ```
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -62,7 +65,7 @@ fn parse_args() -> Result<Args, String> {
         id: None,
         ttl: Duration::from_secs(5),
         grace: Duration::from_secs(1),
-        endpoints: default_endpoints(),
+        endpoints: Config::endpoints_from_env(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,9 +87,9 @@ fn parse_args() -> Result<Args, String> {
         match name.as_str() {
             "--listen" => args.listen = value()?,
             "--id" => args.id = Some(value()?),
-            "--ttl" => args.ttl = parse_duration(&value()?)?,
-            "--grace" => args.grace = parse_duration(&value()?)?,
-            "--endpoints" => args.endpoints = split_endpoints(&value()?),
+            "--ttl" => args.ttl = support::parse_duration(&value()?)?,
+            "--grace" => args.grace = support::parse_duration(&value()?)?,
+            "--endpoints" => args.endpoints = Config::parse_endpoints(&value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -97,37 +100,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("no etcd endpoint given".into());
     }
     Ok(args)
-}
-
-fn default_endpoints() -> Vec<String> {
-    match std::env::var("MUSTER_ENDPOINTS") {
-        Ok(list) if !list.trim().is_empty() => split_endpoints(&list),
-        _ => vec!["127.0.0.1:2379".into()],
-    }
-}
-
-fn split_endpoints(list: &str) -> Vec<String> {
-    list.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// `500ms`, `2s`, `1.5s`, `1m`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {s:?} (try 500ms, 2s or 1m)");
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let value: f64 = number.trim().parse().map_err(|_| bad())?;
-    Duration::try_from_secs_f64(value * scale).map_err(|_| bad())
 }
 
 #[tokio::main]

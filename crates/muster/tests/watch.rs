@@ -39,7 +39,10 @@ async fn a_slow_watcher_catches_up_in_order_without_blocking_others() {
     // The fast watcher keeps up while the slow one is stuck.
     let mut fast_seen = 0;
     while fast_seen < n {
-        match tokio::time::timeout(DEADLINE, fast.next()).await.expect("fast watcher progresses") {
+        match tokio::time::timeout(DEADLINE, fast.next())
+            .await
+            .expect("fast watcher progresses")
+        {
             Some(WatchEvent::Events { events, .. }) => fast_seen += events.len(),
             Some(_) => {}
             None => panic!("fast watcher ended"),
@@ -50,7 +53,10 @@ async fn a_slow_watcher_catches_up_in_order_without_blocking_others() {
     let mut revs = Vec::new();
     let mut values = Vec::new();
     while values.len() < n {
-        match tokio::time::timeout(DEADLINE, slow.next()).await.expect("slow watcher catches up") {
+        match tokio::time::timeout(DEADLINE, slow.next())
+            .await
+            .expect("slow watcher catches up")
+        {
             Some(WatchEvent::Events { events, .. }) => {
                 for e in events {
                     let kv = e.kv.unwrap();
@@ -64,7 +70,10 @@ async fn a_slow_watcher_catches_up_in_order_without_blocking_others() {
     }
     let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
     assert_eq!(values, expected);
-    assert!(revs.windows(2).all(|w| w[1] == w[0] + 1), "revisions have a gap or repeat");
+    assert!(
+        revs.windows(2).all(|w| w[1] == w[0] + 1),
+        "revisions have a gap or repeat"
+    );
     assert_eq!(etcd.watch_streams_opened(), 1);
 }
 
@@ -74,18 +83,34 @@ async fn a_large_service_is_listed_in_pages_at_one_revision() {
     let etcd = client(&node.endpoint());
     for i in 0..57 {
         let inst = Instance::new("big", format!("i{i:03}"), format!("10.0.0.{i}:80"));
-        put(&etcd, &inst.key("/muster/services"), &inst.encode().unwrap()).await;
+        put(
+            &etcd,
+            &inst.key("/muster/services"),
+            &inst.encode().unwrap(),
+        )
+        .await;
     }
-    let mut config = DiscoveryConfig::default();
-    config.page_size = 5;
-    let big = Discovery::with_config(etcd.clone(), config).unwrap().service("big").await.unwrap();
+    let config = DiscoveryConfig {
+        page_size: 5,
+        ..Default::default()
+    };
+    let big = Discovery::with_config(etcd.clone(), config)
+        .unwrap()
+        .service("big")
+        .await
+        .unwrap();
     let snapshot = big.snapshot();
     assert_eq!(snapshot.len(), 57);
     assert_eq!(snapshot.instances()[0].id, "i000");
     assert_eq!(snapshot.instances()[56].id, "i056");
     // And it follows from the listed revision.
     let inst = Instance::new("big", "i999", "10.0.9.9:80");
-    put(&etcd, &inst.key("/muster/services"), &inst.encode().unwrap()).await;
+    put(
+        &etcd,
+        &inst.key("/muster/services"),
+        &inst.encode().unwrap(),
+    )
+    .await;
     big.wait_for(DEADLINE, |s| s.len() == 58).await.unwrap();
 }
 
@@ -93,18 +118,32 @@ async fn a_large_service_is_listed_in_pages_at_one_revision() {
 async fn a_lagging_subscriber_gets_a_reset_with_the_current_table() {
     let Some(node) = etcd() else { return };
     let etcd = client(&node.endpoint());
-    let mut config = DiscoveryConfig::default();
-    config.subscriber_buffer = 4;
-    let svc = Discovery::with_config(etcd.clone(), config).unwrap().service("lag").await.unwrap();
+    let config = DiscoveryConfig {
+        subscriber_buffer: 4,
+        ..Default::default()
+    };
+    let svc = Discovery::with_config(etcd.clone(), config)
+        .unwrap()
+        .service("lag")
+        .await
+        .unwrap();
     let mut updates = svc.updates();
     assert!(matches!(updates.next().await, Some(Update::Reset(s)) if s.is_empty()));
     for i in 0..20 {
         let inst = Instance::new("lag", format!("i{i:02}"), "10.0.0.1:80");
-        put(&etcd, &inst.key("/muster/services"), &inst.encode().unwrap()).await;
+        put(
+            &etcd,
+            &inst.key("/muster/services"),
+            &inst.encode().unwrap(),
+        )
+        .await;
     }
     svc.wait_for(DEADLINE, |s| s.len() == 20).await.unwrap();
     // Too far behind to be told each change: it gets the whole table.
-    match tokio::time::timeout(Duration::from_secs(5), updates.next()).await.unwrap() {
+    match tokio::time::timeout(Duration::from_secs(5), updates.next())
+        .await
+        .unwrap()
+    {
         Some(Update::Reset(s)) => assert_eq!(s.len(), 20),
         other => panic!("expected a reset, got {other:?}"),
     }

@@ -41,6 +41,13 @@ pub use watch::{WatchEvent, WatchOptions, Watcher};
 /// The metadata key etcd reads to refuse serving a stream from a member
 /// without a leader (`rpctypes.MetadataRequireLeaderKey`).
 pub const REQUIRE_LEADER_KEY: &str = "hasleader";
+/// etcd's default `--grpc-keepalive-min-time`: clients pinging more often
+/// get their connection closed.
+pub const ETCD_KEEPALIVE_MIN_TIME: Duration = Duration::from_secs(5);
+/// The environment variable holding a comma-separated endpoint list.
+pub const ENDPOINTS_ENV: &str = "MUSTER_ENDPOINTS";
+/// The endpoint used when none is given.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
 /// etcd's default largest request (1.5 MiB) plus gRPC overhead.
 const MAX_MESSAGE: usize = 2 * 1024 * 1024 + 512 * 1024;
 
@@ -55,8 +62,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long one unary call may take.
     pub request_timeout: Duration,
-    /// HTTP/2 keep-alive ping interval; a dead connection is noticed within
-    /// this plus [`Config::keepalive_timeout`] even when idle.
+    /// HTTP/2 keep-alive ping interval, sent while a stream is open: a dead
+    /// connection is noticed within this plus [`Config::keepalive_timeout`].
+    /// etcd closes connections that ping more often than its
+    /// `--grpc-keepalive-min-time` (default 5 s) with `too_many_pings`, so
+    /// keep it at or above that.
     pub keepalive_interval: Duration,
     /// How long to wait for a keep-alive ping's answer.
     pub keepalive_timeout: Duration,
@@ -65,12 +75,12 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
+            endpoints: vec![DEFAULT_ENDPOINT.into()],
             credentials: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
-            keepalive_interval: Duration::from_secs(3),
-            keepalive_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -85,6 +95,26 @@ impl Config {
         Config {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             ..Config::default()
+        }
+    }
+
+    /// Splits a comma-separated endpoint list (`a:2379, b:2379`).
+    pub fn parse_endpoints(list: &str) -> Vec<String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// The endpoints in `MUSTER_ENDPOINTS` (comma separated), or
+    /// `127.0.0.1:2379` when it is unset or empty.
+    pub fn endpoints_from_env() -> Vec<String> {
+        match std::env::var(ENDPOINTS_ENV) {
+            Ok(list) if !Config::parse_endpoints(&list).is_empty() => {
+                Config::parse_endpoints(&list)
+            }
+            _ => vec![DEFAULT_ENDPOINT.to_string()],
         }
     }
 
@@ -170,6 +200,12 @@ impl Etcd {
                 "at least one endpoint is required",
             ));
         }
+        if config.keepalive_interval < ETCD_KEEPALIVE_MIN_TIME {
+            tracing::warn!(
+                interval = ?config.keepalive_interval,
+                "keep-alive interval is below etcd's default --grpc-keepalive-min-time (5s); etcd will close the connection with too_many_pings unless it was lowered"
+            );
+        }
         let mut channels = Vec::with_capacity(config.endpoints.len());
         for ep in &config.endpoints {
             let url = normalize(ep.trim());
@@ -178,7 +214,8 @@ impl Etcd {
                 .connect_timeout(config.connect_timeout)
                 .http2_keep_alive_interval(config.keepalive_interval)
                 .keep_alive_timeout(config.keepalive_timeout)
-                .keep_alive_while_idle(true)
+                // etcd counts pings without an open stream as abuse.
+                .keep_alive_while_idle(false)
                 .tcp_nodelay(true);
             channels.push((url, endpoint.connect_lazy()));
         }
@@ -595,6 +632,19 @@ mod tests {
             assert!(d >= base / 2, "{d:?}");
         }
         assert!(backoff(30, base, cap) >= cap / 2);
+    }
+
+    #[test]
+    fn default_keepalive_respects_etcds_ping_policy() {
+        // Regression: a 3 s interval got connections closed with
+        // GOAWAY too_many_pings every few seconds.
+        assert!(Config::default().keepalive_interval >= ETCD_KEEPALIVE_MIN_TIME);
+    }
+
+    #[test]
+    fn endpoint_lists() {
+        assert_eq!(Config::parse_endpoints(" a:1, ,b:2 "), ["a:1", "b:2"]);
+        assert!(Config::parse_endpoints(" , ").is_empty());
     }
 
     #[test]

@@ -33,8 +33,6 @@ pub fn config(endpoints: Vec<String>) -> Config {
     let mut c = Config::new(endpoints);
     c.request_timeout = Duration::from_secs(2);
     c.connect_timeout = Duration::from_millis(500);
-    c.keepalive_interval = Duration::from_millis(500);
-    c.keepalive_timeout = Duration::from_millis(500);
     c
 }
 
