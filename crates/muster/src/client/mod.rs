@@ -526,6 +526,16 @@ impl Etcd {
         .await
     }
 
+    /// Every live lease.
+    pub async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse> {
+        self.call(
+            Retry::Idempotent,
+            pb::LeaseLeasesRequest {},
+            |ch, r| async move { LeaseClient::new(ch).lease_leases(r).await },
+        )
+        .await
+    }
+
     /// Opens a keep-alive stream, sending a first keep-alive for `first_id`.
     pub async fn lease_keep_alive(
         &self,
