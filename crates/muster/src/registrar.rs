@@ -413,12 +413,13 @@ impl Actor {
                 self.set_state(RegistrarState::Registered { lease });
             }
             Err(e) => {
-                let rec = self.recovering.as_mut().expect("recovering");
-                let wait = backoff(
-                    rec.attempt,
-                    self.config.backoff_base,
-                    self.config.backoff_cap,
-                );
+                let (base, cap) = (self.config.backoff_base, self.config.backoff_cap);
+                let rec = self.recovering.get_or_insert(Recovery {
+                    old_lease: old,
+                    attempt: 0,
+                    at: Instant::now(),
+                });
+                let wait = backoff(rec.attempt, base, cap);
                 rec.attempt = rec.attempt.saturating_add(1);
                 rec.at = Instant::now() + wait;
                 tracing::warn!(error = %e, retry_in = ?wait, "re-registration failed");
