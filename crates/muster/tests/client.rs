@@ -5,10 +5,9 @@ mod common;
 
 use common::*;
 use muster::Error;
+use muster_testkit::Registry;
 
-#[tokio::test]
-async fn etcd_statuses_map_to_typed_errors() {
-    let Some(node) = etcd() else { return };
+async fn statuses_map_to_typed_errors(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     for i in 0..5 {
         put(&etcd, "/k", format!("{i}").as_bytes()).await;
@@ -49,9 +48,7 @@ async fn etcd_statuses_map_to_typed_errors() {
     }
 }
 
-#[tokio::test]
-async fn lease_answers_come_through_unchanged() {
-    let Some(node) = etcd() else { return };
+async fn lease_answers_come_through_unchanged(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let lease = etcd.lease_grant(30).await.unwrap();
     assert_eq!(lease.ttl, 30);
@@ -70,3 +67,8 @@ async fn lease_answers_come_through_unchanged() {
     let status = etcd.status().await.unwrap();
     assert!(status.version.starts_with("3."), "{}", status.version);
 }
+
+on_both!(
+    statuses_map_to_typed_errors,
+    lease_answers_come_through_unchanged,
+);

@@ -12,6 +12,7 @@ use muster::{Discovery, Instance, Registrar, RegistrarConfig, Status};
 use muster_proto::maintenance_client::MaintenanceClient;
 use muster_proto::maintenance_server::{Maintenance, MaintenanceServer};
 use muster_proto::{StatusRequest, StatusResponse};
+use muster_testkit::Registry;
 use tokio_stream::StreamExt;
 
 /// A gRPC server that answers Status with its own id as the version.
@@ -84,9 +85,7 @@ async fn call(channel: &BalancedChannel) -> Result<String, tonic::Status> {
     Ok(resp.into_inner().version)
 }
 
-#[tokio::test]
-async fn calls_spread_over_instances_and_survive_one_dying() {
-    let Some(node) = etcd() else { return };
+async fn calls_spread_over_instances_and_survive_one_dying(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     // A long TTL: the dead instance stays registered for the whole test, so
     // only retries and ejection can keep calls from failing.
@@ -168,9 +167,7 @@ async fn calls_spread_over_instances_and_survive_one_dying() {
     assert!(last.get("g3").copied().unwrap_or(0) >= 30, "{last:?}");
 }
 
-#[tokio::test]
-async fn no_instance_is_a_clear_unavailable_error() {
-    let Some(node) = etcd() else { return };
+async fn no_instance_is_a_clear_unavailable_error(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let greeter = Discovery::new(etcd).service("nobody").await.unwrap();
     let channel = BalancedChannel::new(&greeter, ChannelConfig::default());
@@ -179,10 +176,8 @@ async fn no_instance_is_a_clear_unavailable_error() {
     assert!(err.message().contains("no live instance"), "{err}");
 }
 
-#[tokio::test]
-async fn discover_stream_follows_the_service() {
+async fn discover_stream_follows_the_service(node: Box<dyn Registry>) {
     use tower::discover::Change;
-    let Some(node) = etcd() else { return };
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), RegistrarConfig::default())
         .await
@@ -224,3 +219,9 @@ async fn discover_stream_follows_the_service() {
         matches!(next(&mut stream).await, Change::Insert(id, addr) if id == "b" && addr == "10.0.0.9:1")
     );
 }
+
+on_both!(
+    calls_spread_over_instances_and_survive_one_dying,
+    no_instance_is_a_clear_unavailable_error,
+    discover_stream_follows_the_service,
+);

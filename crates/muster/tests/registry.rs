@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use muster::discovery::{Change, Update};
 use muster::{Discovery, Error, Instance, Registrar, RegistrarConfig, RegistrarState, Status};
+use muster_testkit::Registry;
 
 fn rconfig(ttl_secs: u64) -> RegistrarConfig {
     RegistrarConfig::default()
@@ -20,9 +21,7 @@ fn ids(snapshot: &muster::discovery::Snapshot) -> Vec<String> {
     snapshot.instances().iter().map(|i| i.id.clone()).collect()
 }
 
-#[tokio::test]
-async fn registration_is_discovered_and_changes_propagate() {
-    let Some(node) = etcd() else { return };
+async fn registration_is_discovered_and_changes_propagate(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
     let discovery = Discovery::new(etcd.clone());
@@ -75,9 +74,7 @@ async fn registration_is_discovered_and_changes_propagate() {
     assert_eq!(ids(&user.snapshot()), ["a"]);
 }
 
-#[tokio::test]
-async fn keepalive_holds_an_instance_past_many_ttls() {
-    let Some(node) = etcd() else { return };
+async fn keepalive_holds_an_instance_past_many_ttls(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
     registrar
@@ -123,9 +120,7 @@ async fn child_registrant() {
     std::future::pending::<()>().await;
 }
 
-#[tokio::test]
-async fn a_crashed_instance_disappears_after_its_ttl() {
-    let Some(node) = etcd() else { return };
+async fn a_crashed_instance_disappears_after_its_ttl(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -157,9 +152,7 @@ async fn a_crashed_instance_disappears_after_its_ttl() {
     assert!(get(&etcd, "/muster/services/user/crashy").await.is_none());
 }
 
-#[tokio::test]
-async fn graceful_shutdown_drains_then_removes_at_once() {
-    let Some(node) = etcd() else { return };
+async fn graceful_shutdown_drains_then_removes_at_once(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     // A long TTL: only a revoke can remove the instance within the deadline.
     let registrar = Registrar::start(etcd.clone(), rconfig(600)).await.unwrap();
@@ -193,9 +186,9 @@ async fn graceful_shutdown_drains_then_removes_at_once() {
     assert!(get(&etcd, "/muster/services/user/a").await.is_none());
 }
 
-#[tokio::test]
-async fn etcd_killed_past_the_ttl_then_restarted_registration_comes_back() {
-    let Some(mut node) = etcd() else { return };
+async fn registry_killed_past_the_ttl_then_restarted_registration_comes_back(
+    mut node: Box<dyn Registry>,
+) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
     registrar
@@ -243,9 +236,7 @@ async fn etcd_killed_past_the_ttl_then_restarted_registration_comes_back() {
     assert_eq!(ids(&user.snapshot()), ["a"]);
 }
 
-#[tokio::test]
-async fn etcd_wiped_registrations_come_back() {
-    let Some(mut node) = etcd() else { return };
+async fn registry_wiped_registrations_come_back(mut node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
     for id in ["a", "b"] {
@@ -277,9 +268,9 @@ async fn etcd_wiped_registrations_come_back() {
     ));
 }
 
-#[tokio::test]
-async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_change() {
-    let Some(node) = etcd() else { return };
+async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_change(
+    node: Box<dyn Registry>,
+) {
     let direct = client(&node.endpoint());
     let proxy = muster_testkit::TcpProxy::start(node.client_port()).unwrap();
     let partitioned = client(&proxy.endpoint());
@@ -339,9 +330,7 @@ async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_c
     .await;
 }
 
-#[tokio::test]
-async fn a_key_deleted_from_outside_is_restored() {
-    let Some(node) = etcd() else { return };
+async fn a_key_deleted_from_outside_is_restored(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
     let a = Instance::new("user", "a", "http://127.0.0.1:8080");
@@ -366,9 +355,7 @@ async fn a_key_deleted_from_outside_is_restored() {
     .await;
 }
 
-#[tokio::test]
-async fn a_malformed_value_is_skipped_and_counted() {
-    let Some(node) = etcd() else { return };
+async fn a_malformed_value_is_skipped_and_counted(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     put(&etcd, "/muster/services/user/bad", b"{not json").await;
     put(
@@ -400,9 +387,7 @@ async fn a_malformed_value_is_skipped_and_counted() {
     .await;
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_clear_error() {
-    let Some(node) = etcd() else { return };
+async fn bad_input_gets_a_clear_error(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
     let cases = [
@@ -475,9 +460,7 @@ async fn a_registry_that_is_down_gets_a_clear_error() {
     assert!(err.is_transient(), "{err}");
 }
 
-#[tokio::test]
-async fn one_keepalive_stream_and_one_watch_stream_per_process() {
-    let Some(node) = etcd() else { return };
+async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
     let discovery = Discovery::new(etcd.clone());
@@ -522,9 +505,7 @@ async fn one_keepalive_stream_and_one_watch_stream_per_process() {
     assert_eq!(watch_streams, 1.0);
 }
 
-#[tokio::test]
-async fn fails_over_to_the_next_endpoint() {
-    let Some(node) = etcd() else { return };
+async fn fails_over_to_the_next_endpoint(node: Box<dyn Registry>) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -644,3 +625,18 @@ async fn survives_losing_the_cluster_member_it_talks_to() {
     .await;
     assert_eq!(ids(&user.snapshot()), ["a", "b"]);
 }
+
+on_both!(
+    registration_is_discovered_and_changes_propagate,
+    keepalive_holds_an_instance_past_many_ttls,
+    a_crashed_instance_disappears_after_its_ttl,
+    graceful_shutdown_drains_then_removes_at_once,
+    registry_killed_past_the_ttl_then_restarted_registration_comes_back,
+    registry_wiped_registrations_come_back,
+    compaction_while_a_watcher_was_disconnected_relists_without_missing_a_change,
+    a_key_deleted_from_outside_is_restored,
+    a_malformed_value_is_skipped_and_counted,
+    bad_input_gets_a_clear_error,
+    one_keepalive_stream_and_one_watch_stream_per_process,
+    fails_over_to_the_next_endpoint,
+);

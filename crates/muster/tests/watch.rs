@@ -10,10 +10,9 @@ use common::*;
 use muster::client::{WatchEvent, WatchOptions};
 use muster::discovery::Update;
 use muster::{Discovery, DiscoveryConfig, Instance};
+use muster_testkit::Registry;
 
-#[tokio::test]
-async fn a_slow_watcher_catches_up_in_order_without_blocking_others() {
-    let Some(node) = etcd() else { return };
+async fn a_slow_watcher_catches_up_in_order_without_blocking_others(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let mut slow = etcd.watch(WatchOptions::prefix("/load/")).await.unwrap();
     let mut fast = etcd.watch(WatchOptions::prefix("/load/")).await.unwrap();
@@ -77,9 +76,7 @@ async fn a_slow_watcher_catches_up_in_order_without_blocking_others() {
     assert_eq!(etcd.watch_streams_opened(), 1);
 }
 
-#[tokio::test]
-async fn a_large_service_is_listed_in_pages_at_one_revision() {
-    let Some(node) = etcd() else { return };
+async fn a_large_service_is_listed_in_pages_at_one_revision(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     for i in 0..57 {
         let inst = Instance::new("big", format!("i{i:03}"), format!("10.0.0.{i}:80"));
@@ -114,9 +111,7 @@ async fn a_large_service_is_listed_in_pages_at_one_revision() {
     big.wait_for(DEADLINE, |s| s.len() == 58).await.unwrap();
 }
 
-#[tokio::test]
-async fn a_lagging_subscriber_gets_a_reset_with_the_current_table() {
-    let Some(node) = etcd() else { return };
+async fn a_lagging_subscriber_gets_a_reset_with_the_current_table(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let config = DiscoveryConfig {
         subscriber_buffer: 4,
@@ -148,3 +143,9 @@ async fn a_lagging_subscriber_gets_a_reset_with_the_current_table() {
         other => panic!("expected a reset, got {other:?}"),
     }
 }
+
+on_both!(
+    a_slow_watcher_catches_up_in_order_without_blocking_others,
+    a_large_service_is_listed_in_pages_at_one_revision,
+    a_lagging_subscriber_gets_a_reset_with_the_current_table,
+);

@@ -48,8 +48,12 @@ use std::{env, thread};
 
 use tempfile::TempDir;
 
+mod embedded;
 mod proxy;
+mod registry;
+pub use embedded::EmbeddedNode;
 pub use proxy::TcpProxy;
+pub use registry::Registry;
 
 /// Interval between readiness probes.
 const POLL: Duration = Duration::from_millis(20);

@@ -1,0 +1,524 @@
+//! The apply layer: one ordered write path over the MVCC store and the
+//! lessor, with durability before visibility.
+//!
+//! A write takes the state's write lock, applies itself to the in-memory
+//! store, and queues its changes with storage *under the same lock*, so
+//! storage sees writes in revision order. It is acknowledged once storage
+//! reports it durable; concurrent writes share one commit (group commit).
+//! Readers read at the committed revision, so nothing they see can be lost
+//! in a crash. A single publisher task hands committed revisions to the
+//! watch hub in order.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use muster_proto as pb;
+use tokio::sync::Notify;
+use tonic::Status;
+
+use crate::lease::{LeaseError, Lessor, TimeToLive};
+use crate::mvcc::{MvccError, Store};
+use crate::storage::{Change, LeaseRecord, Recovered, Storage};
+use crate::watch::{HeaderInfo, History, WatchHub};
+
+/// Limits and policies of the apply layer.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The largest request accepted, in bytes (etcd: 1.5 MiB).
+    pub max_request_bytes: usize,
+    /// The most operations per transaction branch (etcd: 128).
+    pub max_txn_ops: usize,
+    /// TTLs below this many seconds are raised to it.
+    pub min_lease_ttl: i64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            min_lease_ttl: 2,
+        }
+    }
+}
+
+/// Request counters, exported with etcd's gRPC metric names.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Watch streams opened.
+    pub watch_streams: std::sync::atomic::AtomicU64,
+    /// Keep-alive streams opened.
+    pub keepalive_streams: std::sync::atomic::AtomicU64,
+    /// Keep-alive requests received.
+    pub keepalive_messages: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) struct State {
+    pub(crate) store: Store,
+    pub(crate) lessor: Lessor,
+}
+
+/// The server's state and write path.
+pub struct Core {
+    state: RwLock<State>,
+    committed: AtomicI64,
+    storage: Storage,
+    hub: Arc<WatchHub>,
+    pending: Mutex<VecDeque<(i64, Vec<pb::Event>)>>,
+    publish: Notify,
+    failed: AtomicBool,
+    header: HeaderInfo,
+    config: CoreConfig,
+    started: Instant,
+    /// Request counters.
+    pub counters: Counters,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("committed", &self.committed())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn mvcc_status(e: MvccError) -> Status {
+    use crate::mvcc::ErrorKind;
+    let msg = e.to_string();
+    match e.kind() {
+        ErrorKind::OutOfRange => Status::out_of_range(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::InvalidArgument => Status::invalid_argument(msg),
+    }
+}
+
+pub(crate) fn lease_status(e: LeaseError) -> Status {
+    let msg = e.to_string();
+    match e {
+        LeaseError::NotFound => Status::not_found(msg),
+        LeaseError::Exists => Status::failed_precondition(msg),
+        LeaseError::TtlTooLarge => Status::out_of_range(msg),
+    }
+}
+
+/// What one write produced.
+struct Applied<R> {
+    result: R,
+    revision: i64,
+    events: Vec<pb::Event>,
+    extra: Vec<Change>,
+}
+
+impl Core {
+    /// Builds the state from what storage recovered.
+    pub fn new(
+        storage: Storage,
+        recovered: Recovered,
+        header: HeaderInfo,
+        config: CoreConfig,
+    ) -> Arc<Core> {
+        let Recovered {
+            events,
+            compact_revision,
+            leases,
+            revision,
+        } = recovered;
+        let mut store =
+            Store::restore(events, compact_revision).with_max_txn_ops(config.max_txn_ops);
+        store.bump_revision(revision);
+        let mut lessor = Lessor::new(config.min_lease_ttl);
+        let now = Instant::now();
+        for LeaseRecord { id, ttl } in leases {
+            // As etcd does: every lease gets its full TTL again.
+            let _ = lessor.grant(id, ttl, now);
+        }
+        for (key, lease) in store.keys_with_lease() {
+            lessor.reattach(key, 0, lease);
+        }
+        let committed = store.revision();
+        let hub = WatchHub::new(header, committed);
+        let core = Arc::new(Core {
+            state: RwLock::new(State { store, lessor }),
+            committed: AtomicI64::new(committed),
+            storage,
+            hub,
+            pending: Mutex::new(VecDeque::new()),
+            publish: Notify::new(),
+            failed: AtomicBool::new(false),
+            header,
+            config,
+            started: Instant::now(),
+            counters: Counters::default(),
+        });
+        let history: Arc<dyn History> = core.clone();
+        core.hub.set_history(Arc::downgrade(&history));
+        core
+    }
+
+    /// Starts the background tasks (publisher, lease expiry). They hold the
+    /// core: abort them to let it go.
+    pub fn spawn_tasks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(publisher(self.clone())),
+            tokio::spawn(expirer(self.clone())),
+        ]
+    }
+
+    /// The watch hub.
+    pub fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
+    }
+
+    /// The header stamp.
+    pub fn header(&self, revision: i64) -> Option<pb::ResponseHeader> {
+        self.header.at(revision)
+    }
+
+    /// Cluster and member ids.
+    pub fn header_info(&self) -> HeaderInfo {
+        self.header
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The durable, visible revision.
+    pub fn committed(&self) -> i64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// Storage statistics.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// How long the server has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_alive(&self) -> Result<(), Status> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(Status::unavailable(
+                "etcdserver: storage failed; restart the server",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the state as one write, makes it durable, publishes it.
+    async fn write<R>(
+        &self,
+        f: impl FnOnce(&mut State) -> Result<Applied<R>, Status>,
+    ) -> Result<(R, i64), Status> {
+        self.check_alive()?;
+        let (result, revision, durable) = {
+            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            let applied = f(&mut state)?;
+            for e in &applied.events {
+                let key =
+                    e.kv.as_ref()
+                        .map(|kv| kv.key.as_slice())
+                        .unwrap_or_default();
+                let prev = e.prev_kv.as_ref().map_or(0, |kv| kv.lease);
+                let new = if e.r#type == pb::EventType::Put as i32 {
+                    e.kv.as_ref().map_or(0, |kv| kv.lease)
+                } else {
+                    0
+                };
+                state.lessor.reattach(key, prev, new);
+            }
+            let mut changes: Vec<Change> = applied
+                .events
+                .iter()
+                .enumerate()
+                .map(|(sub, event)| Change::Event {
+                    rev: applied.revision,
+                    sub: sub as i64,
+                    event: event.clone(),
+                })
+                .collect();
+            if !applied.events.is_empty() {
+                changes.push(Change::Revision(applied.revision));
+            }
+            changes.extend(applied.extra);
+            // Queued under the lock: storage sees writes in revision order.
+            let durable = self.storage.commit(changes);
+            if !applied.events.is_empty() {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_back((applied.revision, applied.events));
+            }
+            (applied.result, applied.revision, durable)
+        };
+        if let Err(e) = durable.await {
+            tracing::error!(error = %e, "storage commit failed; refusing further requests");
+            self.failed.store(true, Ordering::Release);
+            return Err(Status::unavailable(format!(
+                "etcdserver: storage failed: {e}"
+            )));
+        }
+        self.committed.fetch_max(revision, Ordering::AcqRel);
+        self.publish.notify_one();
+        Ok((result, revision))
+    }
+
+    fn kv_write<R>(
+        state: &mut State,
+        f: impl FnOnce(&mut crate::mvcc::WriteTxn<'_>, &Lessor) -> Result<R, MvccError>,
+    ) -> Result<Applied<R>, Status> {
+        let State { store, lessor } = state;
+        let mut txn = store.write();
+        let result = f(&mut txn, lessor).map_err(mvcc_status)?;
+        let (revision, events) = txn.end();
+        Ok(Applied {
+            result,
+            revision,
+            events,
+            extra: Vec::new(),
+        })
+    }
+
+    /// `KV.Range`.
+    pub fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, Status> {
+        self.check_alive()?;
+        let committed = self.committed();
+        let mut resp = self
+            .read()
+            .store
+            .range(req, committed)
+            .map_err(mvcc_status)?;
+        resp.header = self.header(committed);
+        Ok(resp)
+    }
+
+    /// `KV.Put`.
+    pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse, Status> {
+        let (mut resp, rev) = self
+            .write(|st| Self::kv_write(st, |txn, lessor| txn.put(&req, &|id| lessor.contains(id))))
+            .await?;
+        resp.header = self.header(rev);
+        Ok(resp)
+    }
+
+    /// `KV.DeleteRange`.
+    pub async fn delete_range(
+        &self,
+        req: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, Status> {
+        let (mut resp, rev) = self
+            .write(|st| Self::kv_write(st, |txn, _| txn.delete_range(&req)))
+            .await?;
+        resp.header = self.header(rev);
+        Ok(resp)
+    }
+
+    /// `KV.Txn`.
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
+        let (mut resp, rev) = self
+            .write(|st| Self::kv_write(st, |txn, lessor| txn.txn(&req, &|id| lessor.contains(id))))
+            .await?;
+        let header = self.header(rev);
+        fill_txn_headers(&mut resp, &header);
+        Ok(resp)
+    }
+
+    /// `KV.Compact`.
+    pub async fn compact(&self, revision: i64) -> Result<pb::CompactionResponse, Status> {
+        let (_, rev) = self
+            .write(|st| {
+                let compacted = st.store.compact(revision).map_err(mvcc_status)?;
+                Ok(Applied {
+                    result: (),
+                    revision: st.store.revision(),
+                    events: Vec::new(),
+                    extra: vec![Change::Compact {
+                        revision,
+                        removed: compacted.removed,
+                    }],
+                })
+            })
+            .await?;
+        Ok(pb::CompactionResponse {
+            header: self.header(rev),
+        })
+    }
+
+    /// `Lease.LeaseGrant`.
+    pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<pb::LeaseGrantResponse, Status> {
+        let ((id, ttl), rev) = self
+            .write(|st| {
+                let ttl = st.lessor.effective_ttl(ttl).map_err(lease_status)?;
+                let id = if id == 0 { st.lessor.new_id() } else { id };
+                st.lessor
+                    .grant(id, ttl, Instant::now())
+                    .map_err(lease_status)?;
+                Ok(Applied {
+                    result: (id, ttl),
+                    revision: st.store.revision(),
+                    events: Vec::new(),
+                    extra: vec![Change::LeaseGrant(LeaseRecord { id, ttl })],
+                })
+            })
+            .await?;
+        Ok(pb::LeaseGrantResponse {
+            header: self.header(rev),
+            id,
+            ttl,
+            error: String::new(),
+        })
+    }
+
+    /// `Lease.LeaseRevoke`, and expiry: deletes the lease's keys in one revision.
+    pub async fn lease_revoke(&self, id: i64) -> Result<pb::LeaseRevokeResponse, Status> {
+        let (_, rev) = self
+            .write(|st| {
+                let keys = st.lessor.revoke(id).map_err(lease_status)?;
+                let mut applied = Self::kv_write(st, |txn, _| {
+                    for key in keys {
+                        txn.delete_range(&pb::DeleteRangeRequest {
+                            key,
+                            ..Default::default()
+                        })?;
+                    }
+                    Ok(())
+                })?;
+                applied.extra.push(Change::LeaseRevoke(id));
+                Ok(applied)
+            })
+            .await?;
+        Ok(pb::LeaseRevokeResponse {
+            header: self.header(rev),
+        })
+    }
+
+    /// One keep-alive: the lease's TTL, or 0 when it does not exist.
+    pub fn lease_renew(&self, id: i64) -> pb::LeaseKeepAliveResponse {
+        let ttl = {
+            let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
+            st.lessor.renew(id, Instant::now()).unwrap_or(0)
+        };
+        pb::LeaseKeepAliveResponse {
+            header: self.header(self.committed()),
+            id,
+            ttl,
+        }
+    }
+
+    /// `Lease.LeaseTimeToLive`.
+    pub fn lease_time_to_live(&self, id: i64, keys: bool) -> pb::LeaseTimeToLiveResponse {
+        let ttl: Option<TimeToLive> = self.read().lessor.time_to_live(id, Instant::now());
+        let header = self.header(self.committed());
+        match ttl {
+            Some(t) => pb::LeaseTimeToLiveResponse {
+                header,
+                id,
+                ttl: t.remaining,
+                granted_ttl: t.granted,
+                keys: if keys { t.keys } else { Vec::new() },
+            },
+            None => pb::LeaseTimeToLiveResponse {
+                header,
+                id,
+                ttl: -1,
+                granted_ttl: 0,
+                keys: Vec::new(),
+            },
+        }
+    }
+
+    /// `Lease.LeaseLeases`.
+    pub fn lease_leases(&self) -> pb::LeaseLeasesResponse {
+        let ids = self.read().lessor.ids();
+        pb::LeaseLeasesResponse {
+            header: self.header(self.committed()),
+            leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
+        }
+    }
+
+    /// Live keys, leases and the compact revision, for status and metrics.
+    pub fn counts(&self) -> (usize, usize, i64) {
+        let st = self.read();
+        (st.store.len(), st.lessor.len(), st.store.compact_revision())
+    }
+}
+
+impl History for Core {
+    fn events(
+        &self,
+        from: i64,
+        to: i64,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<Vec<pb::Event>, i64> {
+        let st = self.read();
+        st.store
+            .events(from, to, key, range_end)
+            .map_err(|_| st.store.compact_revision())
+    }
+}
+
+/// Stamps `header` on a txn response and every response nested in it.
+fn fill_txn_headers(resp: &mut pb::TxnResponse, header: &Option<pb::ResponseHeader>) {
+    use pb::response_op::Response;
+    resp.header = *header;
+    for op in &mut resp.responses {
+        match op.response.as_mut() {
+            Some(Response::ResponseRange(r)) => r.header = *header,
+            Some(Response::ResponsePut(r)) => r.header = *header,
+            Some(Response::ResponseDeleteRange(r)) => r.header = *header,
+            Some(Response::ResponseTxn(t)) => fill_txn_headers(t, header),
+            None => {}
+        }
+    }
+}
+
+/// Hands committed revisions to the watch hub, in order.
+async fn publisher(core: Arc<Core>) {
+    loop {
+        let notified = core.publish.notified();
+        let committed = core.committed();
+        loop {
+            let next = {
+                let mut pending = core.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                match pending.front() {
+                    Some((rev, _)) if *rev <= committed => pending.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((rev, events)) = next else { break };
+            core.hub.dispatch(rev, &events);
+        }
+        notified.await;
+    }
+}
+
+/// Revokes leases whose time is up.
+async fn expirer(core: Arc<Core>) {
+    loop {
+        let expired = core.read().lessor.expired(Instant::now());
+        for id in expired {
+            match core.lease_revoke(id).await {
+                Ok(_) => tracing::debug!(lease = format_args!("{id:x}"), "lease expired"),
+                Err(e) => {
+                    tracing::debug!(lease = format_args!("{id:x}"), error = %e, "lease expiry")
+                }
+            }
+        }
+        let next = core.read().lessor.next_expiry();
+        let wait = next.map_or(Duration::from_millis(500), |at| {
+            at.saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(10), Duration::from_millis(500))
+        });
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,208 @@
+//! muster's embedded registry: a single-node server that speaks etcd's v3
+//! gRPC API (KV, Watch, Lease, Maintenance, Cluster), so that muster runs
+//! with no etcd installed while the same client code talks to an etcd
+//! cluster in production.
+//!
+//! The layers follow etcd's server: [`mvcc`] (revisions and history),
+//! [`lease`] (time-to-live grants), [`watch`] (fan-out through an index,
+//! slow watchers catching up from history), [`storage`] (durable log on
+//! redb with group commit), [`core`] (the ordered write path), and
+//! [`service`] (the gRPC API).
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let server = muster_server::Server::start(muster_server::ServerConfig::in_memory()).await?;
+//! println!("etcd API at {}", server.endpoint());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod core;
+pub mod lease;
+pub mod metrics;
+pub mod mvcc;
+pub mod service;
+pub mod storage;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_proto as pb;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use crate::core::{Core, CoreConfig};
+use crate::service::Services;
+use crate::storage::Storage;
+use crate::watch::HeaderInfo;
+
+/// The etcd API version the server reports in `Status`.
+pub const ETCD_API_VERSION: &str = "3.4.0";
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen for gRPC (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Where to keep data; `None` keeps everything in memory.
+    pub data_dir: Option<PathBuf>,
+    /// Limits and lease policy.
+    pub core: CoreConfig,
+    /// How often watchers that asked for progress notifications get one
+    /// (etcd's `--experimental-watch-progress-notify-interval`, 10 min).
+    pub progress_notify_interval: Duration,
+}
+
+impl ServerConfig {
+    /// In memory, on a free loopback port.
+    pub fn in_memory() -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: None,
+            core: CoreConfig::default(),
+            progress_notify_interval: Duration::from_secs(600),
+        }
+    }
+
+    /// Durable in `dir`, on a free loopback port.
+    pub fn persistent(dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            data_dir: Some(dir.into()),
+            ..ServerConfig::in_memory()
+        }
+    }
+
+    /// Sets the listen address.
+    pub fn with_listen(mut self, listen: SocketAddr) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// Sets the minimum lease TTL in seconds.
+    pub fn with_min_lease_ttl(mut self, seconds: i64) -> Self {
+        self.core.min_lease_ttl = seconds;
+        self
+    }
+}
+
+/// A running server. Dropping it stops it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    core: Arc<Core>,
+    shutdown: Option<oneshot::Sender<()>>,
+    serve: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens storage, recovers, binds and starts serving.
+    pub async fn start(config: ServerConfig) -> std::io::Result<Server> {
+        let (storage, recovered) = match &config.data_dir {
+            Some(dir) => Storage::open(dir).map_err(std::io::Error::other)?,
+            None => Storage::in_memory(),
+        };
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let header = HeaderInfo {
+            cluster_id: random_id(),
+            member_id: random_id(),
+        };
+        let core = Core::new(storage, recovered, header, config.core.clone());
+        let tasks = core.spawn_tasks();
+        let endpoint = format!("http://{addr}");
+        let services = Services::new(core.clone(), endpoint, config.progress_notify_interval);
+        let max = service::TRANSPORT_LIMIT_BYTES;
+        let (shutdown, on_shutdown) = oneshot::channel::<()>();
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(
+                pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(
+                pb::watch_server::WatchServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(
+                pb::lease_server::LeaseServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(pb::maintenance_server::MaintenanceServer::new(
+                services.clone(),
+            ))
+            .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
+            .add_service(pb::auth_server::AuthServer::new(services));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let serve = tokio::spawn(async move {
+            let stop = async {
+                let _ = on_shutdown.await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+        tracing::info!(%addr, revision = core.committed(), "muster registry ready");
+        Ok(Server {
+            addr,
+            core,
+            shutdown: Some(shutdown),
+            serve: Some(serve),
+            tasks,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://host:port`, for clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The state, for metrics and tests.
+    pub fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, and stops.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        if let Some(serve) = self.serve.take() {
+            // Streams (watch, keep-alive) do not end by themselves.
+            let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(serve) = self.serve.take() {
+            serve.abort();
+        }
+    }
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() | 1
+}

@@ -1,0 +1,344 @@
+//! The etcd v3 gRPC services over the [`Core`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_proto as pb;
+use pb::watch_request::RequestUnion;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::Core;
+
+/// The slack etcd gives gRPC above `--max-request-bytes`.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// The largest message the transport decodes at all; anything between the
+/// configured limits and this gets etcd's own errors.
+pub const TRANSPORT_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Responses a watch stream may have queued before its watchers fall back
+/// to catching up from history.
+const WATCH_STREAM_BUFFER: usize = 1024;
+
+/// The services of one server.
+#[derive(Clone, Debug)]
+pub struct Services {
+    core: Arc<Core>,
+    endpoint: String,
+    progress_interval: Duration,
+}
+
+impl Services {
+    /// Services over `core`, advertising `endpoint` as the client URL.
+    pub fn new(core: Arc<Core>, endpoint: String, progress_interval: Duration) -> Services {
+        Services {
+            core,
+            endpoint,
+            progress_interval,
+        }
+    }
+
+    /// etcd's two answers to a large request: past the limit plus gRPC's
+    /// overhead allowance the transport refuses it; past the limit alone the
+    /// server does.
+    fn check_size<M: Message>(&self, msg: &M) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        let max = self.core.config().max_request_bytes;
+        if len > max + GRPC_OVERHEAD_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "grpc: received message larger than max ({len} vs. {})",
+                max + GRPC_OVERHEAD_BYTES
+            )));
+        }
+        if len > max {
+            return Err(Status::invalid_argument("etcdserver: request is too large"));
+        }
+        Ok(())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for Services {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        let req = req.into_inner();
+        self.check_size(&req)?;
+        self.core.range(&req).map(Response::new)
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let req = req.into_inner();
+        self.check_size(&req)?;
+        self.core.put(req).await.map(Response::new)
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let req = req.into_inner();
+        self.check_size(&req)?;
+        self.core.delete_range(req).await.map(Response::new)
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let req = req.into_inner();
+        self.check_size(&req)?;
+        self.core.txn(req).await.map(Response::new)
+    }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        self.core
+            .compact(req.into_inner().revision)
+            .await
+            .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::lease_server::Lease for Services {
+    async fn lease_grant(
+        &self,
+        req: Request<pb::LeaseGrantRequest>,
+    ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        let req = req.into_inner();
+        self.core
+            .lease_grant(req.id, req.ttl)
+            .await
+            .map(Response::new)
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<pb::LeaseRevokeRequest>,
+    ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        self.core
+            .lease_revoke(req.into_inner().id)
+            .await
+            .map(Response::new)
+    }
+
+    type LeaseKeepAliveStream = BoxStream<pb::LeaseKeepAliveResponse>;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let core = self.core.clone();
+        core.counters
+            .keepalive_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stream = req.into_inner().map(move |msg| {
+            msg.map(|r| {
+                core.counters
+                    .keepalive_messages
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                core.lease_renew(r.id)
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(
+            self.core.lease_time_to_live(req.id, req.keys),
+        ))
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<pb::LeaseLeasesRequest>,
+    ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
+        Ok(Response::new(self.core.lease_leases()))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::watch_server::Watch for Services {
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let inbound = req.into_inner();
+        self.core
+            .counters
+            .watch_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
+        tokio::spawn(serve_watch_stream(
+            self.core.clone(),
+            inbound,
+            tx,
+            self.progress_interval,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+    }
+}
+
+async fn serve_watch_stream(
+    core: Arc<Core>,
+    mut inbound: Streaming<pb::WatchRequest>,
+    tx: mpsc::Sender<pb::WatchResponse>,
+    progress_interval: Duration,
+) {
+    let hub = core.hub().clone();
+    let stream = hub.new_stream();
+    let mut next_auto_id: i64 = 0;
+    let mut progress = tokio::time::interval(progress_interval);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Ok(Some(req)) = msg else { break };
+                match req.request_union {
+                    Some(RequestUnion::CreateRequest(create)) => {
+                        let mut id = create.watch_id;
+                        if id == 0 {
+                            // etcd's AutoWatchID: the next id not in use.
+                            id = next_auto_id;
+                            next_auto_id += 1;
+                        }
+                        match hub.register((stream, id), &create, tx.clone()) {
+                            Ok(rev) => {
+                                let created = pb::WatchResponse {
+                                    header: core.header(rev),
+                                    watch_id: id,
+                                    created: true,
+                                    ..Default::default()
+                                };
+                                if tx.send(created).await.is_err() {
+                                    break;
+                                }
+                                hub.start((stream, id));
+                            }
+                            Err(e) => {
+                                let refused = pb::WatchResponse {
+                                    header: core.header(hub.dispatched()),
+                                    watch_id: id,
+                                    created: true,
+                                    canceled: true,
+                                    cancel_reason: e.to_string(),
+                                    ..Default::default()
+                                };
+                                if tx.send(refused).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Some(RequestUnion::CancelRequest(cancel)) if hub.cancel((stream, cancel.watch_id)) => {
+                        let canceled = pb::WatchResponse {
+                            header: core.header(hub.dispatched()),
+                            watch_id: cancel.watch_id,
+                            canceled: true,
+                            ..Default::default()
+                        };
+                        if tx.send(canceled).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(RequestUnion::CancelRequest(_)) => {}
+                    Some(RequestUnion::ProgressRequest(_)) => {
+                        if let Some(rev) = hub.progress(stream) {
+                            let resp = pb::WatchResponse {
+                                header: core.header(rev),
+                                watch_id: -1,
+                                ..Default::default()
+                            };
+                            if tx.send(resp).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+            _ = progress.tick() => {
+                let (rev, ids) = hub.progress_notify_targets(stream);
+                for id in ids {
+                    let _ = tx.try_send(pb::WatchResponse {
+                        header: core.header(rev),
+                        watch_id: id,
+                        ..Default::default()
+                    });
+                }
+            }
+            _ = tx.closed() => break,
+        }
+    }
+    hub.remove_stream(stream);
+}
+
+#[tonic::async_trait]
+impl pb::maintenance_server::Maintenance for Services {
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let committed = self.core.committed();
+        let stats = self.core.storage().stats();
+        let info = self.core.header_info();
+        Ok(Response::new(pb::StatusResponse {
+            header: self.core.header(committed),
+            version: crate::ETCD_API_VERSION.to_string(),
+            db_size: stats.file_bytes as i64,
+            leader: info.member_id,
+            raft_index: committed as u64,
+            raft_term: 1,
+            raft_applied_index: committed as u64,
+            errors: Vec::new(),
+            db_size_in_use: stats.file_bytes as i64,
+            is_learner: false,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for Services {
+    async fn member_list(
+        &self,
+        _req: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let info = self.core.header_info();
+        Ok(Response::new(pb::MemberListResponse {
+            header: self.core.header(self.core.committed()),
+            members: vec![pb::Member {
+                id: info.member_id,
+                name: "muster".into(),
+                peer_ur_ls: Vec::new(),
+                client_ur_ls: vec![self.endpoint.clone()],
+                is_learner: false,
+            }],
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::auth_server::Auth for Services {
+    async fn authenticate(
+        &self,
+        _req: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+}

@@ -1,0 +1,413 @@
+//! Watch fan-out: events reach the watchers they match through an index,
+//! and a slow watcher never blocks the writer or the other watchers.
+//!
+//! As in etcd, a watcher is either **synced** (in the index, fed by
+//! [`WatchHub::dispatch`] as revisions commit) or **unsynced** (catching up
+//! from the store's history in a task of its own). Every new watcher starts
+//! unsynced and catches up from its start revision to the last dispatched
+//! one, then joins the synced set under the hub's lock, so nothing falls
+//! between history and live events. A synced watcher whose stream is full
+//! drops back to unsynced at the revision it missed and catches up the same
+//! way: in order, nothing lost, nothing twice.
+
+mod index;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+
+use muster_proto::{Event, ResponseHeader, WatchCreateRequest, WatchResponse};
+use tokio::sync::mpsc;
+
+use index::Index;
+pub use index::{in_range, prefix_range_end};
+
+/// A watcher: the stream it lives on and its watch id there.
+pub type WatcherKey = (u64, i64);
+
+/// Where catching-up watchers read past events.
+pub trait History: Send + Sync + 'static {
+    /// Every event with `from <= mod_revision <= to` in `[key, range_end)`,
+    /// in order, with `prev_kv` filled; `Err(compact_revision)` when `from`
+    /// was compacted away.
+    fn events(&self, from: i64, to: i64, key: &[u8], range_end: &[u8]) -> Result<Vec<Event>, i64>;
+}
+
+/// The identity stamped on every response header.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderInfo {
+    /// The cluster id.
+    pub cluster_id: u64,
+    /// This member's id.
+    pub member_id: u64,
+}
+
+impl HeaderInfo {
+    /// A header at `revision`.
+    pub fn at(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: 1,
+        })
+    }
+}
+
+struct Watcher {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    progress_notify: bool,
+    tx: mpsc::Sender<WatchResponse>,
+    synced: bool,
+    /// Unsynced: the next revision to read from history. Synced: events
+    /// below it are not delivered (a watch started in the future).
+    next: i64,
+}
+
+impl Watcher {
+    /// This watcher's view of `events` (filters, prev_kv), or `None`.
+    fn view(&self, events: &[Event]) -> Option<Vec<Event>> {
+        let out: Vec<Event> = events
+            .iter()
+            .filter(|e| {
+                let is_put = e.r#type == muster_proto::EventType::Put as i32;
+                !(is_put && self.no_put || !is_put && self.no_delete)
+            })
+            .map(|e| {
+                let mut e = e.clone();
+                if !self.prev_kv {
+                    e.prev_kv = None;
+                }
+                e
+            })
+            .collect();
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+struct HubState {
+    watchers: HashMap<WatcherKey, Watcher>,
+    index: Index,
+    /// The last revision handed to synced watchers.
+    dispatched: i64,
+    next_stream: u64,
+}
+
+/// Every watcher of the server; see the module docs.
+pub struct WatchHub {
+    state: Mutex<HubState>,
+    header: HeaderInfo,
+    history: OnceLock<Weak<dyn History>>,
+}
+
+impl std::fmt::Debug for WatchHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchHub")
+            .field("watchers", &self.watcher_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a watch could not be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateError {
+    /// The id is in use on this stream (etcd's message).
+    DuplicateId,
+}
+
+impl std::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("mvcc: duplicate watch ID provided on the WatchStream")
+    }
+}
+
+impl WatchHub {
+    /// A hub whose history starts after `revision`.
+    pub fn new(header: HeaderInfo, revision: i64) -> Arc<WatchHub> {
+        Arc::new(WatchHub {
+            state: Mutex::new(HubState {
+                watchers: HashMap::new(),
+                index: Index::default(),
+                dispatched: revision,
+                next_stream: 0,
+            }),
+            header,
+            history: OnceLock::new(),
+        })
+    }
+
+    /// Connects the store that catching-up watchers read from.
+    pub fn set_history(&self, history: Weak<dyn History>) {
+        let _ = self.history.set(history);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// An id for a new gRPC watch stream.
+    pub fn new_stream(&self) -> u64 {
+        let mut s = self.lock();
+        s.next_stream += 1;
+        s.next_stream
+    }
+
+    /// The last revision delivered to synced watchers.
+    pub fn dispatched(&self) -> i64 {
+        self.lock().dispatched
+    }
+
+    /// How many watchers exist.
+    pub fn watcher_count(&self) -> usize {
+        self.lock().watchers.len()
+    }
+
+    /// Adds a watcher (unsynced); returns the revision for its `created`
+    /// answer. Send that answer, then call [`WatchHub::start`].
+    pub fn register(
+        &self,
+        id: WatcherKey,
+        req: &WatchCreateRequest,
+        tx: mpsc::Sender<WatchResponse>,
+    ) -> Result<i64, CreateError> {
+        let mut s = self.lock();
+        if s.watchers.contains_key(&id) {
+            return Err(CreateError::DuplicateId);
+        }
+        let dispatched = s.dispatched;
+        let filters =
+            |f: muster_proto::watch_create_request::FilterType| req.filters.contains(&(f as i32));
+        s.watchers.insert(
+            id,
+            Watcher {
+                key: req.key.clone(),
+                range_end: req.range_end.clone(),
+                prev_kv: req.prev_kv,
+                no_put: filters(muster_proto::watch_create_request::FilterType::Noput),
+                no_delete: filters(muster_proto::watch_create_request::FilterType::Nodelete),
+                progress_notify: req.progress_notify,
+                tx,
+                synced: false,
+                next: if req.start_revision <= 0 {
+                    dispatched + 1
+                } else {
+                    req.start_revision
+                },
+            },
+        );
+        Ok(dispatched)
+    }
+
+    /// Starts catching a registered watcher up.
+    pub fn start(self: &Arc<Self>, id: WatcherKey) {
+        tokio::spawn(self.clone().catch_up(id));
+    }
+
+    /// Removes a watcher; whether it existed.
+    pub fn cancel(&self, id: WatcherKey) -> bool {
+        let mut s = self.lock();
+        match s.watchers.remove(&id) {
+            Some(w) => {
+                if w.synced {
+                    s.index.remove(id, &w.key, &w.range_end);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes every watcher of a stream.
+    pub fn remove_stream(&self, stream: u64) {
+        let mut s = self.lock();
+        let ids: Vec<WatcherKey> = s
+            .watchers
+            .keys()
+            .filter(|k| k.0 == stream)
+            .copied()
+            .collect();
+        for id in ids {
+            if let Some(w) = s.watchers.remove(&id)
+                && w.synced
+            {
+                s.index.remove(id, &w.key, &w.range_end);
+            }
+        }
+    }
+
+    /// The revision every watcher of `stream` is current with, if all of
+    /// them are synced (the answer to a progress request); `None` otherwise.
+    pub fn progress(&self, stream: u64) -> Option<i64> {
+        let s = self.lock();
+        s.watchers
+            .iter()
+            .filter(|(k, _)| k.0 == stream)
+            .all(|(_, w)| w.synced)
+            .then_some(s.dispatched)
+    }
+
+    /// Synced watchers of `stream` that asked for progress notifications,
+    /// and the revision they are current with.
+    pub fn progress_notify_targets(&self, stream: u64) -> (i64, Vec<i64>) {
+        let s = self.lock();
+        let ids = s
+            .watchers
+            .iter()
+            .filter(|(k, w)| k.0 == stream && w.synced && w.progress_notify)
+            .map(|(k, _)| k.1)
+            .collect();
+        (s.dispatched, ids)
+    }
+
+    /// Hands the events of one committed revision to the synced watchers
+    /// they match. Call in revision order.
+    pub fn dispatch(self: &Arc<Self>, revision: i64, events: &[Event]) {
+        let mut behind = Vec::new();
+        {
+            let mut s = self.lock();
+            s.dispatched = s.dispatched.max(revision);
+            let mut matched: HashMap<WatcherKey, Vec<usize>> = HashMap::new();
+            for (i, e) in events.iter().enumerate() {
+                let Some(kv) = e.kv.as_ref() else { continue };
+                s.index.for_each_match(&kv.key, |id| {
+                    let v = matched.entry(id).or_default();
+                    if v.last() != Some(&i) {
+                        v.push(i);
+                    }
+                });
+            }
+            let mut closed = Vec::new();
+            for (id, idx) in matched {
+                let Some(w) = s.watchers.get_mut(&id) else {
+                    continue;
+                };
+                if revision < w.next {
+                    continue;
+                }
+                let mine: Vec<Event> = idx.iter().map(|&i| events[i].clone()).collect();
+                let Some(view) = w.view(&mine) else { continue };
+                let resp = WatchResponse {
+                    header: self.header.at(revision),
+                    watch_id: id.1,
+                    events: view,
+                    ..Default::default()
+                };
+                match w.tx.try_send(resp) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        w.synced = false;
+                        w.next = revision;
+                        behind.push(id);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => closed.push(id),
+                }
+            }
+            for id in &behind {
+                if let Some(w) = s.watchers.get(id) {
+                    let (key, end) = (w.key.clone(), w.range_end.clone());
+                    s.index.remove(*id, &key, &end);
+                }
+            }
+            for id in closed {
+                if let Some(w) = s.watchers.remove(&id)
+                    && w.synced
+                {
+                    s.index.remove(id, &w.key, &w.range_end);
+                }
+            }
+        }
+        for id in behind {
+            tracing::debug!(
+                stream = id.0,
+                watch = id.1,
+                revision,
+                "watcher fell behind; catching up from history"
+            );
+            self.start(id);
+        }
+    }
+
+    async fn catch_up(self: Arc<Self>, id: WatcherKey) {
+        let Some(history) = self.history.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        loop {
+            let (from, key, end, tx, upto) = {
+                let s = self.lock();
+                let Some(w) = s.watchers.get(&id) else { return };
+                if w.synced {
+                    return;
+                }
+                (
+                    w.next,
+                    w.key.clone(),
+                    w.range_end.clone(),
+                    w.tx.clone(),
+                    s.dispatched,
+                )
+            };
+            if from <= upto {
+                let events = match history.events(from, upto, &key, &end) {
+                    Ok(events) => events,
+                    Err(compact_revision) => {
+                        let _ = tx
+                            .send(WatchResponse {
+                                header: self.header.at(upto),
+                                watch_id: id.1,
+                                canceled: true,
+                                compact_revision,
+                                ..Default::default()
+                            })
+                            .await;
+                        self.cancel(id);
+                        return;
+                    }
+                };
+                let mut start = 0;
+                while start < events.len() {
+                    let rev = events[start].kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                    let mut stop = start;
+                    while stop < events.len()
+                        && events[stop].kv.as_ref().map_or(0, |kv| kv.mod_revision) == rev
+                    {
+                        stop += 1;
+                    }
+                    let view = {
+                        let s = self.lock();
+                        let Some(w) = s.watchers.get(&id) else { return };
+                        w.view(&events[start..stop])
+                    };
+                    if let Some(view) = view {
+                        let resp = WatchResponse {
+                            header: self.header.at(rev),
+                            watch_id: id.1,
+                            events: view,
+                            ..Default::default()
+                        };
+                        if tx.send(resp).await.is_err() {
+                            self.cancel(id);
+                            return;
+                        }
+                    }
+                    start = stop;
+                }
+            }
+            let mut s = self.lock();
+            let dispatched = s.dispatched;
+            let Some(w) = s.watchers.get_mut(&id) else {
+                return;
+            };
+            w.next = w.next.max(upto + 1);
+            if w.next > dispatched {
+                // Caught up: live events from here on.
+                w.synced = true;
+                let (key, end) = (w.key.clone(), w.range_end.clone());
+                s.index.insert(id, &key, &end);
+                return;
+            }
+        }
+    }
+}
