@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use muster_server::{Server, ServerConfig};
+use std::time::Duration;
+
+use muster_server::{AutoCompaction, Server, ServerConfig};
 
 /// Flags of `muster serve`.
 #[derive(Debug, clap::Args)]
@@ -25,6 +27,58 @@ pub struct ServeArgs {
     /// Lease TTLs below this many seconds are raised to it.
     #[arg(long, default_value_t = 2)]
     min_lease_ttl: i64,
+    /// The largest request accepted, in bytes (etcd's default: 1.5 MiB).
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
+    /// The most operations in one transaction branch.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Automatic compaction: `revision` keeps the last N revisions,
+    /// `periodic` keeps a time window of history.
+    #[arg(long, value_parser = ["revision", "periodic"], requires = "auto_compaction_retention")]
+    auto_compaction_mode: Option<String>,
+    /// For `revision`: how many revisions to keep. For `periodic`: the
+    /// window, as `30m`, `1h`, `90s`, or a bare number of hours (as etcd).
+    #[arg(long, requires = "auto_compaction_mode")]
+    auto_compaction_retention: Option<String>,
+}
+
+fn auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoCompaction> {
+    match mode {
+        "revision" => {
+            let keep: i64 = retention.parse().ok().filter(|n| *n > 0).with_context(|| {
+                format!("--auto-compaction-retention {retention:?}: a positive number of revisions")
+            })?;
+            // etcd's revision compactor runs every 5 minutes.
+            Ok(AutoCompaction::Revisions {
+                keep,
+                interval: Duration::from_secs(300),
+            })
+        }
+        _ => {
+            let window = parse_window(retention).with_context(|| {
+                format!("--auto-compaction-retention {retention:?}: a duration like 30m, 1h, 90s, or hours")
+            })?;
+            Ok(AutoCompaction::Periodic { window })
+        }
+    }
+}
+
+fn parse_window(s: &str) -> Option<Duration> {
+    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "h"),
+    };
+    let n: f64 = number.trim().parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
@@ -40,6 +94,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config = config
         .with_listen(args.listen)
         .with_min_lease_ttl(args.min_lease_ttl);
+    if args.max_request_bytes == 0 || args.max_txn_ops == 0 {
+        anyhow::bail!("--max-request-bytes and --max-txn-ops must be positive");
+    }
+    config.core.max_request_bytes = args.max_request_bytes;
+    config.core.max_txn_ops = args.max_txn_ops;
+    if let (Some(mode), Some(retention)) =
+        (&args.auto_compaction_mode, &args.auto_compaction_retention)
+    {
+        config = config.with_auto_compaction(auto_compaction(mode, retention)?);
+    }
     let server = Server::start(config)
         .await
         .with_context(|| format!("cannot start the registry on {}", args.listen))?;
@@ -100,4 +164,23 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => {}
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_windows() {
+        assert_eq!(parse_window("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_window("2"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_window("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_window("0"), None);
+        assert_eq!(parse_window("1x"), None);
+        assert!(auto_compaction("revision", "-3").is_err());
+        assert!(matches!(
+            auto_compaction("revision", "1000"),
+            Ok(AutoCompaction::Revisions { keep: 1000, .. })
+        ));
+    }
 }

@@ -21,8 +21,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A `muster serve` child; killed when dropped.
-struct Serve(Child);
+/// A `muster serve` child; killed when dropped. Also its HTTP address.
+struct Serve(Child, String);
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -53,13 +53,19 @@ fn serve(dir: &Path, port: u16) -> Serve {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("muster serve ready") {
-                let _ = tx.send(());
+                let http = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("http=http://"))
+                    .unwrap_or_default()
+                    .to_string();
+                let _ = tx.send(http);
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
+    let http = rx
+        .recv_timeout(Duration::from_secs(30))
         .expect("muster serve prints its ready line");
-    Serve(child)
+    Serve(child, http)
 }
 
 async fn channel(port: u16) -> Channel {
@@ -190,10 +196,30 @@ async fn acknowledged_writes_survive_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_shuts_down_gracefully() {
+async fn serves_metrics_and_health_then_shuts_down_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = serve(dir.path(), port);
+    let get = |path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&server.1).expect("HTTP address");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let metrics = get("/metrics");
+    assert!(metrics.contains("200 OK"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE muster_registry_revision gauge"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("muster_registry_keys 0"), "{metrics}");
+    assert!(get("/health").contains("\"health\":\"true\""));
     let status = Command::new("kill")
         .args(["-TERM", &server.0.id().to_string()])
         .status()

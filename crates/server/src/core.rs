@@ -23,6 +23,25 @@ use crate::mvcc::{MvccError, Store};
 use crate::storage::{Change, LeaseRecord, Recovered, Storage};
 use crate::watch::{HeaderInfo, History, WatchHub};
 
+/// Automatic compaction, as etcd's `--auto-compaction-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep the last N revisions (`--auto-compaction-mode=revision`),
+    /// checked every `interval`.
+    Revisions {
+        /// How many revisions of history to keep.
+        keep: i64,
+        /// How often to compact.
+        interval: Duration,
+    },
+    /// Keep a time window of history (`--auto-compaction-mode=periodic`):
+    /// every window/10 it compacts to the revision current one window ago.
+    Periodic {
+        /// The window.
+        window: Duration,
+    },
+}
+
 /// Limits and policies of the apply layer.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -32,6 +51,8 @@ pub struct CoreConfig {
     pub max_txn_ops: usize,
     /// TTLs below this many seconds are raised to it.
     pub min_lease_ttl: i64,
+    /// Automatic compaction, if any.
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 impl Default for CoreConfig {
@@ -40,6 +61,7 @@ impl Default for CoreConfig {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             min_lease_ttl: 2,
+            auto_compaction: None,
         }
     }
 }
@@ -160,10 +182,14 @@ impl Core {
     /// Starts the background tasks (publisher, lease expiry). They hold the
     /// core: abort them to let it go.
     pub fn spawn_tasks(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
+        let mut tasks = vec![
             tokio::spawn(publisher(self.clone())),
             tokio::spawn(expirer(self.clone())),
-        ]
+        ];
+        if let Some(policy) = self.config.auto_compaction {
+            tasks.push(tokio::spawn(compactor(self.clone(), policy)));
+        }
+        tasks
     }
 
     /// The watch hub.
@@ -499,6 +525,43 @@ async fn publisher(core: Arc<Core>) {
             core.hub.dispatch(rev, &events);
         }
         notified.await;
+    }
+}
+
+/// Compacts history by policy, as etcd's auto-compactors do.
+async fn compactor(core: Arc<Core>, policy: AutoCompaction) {
+    // Periodic: (when, revision) samples, to find the revision one window ago.
+    let mut samples: VecDeque<(Instant, i64)> = VecDeque::new();
+    let interval = match policy {
+        AutoCompaction::Revisions { interval, .. } => interval,
+        AutoCompaction::Periodic { window } => (window / 10).max(Duration::from_millis(10)),
+    };
+    loop {
+        let now = Instant::now();
+        let current = core.committed();
+        let target = match policy {
+            AutoCompaction::Revisions { keep, .. } => current - keep,
+            AutoCompaction::Periodic { window } => {
+                samples.push_back((now, current));
+                let mut target = 0;
+                while let Some(&(at, rev)) = samples.front() {
+                    if now.duration_since(at) < window {
+                        break;
+                    }
+                    target = rev;
+                    samples.pop_front();
+                }
+                target
+            }
+        };
+        let (_, _, compacted) = core.counts();
+        if target > compacted {
+            match core.compact(target).await {
+                Ok(_) => tracing::info!(revision = target, "auto-compacted history"),
+                Err(e) => tracing::debug!(revision = target, error = %e, "auto-compaction skipped"),
+            }
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

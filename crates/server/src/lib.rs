@@ -35,7 +35,7 @@ use muster_proto as pb;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub use crate::core::{Core, CoreConfig};
+pub use crate::core::{AutoCompaction, Core, CoreConfig};
 use crate::service::Services;
 use crate::storage::Storage;
 use crate::watch::HeaderInfo;
@@ -79,6 +79,12 @@ impl ServerConfig {
     /// Sets the listen address.
     pub fn with_listen(mut self, listen: SocketAddr) -> Self {
         self.listen = listen;
+        self
+    }
+
+    /// Sets automatic compaction.
+    pub fn with_auto_compaction(mut self, policy: AutoCompaction) -> Self {
+        self.core.auto_compaction = Some(policy);
         self
     }
 

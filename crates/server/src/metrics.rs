@@ -40,6 +40,12 @@ pub fn render(core: &Core) -> String {
         core.hub().watcher_count() as f64,
     );
     gauge(
+        "muster_watch_fell_behind_total",
+        "Times a watcher's stream was full and it went back to catching up from history.",
+        "counter",
+        core.hub().fell_behind() as f64,
+    );
+    gauge(
         "muster_storage_commits_total",
         "Durable commits (fsyncs).",
         "counter",

@@ -112,3 +112,45 @@ async fn revisions_and_history_continue_after_a_restart() {
         .into_inner();
     assert_eq!(old.kvs[0].value, b"v3");
 }
+
+#[tokio::test]
+async fn auto_compaction_keeps_the_last_revisions() {
+    use muster_server::AutoCompaction;
+    use std::time::{Duration, Instant};
+    let config = ServerConfig::in_memory().with_auto_compaction(AutoCompaction::Revisions {
+        keep: 5,
+        interval: Duration::from_millis(20),
+    });
+    let server = Server::start(config).await.unwrap();
+    let channel = Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut kv = KvClient::new(channel);
+    let mut last = 0;
+    for i in 0..20 {
+        last = put(&mut kv, "k", &format!("v{i}")).await;
+    }
+    let at = |revision| pb::RangeRequest {
+        key: b"k".to_vec(),
+        revision,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match kv.range(at(last - 6)).await {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "history was never compacted");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    // The last five revisions are still there.
+    let kept = kv.range(at(last - 4)).await.unwrap().into_inner();
+    assert_eq!(kept.kvs[0].value, format!("v{}", 20 - 5).into_bytes());
+}

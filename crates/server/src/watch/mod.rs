@@ -101,6 +101,7 @@ pub struct WatchHub {
     state: Mutex<HubState>,
     header: HeaderInfo,
     history: OnceLock<Weak<dyn History>>,
+    fell_behind: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for WatchHub {
@@ -136,6 +137,7 @@ impl WatchHub {
             }),
             header,
             history: OnceLock::new(),
+            fell_behind: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -158,6 +160,12 @@ impl WatchHub {
     /// The last revision delivered to synced watchers.
     pub fn dispatched(&self) -> i64 {
         self.lock().dispatched
+    }
+
+    /// How many times a synced watcher fell behind (its stream was full)
+    /// and went back to catching up from history.
+    pub fn fell_behind(&self) -> u64 {
+        self.fell_behind.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many watchers exist.
@@ -319,6 +327,8 @@ impl WatchHub {
                 }
             }
         }
+        self.fell_behind
+            .fetch_add(behind.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for id in behind {
             tracing::debug!(
                 stream = id.0,
