@@ -344,18 +344,7 @@ pub fn service_prefix(prefix: &str, service: &str) -> String {
     format!("{prefix}/{service}/")
 }
 
-/// The exclusive end of the range of all keys starting with `key`, as etcd's
-/// `clientv3.GetPrefixRangeEnd` computes it.
-pub fn prefix_range_end(key: &[u8]) -> Vec<u8> {
-    let mut end = key.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use muster_proto::prefix_range_end;
 
 /// Splits `{prefix}/{service}/{id}` into service and id.
 pub fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String)> {

@@ -26,4 +26,18 @@ pub mod etcdserverpb {
 }
 
 pub use etcdserverpb::*;
+
+/// The exclusive end of the range of every key starting with `prefix`, as
+/// etcd's `clientv3.GetPrefixRangeEnd` computes it; `[0]` (every key) when
+/// no such end exists (empty prefix, or only `0xff` bytes).
+pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 pub use mvccpb::{Event, KeyValue, event::EventType};

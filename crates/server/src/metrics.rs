@@ -1,101 +1,113 @@
 //! Prometheus metrics of a running server, in the text exposition format.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::core::Core;
+
+/// Writes metric families: `# HELP`, `# TYPE`, then one line per sample.
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            if labels.is_empty() {
+                let _ = writeln!(self.0, "{name} {value}");
+            } else {
+                let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+            }
+        }
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help, &[("", value)]);
+    }
+}
+
+const WATCH: &str =
+    r#"grpc_method="Watch",grpc_service="etcdserverpb.Watch",grpc_type="bidi_stream""#;
+const KEEPALIVE: &str =
+    r#"grpc_method="LeaseKeepAlive",grpc_service="etcdserverpb.Lease",grpc_type="bidi_stream""#;
 
 /// Renders every metric.
 pub fn render(core: &Core) -> String {
     let (keys, leases, compacted) = core.counts();
     let stats = core.storage().stats();
-    let mut out = String::with_capacity(1024);
-    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
-    };
-    gauge(
+    let load = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
+    let mut m = Exposition(String::with_capacity(2048));
+    m.single(
         "muster_registry_revision",
-        "The committed (durable, visible) revision.",
         "gauge",
+        "The committed (durable, visible) revision.",
         core.committed() as f64,
     );
-    gauge(
+    m.single(
         "muster_registry_compact_revision",
-        "The revision history was compacted to.",
         "gauge",
+        "The revision history was compacted to.",
         compacted as f64,
     );
-    gauge("muster_registry_keys", "Live keys.", "gauge", keys as f64);
-    gauge(
+    m.single("muster_registry_keys", "gauge", "Live keys.", keys as f64);
+    m.single(
         "muster_registry_leases",
-        "Live leases.",
         "gauge",
+        "Live leases.",
         leases as f64,
     );
-    gauge(
+    m.single(
         "muster_registry_watchers",
-        "Watchers on all streams.",
         "gauge",
+        "Watchers on all streams.",
         core.hub().watcher_count() as f64,
     );
-    gauge(
+    m.single(
         "muster_watch_fell_behind_total",
-        "Times a watcher's stream was full and it went back to catching up from history.",
         "counter",
+        "Times a watcher's stream was full and it went back to catching up from history.",
         core.hub().fell_behind() as f64,
     );
-    gauge(
+    m.single(
         "muster_storage_commits_total",
-        "Durable commits (fsyncs).",
         "counter",
+        "Durable commits (fsyncs).",
         stats.commits as f64,
     );
-    gauge(
+    m.single(
         "muster_storage_batches_total",
-        "Write batches made durable; more batches than commits is group commit at work.",
         "counter",
+        "Write batches made durable; more batches than commits is group commit at work.",
         stats.batches as f64,
     );
-    gauge(
+    m.single(
         "muster_storage_db_bytes",
-        "Size of the database file.",
         "gauge",
+        "Size of the database file.",
         stats.file_bytes as f64,
     );
-    gauge(
+    m.single(
         "muster_uptime_seconds",
-        "Seconds since the server started.",
         "gauge",
+        "Seconds since the server started.",
         core.uptime().as_secs_f64(),
     );
     // etcd's names, so that etcd dashboards and tests read both backends.
     let c = &core.counters;
-    let load = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP grpc_server_started_total Total number of RPCs started on the server."
+    m.family(
+        "grpc_server_started_total",
+        "counter",
+        "Total number of RPCs started on the server.",
+        &[
+            (WATCH, load(&c.watch_streams)),
+            (KEEPALIVE, load(&c.keepalive_streams)),
+        ],
     );
-    let _ = writeln!(out, "# TYPE grpc_server_started_total counter");
-    let _ = writeln!(
-        out,
-        "grpc_server_started_total{{grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\",grpc_type=\"bidi_stream\"}} {}",
-        load(&c.watch_streams)
+    m.family(
+        "grpc_server_msg_received_total",
+        "counter",
+        "Total number of RPC stream messages received on the server.",
+        &[(KEEPALIVE, load(&c.keepalive_messages))],
     );
-    let _ = writeln!(
-        out,
-        "grpc_server_started_total{{grpc_method=\"LeaseKeepAlive\",grpc_service=\"etcdserverpb.Lease\",grpc_type=\"bidi_stream\"}} {}",
-        load(&c.keepalive_streams)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP grpc_server_msg_received_total Total number of RPC stream messages received on the server."
-    );
-    let _ = writeln!(out, "# TYPE grpc_server_msg_received_total counter");
-    let _ = writeln!(
-        out,
-        "grpc_server_msg_received_total{{grpc_method=\"LeaseKeepAlive\",grpc_service=\"etcdserverpb.Lease\",grpc_type=\"bidi_stream\"}} {}",
-        load(&c.keepalive_messages)
-    );
-    out
+    m.0
 }

@@ -10,18 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::WatcherKey;
 
-/// The end of the range of keys starting with `prefix` (etcd's
-/// `GetPrefixRangeEnd`); `[0]` for the empty prefix (all keys).
-pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use muster_proto::prefix_range_end;
 
 /// Whether `key` is in `[start, end)` with etcd's conventions (empty end:
 /// only `start`; end `[0]`: every key >= start).
