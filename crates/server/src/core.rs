@@ -249,17 +249,24 @@ impl Core {
         let (result, revision, durable) = {
             let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
             let applied = f(&mut state)?;
+            // An event's prev_kv is the value from before the write, so a
+            // key touched twice takes its lease from its earlier event.
+            let mut leases = std::collections::HashMap::new();
             for e in &applied.events {
                 let key =
                     e.kv.as_ref()
                         .map(|kv| kv.key.as_slice())
                         .unwrap_or_default();
-                let prev = e.prev_kv.as_ref().map_or(0, |kv| kv.lease);
+                let prev = leases
+                    .get(key)
+                    .copied()
+                    .unwrap_or_else(|| e.prev_kv.as_ref().map_or(0, |kv| kv.lease));
                 let new = if e.r#type == pb::EventType::Put as i32 {
                     e.kv.as_ref().map_or(0, |kv| kv.lease)
                 } else {
                     0
                 };
+                leases.insert(key, new);
                 state.lessor.reattach(key, prev, new);
             }
             let mut changes: Vec<Change> = applied
@@ -493,19 +500,10 @@ impl History for Core {
     }
 }
 
-/// Stamps `header` on a txn response and every response nested in it.
+/// Stamps `header` on a txn response. The responses nested in it keep
+/// what the store gave them: etcd's nested headers carry only a revision.
 fn fill_txn_headers(resp: &mut pb::TxnResponse, header: &Option<pb::ResponseHeader>) {
-    use pb::response_op::Response;
     resp.header = *header;
-    for op in &mut resp.responses {
-        match op.response.as_mut() {
-            Some(Response::ResponseRange(r)) => r.header = *header,
-            Some(Response::ResponsePut(r)) => r.header = *header,
-            Some(Response::ResponseDeleteRange(r)) => r.header = *header,
-            Some(Response::ResponseTxn(t)) => fill_txn_headers(t, header),
-            None => {}
-        }
-    }
 }
 
 /// Hands committed revisions to the watch hub, in order.

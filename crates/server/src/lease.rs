@@ -134,11 +134,10 @@ impl Lessor {
         })
     }
 
-    /// Every lease id, sorted.
+    /// Every lease id, the soonest to expire first (etcd's `LeaseLeases`
+    /// order).
     pub fn ids(&self) -> Vec<i64> {
-        let mut ids: Vec<i64> = self.leases.keys().copied().collect();
-        ids.sort_unstable();
-        ids
+        self.by_expiry.keys().map(|(_, id)| *id).collect()
     }
 
     /// Leases whose time is up at `now`.

@@ -211,12 +211,15 @@ async fn serve_watch_stream(
                 match req.request_union {
                     Some(RequestUnion::CreateRequest(create)) => {
                         let mut id = create.watch_id;
-                        if id == 0 {
+                        if id == 0 && crate::watch::check_range(&create).is_ok() {
                             // etcd's AutoWatchID: the next id not in use.
+                            while hub.contains((stream, next_auto_id)) {
+                                next_auto_id += 1;
+                            }
                             id = next_auto_id;
                             next_auto_id += 1;
                         }
-                        match hub.register((stream, id), &create, tx.clone()) {
+                        match hub.register((stream, id), &create, tx.clone(), core.committed()) {
                             Ok(rev) => {
                                 let created = pb::WatchResponse {
                                     header: core.header(rev),
@@ -231,8 +234,9 @@ async fn serve_watch_stream(
                             }
                             Err(e) => {
                                 let refused = pb::WatchResponse {
-                                    header: core.header(hub.dispatched()),
-                                    watch_id: id,
+                                    header: core.header(core.committed()),
+                                    // etcd answers a refused create with id -1.
+                                    watch_id: -1,
                                     created: true,
                                     canceled: true,
                                     cancel_reason: e.to_string(),
@@ -246,7 +250,7 @@ async fn serve_watch_stream(
                     }
                     Some(RequestUnion::CancelRequest(cancel)) if hub.cancel((stream, cancel.watch_id)) => {
                         let canceled = pb::WatchResponse {
-                            header: core.header(hub.dispatched()),
+                            header: core.header(core.committed()),
                             watch_id: cancel.watch_id,
                             canceled: true,
                             ..Default::default()

@@ -168,19 +168,6 @@ impl KeyIndex {
         None
     }
 
-    /// The revision recorded just before `rev` in the same life of the key
-    /// (`None` when `rev` starts a life or is unknown).
-    pub(crate) fn previous(&self, rev: Revision) -> Option<Revision> {
-        let g = self
-            .generations
-            .iter()
-            .find(|g| g.revs.last().is_some_and(|last| *last >= rev))?;
-        match g.revs.binary_search(&rev) {
-            Ok(i) if i > 0 => Some(g.revs[i - 1]),
-            _ => None,
-        }
-    }
-
     /// Compacts at main revision `at_rev` as etcd's `keyIndex.compact`:
     /// keeps, in the generation alive at `at_rev`, the latest revision at or
     /// before it and everything after; drops earlier generations whose
@@ -338,18 +325,5 @@ mod tests {
         assert_eq!(ki.get(9).unwrap().version, 1);
         ki.undo_put();
         assert!(ki.is_empty());
-    }
-
-    #[test]
-    fn previous_in_same_life() {
-        let mut ki = KeyIndex::new();
-        ki.put(r(2));
-        ki.put(r(3));
-        assert!(ki.tombstone(r(4)));
-        ki.put(r(5));
-        assert_eq!(ki.previous(r(2)), None);
-        assert_eq!(ki.previous(r(3)), Some(r(2)));
-        assert_eq!(ki.previous(r(4)), Some(r(3)));
-        assert_eq!(ki.previous(r(5)), None);
     }
 }

@@ -18,9 +18,15 @@
 //! sub revision (0, 1, ...). A delete of nothing and a txn that writes
 //! nothing create no revision; a put always does.
 //!
-//! Headers are never filled here: the service layer adds them.
+//! Top-level response headers are never filled here: the service layer
+//! adds them. Responses nested in a txn get etcd's nested headers, which
+//! carry only a revision (see [`WriteTxn::txn`]).
+//!
+//! Events carry `prev_kv` as etcd's watch fills it: the key's value at the
+//! revision before the event's.
 
 mod error;
+mod gosort;
 mod key_index;
 mod store;
 mod txn;

@@ -14,8 +14,9 @@ use muster_proto::{
 };
 
 use super::error::MvccError;
+use super::gosort;
 use super::key_index::{KeyIndex, Revision};
-use super::txn::{WriteTxn, check_txn_request, compare_to_path, is_read_only};
+use super::txn::{WriteTxn, check_txn_request, compare_to_path, is_read_only, revision_header};
 
 /// etcd's default `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
@@ -194,8 +195,8 @@ impl Store {
     /// A txn that only reads (see [`is_read_only`]), at most at `max_rev`
     /// like [`Store::range`], without a write lock. Validated as etcd
     /// validates any txn; a txn with writes is [`MvccError::NotReadOnly`]
-    /// (use [`Store::write`] and [`WriteTxn::txn`]). Headers are left
-    /// `None`.
+    /// (use [`Store::write`] and [`WriteTxn::txn`]). The txn's header is
+    /// left `None`; each range's nested header carries the revision read.
     pub fn read_txn(&self, req: &TxnRequest, max_rev: i64) -> Result<TxnResponse, MvccError> {
         check_txn_request(req, self.max_txn_ops)?;
         if !is_read_only(req) {
@@ -218,8 +219,10 @@ impl Store {
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             if let Some(Request::RequestRange(r)) = &op.request {
+                let mut resp = self.do_range(r, cur)?;
+                resp.header = revision_header(cur);
                 responses.push(ResponseOp {
-                    response: Some(Response::ResponseRange(self.do_range(r, cur)?)),
+                    response: Some(Response::ResponseRange(resp)),
                 });
             }
         }
@@ -261,13 +264,16 @@ impl Store {
     /// to_rev` on a key in `[key, range_end)` (empty `range_end`: `key`
     /// only; `[0]`: every key `>= key`), in revision order.
     ///
-    /// `prev_kv` is the key's value just before the event, `None` when the
-    /// event creates the key or when that value is older than the compact
-    /// revision (etcd's watch finds none then either). A DELETE event's `kv`
-    /// holds only the key and `mod_revision`, as etcd's. `from_rev` below
-    /// the compact revision is [`MvccError::Compacted`]. Events of the
-    /// compact revision itself are there only if compaction kept them (a
-    /// deletion at the compact revision is gone, as in etcd).
+    /// `prev_kv` is the key's value at the revision before the event's (as
+    /// etcd's watch reads it: for a key a txn touched twice, the value from
+    /// before the txn), `None` for an event creating the key (even one a
+    /// txn deleted and put again), when the key did not exist then, or when
+    /// that revision is older than the compact revision (etcd's watch finds
+    /// none then either). A DELETE event's `kv` holds only the key and
+    /// `mod_revision`, as etcd's. `from_rev` below the compact revision is
+    /// [`MvccError::Compacted`]. Events of the compact revision itself are
+    /// there only if compaction kept them (a deletion at the compact
+    /// revision is gone, as in etcd).
     pub fn events(
         &self,
         from_rev: i64,
@@ -539,10 +545,12 @@ impl Store {
             kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
         }
         if let Some(cmp) = cmp {
+            // Go's sort, for etcd's order of ties; descending is Go's
+            // sort.Reverse (the same algorithm with Less flipped).
             if order == SortOrder::Descend as i32 {
-                kvs.sort_by(|a, b| cmp(b, a));
+                gosort::sort_by(&mut kvs, |a, b| cmp(b, a).is_lt());
             } else {
-                kvs.sort_by(cmp);
+                gosort::sort_by(&mut kvs, |a, b| cmp(a, b).is_lt());
             }
         }
         let mut more = false;
@@ -567,7 +575,9 @@ impl Store {
     }
 
     /// Records a put of `key` at `rev` (after every recorded revision) and
-    /// returns its event; `prev_kv` is the key's value just before.
+    /// returns its event; `prev_kv` is the key's value at the revision
+    /// before `rev.main` (etcd's watch `prev_kv`), `None` for a put that
+    /// creates the key.
     pub(crate) fn put_record(
         &mut self,
         key: &[u8],
@@ -582,7 +592,11 @@ impl Store {
             unreachable!("key index inserted above");
         };
         let found = ki.get(rev.main);
-        let prev_kv = found.and_then(|f| self.records.get(&f.modified).map(|r| r.kv.clone()));
+        // A put creating the key has none, even if the key existed before
+        // this write (etcd skips create events).
+        let prev_kv = found
+            .and_then(|_| ki.get(rev.main - 1))
+            .and_then(|f| self.records.get(&f.modified).map(|r| r.kv.clone()));
         let (create_revision, version) = match found {
             Some(f) => (f.created.main, f.version + 1),
             None => (rev.main, 1),
@@ -614,11 +628,14 @@ impl Store {
     }
 
     /// Records the deletion of `key` at `rev` and returns its event, or
-    /// `None` when the key does not exist.
+    /// `None` when the key does not exist; `prev_kv` as for
+    /// [`Store::put_record`].
     pub(crate) fn delete_record(&mut self, key: &[u8], rev: Revision) -> Option<Event> {
         let ki = self.index.get_mut(key)?;
-        let found = ki.get(rev.main)?;
-        let prev_kv = self.records.get(&found.modified).map(|r| r.kv.clone());
+        ki.get(rev.main)?;
+        let prev_kv = ki
+            .get(rev.main - 1)
+            .and_then(|f| self.records.get(&f.modified).map(|r| r.kv.clone()));
         if !ki.tombstone(rev) {
             return None;
         }
@@ -657,17 +674,14 @@ impl Store {
     }
 
     /// The event of a stored record, with `prev_kv` as etcd's watch fills
-    /// it.
+    /// it: the key's value at the revision before the event's (`None` for
+    /// an event creating the key, or when that revision is compacted).
     fn history_event(&self, rev: Revision, rec: &Record) -> Event {
-        let prev_kv = if rev.main - 1 < self.compact_main_rev {
+        let creates = !rec.tombstone && rec.kv.create_revision == rec.kv.mod_revision;
+        let prev_kv = if creates || rev.main - 1 < self.compact_main_rev {
             None
         } else {
-            self.index
-                .get(&rec.kv.key)
-                .and_then(|ki| ki.previous(rev))
-                .and_then(|p| self.records.get(&p))
-                .filter(|p| !p.tombstone)
-                .map(|p| p.kv.clone())
+            self.kv_at(&rec.kv.key, rev.main - 1).cloned()
         };
         let r#type = if rec.tombstone {
             EventType::Delete

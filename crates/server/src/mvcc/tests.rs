@@ -917,28 +917,37 @@ fn txn_branches_and_responses() {
         panic!("range")
     };
     assert_eq!(r0.kvs.len(), 0, "a range before the put does not see it");
+    // etcd's nested headers: only a revision, the one each op saw or made.
+    assert_eq!(r0.header, only_revision(before));
     let Some(Response::ResponsePut(p)) = &resp.responses[1].response else {
         panic!("put")
     };
-    assert!(p.header.is_none());
+    assert_eq!(p.header, only_revision(rev));
     let Some(Response::ResponseRange(r2)) = &resp.responses[2].response else {
         panic!("range")
     };
     assert_eq!(r2.kvs, vec![kv("x", "1", rev, rev, 1, 0)]);
+    assert_eq!(r2.header, only_revision(rev));
     let Some(Response::ResponseDeleteRange(d)) = &resp.responses[3].response else {
         panic!("delete")
     };
     assert_eq!(d.deleted, 2);
+    assert_eq!(d.header, only_revision(rev));
     let Some(Response::ResponseTxn(t)) = &resp.responses[4].response else {
         panic!("txn")
     };
     assert!(!t.succeeded);
-    assert!(t.header.is_none());
+    assert_eq!(
+        t.header,
+        only_revision(0),
+        "etcd leaves a nested txn's at 0"
+    );
     assert_eq!(t.responses.len(), 2);
     let Some(Response::ResponseRange(ry)) = &t.responses[1].response else {
         panic!("nested range")
     };
     assert_eq!(ry.kvs[0].value, b("else"));
+    assert_eq!(ry.header, only_revision(rev));
 
     // One revision, sub revisions in op order.
     let summary: Vec<(EventType, String)> = events
@@ -970,6 +979,56 @@ fn txn_branches_and_responses() {
     let (resp, _, _) = txn(&mut st, &req).unwrap();
     assert!(!resp.succeeded);
     assert_eq!(get(&st, "z").unwrap().value, b("f"));
+
+    // A delete of nothing before any change answers the revision before
+    // the txn; after a change, the txn's.
+    let before = st.revision();
+    let req = then(vec![
+        op_del("nothing", ""),
+        op_put("w", "1"),
+        op_del("nothing", ""),
+    ]);
+    let (resp, rev, _) = txn(&mut st, &req).unwrap();
+    let headers: Vec<Option<i64>> = resp
+        .responses
+        .iter()
+        .map(|op| match &op.response {
+            Some(Response::ResponseDeleteRange(d)) => d.header.map(|h| h.revision),
+            Some(Response::ResponsePut(p)) => p.header.map(|h| h.revision),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(headers, [Some(before), Some(rev), Some(rev)]);
+}
+
+fn only_revision(revision: i64) -> Option<muster_proto::ResponseHeader> {
+    Some(muster_proto::ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn events_of_a_key_touched_twice_carry_etcds_prev_kv() {
+    let mut st = Store::new();
+    put(&mut st, "a", "old"); // 2
+    // A put, then a from-key delete over it: both events carry the value
+    // from before the txn (etcd's watch reads prev_kv at revision - 1).
+    let req = then(vec![op_put("a", "new"), op_del("a", "\0")]);
+    let (_, rev, live) = txn(&mut st, &req).unwrap();
+    let old = Some(kv("a", "old", 2, 2, 1, 0));
+    let prevs: Vec<Option<KeyValue>> = live.iter().map(|e| e.prev_kv.clone()).collect();
+    assert_eq!(prevs, [old.clone(), old]);
+    assert_eq!(st.events(rev, rev, b"a", b"").unwrap(), live);
+    // A from-key delete, then a put creating the key again: a create event
+    // never has prev_kv.
+    put(&mut st, "b", "old");
+    let req = then(vec![op_del("b", "\0"), op_put("b", "new")]);
+    let (_, rev, live) = txn(&mut st, &req).unwrap();
+    assert!(live[0].prev_kv.is_some());
+    assert_eq!(live[1].prev_kv, None);
+    assert_eq!(live[1].kv.as_ref().unwrap().version, 1);
+    assert_eq!(st.events(rev, rev, b"b", b"").unwrap(), live);
 }
 
 #[test]
@@ -1850,15 +1909,10 @@ fn randomized_against_snapshots() {
                 assert_eq!(differs, changed.contains(k), "key {} at {rev}", s(k));
             }
             for e in &evs {
-                let k = &e.kv.as_ref().unwrap().key;
-                if evs
-                    .iter()
-                    .filter(|x| &x.kv.as_ref().unwrap().key == k)
-                    .count()
-                    == 1
-                {
-                    assert_eq!(e.prev_kv.as_ref(), old.get(k), "prev of {} at {rev}", s(k));
-                }
+                let kv = e.kv.as_ref().unwrap();
+                let creates = ev_type(e) == EventType::Put && kv.create_revision == kv.mod_revision;
+                let want = if creates { None } else { old.get(&kv.key) };
+                assert_eq!(e.prev_kv.as_ref(), want, "prev of {} at {rev}", s(&kv.key));
             }
         }
     };

@@ -8,7 +8,7 @@ use muster_proto::request_op::Request;
 use muster_proto::response_op::Response;
 use muster_proto::{
     Compare, DeleteRangeRequest, DeleteRangeResponse, Event, KeyValue, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestOp, ResponseOp, TxnRequest, TxnResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 
 use super::error::MvccError;
@@ -125,7 +125,12 @@ impl<'a> WriteTxn<'a> {
     /// included, is evaluated against the state before the txn; then the
     /// chosen branches' puts (key exists for `ignore_*`, lease exists) and
     /// ranges (revision) are checked; then the ops run in order. A failed
-    /// txn changes nothing. Headers (nested ones too) are left `None`.
+    /// txn changes nothing. The txn's header is left `None`; the nested
+    /// responses get etcd's nested headers, which carry only a revision:
+    /// a range's is the revision it read at, a put's the write's revision,
+    /// a delete's the write's revision once this txn changed anything (the
+    /// delete included) and the revision before it otherwise, a nested
+    /// txn's 0.
     pub fn txn(
         &mut self,
         req: &TxnRequest,
@@ -173,8 +178,12 @@ impl<'a> WriteTxn<'a> {
     /// changed, else unchanged) and the events in order. Event `i` has sub
     /// revision `i`. A PUT event carries the new key-value, a DELETE event
     /// a key-value with only `key` and `mod_revision` (as etcd's); each
-    /// carries `prev_kv`, the key's value just before that change (`None`
-    /// for a put creating the key).
+    /// carries `prev_kv` as etcd's watch fills it: the key's value at the
+    /// revision before this write (`None` if it did not exist then, and
+    /// always for a put creating the key). For a key the txn touches twice
+    /// (a put and a from-key delete) the second event carries the value
+    /// from before the txn, not the first change's: a caller tracking
+    /// leases per event must carry the first event's lease to the second.
     pub fn end(mut self) -> (i64, Vec<Event>) {
         self.ended = true;
         let changes = std::mem::take(&mut self.changes);
@@ -243,7 +252,10 @@ impl<'a> WriteTxn<'a> {
         }
     }
 
-    /// etcd's `applyTxn`: runs the branch `path` chose, recursively.
+    /// etcd's `applyTxn`: runs the branch `path` chose, recursively. The
+    /// responses of the ops get etcd's nested headers (see
+    /// [`revision_header`]); the txn's own header is left `None` (the
+    /// caller's, or [`revision_header`]`(0)` for a nested txn).
     fn apply_txn(
         &mut self,
         rt: &TxnRequest,
@@ -256,15 +268,30 @@ impl<'a> WriteTxn<'a> {
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             let response = match &op.request {
-                Some(Request::RequestRange(r)) => Some(Response::ResponseRange(
-                    self.store.do_range(r, self.cur_rev())?,
-                )),
-                Some(Request::RequestPut(p)) => Some(Response::ResponsePut(self.apply_put(p)?)),
+                Some(Request::RequestRange(r)) => {
+                    let mut resp = self.store.do_range(r, self.cur_rev())?;
+                    // etcd: the revision the range read at.
+                    resp.header = revision_header(self.cur_rev());
+                    Some(Response::ResponseRange(resp))
+                }
+                Some(Request::RequestPut(p)) => {
+                    let mut resp = self.apply_put(p)?;
+                    // etcd: the write's revision.
+                    resp.header = revision_header(self.begin_rev + 1);
+                    Some(Response::ResponsePut(resp))
+                }
                 Some(Request::RequestDeleteRange(d)) => {
-                    Some(Response::ResponseDeleteRange(self.apply_delete(d)))
+                    let mut resp = self.apply_delete(d);
+                    // etcd: the write's revision once anything changed, else
+                    // the revision before it.
+                    resp.header = revision_header(self.cur_rev());
+                    Some(Response::ResponseDeleteRange(resp))
                 }
                 Some(Request::RequestTxn(t)) => {
-                    Some(Response::ResponseTxn(self.apply_txn(t, path, pos)?))
+                    let mut resp = self.apply_txn(t, path, pos)?;
+                    // etcd never fills a nested txn's header: revision 0.
+                    resp.header = revision_header(0);
+                    Some(Response::ResponseTxn(resp))
                 }
                 None => None,
             };
@@ -287,6 +314,16 @@ impl<'a> WriteTxn<'a> {
             self.store.undo(rev, &event);
         }
     }
+}
+
+/// The header etcd gives a response nested in a txn: only a revision (the
+/// server fills cluster, member and raft term on the top-level header
+/// alone).
+pub(crate) fn revision_header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..ResponseHeader::default()
+    })
 }
 
 /// Whether a txn only reads (etcd's `isTxnReadonly`): both branches hold

@@ -21,6 +21,10 @@ use tokio::sync::mpsc;
 use index::Index;
 pub use index::{in_range, prefix_range_end};
 
+/// The most revisions one catch-up response carries (etcd's
+/// `watchBatchMaxRevs`).
+const WATCH_BATCH_MAX_REVS: usize = 1000;
+
 /// A watcher: the stream it lives on and its watch id there.
 pub type WatcherKey = (u64, i64);
 
@@ -117,12 +121,27 @@ impl std::fmt::Debug for WatchHub {
 pub enum CreateError {
     /// The id is in use on this stream (etcd's message).
     DuplicateId,
+    /// `range_end` is not after `key` (and not `""` or `"\0"`).
+    EmptyRange,
 }
 
 impl std::fmt::Display for CreateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("mvcc: duplicate watch ID provided on the WatchStream")
+        f.write_str(match self {
+            CreateError::DuplicateId => "mvcc: duplicate watch ID provided on the WatchStream",
+            CreateError::EmptyRange => "mvcc: watcher range is empty",
+        })
     }
+}
+
+/// etcd's first check of a watch: a range that holds no key is refused
+/// (before an id is chosen for it).
+pub fn check_range(req: &WatchCreateRequest) -> Result<(), CreateError> {
+    let end = req.range_end.as_slice();
+    if !end.is_empty() && end != [0] && req.key.as_slice() >= end {
+        return Err(CreateError::EmptyRange);
+    }
+    Ok(())
 }
 
 impl WatchHub {
@@ -168,24 +187,36 @@ impl WatchHub {
         self.fell_behind.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether a watcher with this id exists.
+    pub fn contains(&self, id: WatcherKey) -> bool {
+        self.lock().watchers.contains_key(&id)
+    }
+
     /// How many watchers exist.
     pub fn watcher_count(&self) -> usize {
         self.lock().watchers.len()
     }
 
     /// Adds a watcher (unsynced); returns the revision for its `created`
-    /// answer. Send that answer, then call [`WatchHub::start`].
+    /// answer (the later of `committed` and the last dispatched revision;
+    /// without a start revision the watch starts after it). Send that
+    /// answer, then call [`WatchHub::start`].
     pub fn register(
         &self,
         id: WatcherKey,
         req: &WatchCreateRequest,
         tx: mpsc::Sender<WatchResponse>,
+        committed: i64,
     ) -> Result<i64, CreateError> {
+        check_range(req)?;
         let mut s = self.lock();
         if s.watchers.contains_key(&id) {
             return Err(CreateError::DuplicateId);
         }
-        let dispatched = s.dispatched;
+        // As etcd: from the current revision, which an acknowledged write
+        // has reached even if it is not dispatched yet (its events then
+        // reach this watcher neither live nor from history).
+        let dispatched = s.dispatched.max(committed);
         let filters =
             |f: muster_proto::watch_create_request::FilterType| req.filters.contains(&(f as i32));
         s.watchers.insert(
@@ -365,7 +396,8 @@ impl WatchHub {
                     Err(compact_revision) => {
                         let _ = tx
                             .send(WatchResponse {
-                                header: self.header.at(upto),
+                                // etcd's compaction answer carries revision 0.
+                                header: self.header.at(0),
                                 watch_id: id.1,
                                 canceled: true,
                                 compact_revision,
@@ -376,13 +408,23 @@ impl WatchHub {
                         return;
                     }
                 };
+                // As etcd's syncWatchers: the history in one response (at
+                // most WATCH_BATCH_MAX_REVS revisions each) stamped with the
+                // revision caught up to.
                 let mut start = 0;
                 while start < events.len() {
-                    let rev = events[start].kv.as_ref().map_or(0, |kv| kv.mod_revision);
                     let mut stop = start;
-                    while stop < events.len()
-                        && events[stop].kv.as_ref().map_or(0, |kv| kv.mod_revision) == rev
-                    {
+                    let mut revs = 0;
+                    let mut last = None;
+                    while stop < events.len() {
+                        let rev = events[stop].kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                        if last != Some(rev) {
+                            if revs == WATCH_BATCH_MAX_REVS {
+                                break;
+                            }
+                            revs += 1;
+                            last = Some(rev);
+                        }
                         stop += 1;
                     }
                     let view = {
@@ -392,7 +434,7 @@ impl WatchHub {
                     };
                     if let Some(view) = view {
                         let resp = WatchResponse {
-                            header: self.header.at(rev),
+                            header: self.header.at(upto),
                             watch_id: id.1,
                             events: view,
                             ..Default::default()
