@@ -9,6 +9,29 @@
 //! with it only up to 12 elements (where Go uses insertion sort), so this
 //! is a step-by-step port: the same comparisons and swaps, in the same
 //! order, give the same permutation of ties.
+//!
+//! Ported from Go's `src/sort/zsortinterface.go` (Go 1.19), which carries
+//! this notice:
+//!
+//! > Copyright 2017 The Go Authors. All rights reserved. Use of this source
+//! > code is governed by a BSD-style license: Redistribution and use in
+//! > source and binary forms, with or without modification, are permitted
+//! > provided that the following conditions are met: redistributions of
+//! > source code must retain the above copyright notice, this list of
+//! > conditions and the following disclaimer; redistributions in binary
+//! > form must reproduce the above copyright notice, this list of
+//! > conditions and the following disclaimer in the documentation and/or
+//! > other materials provided with the distribution; neither the name of
+//! > Google Inc. nor the names of its contributors may be used to endorse
+//! > or promote products derived from this software without specific prior
+//! > written permission. THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS
+//! > AND CONTRIBUTORS "AS IS" AND ANY EXPRESS OR IMPLIED WARRANTIES,
+//! > INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF
+//! > MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED.
+//! > IN NO EVENT SHALL THE COPYRIGHT OWNER OR CONTRIBUTORS BE LIABLE FOR ANY
+//! > DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL
+//! > DAMAGES ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF
+//! > ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 
 /// Sorts `v` as Go's `sort.Sort` does with `less` as `Less(i, j)`.
 pub(crate) fn sort_by<T>(v: &mut [T], less: impl Fn(&T, &T) -> bool) {
