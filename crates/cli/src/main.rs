@@ -1,6 +1,7 @@
 //! `muster`: service registration and discovery on etcd.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the embedded registry: a single-node server speaking etcd's v3 API.
     Serve(serve::ServeArgs),
+    /// Load-test any etcd v3 endpoint: put, range, txn, keepalive, watch, populate.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

@@ -276,7 +276,13 @@ impl Core {
                 .map(|(sub, event)| Change::Event {
                     rev: applied.revision,
                     sub: sub as i64,
-                    event: event.clone(),
+                    // Restore rebuilds prev_kv from the key's history:
+                    // storing it would double the bytes of every overwrite.
+                    event: pb::Event {
+                        r#type: event.r#type,
+                        kv: event.kv.clone(),
+                        prev_kv: None,
+                    },
                 })
                 .collect();
             if !applied.events.is_empty() {

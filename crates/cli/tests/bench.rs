@@ -1,0 +1,199 @@
+//! `muster bench` as a real process against an in-memory `muster serve`:
+//! every workload runs and reports; a dead endpoint is one readable error
+//! line and a non-zero exit, not a panic.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `muster serve --in-memory` child; killed when dropped.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(port: u16) -> Serve {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args([
+            "serve",
+            "--in-memory",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("muster serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("muster serve ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("muster serve prints its ready line");
+    Serve(child)
+}
+
+fn bench(port: u16, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["bench", "--endpoints", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .output()
+        .expect("muster bench runs")
+}
+
+/// Runs a workload with `-o json` and returns its one-line report.
+fn json(port: u16, args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = bench(port, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
+    stdout
+}
+
+/// The integer after `"name":` in a report.
+fn field(report: &str, name: &str) -> i64 {
+    let start = report
+        .find(&format!("\"{name}\":"))
+        .unwrap_or_else(|| panic!("no {name} in {report}"))
+        + name.len()
+        + 3;
+    report[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '-')
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn every_workload_runs_against_muster_serve() {
+    let port = free_port();
+    let _server = serve(port);
+    let small = ["--clients", "4", "--duration", "300ms", "--keys", "300"];
+
+    let report = json(port, &["populate", "--keys", "300", "--clients", "4"]);
+    assert_eq!(field(&report, "keys"), 300);
+    assert_eq!(field(&report, "txns"), 3);
+
+    for workload in ["put", "range", "txn"] {
+        let mut args = vec![workload];
+        args.extend(small);
+        let report = json(port, &args);
+        assert!(field(&report, "ops") > 0, "{report}");
+        assert_eq!(field(&report, "errors"), 0, "{report}");
+    }
+    let report = json(port, &["range", "--keys", "300", "--duration", "200ms"]);
+    assert_eq!(field(&report, "misses"), 0, "every key was populated");
+    let report = json(port, &["txn", "--keys", "300", "--duration", "200ms"]);
+    assert_eq!(
+        field(&report, "compare_failed"),
+        0,
+        "versions are read first"
+    );
+
+    let report = json(
+        port,
+        &[
+            "keepalive",
+            "--leases",
+            "8",
+            "--clients",
+            "4",
+            "--duration",
+            "300ms",
+        ],
+    );
+    assert!(field(&report, "ops") > 0, "{report}");
+    let report = json(
+        port,
+        &[
+            "keepalive",
+            "--leases",
+            "8",
+            "--clients",
+            "4",
+            "--duration",
+            "300ms",
+            "--rate",
+            "200",
+        ],
+    );
+    assert!(field(&report, "ops") > 20, "{report}");
+
+    let report = json(
+        port,
+        &[
+            "watch",
+            "--watchers",
+            "20",
+            "--watch-streams",
+            "3",
+            "--puts",
+            "5",
+            "--put-interval",
+            "5ms",
+        ],
+    );
+    assert_eq!(field(&report, "notifications"), 100, "{report}");
+    assert_eq!(field(&report, "expected"), 100, "{report}");
+
+    let report = json(port, &["ready", "--timeout", "5s"]);
+    assert!(report.contains("\"found\":true"), "{report}");
+
+    // Text output: summary lines, no JSON.
+    let out = bench(port, &["put", "--duration", "100ms", "--clients", "2"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("put: "), "{text}");
+    assert!(text.contains("ops/s") && text.contains("p99"), "{text}");
+}
+
+#[test]
+fn a_dead_endpoint_is_one_readable_error() {
+    let port = free_port(); // nothing listens there
+    let out = bench(port, &["put", "--duration", "1s"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot connect") && stderr.contains("refused"),
+        "{stderr}"
+    );
+
+    let out = bench(port, &["ready", "--timeout", "200ms"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no successful Range"), "{stderr}");
+
+    let out = bench(port, &["put", "--duration", "10"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no unit"));
+}
