@@ -1,6 +1,11 @@
 //! `muster`: service registration and discovery on etcd.
 #![forbid(unsafe_code)]
 
+/// The registry's write path frees on the storage thread what request
+/// threads allocated; mimalloc handles that without glibc's arena locks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod serve;
 
