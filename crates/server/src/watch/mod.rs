@@ -73,19 +73,22 @@ struct Watcher {
 
 impl Watcher {
     /// This watcher's view of `events` (filters, prev_kv), or `None`.
-    fn view(&self, events: &[Event]) -> Option<Vec<Event>> {
+    fn view<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> Option<Vec<Event>> {
         let out: Vec<Event> = events
-            .iter()
+            .into_iter()
             .filter(|e| {
                 let is_put = e.r#type == muster_proto::EventType::Put as i32;
                 !(is_put && self.no_put || !is_put && self.no_delete)
             })
-            .map(|e| {
-                let mut e = e.clone();
-                if !self.prev_kv {
-                    e.prev_kv = None;
-                }
-                e
+            // One copy per watcher, without prev_kv unless it asked for it.
+            .map(|e| Event {
+                r#type: e.r#type,
+                kv: e.kv.clone(),
+                prev_kv: if self.prev_kv {
+                    e.prev_kv.clone()
+                } else {
+                    None
+                },
             })
             .collect();
         (!out.is_empty()).then_some(out)
@@ -326,8 +329,9 @@ impl WatchHub {
                 if revision < w.next {
                     continue;
                 }
-                let mine: Vec<Event> = idx.iter().map(|&i| events[i].clone()).collect();
-                let Some(view) = w.view(&mine) else { continue };
+                let Some(view) = w.view(idx.iter().map(|&i| &events[i])) else {
+                    continue;
+                };
                 let resp = WatchResponse {
                     header: self.header.at(revision),
                     watch_id: id.1,
