@@ -2,56 +2,15 @@
 //! every workload runs and reports; a dead endpoint is one readable error
 //! line and a non-zero exit, not a panic.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+mod common;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use std::ffi::OsStr;
+use std::process::{Command, Output};
 
-/// A `muster serve --in-memory` child; killed when dropped.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Serve, free_port};
 
 fn serve(port: u16) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
-        .args([
-            "serve",
-            "--in-memory",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("muster serve starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("muster serve ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("muster serve prints its ready line");
-    Serve(child)
+    common::serve(port, &[OsStr::new("--in-memory")])
 }
 
 fn bench(port: u16, args: &[&str]) -> Output {

@@ -1,10 +1,11 @@
 //! `muster serve` as a real process: ready line, crash safety under
 //! concurrent writes (SIGKILL), graceful shutdown on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+mod common;
+
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,59 +14,10 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{Serve, free_port};
 
-/// A `muster serve` child; killed when dropped. Also its HTTP address.
-struct Serve(Child, String);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `muster serve` and waits for its ready line.
 fn serve(dir: &Path, port: u16) -> Serve {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("muster serve starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("muster serve ready") {
-                let http = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("http=http://"))
-                    .unwrap_or_default()
-                    .to_string();
-                let _ = tx.send(http);
-            }
-        }
-    });
-    let http = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("muster serve prints its ready line");
-    Serve(child, http)
+    common::serve(port, &[OsStr::new("--data-dir"), dir.as_os_str()])
 }
 
 async fn channel(port: u16) -> Channel {
