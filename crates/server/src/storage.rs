@@ -64,9 +64,12 @@ pub const MAX_GROUP_BYTES: usize = 4 << 20;
 /// Version of the on-disk layout, kept in the `meta` table.
 const FORMAT_VERSION: i64 = 1;
 
-/// Page cache of the database; the server keeps its whole state in memory
-/// anyway, so the cache only needs to cover the write path.
-const CACHE_BYTES: usize = 64 << 20;
+/// Page cache of the database. The server keeps its whole state in memory
+/// and only appends to the events table, so the cache only needs to cover
+/// the right edge of the B-tree that each commit touches. Measured with
+/// `bench-compare.sh` (100k keys): 64 MiB cost 37 MiB of resident memory
+/// over 4 MiB for no gain in put throughput.
+const CACHE_BYTES: usize = 4 << 20;
 
 const EVENTS: TableDefinition<'static, (i64, i64), &[u8]> = TableDefinition::new("events");
 const LEASES: TableDefinition<'static, i64, i64> = TableDefinition::new("leases");
