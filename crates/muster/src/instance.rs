@@ -5,7 +5,8 @@
 //!
 //! ```json
 //! {"schema":1,"addr":"http://10.0.0.7:8080","version":"1.4.2","zone":"eu-1",
-//!  "weight":100,"tags":["canary"],"metadata":{"git":"abc123"},"status":"serving"}
+//!  "weight":100,"tags":["canary"],"metadata":{"git":"abc123"},"status":"serving",
+//!  "registered_at":1795000000000}
 //! ```
 //!
 //! The service name and id come from the key, not the value. Values written
@@ -14,6 +15,7 @@
 //! can discover services registered by Go programs.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -172,6 +174,13 @@ impl Instance {
 
     /// Encodes the value stored in etcd (validating first).
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_registration(None)
+    }
+
+    /// Encodes the value with the time of the first registration, as the
+    /// [`Registrar`](crate::Registrar) writes it (read back by
+    /// [`registered_at`]).
+    pub fn encode_registration(&self, registered_at: Option<SystemTime>) -> Result<Vec<u8>> {
         self.validate()?;
         let value = serde_json::to_vec(&StoredValue {
             schema: SCHEMA_VERSION,
@@ -182,6 +191,10 @@ impl Instance {
             tags: self.tags.clone(),
             metadata: self.metadata.clone(),
             status: self.status,
+            registered_at: registered_at.map(|t| {
+                t.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            }),
         })
         .map_err(|e| Error::invalid("instance", e.to_string()))?;
         if value.len() > MAX_VALUE_LEN {
@@ -276,6 +289,20 @@ struct StoredValue {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     status: Status,
+    /// Unix time of the first registration, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    registered_at: Option<u64>,
+}
+
+/// When the instance in `value` was first registered, if its writer said
+/// (muster's registrar does; Go's naming package does not).
+pub fn registered_at(value: &[u8]) -> Option<SystemTime> {
+    #[derive(Deserialize)]
+    struct Stamp {
+        registered_at: Option<u64>,
+    }
+    let stamp: Stamp = serde_json::from_slice(value).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(stamp.registered_at?))
 }
 
 #[derive(Deserialize)]

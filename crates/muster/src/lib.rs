@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod catalog;
 pub mod client;
 pub mod discovery;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod grpc;
 pub mod instance;
 pub mod registrar;
 
+pub use catalog::{Catalog, CatalogSnapshot};
 pub use client::{Config, Etcd};
 pub use discovery::{Discovery, DiscoveryConfig, Service};
 pub use error::{Error, Result};

@@ -23,7 +23,7 @@
 //! effort); a crashed process's keys vanish when its lease expires.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use muster_proto as pb;
 use pb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -233,6 +233,8 @@ impl Lease {
 struct Reg {
     instance: Instance,
     value: Vec<u8>,
+    /// When it was first registered: kept across updates and recoveries.
+    since: SystemTime,
 }
 
 type KeepAlive = (
@@ -477,8 +479,12 @@ impl Actor {
     }
 
     async fn register(&mut self, instance: Instance) -> Result<()> {
-        let value = instance.encode()?;
         let key = instance.key(&self.config.prefix);
+        let since = self
+            .regs
+            .get(&key)
+            .map_or_else(SystemTime::now, |r| r.since);
+        let value = instance.encode_registration(Some(since))?;
         let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
             return Err(Error::Unavailable(format!(
                 "registrar is recovering: {}",
@@ -508,7 +514,14 @@ impl Actor {
         match op.map(parse_claim) {
             Some(Claim::Written) => {
                 tracing::info!(%key, addr = %instance.addr, status = %instance.status, "instance registered");
-                self.regs.insert(key.clone(), Reg { instance, value });
+                self.regs.insert(
+                    key.clone(),
+                    Reg {
+                        instance,
+                        value,
+                        since,
+                    },
+                );
                 self.watch_key(&key, revision + 1).await;
                 Ok(())
             }

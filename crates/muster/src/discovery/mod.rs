@@ -444,7 +444,11 @@ impl Shared {
 }
 
 /// Lists every key under `prefix` at one revision, page by page.
-async fn list(etcd: &Etcd, prefix: &str, page_size: i64) -> Result<(i64, Vec<pb::KeyValue>)> {
+pub(crate) async fn list(
+    etcd: &Etcd,
+    prefix: &str,
+    page_size: i64,
+) -> Result<(i64, Vec<pb::KeyValue>)> {
     let range_end = instance::prefix_range_end(prefix.as_bytes());
     let mut key = prefix.as_bytes().to_vec();
     let mut revision = 0;

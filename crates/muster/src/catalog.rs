@@ -1,0 +1,664 @@
+//! The catalog: every service under a prefix, for operators.
+//!
+//! [`Discovery`](crate::Discovery) follows the services a caller names; the
+//! catalog follows the whole prefix, for tools that show everything: the
+//! CLI's `ls`, `get` and `watch`, and the dashboard. It lists the prefix at
+//! one revision, then watches it from the next revision on the handle's
+//! shared watch stream, exactly as discovery does (re-listing after
+//! compaction or a reset, serving the last known state during an outage).
+//!
+//! Besides the instances it keeps what operators ask about: each entry's
+//! lease and revisions, and a log of recent events, where a removal is told
+//! apart as `deregistered` (the key was deleted while its lease lived on, or
+//! the instance was draining first: a graceful exit) or `expired` (the lease
+//! is gone: the process stopped renewing it).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use muster_proto as pb;
+use tokio::sync::broadcast;
+
+use crate::client::{Etcd, WatchEvent, WatchOptions, backoff};
+use crate::discovery::list;
+use crate::error::Result;
+use crate::instance::{self, Instance, Status};
+
+/// How many events [`Catalog::recent`] keeps.
+pub const RECENT_EVENTS: usize = 512;
+/// Keys per page when listing.
+const PAGE_SIZE: i64 = 1000;
+/// How many update batches a subscriber may lag before it gets a reset.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// One registered instance as the registry holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The instance.
+    pub instance: Arc<Instance>,
+    /// The lease the key is attached to; 0 for none.
+    pub lease: i64,
+    /// The revision that created the key.
+    pub create_revision: i64,
+    /// The revision of its last change.
+    pub mod_revision: i64,
+    /// When it was first registered, if its writer said (muster's
+    /// registrar does; etcd keeps no timestamps).
+    pub registered_at: Option<SystemTime>,
+}
+
+/// Every service under the prefix at one revision. Immutable.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CatalogSnapshot {
+    revision: i64,
+    services: BTreeMap<String, BTreeMap<String, Entry>>,
+}
+
+impl CatalogSnapshot {
+    /// The registry revision this snapshot reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Service name to its instances by id, both sorted. A service with no
+    /// instance is absent.
+    pub fn services(&self) -> &BTreeMap<String, BTreeMap<String, Entry>> {
+        &self.services
+    }
+
+    /// One service's instances by id.
+    pub fn service(&self, name: &str) -> Option<&BTreeMap<String, Entry>> {
+        self.services.get(name)
+    }
+
+    /// How many instances of `name` are serving and draining.
+    pub fn counts(&self, name: &str) -> (usize, usize) {
+        let Some(instances) = self.services.get(name) else {
+            return (0, 0);
+        };
+        let serving = instances
+            .values()
+            .filter(|e| e.instance.is_serving())
+            .count();
+        (serving, instances.len() - serving)
+    }
+
+    /// How many instances there are in all.
+    pub fn len(&self) -> usize {
+        self.services.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether there is no instance at all.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    fn get(&self, service: &str, id: &str) -> Option<&Entry> {
+        self.services.get(service).and_then(|s| s.get(id))
+    }
+}
+
+/// What happened to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// It appeared.
+    Registered,
+    /// Its fields changed (address, weight, metadata...), not its status.
+    Updated,
+    /// It started draining.
+    Draining,
+    /// It was draining and serves again.
+    Serving,
+    /// It was removed on purpose: deleted while its lease lived on, or
+    /// removed after draining.
+    Deregistered,
+    /// Its lease expired (or was revoked without draining first): the
+    /// process stopped keeping it alive.
+    Expired,
+}
+
+impl EventKind {
+    /// The lowercase name (`registered`, `draining`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Registered => "registered",
+            EventKind::Updated => "updated",
+            EventKind::Draining => "draining",
+            EventKind::Serving => "serving",
+            EventKind::Deregistered => "deregistered",
+            EventKind::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One event of the catalog's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The service.
+    pub service: String,
+    /// The instance id.
+    pub id: String,
+    /// The instance after the change (its last known state, for a removal).
+    pub instance: Arc<Instance>,
+    /// The registry revision of the change.
+    pub revision: i64,
+    /// When the catalog saw it (wall clock of this process; etcd keeps no
+    /// timestamps). For changes found by a re-list, the time of the re-list.
+    pub at: SystemTime,
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatalogUpdate {
+    /// The full catalog, replacing whatever the subscriber held. Sent first,
+    /// and again after the subscriber fell too far behind.
+    Reset(Arc<CatalogSnapshot>),
+    /// The events of one watch batch (one or more revisions), in order.
+    Events(Arc<[CatalogEvent]>),
+}
+
+/// How current the catalog is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogHealth {
+    /// The revision of the catalog.
+    pub revision: i64,
+    /// `None` while the watch is live; otherwise how long the catalog may
+    /// have been missing changes.
+    pub stale_for: Option<Duration>,
+    /// The last error, while stale.
+    pub last_error: Option<String>,
+    /// How many malformed values were skipped so far.
+    pub malformed: u64,
+}
+
+/// Every service under a prefix, kept current. Cheap to clone; following
+/// stops when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    prefix: String,
+    snapshot: ArcSwap<CatalogSnapshot>,
+    updates: broadcast::Sender<CatalogUpdate>,
+    recent: Mutex<VecDeque<CatalogEvent>>,
+    stale: Mutex<Option<(Instant, String)>>,
+    malformed: AtomicU64,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+impl Catalog {
+    /// Lists every service under `prefix` once (at one revision).
+    pub async fn list(etcd: &Etcd, prefix: &str) -> Result<CatalogSnapshot> {
+        instance::validate_prefix(prefix)?;
+        let (revision, kvs) = list(etcd, &dir(prefix), PAGE_SIZE).await?;
+        let mut malformed = 0;
+        let snapshot = build(prefix, revision, kvs, &mut malformed);
+        if malformed > 0 {
+            tracing::warn!(malformed, "skipped malformed registry entries");
+        }
+        Ok(snapshot)
+    }
+
+    /// Lists every service under `prefix`, then follows every change. Fails
+    /// if the registry cannot be reached for the first list.
+    pub async fn follow(etcd: Etcd, prefix: &str) -> Result<Catalog> {
+        instance::validate_prefix(prefix)?;
+        let (revision, kvs) = list(&etcd, &dir(prefix), PAGE_SIZE).await?;
+        let (updates, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        let shared = Arc::new(Shared {
+            prefix: prefix.to_string(),
+            snapshot: ArcSwap::from_pointee(CatalogSnapshot::default()),
+            updates,
+            recent: Mutex::new(VecDeque::new()),
+            stale: Mutex::new(None),
+            malformed: AtomicU64::new(0),
+            task: Mutex::new(None),
+        });
+        shared.apply_list(revision, kvs, &etcd).await;
+        let task = tokio::spawn(follow(Arc::downgrade(&shared), etcd, revision));
+        *shared.task.lock().expect("task lock") = Some(task.abort_handle());
+        Ok(Catalog { shared })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.shared.prefix
+    }
+
+    /// The current catalog. Lock-free; never waits on the network.
+    pub fn snapshot(&self) -> Arc<CatalogSnapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// The changes from now on: first [`CatalogUpdate::Reset`], then the
+    /// events as they happen.
+    pub fn subscribe(&self) -> CatalogEvents {
+        CatalogEvents {
+            rx: self.shared.updates.subscribe(),
+            shared: self.shared.clone(),
+            reset_pending: true,
+        }
+    }
+
+    /// The most recent events (at most [`RECENT_EVENTS`]), oldest first.
+    pub fn recent(&self) -> Vec<CatalogEvent> {
+        let recent = self.shared.recent.lock().expect("recent lock");
+        recent.iter().cloned().collect()
+    }
+
+    /// How current the catalog is.
+    pub fn health(&self) -> CatalogHealth {
+        let stale = self.shared.stale.lock().expect("stale lock").clone();
+        CatalogHealth {
+            revision: self.shared.snapshot.load().revision(),
+            stale_for: stale.as_ref().map(|(since, _)| since.elapsed()),
+            last_error: stale.map(|(_, e)| e),
+            malformed: self.shared.malformed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A subscriber's stream of [`CatalogUpdate`]s.
+#[derive(Debug)]
+pub struct CatalogEvents {
+    rx: broadcast::Receiver<CatalogUpdate>,
+    shared: Arc<Shared>,
+    reset_pending: bool,
+}
+
+impl CatalogEvents {
+    /// The next update; `None` once the catalog stopped.
+    pub async fn next(&mut self) -> Option<CatalogUpdate> {
+        if self.reset_pending {
+            self.reset_pending = false;
+            return Some(CatalogUpdate::Reset(self.shared.snapshot.load_full()));
+        }
+        match self.rx.recv().await {
+            Ok(update) => Some(update),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "catalog subscriber lagged; sending a reset");
+                self.rx = self.rx.resubscribe();
+                Some(CatalogUpdate::Reset(self.shared.snapshot.load_full()))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+/// The remaining time of each lease (`None`: the lease is gone), one
+/// `LeaseTimeToLive` per distinct lease. Lease 0 (no lease) is skipped.
+pub async fn lease_time_left(
+    etcd: &Etcd,
+    leases: impl IntoIterator<Item = i64>,
+) -> Result<HashMap<i64, Option<Duration>>> {
+    let mut out = HashMap::new();
+    for lease in leases {
+        if lease == 0 || out.contains_key(&lease) {
+            continue;
+        }
+        let resp = etcd.lease_time_to_live(lease, false).await?;
+        let left = u64::try_from(resp.ttl).ok().map(Duration::from_secs);
+        out.insert(lease, left);
+    }
+    Ok(out)
+}
+
+/// The prefix as a directory: always ends with `/`, so that service `a`
+/// never matches keys of `a_b` (etcd issue 15022).
+fn dir(prefix: &str) -> String {
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
+fn build(
+    prefix: &str,
+    revision: i64,
+    kvs: Vec<pb::KeyValue>,
+    malformed: &mut u64,
+) -> CatalogSnapshot {
+    let mut services: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+    for kv in kvs {
+        match decode(prefix, &kv) {
+            Some(entry) => {
+                let service = entry.instance.service.clone();
+                let id = entry.instance.id.clone();
+                services.entry(service).or_default().insert(id, entry);
+            }
+            None => *malformed += 1,
+        }
+    }
+    CatalogSnapshot { revision, services }
+}
+
+fn decode(prefix: &str, kv: &pb::KeyValue) -> Option<Entry> {
+    match Instance::decode(prefix, &kv.key, &kv.value) {
+        Ok(instance) => Some(Entry {
+            instance: Arc::new(instance),
+            lease: kv.lease,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            registered_at: instance::registered_at(&kv.value),
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping a malformed registry entry");
+            None
+        }
+    }
+}
+
+/// A removal waiting to be classified.
+struct Removal {
+    event: usize,
+    lease: i64,
+}
+
+impl Shared {
+    async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
+        let mut malformed = 0;
+        let new = build(&self.prefix, revision, kvs, &mut malformed);
+        self.malformed.fetch_add(malformed, Ordering::Relaxed);
+        let old = self.snapshot.load_full();
+        let mut events = Vec::new();
+        let mut removals = Vec::new();
+        let at = SystemTime::now();
+        for (service, instances) in new.services() {
+            for (id, entry) in instances {
+                let before = old.get(service, id).map(|e| &e.instance);
+                if let Some(kind) = put_kind(before, &entry.instance) {
+                    events.push(event(kind, entry, entry.mod_revision, at));
+                }
+            }
+        }
+        for (service, instances) in old.services() {
+            for (id, entry) in instances {
+                if new.get(service, id).is_none() {
+                    removals.push(Removal {
+                        event: events.len(),
+                        lease: entry.lease,
+                    });
+                    events.push(event(EventKind::Deregistered, entry, revision, at));
+                }
+            }
+        }
+        self.classify(etcd, &mut events, removals).await;
+        let first = old.revision() == 0;
+        self.publish(new, if first { Vec::new() } else { events });
+        self.fresh();
+    }
+
+    async fn apply_events(&self, revision: i64, batch: Vec<pb::Event>, etcd: &Etcd) {
+        let current = self.snapshot.load_full();
+        let mut next = (*current).clone();
+        let mut events = Vec::new();
+        let mut removals = Vec::new();
+        let at = SystemTime::now();
+        let mut last = current.revision();
+        for ev in batch {
+            let Some(kv) = ev.kv else { continue };
+            last = last.max(kv.mod_revision);
+            let Some((service, id)) = instance::parse_key(&self.prefix, &kv.key) else {
+                self.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the schema");
+                continue;
+            };
+            let new = if ev.r#type == pb::EventType::Delete as i32 {
+                None
+            } else {
+                let decoded = decode(&self.prefix, &kv);
+                if decoded.is_none() {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                decoded
+            };
+            let service_map = next.services.entry(service.clone()).or_default();
+            let old = service_map.remove(&id);
+            match (old, new) {
+                (old, Some(entry)) => {
+                    if let Some(kind) = put_kind(old.as_ref().map(|e| &e.instance), &entry.instance)
+                    {
+                        events.push(event(kind, &entry, kv.mod_revision, at));
+                    }
+                    service_map.insert(id, entry);
+                }
+                (Some(old), None) => {
+                    // Removed after draining: a graceful exit, whatever
+                    // happened to the lease. Otherwise the lease tells.
+                    if old.instance.status != Status::Draining {
+                        removals.push(Removal {
+                            event: events.len(),
+                            lease: old.lease,
+                        });
+                    }
+                    events.push(event(EventKind::Deregistered, &old, kv.mod_revision, at));
+                }
+                (None, None) => {}
+            }
+            if service_map.is_empty() {
+                next.services.remove(&service);
+            }
+        }
+        next.revision = revision.max(last);
+        self.classify(etcd, &mut events, removals).await;
+        self.publish(next, events);
+        self.fresh();
+    }
+
+    /// Tells expired instances from deregistered ones: a removal whose lease
+    /// is gone expired (or was revoked without draining first).
+    async fn classify(&self, etcd: &Etcd, events: &mut [CatalogEvent], removals: Vec<Removal>) {
+        let leases: HashSet<i64> = removals
+            .iter()
+            .map(|r| r.lease)
+            .filter(|l| *l != 0)
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        let left = match tokio::time::timeout(
+            etcd.config().request_timeout,
+            lease_time_left(etcd, leases),
+        )
+        .await
+        {
+            Ok(Ok(left)) => left,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot look up leases; calling removals deregistered");
+                return;
+            }
+            Err(_) => return,
+        };
+        for removal in removals {
+            if let Some(None) = left.get(&removal.lease)
+                && let Some(event) = events.get_mut(removal.event)
+            {
+                event.kind = EventKind::Expired;
+            }
+        }
+    }
+
+    fn progress(&self, revision: i64) {
+        let current = self.snapshot.load();
+        if revision > current.revision() {
+            let mut next = (**current).clone();
+            next.revision = revision;
+            self.snapshot.store(Arc::new(next));
+        }
+        self.fresh();
+    }
+
+    fn publish(&self, snapshot: CatalogSnapshot, events: Vec<CatalogEvent>) {
+        self.snapshot.store(Arc::new(snapshot));
+        if events.is_empty() {
+            return;
+        }
+        {
+            let mut recent = self.recent.lock().expect("recent lock");
+            for e in &events {
+                if recent.len() == RECENT_EVENTS {
+                    recent.pop_front();
+                }
+                recent.push_back(e.clone());
+            }
+        }
+        let _ = self.updates.send(CatalogUpdate::Events(events.into()));
+    }
+
+    fn stale(&self, error: String) {
+        let mut stale = self.stale.lock().expect("stale lock");
+        match stale.as_mut() {
+            Some((_, e)) => *e = error,
+            None => *stale = Some((Instant::now(), error)),
+        }
+    }
+
+    fn fresh(&self) {
+        *self.stale.lock().expect("stale lock") = None;
+    }
+}
+
+/// The event a put makes, or `None` when nothing an operator sees changed
+/// (a re-registration under a new lease re-puts the same value).
+fn put_kind(before: Option<&Arc<Instance>>, after: &Instance) -> Option<EventKind> {
+    let Some(before) = before else {
+        return Some(EventKind::Registered);
+    };
+    if **before == *after {
+        return None;
+    }
+    Some(match (before.status, after.status) {
+        (Status::Serving, Status::Draining) => EventKind::Draining,
+        (Status::Draining, Status::Serving) => EventKind::Serving,
+        _ => EventKind::Updated,
+    })
+}
+
+fn event(kind: EventKind, entry: &Entry, revision: i64, at: SystemTime) -> CatalogEvent {
+    CatalogEvent {
+        kind,
+        service: entry.instance.service.clone(),
+        id: entry.instance.id.clone(),
+        instance: entry.instance.clone(),
+        revision,
+        at,
+    }
+}
+
+/// Keeps the catalog current until it is dropped.
+async fn follow(weak: Weak<Shared>, etcd: Etcd, listed: i64) {
+    let Some(prefix) = weak.upgrade().map(|s| dir(&s.prefix)) else {
+        return;
+    };
+    let mut from = Some(listed);
+    let mut attempt = 0u32;
+    let (base, cap) = (Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let revision = match from.take() {
+            Some(rev) => rev,
+            None => match list(&etcd, &prefix, PAGE_SIZE).await {
+                Ok((rev, kvs)) => {
+                    let Some(shared) = weak.upgrade() else { return };
+                    shared.apply_list(rev, kvs, &etcd).await;
+                    attempt = 0;
+                    rev
+                }
+                Err(e) => {
+                    let Some(shared) = weak.upgrade() else { return };
+                    shared.stale(e.to_string());
+                    drop(shared);
+                    tokio::time::sleep(backoff(attempt, base, cap)).await;
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            },
+        };
+        let options = WatchOptions::prefix(prefix.as_bytes().to_vec()).from_revision(revision + 1);
+        let mut watcher = match etcd.watch(options).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch; the catalog stops following");
+                return;
+            }
+        };
+        while let Some(event) = watcher.next().await {
+            let Some(shared) = weak.upgrade() else { return };
+            match event {
+                WatchEvent::Events { revision, events } => {
+                    shared.apply_events(revision, events, &etcd).await
+                }
+                WatchEvent::Progress { revision } => shared.progress(revision),
+                WatchEvent::Disconnected { error } => shared.stale(error),
+                WatchEvent::Resumed => shared.fresh(),
+                WatchEvent::Compacted { compact_revision } => {
+                    tracing::info!(
+                        compact_revision,
+                        "catalog: history compacted while behind; re-listing"
+                    );
+                    break;
+                }
+                WatchEvent::Reset { revision } => {
+                    tracing::warn!(revision, "catalog: registry went back in time; re-listing");
+                    break;
+                }
+                WatchEvent::Canceled { reason } => {
+                    tracing::warn!(%reason, "catalog: watch canceled; re-listing");
+                    shared.stale(reason);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_kinds() {
+        let a = Arc::new(Instance::new("s", "a", "127.0.0.1:1"));
+        assert_eq!(put_kind(None, &a), Some(EventKind::Registered));
+        assert_eq!(put_kind(Some(&a), &a), None);
+        let draining = Instance {
+            status: Status::Draining,
+            ..(*a).clone()
+        };
+        assert_eq!(put_kind(Some(&a), &draining), Some(EventKind::Draining));
+        assert_eq!(
+            put_kind(Some(&Arc::new(draining)), &a),
+            Some(EventKind::Serving)
+        );
+        assert_eq!(
+            put_kind(Some(&a), &a.as_ref().clone().with_weight(7)),
+            Some(EventKind::Updated)
+        );
+        assert_eq!(EventKind::Expired.to_string(), "expired");
+    }
+
+    #[test]
+    fn prefix_dirs() {
+        assert_eq!(dir("/muster/services"), "/muster/services/");
+        assert_eq!(dir("/x/"), "/x/");
+    }
+}
