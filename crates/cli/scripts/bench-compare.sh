@@ -168,7 +168,7 @@ fi
 for s in muster etcd; do
     log "$s on 127.0.0.1:${PORT[$s]}"
     start "$s"
-    bench "$s" ready --timeout 60s -o json >"$WORK/$s.ready.json"
+    bench "$s" ready --ready-timeout 60s -o json >"$WORK/$s.ready.json"
 done
 for s in muster etcd; do
     log "$s: populate $KEYS keys, then resident memory"
@@ -187,7 +187,7 @@ for s in muster etcd; do
     stop "$s" KILL
     t0=$(now_ns)
     start "$s"
-    bench "$s" ready --timeout 60s -o json >"$WORK/$s.restart.json"
+    bench "$s" ready --ready-timeout 60s -o json >"$WORK/$s.restart.json"
     echo "restart_ms=$((($(jnum "$WORK/$s.restart.json" ready_unix_ns) - t0) / 1000000))" >>"$WORK/$s.mem"
 done
 

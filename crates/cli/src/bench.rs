@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::global::{GlobalArgs, Output, parse_duration};
 use anyhow::{Context, anyhow, bail};
 use muster_proto as pb;
 use pb::kv_client::KvClient;
@@ -57,15 +58,11 @@ Examples:
   muster bench watch --watchers 1000 --puts 200 --put-interval 20ms
   muster bench keepalive --leases 1000 --clients 64 --rate 0
   muster bench populate --keys 100000 --key-size 32 --value-size 256
-  muster bench ready --timeout 30s")]
+  muster bench ready --ready-timeout 30s")]
 pub struct BenchArgs {
     /// The workload to run.
     #[arg(value_enum)]
     workload: Workload,
-    /// etcd v3 endpoints (host:port or http://host:port), comma-separated;
-    /// connections are spread over them.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:2379")]
-    endpoints: Vec<String>,
     /// Concurrent clients (put, range, txn, populate) or keep-alive streams
     /// (keepalive).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -89,7 +86,7 @@ pub struct BenchArgs {
     keys: u64,
     /// Prefix of every key written.
     #[arg(long, default_value = "bench/")]
-    prefix: String,
+    key_prefix: String,
     /// range: serializable reads (etcd serves them without a consensus
     /// round); default linearizable, as etcdctl.
     #[arg(long)]
@@ -118,10 +115,7 @@ pub struct BenchArgs {
     put_interval: Duration,
     /// ready: give up after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    timeout: Duration,
-    /// Output: a human-readable summary, or one JSON object per line.
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
-    output: Output,
+    ready_timeout: Duration,
 }
 
 /// What `muster bench` runs.
@@ -143,20 +137,11 @@ pub enum Workload {
     Ready,
 }
 
-/// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    /// Human-readable summary lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Runs the workload and prints its report. Fails (after printing the
 /// report) if any request failed.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let endpoints = normalize_endpoints(&args.endpoints)?;
-    let keys = KeySpace::new(&args.prefix, args.key_size, args.keys)?;
+pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<()> {
+    let endpoints = global.endpoint_urls()?;
+    let keys = KeySpace::new(&args.key_prefix, args.key_size, args.keys)?;
     let report = match args.workload {
         Workload::Put => bench_put(&args, &endpoints, &keys).await?,
         Workload::Range => bench_range(&args, &endpoints, &keys).await?,
@@ -167,8 +152,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Workload::Ready => bench_ready(&args, &endpoints, &keys).await?,
     };
     let mut out = String::new();
-    match args.output {
-        Output::Text => {
+    match global.output {
+        Output::Table => {
             for line in &report.text {
                 out.push_str(line);
                 out.push('\n');
@@ -210,55 +195,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 // Flags and keys
 
-/// Parses `10s`, `500ms`, `1m`, `1.5s`, `2h`, `100us`.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let hint = "write e.g. 10s, 500ms or 1m";
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{s}' has no unit; {hint}"))?;
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; {hint}"))?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}'; {hint}")),
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("'{s}': {e}"))
-}
-
-/// Endpoints as `http://host:port` URLs.
-fn normalize_endpoints(endpoints: &[String]) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for endpoint in endpoints {
-        let endpoint = endpoint.trim();
-        if endpoint.is_empty() {
-            continue;
-        }
-        if endpoint.starts_with("https://") {
-            bail!("endpoint {endpoint}: TLS is not supported by muster bench; use http://");
-        }
-        let url = if endpoint.starts_with("http://") {
-            endpoint.trim_end_matches('/').to_string()
-        } else {
-            format!("http://{endpoint}")
-        };
-        Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid endpoint {endpoint:?}"))?;
-        out.push(url);
-    }
-    if out.is_empty() {
-        bail!("no endpoint given (--endpoints host:port)");
-    }
-    Ok(out)
-}
-
 impl BenchArgs {
     /// Connections for `clients` clients.
     fn conns_for(&self, clients: usize) -> usize {
@@ -283,7 +219,7 @@ impl KeySpace {
         let needed = prefix.len() + digits;
         if key_size < needed {
             bail!(
-                "--key-size {key_size} is too small for --prefix {prefix:?} and --keys {count} \
+                "--key-size {key_size} is too small for --key-prefix {prefix:?} and --keys {count} \
                  (needs at least {needed})"
             );
         }
@@ -1246,7 +1182,7 @@ async fn bench_watch(args: &BenchArgs, endpoints: &[String]) -> anyhow::Result<R
     let puts = args.puts as usize;
     // One more connection for the puts.
     let channels = connect(endpoints, conns + 1).await?;
-    let key = format!("{}watch", args.prefix).into_bytes();
+    let key = format!("{}watch", args.key_prefix).into_bytes();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(streams);
     let mut ready = Vec::with_capacity(streams);
@@ -1475,7 +1411,7 @@ async fn bench_ready(
 ) -> anyhow::Result<Report> {
     let url = &endpoints[0];
     let start = Instant::now();
-    let deadline = start + args.timeout;
+    let deadline = start + args.ready_timeout;
     let mut attempts = 0u64;
     let mut last_error = String::new();
     let found = loop {
@@ -1500,7 +1436,7 @@ async fn bench_ready(
         if Instant::now() >= deadline {
             bail!(
                 "{url}: no successful Range within {:?} ({attempts} attempts); last error: {last_error}",
-                args.timeout
+                args.ready_timeout
             );
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

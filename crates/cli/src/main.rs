@@ -7,7 +7,18 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod completions;
+mod dashboard;
+mod demo;
+mod deregister;
+mod gateway;
+mod get;
+mod global;
+mod ls;
+mod output;
+mod register;
 mod serve;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +26,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "muster", version, about)]
 struct Cli {
+    #[command(flatten)]
+    global: global::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,8 +36,32 @@ struct Cli {
 enum Command {
     /// Run the embedded registry: a single-node server speaking etcd's v3 API.
     Serve(serve::ServeArgs),
+    /// List the services with their instance counts (serving / draining).
+    Ls(ls::LsArgs),
+    /// Show one service's instances.
+    Get(get::GetArgs),
+    /// Stream registrations, drains and removals as they happen, until Ctrl-C.
+    Watch(watch::WatchArgs),
+    /// Register an instance and keep it alive (a sidecar: health checks, `-- CMD`).
+    ///
+    /// For processes that cannot link the library: registers the instance,
+    /// keeps its lease alive while running, optionally health-checks it
+    /// (draining it, or withdrawing it, while unhealthy) and optionally runs
+    /// the process itself after `--`, forwarding signals to it and exiting
+    /// with its exit code.
+    Register(register::RegisterArgs),
+    /// Delete one instance from the registry.
+    Deregister(deregister::DeregisterArgs),
+    /// HTTP reverse proxy routing to discovered instances.
+    Gateway(gateway::GatewayArgs),
+    /// Live web dashboard of the services in any etcd cluster.
+    Dashboard(dashboard::DashboardArgs),
+    /// See it work: a registry, three instances and a gateway, with traffic.
+    Demo(demo::DemoArgs),
     /// Load-test any etcd v3 endpoint: put, range, txn, keepalive, watch, populate.
     Bench(bench::BenchArgs),
+    /// Print a shell completion script (bash, zsh or fish) to stdout.
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,16 +84,38 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        let done = |r: anyhow::Result<()>| r.map(|()| std::process::ExitCode::SUCCESS);
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            Command::Ls(args) => done(ls::run(&cli.global, args).await),
+            Command::Get(args) => done(get::run(&cli.global, args).await),
+            Command::Watch(args) => done(watch::run(&cli.global, args).await),
+            Command::Register(args) => register::run(&cli.global, args).await,
+            Command::Deregister(args) => done(deregister::run(&cli.global, args).await),
+            Command::Completions(args) => done(completions::run::<Cli>(args)),
+            Command::Serve(args) => done(serve::run(&cli.global, args).await),
+            Command::Gateway(args) => done(gateway::run(&cli.global, args).await),
+            Command::Dashboard(args) => done(dashboard::run(&cli.global, args).await),
+            Command::Demo(args) => done(demo::run(&cli.global, args).await),
+            Command::Bench(args) => done(bench::run(&cli.global, args).await),
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
+        Err(e) if e.is::<output::BrokenPipe>() => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("muster: {e:#}");
+            // One line, whatever the error's text holds.
+            let line = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("muster: {line}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use std::time::Duration;
 
+use muster_dashboard::Dashboard;
 use muster_server::{AutoCompaction, Server, ServerConfig};
+
+use crate::global::GlobalArgs;
 
 /// Flags of `muster serve`.
 #[derive(Debug, clap::Args)]
@@ -15,7 +18,8 @@ pub struct ServeArgs {
     /// Address for etcd's gRPC API.
     #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
-    /// Address for HTTP: Prometheus metrics at /metrics, health at /health.
+    /// Address for HTTP: Prometheus metrics at /metrics, health at /health,
+    /// the dashboard at /.
     #[arg(long, default_value = "127.0.0.1:2381")]
     http_listen: SocketAddr,
     /// Where to keep data.
@@ -81,8 +85,9 @@ fn parse_window(s: &str) -> Option<Duration> {
         .filter(|d| !d.is_zero())
 }
 
-/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully. The global
+/// `--prefix` is the one the dashboard shows.
+pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can announce readiness: a SIGTERM right after the
     // ready line must shut down gracefully, not kill the process.
     let shutdown = shutdown_signal()?;
@@ -112,7 +117,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
     let http_addr = http.local_addr()?;
     let core = server.core().clone();
-    let app = axum::Router::new()
+    let mut app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
@@ -129,6 +134,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "/health",
             axum::routing::get(|| async { "{\"health\":\"true\"}" }),
         );
+    // The dashboard (/, /api/...) next to /metrics and /health, through a
+    // client of our own registry like any other.
+    let dashboard = match start_dashboard(&server.endpoint(), &global.prefix).await {
+        Ok(dashboard) => {
+            app = app.merge(dashboard.router());
+            Some(dashboard)
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the dashboard is off");
+            None
+        }
+    };
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
             tracing::error!(error = %e, "HTTP server failed");
@@ -147,9 +164,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     shutdown.await;
     tracing::info!("shutting down");
+    if let Some(dashboard) = dashboard {
+        dashboard.close();
+    }
     http_task.abort();
     server.shutdown().await;
     Ok(())
+}
+
+/// The dashboard of the services under `prefix` in the registry at `endpoint`.
+async fn start_dashboard(endpoint: &str, prefix: &str) -> anyhow::Result<Dashboard> {
+    let etcd = muster::Etcd::connect_to(endpoint)?;
+    Ok(Dashboard::start(etcd, prefix).await?)
 }
 
 /// Installs the SIGINT and SIGTERM handlers now; the future resolves on

@@ -123,7 +123,7 @@ fn every_workload_runs_against_muster_serve() {
     assert_eq!(field(&report, "notifications"), 100, "{report}");
     assert_eq!(field(&report, "expected"), 100, "{report}");
 
-    let report = json(port, &["ready", "--timeout", "5s"]);
+    let report = json(port, &["ready", "--ready-timeout", "5s"]);
     assert!(report.contains("\"found\":true"), "{report}");
 
     // Text output: summary lines, no JSON.
@@ -147,7 +147,7 @@ fn a_dead_endpoint_is_one_readable_error() {
         "{stderr}"
     );
 
-    let out = bench(port, &["ready", "--timeout", "200ms"]);
+    let out = bench(port, &["ready", "--ready-timeout", "200ms"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no successful Range"), "{stderr}");

@@ -1,0 +1,85 @@
+//! `muster dashboard`: the live web dashboard in front of any etcd cluster
+//! (or muster's embedded registry), for the services under `--prefix`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use muster_dashboard::Dashboard;
+
+use crate::global::GlobalArgs;
+
+/// How long open connections get to finish after SIGINT or SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Flags of `muster dashboard`.
+#[derive(Debug, clap::Args)]
+pub struct DashboardArgs {
+    /// Address to serve the dashboard on. Loopback by default: the page
+    /// shows the whole registry and has no authentication.
+    #[arg(long, default_value = "127.0.0.1:2381")]
+    pub listen: SocketAddr,
+}
+
+/// Runs `muster dashboard` until SIGINT or SIGTERM.
+pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()> {
+    // Before the ready line: a signal right after it must shut down cleanly.
+    let signal = shutdown_signal()?;
+    let etcd = global.connect()?;
+    let dashboard = Dashboard::start(etcd, &global.prefix)
+        .await
+        .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the dashboard is reachable from other machines and has no authentication"
+        );
+    }
+    let url = format!("http://{addr}/");
+    tracing::info!(
+        url = %url,
+        endpoints = %global.endpoints.join(","),
+        prefix = %global.prefix,
+        "muster dashboard ready at {url}"
+    );
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, dashboard.router()).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        result = &mut server => return result.context("the HTTP server failed"),
+        () = signal => {}
+    }
+    tracing::info!("shutting down");
+    // Event streams never end on their own: end them, then let the server
+    // finish what is in flight.
+    dashboard.close();
+    let _ = stop.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(result) => result.context("the HTTP server failed"),
+        Err(_) => {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
+/// the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

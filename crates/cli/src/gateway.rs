@@ -1,0 +1,117 @@
+//! `muster gateway`: the HTTP reverse proxy in front of the services under
+//! `--prefix`, routing by path prefix (and host) to instances found by
+//! discovery.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use muster::balance::BalancerKind;
+use muster::{Discovery, DiscoveryConfig};
+use muster_gateway::{Gateway, GatewayConfig, Route};
+
+use crate::global::{GlobalArgs, parse_duration};
+
+/// Flags of `muster gateway`.
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    /// Address to listen on for HTTP/1.1 and h2c (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A TOML routes file, reloaded when it changes (see `[[route]]` in the
+    /// gateway's docs). Routes given with --route come first.
+    #[arg(long, value_name = "FILE")]
+    pub routes: Option<PathBuf>,
+    /// A route: `/prefix=service[,strip][,host=NAME][,balancer=KIND]
+    /// [,hash-header=NAME][,hash-cookie=NAME][,timeout=DURATION][,retries=N]
+    /// [,tag=T][,zone=Z][,prefer-zone=Z][,version=V]`. Repeatable.
+    #[arg(long = "route", value_name = "ROUTE", value_parser = parse_route)]
+    pub route: Vec<Route>,
+    /// Default load balancer: p2c, round-robin, random, weighted, hash.
+    #[arg(long, default_value = "p2c", value_parser = parse_balancer)]
+    pub balancer: BalancerKind,
+    /// Default time allowed until the upstream's response headers.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Optional admin listener serving /metrics and /healthz only.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Path of the Prometheus metrics on the main listener (off unless set).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<String>,
+    /// Serving threads, each with its own event loop and upstream
+    /// connection pool (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Path the gateway answers itself with 200 (health checks).
+    #[arg(long, default_value = "/healthz", value_name = "PATH")]
+    pub health_path: String,
+}
+
+fn parse_route(s: &str) -> Result<Route, String> {
+    s.parse::<Route>().map_err(|e| e.to_string())
+}
+
+fn parse_balancer(s: &str) -> Result<BalancerKind, String> {
+    s.parse::<BalancerKind>().map_err(|e| e.to_string())
+}
+
+/// How long requests in progress get to finish after SIGINT or SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Runs `muster gateway` until SIGINT or SIGTERM, then drains.
+pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
+    // Before the ready line: a signal right after it must shut down cleanly.
+    let signal = shutdown_signal()?;
+    if args.route.is_empty() && args.routes.is_none() {
+        anyhow::bail!("no routes: give --route /prefix=service or --routes FILE");
+    }
+    let etcd = global.connect()?;
+    let discovery = Discovery::with_config(
+        etcd,
+        DiscoveryConfig::default().with_prefix(global.prefix.clone()),
+    )
+    .with_context(|| format!("--prefix {:?}", global.prefix))?;
+
+    let mut config = GatewayConfig::new(args.listen);
+    config.routes = args.route;
+    config.routes_file = args.routes;
+    config.defaults.balancer = args.balancer;
+    config.defaults.timeout = args.timeout;
+    config.admin_listen = args.admin_listen;
+    config.metrics_path = args.metrics_path;
+    config.health_path = Some(args.health_path);
+    config.drain_timeout = DRAIN;
+    config.workers = args.workers;
+    let gateway = Gateway::start(config, discovery)
+        .await
+        .context("cannot start the gateway")?;
+    let addr = gateway.local_addr();
+    tracing::info!(
+        url = %format!("http://{addr}/"),
+        admin = ?gateway.admin_addr(),
+        routes = ?gateway.routes(),
+        endpoints = %global.endpoints.join(","),
+        prefix = %global.prefix,
+        "muster gateway ready on http://{addr}/"
+    );
+    signal.await;
+    tracing::info!("shutting down; draining requests in progress");
+    gateway.shutdown().await;
+    Ok(())
+}
+
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
+/// the first signal.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,314 @@
+//! The JSON the page reads: instances, events, registry status.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use muster::catalog::{CatalogEvent, CatalogSnapshot, Entry};
+use serde::Serialize;
+
+use crate::{Dashboard, Error};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A lease id as the page shows it (etcd's hex form); `None` for no lease.
+/// Hex also keeps 64-bit ids exact in JavaScript.
+pub(crate) fn lease_hex(lease: i64) -> Option<String> {
+    (lease != 0).then(|| format!("{lease:x}"))
+}
+
+/// One instance as the page and `/api/services` show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct InstanceJson<'a> {
+    service: &'a str,
+    id: &'a str,
+    addr: &'a str,
+    version: &'a str,
+    zone: &'a str,
+    weight: u32,
+    status: &'static str,
+    tags: &'a [String],
+    metadata: &'a BTreeMap<String, String>,
+    /// The lease in hex; `null` for a key without a lease.
+    lease: Option<String>,
+    /// Absent when not known (yet); `null` when the lease is gone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_left_ms: Option<Option<u64>>,
+    /// `null` when the writer did not record it.
+    registered_at_ms: Option<u64>,
+    age_ms: Option<u64>,
+    create_revision: i64,
+    mod_revision: i64,
+}
+
+impl<'a> InstanceJson<'a> {
+    pub(crate) fn new(
+        entry: &'a Entry,
+        leases: &HashMap<i64, Option<Duration>>,
+        now: SystemTime,
+    ) -> Self {
+        let instance = &entry.instance;
+        let registered_at = entry.registered_at;
+        InstanceJson {
+            service: &instance.service,
+            id: &instance.id,
+            addr: &instance.addr,
+            version: &instance.version,
+            zone: &instance.zone,
+            weight: instance.weight,
+            status: if instance.is_serving() {
+                "serving"
+            } else {
+                "draining"
+            },
+            tags: &instance.tags,
+            metadata: &instance.metadata,
+            lease: lease_hex(entry.lease),
+            lease_left_ms: leases
+                .get(&entry.lease)
+                .map(|left| left.map(duration_millis)),
+            registered_at_ms: registered_at.map(millis),
+            age_ms: registered_at.map(|at| now.duration_since(at).map_or(0, duration_millis)),
+            create_revision: entry.create_revision,
+            mod_revision: entry.mod_revision,
+        }
+    }
+}
+
+/// One service with its instances, sorted by id.
+#[derive(Debug, Serialize)]
+pub(crate) struct ServiceJson<'a> {
+    name: &'a str,
+    serving: usize,
+    draining: usize,
+    instances: Vec<InstanceJson<'a>>,
+}
+
+/// Every service, sorted by name.
+pub(crate) fn services_json<'a>(
+    snapshot: &'a CatalogSnapshot,
+    leases: &HashMap<i64, Option<Duration>>,
+    now: SystemTime,
+) -> Vec<ServiceJson<'a>> {
+    snapshot
+        .services()
+        .iter()
+        .map(|(name, instances)| {
+            let (serving, draining) = snapshot.counts(name);
+            ServiceJson {
+                name,
+                serving,
+                draining,
+                instances: instances
+                    .values()
+                    .map(|entry| InstanceJson::new(entry, leases, now))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// Every lease of the snapshot.
+pub(crate) fn leases_of(snapshot: &CatalogSnapshot) -> impl Iterator<Item = i64> + '_ {
+    snapshot
+        .services()
+        .values()
+        .flat_map(|instances| instances.values().map(|e| e.lease))
+        .filter(|lease| *lease != 0)
+}
+
+/// One event of the log.
+#[derive(Debug, Serialize)]
+pub(crate) struct EventJson<'a> {
+    kind: &'static str,
+    service: &'a str,
+    id: &'a str,
+    addr: &'a str,
+    zone: &'a str,
+    version: &'a str,
+    status: &'static str,
+    revision: i64,
+    at_ms: u64,
+}
+
+impl<'a> EventJson<'a> {
+    pub(crate) fn new(event: &'a CatalogEvent) -> Self {
+        EventJson {
+            kind: event.kind.as_str(),
+            service: &event.service,
+            id: &event.id,
+            addr: &event.instance.addr,
+            zone: &event.instance.zone,
+            version: &event.instance.version,
+            status: if event.instance.is_serving() {
+                "serving"
+            } else {
+                "draining"
+            },
+            revision: event.revision,
+            at_ms: millis(event.at),
+        }
+    }
+}
+
+/// `GET /api/services`.
+#[derive(Debug, Serialize)]
+struct ServicesResponse<'a> {
+    prefix: &'a str,
+    revision: i64,
+    now_ms: u64,
+    instances: usize,
+    services: Vec<ServiceJson<'a>>,
+}
+
+pub(crate) async fn services(State(dashboard): State<Dashboard>) -> Response {
+    let snapshot = dashboard.catalog().snapshot();
+    let leases = dashboard.lease_left(leases_of(&snapshot)).await;
+    let now = SystemTime::now();
+    let body = ServicesResponse {
+        prefix: dashboard.prefix(),
+        revision: snapshot.revision(),
+        now_ms: millis(now),
+        instances: snapshot.len(),
+        services: services_json(&snapshot, &leases, now),
+    };
+    no_store(Json(body))
+}
+
+/// The registry's status, as `/api/status` answers it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryStatus {
+    /// The endpoint the client talks to.
+    pub endpoint: String,
+    /// Every configured endpoint.
+    pub endpoints: Vec<String>,
+    /// The key prefix the dashboard follows.
+    pub prefix: String,
+    /// The registry's current revision.
+    pub revision: i64,
+    /// How many keys the registry holds in all.
+    pub keys: i64,
+    /// How many of them are under the prefix.
+    pub prefix_keys: i64,
+    /// The backend database's size in bytes.
+    pub db_size: i64,
+    /// The part of it in use, in bytes.
+    pub db_size_in_use: i64,
+    /// The leader's member id (hex); empty without a leader.
+    pub leader: String,
+    /// The leader's name, when the member list has it.
+    pub leader_name: Option<String>,
+    /// The answering member's id (hex).
+    pub member_id: String,
+    /// Whether the answering member is the leader.
+    pub is_leader: bool,
+    /// The server's version.
+    pub version: String,
+    /// The raft term.
+    pub raft_term: u64,
+    /// Alarms and errors the member reports.
+    pub errors: Vec<String>,
+    /// The revision the dashboard's catalog reflects.
+    pub catalog_revision: i64,
+    /// How long the catalog may have been missing changes (its watch is
+    /// down); `None` while it is live.
+    pub catalog_stale_ms: Option<u64>,
+    /// Why the catalog is stale.
+    pub catalog_error: Option<String>,
+    /// Malformed values skipped so far.
+    pub malformed: u64,
+}
+
+fn count_range(key: Vec<u8>, range_end: Vec<u8>) -> muster_proto::RangeRequest {
+    muster_proto::RangeRequest {
+        key,
+        range_end,
+        count_only: true,
+        ..Default::default()
+    }
+}
+
+pub(crate) async fn registry_status(dashboard: &Dashboard) -> Result<RegistryStatus, Error> {
+    let etcd = &dashboard.inner.etcd;
+    let status = etcd.status().await?;
+    // Every key: from "\0" to the end of the keyspace ("\0").
+    let keys = etcd.range(count_range(vec![0], vec![0])).await?.count;
+    let dir = format!("{}/", dashboard.prefix().trim_end_matches('/'));
+    let end = muster::instance::prefix_range_end(dir.as_bytes());
+    let prefix_keys = etcd.range(count_range(dir.into_bytes(), end)).await?.count;
+    let leader_name = match etcd.member_list().await {
+        Ok(members) => members
+            .members
+            .iter()
+            .find(|m| m.id == status.leader && status.leader != 0)
+            .map(|m| m.name.clone())
+            .filter(|name| !name.is_empty()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list members");
+            None
+        }
+    };
+    let header = status.header.unwrap_or_default();
+    let health = dashboard.catalog().health();
+    Ok(RegistryStatus {
+        endpoint: etcd.current_endpoint(),
+        endpoints: etcd.endpoints(),
+        prefix: dashboard.prefix().to_string(),
+        revision: header.revision,
+        keys,
+        prefix_keys,
+        db_size: status.db_size,
+        db_size_in_use: status.db_size_in_use,
+        leader: if status.leader == 0 {
+            String::new()
+        } else {
+            format!("{:x}", status.leader)
+        },
+        leader_name,
+        member_id: format!("{:x}", header.member_id),
+        is_leader: status.leader != 0 && status.leader == header.member_id,
+        version: status.version,
+        raft_term: status.raft_term,
+        errors: status.errors,
+        catalog_revision: health.revision,
+        catalog_stale_ms: health.stale_for.map(duration_millis),
+        catalog_error: health.last_error,
+        malformed: health.malformed,
+    })
+}
+
+pub(crate) async fn status(State(dashboard): State<Dashboard>) -> Response {
+    match dashboard.status().await {
+        Ok(status) => no_store(Json(status)),
+        Err(e) => {
+            tracing::debug!(error = %e, "registry status unavailable");
+            let body = serde_json::json!({ "error": e.to_string() });
+            let mut resp = no_store(Json(body));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            resp
+        }
+    }
+}
+
+/// API answers are live data: never cached.
+fn no_store(body: impl IntoResponse) -> Response {
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,288 @@
+//! # muster-dashboard
+//!
+//! A live, read-only web dashboard of the services in the registry (muster's
+//! embedded registry or any etcd v3 cluster).
+//!
+//! [`Dashboard::start`] follows every service under a prefix with a
+//! [`muster::Catalog`]; [`router`] serves it over HTTP:
+//!
+//! | path | what |
+//! | --- | --- |
+//! | `/` | the page: HTML, CSS and vanilla JavaScript embedded in the binary (no network, no framework) |
+//! | `/api/services` | every service and instance as JSON, with each lease's time left and each instance's age |
+//! | `/api/events` | server-sent events: a `snapshot` first, then a `changes` message per watch batch, and `leases` every 2 s |
+//! | `/api/status` | the registry's status (Maintenance.Status, key counts, leader) and how current the catalog is |
+//!
+//! Nothing in it writes to the registry: every route answers `GET` (and
+//! `HEAD`) only. Values come from the network, so the page renders them as
+//! text, never as HTML, under a strict content security policy.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let etcd = muster::Etcd::connect_to("127.0.0.1:2379")?;
+//! let dashboard = muster_dashboard::Dashboard::start(etcd, muster::instance::DEFAULT_PREFIX).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:2381").await?;
+//! axum::serve(listener, muster_dashboard::router(dashboard)).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod api;
+mod assets;
+mod events;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use muster::Etcd;
+use muster::catalog::Catalog;
+use tokio::sync::watch;
+
+pub use api::RegistryStatus;
+
+/// A lease's time left is read again when older than this.
+const LEASE_FRESH: Duration = Duration::from_secs(1);
+/// How long a lease read may take before the answer goes out without it.
+const LEASE_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Leases read per batch.
+const LEASE_CHUNK: usize = 64;
+/// Cached lease readings nobody asked about for this long are dropped.
+const LEASE_FORGET: Duration = Duration::from_secs(60);
+
+/// What can go wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The first list of the prefix failed (registry unreachable, bad prefix).
+    #[error("cannot follow the services under {prefix}: {source}")]
+    Follow {
+        /// The key prefix.
+        prefix: String,
+        /// Why.
+        #[source]
+        source: muster::Error,
+    },
+    /// A call to the registry failed.
+    #[error("registry call failed: {0}")]
+    Registry(#[from] muster::Error),
+}
+
+/// The dashboard's state: a followed catalog and a registry client. Cheap to
+/// clone.
+#[derive(Clone, Debug)]
+pub struct Dashboard {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    etcd: Etcd,
+    catalog: Catalog,
+    leases: Mutex<HashMap<i64, LeaseReading>>,
+    /// One lease read at a time, shared by every request that needs it.
+    reading: tokio::sync::Mutex<()>,
+    closed: watch::Sender<bool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LeaseReading {
+    left: Option<Duration>,
+    read_at: Instant,
+    wanted_at: Instant,
+}
+
+impl Dashboard {
+    /// Lists every service under `prefix` and follows it. Fails when the
+    /// registry cannot be reached for the first list.
+    pub async fn start(etcd: Etcd, prefix: &str) -> Result<Dashboard, Error> {
+        let catalog = Catalog::follow(etcd.clone(), prefix)
+            .await
+            .map_err(|source| Error::Follow {
+                prefix: prefix.to_string(),
+                source,
+            })?;
+        Ok(Dashboard::with_catalog(etcd, catalog))
+    }
+
+    /// A dashboard over a catalog already followed with `etcd`.
+    pub fn with_catalog(etcd: Etcd, catalog: Catalog) -> Dashboard {
+        Dashboard {
+            inner: Arc::new(Inner {
+                etcd,
+                catalog,
+                leases: Mutex::new(HashMap::new()),
+                reading: tokio::sync::Mutex::new(()),
+                closed: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// The followed catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    /// The key prefix shown.
+    pub fn prefix(&self) -> &str {
+        self.inner.catalog.prefix()
+    }
+
+    /// Ends every open event stream (they would otherwise hold a graceful
+    /// HTTP shutdown forever). Streams opened afterwards end at once.
+    pub fn close(&self) {
+        self.inner.closed.send_replace(true);
+    }
+
+    /// The registry's status: Maintenance.Status of the endpoint in use,
+    /// the number of keys, the leader.
+    pub async fn status(&self) -> Result<RegistryStatus, Error> {
+        api::registry_status(self).await
+    }
+
+    /// The router serving the page and its API.
+    pub fn router(&self) -> Router {
+        router(self.clone())
+    }
+
+    /// The cached time left of each lease, as of now.
+    fn cached_leases(
+        &self,
+        leases: impl IntoIterator<Item = i64>,
+    ) -> HashMap<i64, Option<Duration>> {
+        let cache = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        leases
+            .into_iter()
+            .filter_map(|lease| {
+                let reading = cache.get(&lease)?;
+                Some((lease, reading.current()))
+            })
+            .collect()
+    }
+
+    /// The time left of each lease (0, no lease, is left out), read again
+    /// where the cached reading is older than [`LEASE_FRESH`]. A lease that
+    /// could not be read in time is left out.
+    async fn lease_left(
+        &self,
+        leases: impl IntoIterator<Item = i64>,
+    ) -> HashMap<i64, Option<Duration>> {
+        let wanted: Vec<i64> = {
+            let mut seen: Vec<i64> = leases.into_iter().filter(|l| *l != 0).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            seen
+        };
+        let now = Instant::now();
+        let stale: Vec<i64> = {
+            let mut cache = self
+                .inner
+                .leases
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            cache.retain(|_, r| now.duration_since(r.wanted_at) < LEASE_FORGET);
+            wanted
+                .iter()
+                .copied()
+                .filter(|lease| match cache.get_mut(lease) {
+                    Some(r) => {
+                        r.wanted_at = now;
+                        now.duration_since(r.read_at) >= LEASE_FRESH
+                    }
+                    None => true,
+                })
+                .collect()
+        };
+        if !stale.is_empty() {
+            let read = async {
+                let _one_at_a_time = self.inner.reading.lock().await;
+                // Another request may have read them while we waited.
+                let still_stale: Vec<i64> = {
+                    let cache = self
+                        .inner
+                        .leases
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    stale
+                        .iter()
+                        .copied()
+                        .filter(|lease| {
+                            cache
+                                .get(lease)
+                                .is_none_or(|r| r.read_at.elapsed() >= LEASE_FRESH)
+                        })
+                        .collect()
+                };
+                if still_stale.is_empty() {
+                    return;
+                }
+                // In chunks, so what was read before a timeout is kept.
+                for chunk in still_stale.chunks(LEASE_CHUNK) {
+                    let read_at = Instant::now();
+                    let left = match muster::catalog::lease_time_left(
+                        &self.inner.etcd,
+                        chunk.iter().copied(),
+                    )
+                    .await
+                    {
+                        Ok(left) => left,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot read lease times");
+                            return;
+                        }
+                    };
+                    let mut cache = self
+                        .inner
+                        .leases
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    for (lease, left) in left {
+                        cache.insert(
+                            lease,
+                            LeaseReading {
+                                left,
+                                read_at,
+                                wanted_at: read_at,
+                            },
+                        );
+                    }
+                }
+            };
+            if tokio::time::timeout(LEASE_READ_TIMEOUT, read)
+                .await
+                .is_err()
+            {
+                tracing::debug!("reading lease times timed out");
+            }
+        }
+        self.cached_leases(wanted)
+    }
+}
+
+impl LeaseReading {
+    /// The time left now: the reading minus the time since it was taken.
+    fn current(&self) -> Option<Duration> {
+        self.left
+            .map(|left| left.saturating_sub(self.read_at.elapsed()))
+    }
+}
+
+/// The router serving the dashboard: the page at `/`, its assets under
+/// `/assets/`, and the read-only API under `/api/`. Merge it into an
+/// existing `axum` app with [`Router::merge`].
+pub fn router(dashboard: Dashboard) -> Router {
+    Router::new()
+        .route("/", get(assets::index))
+        .route("/assets/app.js", get(assets::script))
+        .route("/assets/style.css", get(assets::style))
+        .route("/api/services", get(api::services))
+        .route("/api/status", get(api::status))
+        .route("/api/events", get(events::stream))
+        .with_state(dashboard)
+}

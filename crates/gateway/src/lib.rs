@@ -1,0 +1,268 @@
+//! # muster-gateway
+//!
+//! An HTTP reverse proxy that routes to instances found by muster's
+//! discovery.
+//!
+//! ```no_run
+//! # async fn demo(discovery: muster::Discovery) -> Result<(), muster_gateway::GatewayError> {
+//! use muster_gateway::{Gateway, GatewayConfig, Route};
+//!
+//! let config = GatewayConfig::new("127.0.0.1:8080".parse().unwrap())
+//!     .with_route(Route::new("/api/users", "user").strip_prefix())
+//!     .with_route(Route::new("/carts", "cart").hash_by_header("x-user"));
+//! let gateway = Gateway::start(config, discovery).await?;
+//! println!("listening on {}", gateway.local_addr());
+//! gateway.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! How a request travels (`proxy.rs`):
+//!
+//! 1. The listener (`server.rs`) speaks HTTP/1.1 and h2c on one port.
+//!    Requests hyper cannot parse get 400 from hyper itself.
+//! 2. The gateway's own paths (health, metrics) are answered directly.
+//! 3. The route table (`route.rs`) picks the route: host-specific routes
+//!    first, then the longest prefix on segment boundaries. No route: 404
+//!    with a JSON body.
+//! 4. The route's load balancer (`muster::balance`, kept current from
+//!    discovery's local table minus the ejected instances, `upstream.rs`)
+//!    picks an instance: power of two choices on in-flight requests unless
+//!    the route says otherwise (consistent hashing on a header or cookie,
+//!    round-robin, ...). None left: 503 naming the service.
+//! 5. Hop-by-hop headers go, `X-Forwarded-*` and `Forwarded` are added
+//!    (`headers.rs`), and the request is sent on a pooled connection with
+//!    its body streamed. A connect failure, or an idempotent request that
+//!    failed before its body was touched and before any answer, is retried
+//!    once on another instance.
+//! 6. Failures count against the instance; enough in a row eject it for a
+//!    while (`health.rs`). Timeouts give 504, other failures 502.
+//! 7. The answer streams back; a `101 Switching Protocols` turns both
+//!    connections into a byte tunnel (`upgrade.rs`).
+//!
+//! Routes can come from a TOML file that is reloaded when it changes
+//! (`reload.rs`, format in [`config`]). Metrics are described in
+//! `metrics.rs`.
+#![forbid(unsafe_code)]
+
+mod body;
+pub mod config;
+mod error;
+mod headers;
+mod health;
+mod metrics;
+mod proxy;
+mod reload;
+mod route;
+mod server;
+mod upgrade;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use muster::Discovery;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use body::GatewayBody;
+pub use config::{GatewayConfig, HashKey, HealthConfig, Route, RouteDefaults, RoutesFile};
+pub use error::GatewayError;
+
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::reload::Reloader;
+use crate::route::RouteTable;
+use crate::server::Workers;
+use crate::upstream::Upstreams;
+
+/// Starts gateways.
+#[derive(Debug)]
+pub struct Gateway;
+
+impl Gateway {
+    /// Validates the configuration, reads the routes file (if any), binds
+    /// the listeners and starts serving. Services are followed through
+    /// `discovery` from now on; a service the registry cannot list yet is
+    /// retried in the background (its requests wait briefly, then get 503).
+    pub async fn start(
+        config: GatewayConfig,
+        discovery: Discovery,
+    ) -> Result<GatewayHandle, GatewayError> {
+        for route in &config.routes {
+            route.validate()?;
+        }
+        for path in [&config.health_path, &config.metrics_path]
+            .into_iter()
+            .flatten()
+        {
+            if !path.starts_with('/') {
+                return Err(GatewayError::Config(format!(
+                    "the path {path:?} must start with '/'"
+                )));
+            }
+        }
+        if config.defaults.timeout.is_zero() {
+            return Err(GatewayError::Config(
+                "the default timeout must be positive".into(),
+            ));
+        }
+        if config.reload_interval.is_zero() {
+            return Err(GatewayError::Config(
+                "the reload interval must be positive".into(),
+            ));
+        }
+        let file = match &config.routes_file {
+            Some(path) => {
+                let text = std::fs::read(path).map_err(|e| GatewayError::RoutesFile {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let parsed = std::str::from_utf8(&text)
+                    .map_err(|e| e.to_string())
+                    .and_then(RoutesFile::parse)
+                    .map_err(|reason| GatewayError::RoutesFile {
+                        path: path.clone(),
+                        reason,
+                    })?;
+                Some((path.clone(), text, parsed))
+            }
+            None => None,
+        };
+
+        let listener = server::bind(config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(server::bind(addr).await?),
+            None => None,
+        };
+        let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = match &admin {
+            Some(l) => Some(l.local_addr().map_err(|source| GatewayError::Bind {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let upstreams = Upstreams::new(discovery, config.health.clone(), metrics.clone());
+        let proxy = Arc::new(Proxy::new(&config, upstreams, metrics));
+        let (stop_tx, stop) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        match file {
+            Some((path, text, parsed)) => {
+                let reloader = Reloader {
+                    path,
+                    interval: config.reload_interval,
+                    fixed: config.routes.clone(),
+                    defaults: config.defaults.clone(),
+                    last: Some(text),
+                };
+                let table = reloader.table(&parsed, &proxy);
+                proxy.routes.store(Arc::new(table));
+                tasks.push(tokio::spawn(reloader.run(proxy.clone(), stop.clone())));
+            }
+            None => {
+                let table = RouteTable::build(
+                    &config.routes,
+                    &config.defaults,
+                    None,
+                    &proxy.upstreams,
+                    &proxy.metrics,
+                );
+                proxy.routes.store(Arc::new(table));
+            }
+        }
+        let routes = proxy.routes.load().describe();
+        if routes.is_empty() {
+            tracing::warn!("the gateway has no routes: every request gets 404");
+        }
+
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let workers = Workers::start(workers, &proxy, &stop, config.drain_timeout)?;
+        tasks.push(tokio::spawn(server::accept(
+            listener,
+            workers.queues(),
+            proxy.clone(),
+            stop.clone(),
+        )));
+        if let Some(admin) = admin {
+            tasks.push(tokio::spawn(server::serve_admin(
+                admin,
+                proxy.clone(),
+                stop.clone(),
+                config.drain_timeout,
+            )));
+        }
+        tracing::info!(addr = %local_addr, admin = ?admin_addr, ?routes, "gateway listening");
+        Ok(GatewayHandle {
+            local_addr,
+            admin_addr,
+            proxy,
+            stop: stop_tx,
+            tasks,
+            workers: workers.done,
+        })
+    }
+}
+
+/// A running gateway. Dropping it stops accepting connections (requests in
+/// progress finish in the background); [`shutdown`](Self::shutdown) also
+/// waits for them.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    proxy: Arc<Proxy>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Fire when the serving threads have drained.
+    workers: Vec<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl GatewayHandle {
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin listener's address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The metrics in Prometheus text format (as served at `/metrics`).
+    pub fn metrics(&self) -> String {
+        self.proxy.render_metrics()
+    }
+
+    /// The current routes, as `host/prefix -> service` lines.
+    pub fn routes(&self) -> Vec<String> {
+        self.proxy.routes.load().describe()
+    }
+
+    /// Stops accepting connections, lets requests in progress finish (up
+    /// to [`GatewayConfig::drain_timeout`]), then returns.
+    pub async fn shutdown(mut self) {
+        self.stop.send_replace(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        for worker in self.workers.drain(..) {
+            let _ = worker.await;
+        }
+        tracing::info!(addr = %self.local_addr, "gateway stopped");
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}

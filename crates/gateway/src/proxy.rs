@@ -1,0 +1,471 @@
+//! The request path: answer the gateway's own paths, find the route, pick
+//! an instance, forward, retry when it is safe, and stream the answer back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use muster::Instance;
+use muster::balance::{AnyLoadBalancer, InFlight};
+
+use crate::body::{GatewayBody, SharedBody, UpstreamBody};
+use crate::config::GatewayConfig;
+use crate::error::json_error;
+use crate::headers::{add_forwarded, remove_hop_by_hop};
+use crate::metrics::{ErrorKind, Metrics};
+use crate::route::{ActiveRoute, RouteTable};
+use crate::upgrade::{is_upgrade, tunnel};
+use crate::upstream::Upstreams;
+
+/// How long a request to a service that discovery has not listed yet
+/// waits for the listing (at most; the route's timeout may be shorter).
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+
+/// Everything the request path needs; shared by all connections.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    pub(crate) routes: ArcSwap<RouteTable>,
+    pub(crate) upstreams: Upstreams,
+    pub(crate) metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    pool_idle_timeout: Duration,
+    health_path: Option<String>,
+    metrics_path: Option<String>,
+}
+
+/// The upstream HTTP client.
+pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// An instance chosen for one attempt.
+struct Target {
+    instance: Arc<Instance>,
+    in_flight: Option<InFlight>,
+}
+
+impl Proxy {
+    pub(crate) fn new(config: &GatewayConfig, upstreams: Upstreams, metrics: Arc<Metrics>) -> Self {
+        Proxy {
+            routes: ArcSwap::default(),
+            upstreams,
+            metrics,
+            connect_timeout: config.connect_timeout,
+            pool_idle_timeout: config.pool_idle_timeout,
+            health_path: config.health_path.clone(),
+            metrics_path: config.metrics_path.clone(),
+        }
+    }
+
+    /// A pool of upstream connections. Each serving thread has its own, so
+    /// a request and its upstream connection live on the same thread.
+    pub(crate) fn client(&self) -> UpstreamClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.enforce_http(true);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector)
+    }
+
+    /// The Prometheus text.
+    pub(crate) fn render_metrics(&self) -> String {
+        self.metrics.render(&self.upstreams.reports())
+    }
+
+    /// Answers the admin listener: health and metrics only.
+    pub(crate) fn handle_admin(&self, req: &Request<Incoming>) -> Response<GatewayBody> {
+        let path = req.uri().path();
+        if path == "/metrics" || self.metrics_path.as_deref() == Some(path) {
+            return self.metrics_response();
+        }
+        if path == "/healthz" || self.health_path.as_deref() == Some(path) {
+            return text(StatusCode::OK, "ok\n");
+        }
+        json_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the admin listener serves /metrics and /healthz",
+            None,
+        )
+    }
+
+    fn metrics_response(&self) -> Response<GatewayBody> {
+        let mut resp = text(StatusCode::OK, self.render_metrics());
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    }
+
+    /// Answers one request from a client. Never fails: every problem is an
+    /// HTTP answer.
+    pub(crate) async fn handle(
+        &self,
+        client: &UpstreamClient,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<GatewayBody> {
+        let start = Instant::now();
+        let path = req.uri().path();
+        if self.health_path.as_deref() == Some(path) {
+            return text(StatusCode::OK, "ok\n");
+        }
+        if self.metrics_path.as_deref() == Some(path) {
+            return self.metrics_response();
+        }
+        if let Some(resp) = reject(&req) {
+            self.metrics
+                .unrouted
+                .observe(resp.status(), start.elapsed());
+            return resp;
+        }
+        let host = request_host(&req);
+        let table = self.routes.load();
+        let Some(route) = table.find(host.as_deref(), path) else {
+            let resp = json_error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                &format!(
+                    "no route for {} {}{}",
+                    req.method(),
+                    host.as_deref().unwrap_or(""),
+                    path
+                ),
+                None,
+            );
+            self.metrics
+                .unrouted
+                .observe(resp.status(), start.elapsed());
+            return resp;
+        };
+        let route = route.clone();
+        drop(table);
+        let resp = self.forward(client, &route, req, peer, host, start).await;
+        route.metrics.observe(resp.status(), start.elapsed());
+        resp
+    }
+
+    async fn forward(
+        &self,
+        client: &UpstreamClient,
+        route: &ActiveRoute,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        host: Option<String>,
+        start: Instant,
+    ) -> Response<GatewayBody> {
+        let deadline = start + route.timeout;
+        let upgrade = is_upgrade(req.version(), req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+
+        // What every attempt sends.
+        let path_and_query = match route.upstream_path(parts.uri.path(), parts.uri.query()) {
+            Some(rewritten) => match PathAndQuery::try_from(rewritten) {
+                Ok(pq) => pq,
+                Err(_) => return bad_request("the request path cannot be forwarded"),
+            },
+            None => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        let hash_key = route.hash_key(&parts.headers).map(<[u8]>::to_vec);
+        let mut headers = std::mem::take(&mut parts.headers);
+        remove_hop_by_hop(&mut headers, upgrade);
+        if !headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
+        add_forwarded(&mut headers, peer, host.as_deref());
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        let body = (!http_body::Body::is_end_stream(&body)).then(|| SharedBody::new(body));
+
+        let attempts = 1 + route.retries;
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error = String::new();
+        for attempt in 0..attempts {
+            let Some(target) = self
+                .pick(route, hash_key.as_deref(), &tried, deadline)
+                .await
+            else {
+                if attempt == 0 {
+                    return self.no_instance(route);
+                }
+                break;
+            };
+            let state = route.service.instance(&target.instance);
+            let Some((scheme, authority)) = state.target.clone() else {
+                tracing::warn!(service = %route.route.service, instance = %state.id, addr = %state.addr, "instance address is not http://host:port; skipping it");
+                last_error = format!(
+                    "instance {} has an unusable address {:?}",
+                    state.id, state.addr
+                );
+                tried.push(target.instance.id.clone());
+                continue;
+            };
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(scheme);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path_and_query.clone());
+            let Ok(uri) = Uri::from_parts(uri) else {
+                return bad_request("the request target cannot be forwarded");
+            };
+            let mut upstream_req = Request::new(match &body {
+                Some(b) => UpstreamBody::Shared(b.clone()),
+                None => UpstreamBody::Empty,
+            });
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = Version::HTTP_11;
+            *upstream_req.headers_mut() = if attempt + 1 < attempts {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+
+            let sent = Instant::now();
+            let result =
+                tokio::time::timeout_at(deadline.into(), client.request(upstream_req)).await;
+            match result {
+                Err(_elapsed) => {
+                    route.metrics.error(ErrorKind::Timeout);
+                    route.service.failure(&state);
+                    tracing::debug!(service = %route.route.service, instance = %state.id, "upstream timed out");
+                    return json_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        &format!(
+                            "service {:?} did not answer within {:?}",
+                            route.route.service, route.timeout
+                        ),
+                        Some(&route.route.service),
+                    );
+                }
+                Ok(Ok(mut resp)) => {
+                    state.latency.observe(sent.elapsed());
+                    if resp.status().is_server_error() {
+                        route.service.failure(&state);
+                    } else {
+                        route.service.success(&state);
+                    }
+                    if let Some(client_upgrade) = client_upgrade
+                        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                        let (mut rparts, _) = resp.into_parts();
+                        remove_hop_by_hop(&mut rparts.headers, true);
+                        tunnel(client_upgrade, upstream_upgrade, target.in_flight);
+                        return Response::from_parts(rparts, GatewayBody::empty());
+                    }
+                    let (mut rparts, rbody) = resp.into_parts();
+                    remove_hop_by_hop(&mut rparts.headers, false);
+                    return Response::from_parts(
+                        rparts,
+                        GatewayBody::upstream(rbody, target.in_flight),
+                    );
+                }
+                Ok(Err(e)) => {
+                    let connect = e.is_connect();
+                    route.metrics.error(if connect {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Request
+                    });
+                    route.service.failure(&state);
+                    let retryable =
+                        connect || (idempotent && body.as_ref().is_none_or(|b| !b.started()));
+                    last_error = format!(
+                        "instance {} ({}): {}",
+                        state.id,
+                        state.addr,
+                        error_chain(&e)
+                    );
+                    tracing::debug!(service = %route.route.service, error = %last_error, retryable, "upstream attempt failed");
+                    tried.push(target.instance.id.clone());
+                    if !retryable {
+                        break;
+                    }
+                    if attempt + 1 < attempts {
+                        route.metrics.retry();
+                    }
+                }
+            }
+        }
+        tracing::warn!(service = %route.route.service, error = %last_error, "upstream failed");
+        json_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_failed",
+            &format!("service {:?} failed: {last_error}", route.route.service),
+            Some(&route.route.service),
+        )
+    }
+
+    /// Picks an instance not tried yet. Waits for discovery's first listing
+    /// if the service has none yet.
+    async fn pick(
+        &self,
+        route: &ActiveRoute,
+        key: Option<&[u8]>,
+        tried: &[String],
+        deadline: Instant,
+    ) -> Option<Target> {
+        if let Some(t) = pick_from(&route.lb, key, tried) {
+            return Some(t);
+        }
+        if route.service.is_resolved() || !tried.is_empty() {
+            return None;
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(RESOLVE_WAIT);
+        if !route.service.wait_resolved(wait).await {
+            return None;
+        }
+        pick_from(&route.lb, key, tried)
+    }
+
+    fn no_instance(&self, route: &ActiveRoute) -> Response<GatewayBody> {
+        let service = &route.route.service;
+        let message = if route.service.is_resolved() {
+            format!("service {service:?} has no live instance")
+        } else {
+            match route.service.last_error() {
+                Some(e) => format!("service {service:?} cannot be discovered yet: {e}"),
+                None => format!("service {service:?} is not discovered yet"),
+            }
+        };
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_instance",
+            &message,
+            Some(service),
+        )
+    }
+}
+
+/// A pick from the balancer avoiding instances already tried.
+fn pick_from(lb: &AnyLoadBalancer, key: Option<&[u8]>, tried: &[String]) -> Option<Target> {
+    let into = |p: muster::balance::Picked| {
+        let (instance, in_flight) = p.into_parts();
+        Target {
+            instance,
+            in_flight,
+        }
+    };
+    if tried.is_empty() {
+        let picked = match key {
+            Some(k) => lb.pick_key(k),
+            None => lb.pick(),
+        };
+        return picked.map(into);
+    }
+    for _ in 0..4 {
+        let p = lb.pick()?;
+        if !tried.contains(&p.id) {
+            return Some(into(p));
+        }
+    }
+    // Few instances and bad luck: take the first one not tried.
+    let instance = lb
+        .instances()
+        .into_iter()
+        .find(|i| !tried.contains(&i.id))?;
+    Some(Target {
+        instance,
+        in_flight: None,
+    })
+}
+
+/// Requests the gateway refuses before routing.
+fn reject(req: &Request<Incoming>) -> Option<Response<GatewayBody>> {
+    if req.method() == Method::CONNECT {
+        return Some(json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported",
+            None,
+        ));
+    }
+    let path = req.uri().path();
+    if !path.starts_with('/') {
+        return Some(bad_request("the request target must be a path"));
+    }
+    // Dot segments would let a prefix match a path outside it.
+    if path.contains("/.")
+        && path.split('/').any(|seg| {
+            seg == ".."
+                || seg == "."
+                || seg.eq_ignore_ascii_case("%2e%2e")
+                || seg.eq_ignore_ascii_case("%2e")
+        })
+    {
+        return Some(bad_request("dot segments are not allowed in the path"));
+    }
+    None
+}
+
+/// The host a request is for, without port: from the URI (absolute form,
+/// HTTP/2) or the `Host` header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+fn bad_request(message: &str) -> Response<GatewayBody> {
+    json_error(StatusCode::BAD_REQUEST, "bad_request", message, None)
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

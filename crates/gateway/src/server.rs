@@ -1,0 +1,226 @@
+//! Listeners and serving threads.
+//!
+//! Requests are served thread-per-core, as nginx does: `workers` threads
+//! each run their own single-threaded runtime with their own upstream
+//! connection pool. The acceptor hands each new client connection to the
+//! next thread, and everything about that connection (its requests, their
+//! upstream connections, upgrades) stays on that thread, so no request
+//! wakes another thread. Shared state (routes, balancers, metrics) is
+//! lock-free. Each connection speaks HTTP/1.1 or h2c (detected from its
+//! first bytes), with upgrades; shutdown drains gracefully.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::GatewayError;
+use crate::proxy::Proxy;
+
+/// Binds a listener (port 0: any free port).
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayError::Bind { addr, source })
+}
+
+type Accepted = (std::net::TcpStream, SocketAddr);
+
+/// The serving threads.
+pub(crate) struct Workers {
+    queues: Vec<mpsc::UnboundedSender<Accepted>>,
+    /// Each fires when its thread has drained and stopped.
+    pub(crate) done: Vec<oneshot::Receiver<()>>,
+}
+
+impl Workers {
+    /// Starts `n` serving threads; they stop (draining for up to `drain`)
+    /// when `stop` turns true.
+    pub(crate) fn start(
+        n: usize,
+        proxy: &Arc<Proxy>,
+        stop: &watch::Receiver<bool>,
+        drain: Duration,
+    ) -> Result<Workers, GatewayError> {
+        let mut workers = Workers {
+            queues: Vec::with_capacity(n),
+            done: Vec::with_capacity(n),
+        };
+        for i in 0..n.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (done_tx, done_rx) = oneshot::channel();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| GatewayError::Config(format!("cannot start a runtime: {e}")))?;
+            let (proxy, stop) = (proxy.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("gateway-{i}"))
+                .spawn(move || {
+                    runtime.block_on(worker(rx, proxy, stop, drain));
+                    let _ = done_tx.send(());
+                })
+                .map_err(|e| GatewayError::Config(format!("cannot start a thread: {e}")))?;
+            workers.queues.push(tx);
+            workers.done.push(done_rx);
+        }
+        Ok(workers)
+    }
+}
+
+/// Accepts connections until `stop` turns true, handing them to the
+/// workers in turn.
+pub(crate) async fn accept(
+    listener: TcpListener,
+    queues: Vec<mpsc::UnboundedSender<Accepted>>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next = 0usize;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off a little.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        proxy.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        // A worker whose thread is gone is skipped.
+        let mut item = (stream, peer);
+        for _ in 0..queues.len() {
+            let queue = &queues[next % queues.len()];
+            next = next.wrapping_add(1);
+            match queue.send(item) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => item = back,
+            }
+        }
+    }
+}
+
+fn builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// One serving thread: serves the connections it is handed until `stop`,
+/// then drains.
+async fn worker(
+    mut connections: mpsc::UnboundedReceiver<Accepted>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let client = proxy.client();
+    let builder = builder();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            next = connections.recv() => match next {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        let Ok(stream) = TcpStream::from_std(stream) else {
+            continue;
+        };
+        let (proxy, client) = (proxy.clone(), client.clone());
+        let service = service_fn(move |req| {
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy.handle(&client, req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "connections still busy after the drain timeout; closing them"
+        );
+    }
+}
+
+/// Serves the admin listener (metrics and health only) on the caller's
+/// runtime until `stop`.
+pub(crate) async fn serve_admin(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let builder = builder();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle_admin(&req)) }
+        });
+        let conn = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+impl Workers {
+    /// The queues the acceptor feeds.
+    pub(crate) fn queues(&self) -> Vec<mpsc::UnboundedSender<Accepted>> {
+        self.queues.clone()
+    }
+}

@@ -1,0 +1,40 @@
+//! Protocol upgrades (WebSocket and others) passing through: once the
+//! upstream answers `101 Switching Protocols`, both connections are taken
+//! over from hyper and bytes are copied both ways until either side closes.
+
+use http::{HeaderMap, Version, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use muster::balance::InFlight;
+
+use crate::headers::connection_has;
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Connection:
+/// upgrade` with an `Upgrade` header).
+pub(crate) fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_has(headers, "upgrade")
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies
+/// bytes between them; the request counts as in flight meanwhile.
+pub(crate) fn tunnel(client: OnUpgrade, upstream: OnUpgrade, in_flight: Option<InFlight>) {
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        let (client, upstream) = tokio::join!(client, upstream);
+        let (client, upstream) = match (client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+            Err(e) => tracing::debug!(error = %e, "upgraded connection ended"),
+        }
+    });
+}

@@ -1,0 +1,573 @@
+//! The gateway in front of real upstreams registered with muster: routing,
+//! balancing, clear errors, retries and ejection, draining, registry
+//! outages and hot reload. Every body runs against real etcd and the
+//! embedded registry.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use muster::Status;
+use muster_gateway::{Gateway, Route};
+use muster_testkit::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `n` GETs to `path`; counts answers by upstream id.
+async fn spread(
+    client: &HttpClient,
+    gw: std::net::SocketAddr,
+    path: &str,
+    n: usize,
+) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let a = get(client, gw, path).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        *seen.entry(a.body).or_insert(0) += 1;
+    }
+    seen
+}
+
+async fn traffic_spreads_across_instances(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _ups = [
+        env.upstream("web", "w-1").await,
+        env.upstream("web", "w-2").await,
+        env.upstream("web", "w-3").await,
+    ];
+    let mut config = gateway_config(vec![Route::new("/", "web")]);
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
+    let client = http_client();
+    let seen = spread(&client, gw.local_addr(), "/hello", 300).await;
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.values().all(|&n| n >= 30), "uneven: {seen:?}");
+    let text = gw.metrics();
+    assert_eq!(
+        muster_testkit::metric_value(
+            &text,
+            "muster_gateway_requests_total",
+            &["route=\"/\"", "status=\"200\""]
+        ),
+        Some(300.0),
+        "{text}"
+    );
+    assert!(text.contains(
+        "muster_gateway_upstream_duration_seconds_count{service=\"web\",instance=\"w-1\"}"
+    ));
+    assert!(
+        text.contains("muster_gateway_discovery_stale_seconds{service=\"web\"} 0"),
+        "{text}"
+    );
+    // The admin listener serves metrics and health, and nothing else.
+    let admin = gw.admin_addr().unwrap();
+    let a = get(&client, admin, "/metrics").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.body
+            .contains("muster_gateway_requests_total{route=\"/\",status=\"200\"} 300"),
+        "{}",
+        a.body
+    );
+    assert_eq!(get(&client, admin, "/healthz").await.body, "ok\n");
+    assert_eq!(
+        get(&client, admin, "/hello").await.status,
+        StatusCode::NOT_FOUND
+    );
+    gw.shutdown().await;
+}
+
+async fn new_instance_gets_traffic_quickly(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let gw = env.gateway(vec![Route::new("/", "web")]).await;
+    let client = http_client();
+    assert_eq!(get(&client, gw.local_addr(), "/").await.body, "w-1");
+
+    let b = Upstream::start("w-2").await;
+    env.registrar.register(b.instance("web")).await.unwrap();
+    let registered = Instant::now();
+    loop {
+        let a = get(&client, gw.local_addr(), "/").await;
+        assert_eq!(a.status, StatusCode::OK);
+        if a.body == "w-2" {
+            break;
+        }
+        assert!(registered.elapsed() < DEADLINE, "w-2 never got traffic");
+    }
+    let took = registered.elapsed();
+    eprintln!("w-2 got its first request {took:?} after registering");
+    assert!(
+        took < Duration::from_secs(1),
+        "w-2 got its first request after {took:?}"
+    );
+    gw.shutdown().await;
+}
+
+async fn clear_answers_for_no_route_no_instance_and_bad_requests(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let gw = env
+        .gateway(vec![
+            Route::new("/api", "web"),
+            Route::new("/empty", "nobody"),
+        ])
+        .await;
+    let _up = env.upstream("web", "w-1").await;
+    let client = http_client();
+    let addr = gw.local_addr();
+
+    // No route.
+    let a = get(&client, addr, "/nowhere").await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert_eq!(a.json()["error"], "no_route");
+    assert_eq!(a.headers["content-type"], "application/json");
+    // Segment boundaries: /apix is not under /api.
+    assert_eq!(
+        get(&client, addr, "/apix").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    // No instance: 503 naming the service.
+    let a = get(&client, addr, "/empty/x").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE, "{}", a.body);
+    assert_eq!(a.json()["service"], "nobody");
+    assert!(a.json()["message"].as_str().unwrap().contains("nobody"));
+
+    // The route works once the instance is seen.
+    eventually("web is routed", || async {
+        get(&client, addr, "/api/x").await.status == StatusCode::OK
+    })
+    .await;
+
+    // Health.
+    let a = get(&client, addr, "/healthz").await;
+    assert_eq!((a.status, a.body.as_str()), (StatusCode::OK, "ok\n"));
+
+    // Garbage and bad request lines: 400 from the gateway, which goes on serving.
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /api HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /api/../secret HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET  HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 400"), "{raw:?} got {text:?}");
+    }
+    assert_eq!(get(&client, addr, "/api/x").await.status, StatusCode::OK);
+    gw.shutdown().await;
+}
+
+async fn headers_are_rewritten(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _up = env.upstream("web", "w-1").await;
+    let gw = env
+        .gateway(vec![
+            Route::new("/api/v1", "web").strip_prefix(),
+            Route::new("/", "web"),
+        ])
+        .await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    let a = get_with(
+        &client,
+        addr,
+        "/api/v1/users/7?x=1",
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.headers["x-upstream-path"], "/users/7?x=1");
+    assert_eq!(
+        a.headers["x-upstream-x-forwarded-for"],
+        "203.0.113.9, 127.0.0.1"
+    );
+    assert_eq!(a.headers["x-upstream-x-forwarded-proto"], "http");
+    assert_eq!(
+        a.headers["x-upstream-forwarded"],
+        format!("for=127.0.0.1;proto=http;host=\"127.0.0.1\"")
+    );
+    assert_eq!(a.headers["x-upstream-host"], addr.to_string());
+    // Hop-by-hop headers went, both ways.
+    assert!(
+        !a.headers.contains_key("x-upstream-x-hop"),
+        "{:?}",
+        a.headers
+    );
+    assert!(!a.headers.contains_key("x-secret"), "{:?}", a.headers);
+    // The prefix alone becomes /; unstripped routes keep the path.
+    assert_eq!(
+        get(&client, addr, "/api/v1").await.headers["x-upstream-path"],
+        "/"
+    );
+    assert_eq!(
+        get(&client, addr, "/other/p").await.headers["x-upstream-path"],
+        "/other/p"
+    );
+    gw.shutdown().await;
+}
+
+async fn consistent_hashing_by_header_is_sticky(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _ups = [
+        env.upstream("cart", "c-1").await,
+        env.upstream("cart", "c-2").await,
+        env.upstream("cart", "c-3").await,
+    ];
+    let gw = env
+        .gateway(vec![
+            Route::new("/cart", "cart").hash_by_header("x-user"),
+            Route::new("/session", "cart").hash_by_cookie("sid"),
+        ])
+        .await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("all three instances are known", || async {
+        metric(
+            &gw,
+            "muster_gateway_instances",
+            &["service=\"cart\"", "state=\"eligible\""],
+        ) == Some(3.0)
+    })
+    .await;
+    let mut owners = BTreeMap::new();
+    for round in 0..3 {
+        for user in 0..40 {
+            let user = format!("user-{user}");
+            let a = get_with(&client, addr, "/cart", &[("x-user", &user)])
+                .await
+                .unwrap();
+            assert_eq!(a.status, StatusCode::OK);
+            let owner = owners.entry(user.clone()).or_insert_with(|| a.body.clone());
+            assert_eq!(*owner, a.body, "{user} moved in round {round}");
+        }
+    }
+    let distinct: BTreeSet<_> = owners.values().collect();
+    assert!(distinct.len() >= 2, "every key on one instance: {owners:?}");
+    // By cookie too.
+    let first = get_with(&client, addr, "/session", &[("cookie", "a=1; sid=abc")])
+        .await
+        .unwrap()
+        .body;
+    for _ in 0..10 {
+        let a = get_with(&client, addr, "/session", &[("cookie", "sid=abc; b=2")])
+            .await
+            .unwrap();
+        assert_eq!(a.body, first);
+    }
+    gw.shutdown().await;
+}
+
+/// Loads the gateway from `workers` tasks until `stop`; counts answers by
+/// body and failures.
+struct Load {
+    ok: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    total: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, path: &'static str, workers: usize) -> Load {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let ok = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let total = Arc::new(AtomicU64::new(0));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (ok, failures, total, stop_rx) =
+                    (ok.clone(), failures.clone(), total.clone(), stop_rx.clone());
+                tokio::spawn(async move {
+                    let client = http_client();
+                    while !*stop_rx.borrow() {
+                        match get_with(&client, addr, path, &[]).await {
+                            Ok(a) if a.status == StatusCode::OK => {
+                                *ok.lock().unwrap().entry(a.body).or_insert(0) += 1;
+                            }
+                            Ok(a) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{}: {}", a.status, a.body)),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            ok,
+            failures,
+            total,
+            stop,
+            tasks,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, id: &str) -> u64 {
+        self.ok.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+
+    async fn wait_more(&self, n: u64) {
+        let target = self.total() + n;
+        eventually("more requests", || async { self.total() >= target }).await;
+    }
+
+    async fn finish(self) -> (BTreeMap<String, u64>, Vec<String>) {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let ok = self.ok.lock().unwrap().clone();
+        let failures = self.failures.lock().unwrap().clone();
+        (ok, failures)
+    }
+}
+
+async fn killed_instance_is_retried_around_and_ejected(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let _b = env.upstream("web", "w-2").await;
+    let mut c = env.upstream("web", "w-3").await;
+    let gw = env.gateway(vec![Route::new("/", "web")]).await;
+    let client = http_client();
+    assert_eq!(spread(&client, gw.local_addr(), "/", 60).await.len(), 3);
+
+    let load = Load::start(gw.local_addr(), "/", 8);
+    eventually("w-3 serves under load", || async { load.count("w-3") > 20 }).await;
+    // Abrupt death: listener and every connection gone, lease still alive.
+    c.kill();
+    eventually("w-3 is ejected", || async {
+        metric(&gw, "muster_gateway_ejections_total", &["instance=\"w-3\""]).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    let before = load.count("w-3");
+    load.wait_more(300).await;
+    let (ok, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(
+        ok.get("w-3").copied().unwrap_or(0),
+        before,
+        "w-3 answered after dying?"
+    );
+    assert!(ok["w-1"] > 50 && ok["w-2"] > 50, "{ok:?}");
+    // It left the pool although discovery still lists it.
+    assert_eq!(
+        metric(
+            &gw,
+            "muster_gateway_instances",
+            &["service=\"web\"", "state=\"ejected\""]
+        ),
+        Some(1.0)
+    );
+    assert!(metric(&gw, "muster_gateway_retries_total", &[]).unwrap() >= 1.0);
+    gw.shutdown().await;
+}
+
+async fn draining_instance_loses_traffic_without_errors(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let b = env.upstream("web", "w-2").await;
+    let gw = env.gateway(vec![Route::new("/", "web")]).await;
+    let load = Load::start(gw.local_addr(), "/", 4);
+    eventually("both serve", || async {
+        load.count("w-1") > 10 && load.count("w-2") > 10
+    })
+    .await;
+
+    env.registrar
+        .set_status(b.instance("web"), Status::Draining)
+        .await
+        .unwrap();
+    // Once drained, w-2 gets nothing more.
+    let mut last = b.served();
+    let mut quiet_since = Instant::now();
+    eventually("w-2 gets no more requests", || {
+        let served = b.served();
+        if served != last {
+            last = served;
+            quiet_since = Instant::now();
+        }
+        let quiet = quiet_since.elapsed() > Duration::from_millis(300);
+        async move { quiet }
+    })
+    .await;
+    env.registrar.deregister("web", "w-2").await.unwrap();
+    load.wait_more(200).await;
+    drop(b);
+    load.wait_more(200).await;
+    let (ok, failures) = load.finish().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(ok["w-1"] > 400, "{ok:?}");
+    gw.shutdown().await;
+}
+
+async fn registry_outage_keeps_last_known_instances(mut registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let _b = env.upstream("web", "w-2").await;
+    let gw = env.gateway(vec![Route::new("/", "web")]).await;
+    let client = http_client();
+    eventually("both known", || async {
+        metric(&gw, "muster_gateway_instances", &["state=\"eligible\""]) == Some(2.0)
+    })
+    .await;
+    registry.kill();
+    eventually("discovery notices the outage", || async {
+        metric(
+            &gw,
+            "muster_gateway_discovery_stale_seconds",
+            &["service=\"web\""],
+        )
+        .unwrap_or(0.0)
+            > 0.0
+    })
+    .await;
+    let seen = spread(&client, gw.local_addr(), "/", 100).await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    gw.shutdown().await;
+}
+
+async fn routes_file_is_hot_reloaded(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("alpha", "a-1").await;
+    let _b = env.upstream("beta", "b-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, "[[route]]\nprefix = \"/a\"\nservice = \"alpha\"\n").unwrap();
+    let mut config = gateway_config(vec![Route::new("/fixed", "beta")]);
+    config.routes_file = Some(file.clone());
+    let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
+    let client = http_client();
+    let addr = gw.local_addr();
+    assert_eq!(get(&client, addr, "/a").await.body, "a-1");
+    assert_eq!(get(&client, addr, "/fixed").await.body, "b-1");
+    assert_eq!(
+        get(&client, addr, "/b/x").await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    std::fs::write(
+        &file,
+        "[defaults]\ntimeout = \"5s\"\n\n[[route]]\nprefix = \"/a\"\nservice = \"alpha\"\n\n\
+         [[route]]\nprefix = \"/b\"\nservice = \"beta\"\nstrip_prefix = true\n",
+    )
+    .unwrap();
+    eventually("/b is routed", || async {
+        get(&client, addr, "/b/x").await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        get(&client, addr, "/b/x").await.headers["x-upstream-path"],
+        "/x"
+    );
+
+    // A broken file is refused; the routes stay.
+    std::fs::write(&file, "[[route]]\nprefix = \"/a\"\n").unwrap();
+    eventually("the bad file is refused", || async {
+        metric(
+            &gw,
+            "muster_gateway_route_reloads_total",
+            &["result=\"error\""],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(get(&client, addr, "/a").await.body, "a-1");
+    assert_eq!(get(&client, addr, "/b/x").await.body, "b-1");
+    assert_eq!(get(&client, addr, "/fixed").await.body, "b-1");
+
+    // Removing a route takes effect too.
+    std::fs::write(&file, "[[route]]\nprefix = \"/a\"\nservice = \"alpha\"\n").unwrap();
+    eventually("/b is gone", || async {
+        get(&client, addr, "/b/x").await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    gw.shutdown().await;
+}
+
+async fn slow_upstream_times_out_and_5xx_passes_through(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let gw = env
+        .gateway(vec![
+            Route::new("/slow", "web")
+                .strip_prefix()
+                .timeout(Duration::from_millis(300)),
+            Route::new("/", "web"),
+        ])
+        .await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    // 5xx answers pass through unchanged.
+    let a = get(&client, addr, "/status/503").await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.body, "w-1");
+    // A route timeout gives 504 (the upstream answers headers only after
+    // reading a body that never ends).
+    let (tx, body) = futures_channel_body();
+    let req = http::Request::post(format!("http://{addr}/slow/upload"))
+        .body(body)
+        .unwrap();
+    let started = Instant::now();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = tx
+        .send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+            b"x",
+        ))))
+        .await;
+    gw.shutdown().await;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>;
+
+/// A request body fed from a channel.
+fn futures_channel_body() -> (
+    FrameSender,
+    http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>,
+) {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    (tx, http_body_util::StreamBody::new(stream).boxed())
+}
+
+on_both!(
+    traffic_spreads_across_instances,
+    new_instance_gets_traffic_quickly,
+    clear_answers_for_no_route_no_instance_and_bad_requests,
+    headers_are_rewritten,
+    consistent_hashing_by_header_is_sticky,
+    killed_instance_is_retried_around_and_ejected,
+    draining_instance_loses_traffic_without_errors,
+    registry_outage_keeps_last_known_instances,
+    routes_file_is_hot_reloaded,
+    slow_upstream_times_out_and_5xx_passes_through,
+);

@@ -1,0 +1,273 @@
+//! Bodies and connections through the gateway: 50 MiB uploads and
+//! downloads streamed (never buffered whole), WebSocket upgrades, and h2c
+//! clients. Every body runs against real etcd and the embedded registry.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use muster_gateway::Route;
+use muster_testkit::Registry;
+use tokio_tungstenite::tungstenite::Message;
+
+const SIZE: u64 = 50 * 1024 * 1024;
+
+async fn large_upload_streams_through(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let up = env.upstream("files", "f-1").await;
+    let gw = env.gateway(vec![Route::new("/", "files")]).await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("files is routed", || async {
+        get(&client, addr, "/x").await.status == StatusCode::OK
+    })
+    .await;
+
+    // The first chunk must reach the upstream before the client sends the
+    // rest: a gateway that buffered the body would deadlock here.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| {
+            (
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)),
+                rx,
+            )
+        })
+    });
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(stream));
+    let req = http::Request::post(format!("http://{addr}/upload"))
+        .body(body)
+        .unwrap();
+    let rss_before = rss();
+    let send = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(req).await }
+    });
+    let mut expected = Fnv::new();
+    let first = pattern(0, CHUNK);
+    expected.write(&first);
+    tx.send(first).await.unwrap();
+    let mut progress = up.upload_progress.clone();
+    tokio::time::timeout(DEADLINE, progress.wait_for(|n| *n > 0))
+        .await
+        .expect("the first chunk reached the upstream before the rest was sent")
+        .unwrap();
+    let mut peak = 0u64;
+    let mut sent = CHUNK as u64;
+    while sent < SIZE {
+        let chunk = pattern(sent, CHUNK.min((SIZE - sent) as usize));
+        expected.write(&chunk);
+        sent += chunk.len() as u64;
+        tx.send(chunk).await.unwrap();
+        if sent.is_multiple_of(4 * 1024 * 1024) {
+            peak = peak.max(rss().saturating_sub(rss_before));
+        }
+    }
+    drop(tx);
+    let resp = tokio::time::timeout(DEADLINE * 3, send)
+        .await
+        .expect("upload finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("{SIZE} {:x}", expected.0)
+    );
+    assert!(
+        peak < 24 * 1024 * 1024,
+        "memory grew by {} MiB during a 50 MiB upload",
+        peak / (1024 * 1024)
+    );
+    gw.shutdown().await;
+}
+
+async fn large_download_streams_through(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let up = env.upstream("files", "f-1").await;
+    let gw = env.gateway(vec![Route::new("/", "files")]).await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("files is routed", || async {
+        get(&client, addr, "/x").await.status == StatusCode::OK
+    })
+    .await;
+
+    // The upstream sends the first 64 KiB and then waits until the client
+    // has received bytes: a buffering gateway would never answer.
+    let req = http::Request::get(format!("http://{addr}/download/{SIZE}?gated"))
+        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let rss_before = rss();
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("headers before the body is complete")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut received = 0u64;
+    let mut got = Fnv::new();
+    let mut want = Fnv::new();
+    let mut peak = 0u64;
+    while let Some(frame) = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("the body keeps coming")
+    {
+        let frame = frame.unwrap();
+        if let Some(data) = frame.data_ref() {
+            if received == 0 {
+                up.open_gate();
+            }
+            want.write(&pattern(received, data.len()));
+            got.write(data);
+            received += data.len() as u64;
+            if received % (4 * 1024 * 1024) < data.len() as u64 {
+                peak = peak.max(rss().saturating_sub(rss_before));
+            }
+        }
+    }
+    assert_eq!(received, SIZE);
+    assert_eq!(got.0, want.0, "the body changed on the way");
+    assert!(
+        peak < 24 * 1024 * 1024,
+        "memory grew by {} MiB during a 50 MiB download",
+        peak / (1024 * 1024)
+    );
+    gw.shutdown().await;
+}
+
+async fn websocket_echo_through_the_gateway(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _up = env.upstream("chat", "c-1").await;
+    let gw = env.gateway(vec![Route::new("/ws", "chat")]).await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("chat is routed", || async {
+        get(&client, addr, "/ws").await.status == StatusCode::OK
+    })
+    .await;
+    let (mut ws, resp) = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/room")),
+    )
+    .await
+    .unwrap()
+    .expect("websocket handshake through the gateway");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..20 {
+        let text = format!("hello {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo, Message::text(text));
+    }
+    let big = vec![7u8; 1 << 20];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let echo = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo.into_data(), big);
+    ws.close(None).await.unwrap();
+    gw.shutdown().await;
+}
+
+async fn h2c_clients_are_served(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let _b = env.upstream("web", "w-2").await;
+    let gw = env
+        .gateway(vec![Route::new("/api", "web").strip_prefix()])
+        .await;
+    let h2: Client<HttpConnector, _> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let addr = gw.local_addr();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    eventually("both instances answer over h2c", || {
+        let h2 = h2.clone();
+        let req = http::Request::get(format!("http://{addr}/api/p"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let seen = seen.clone();
+        async move {
+            let resp = h2.request(req).await.expect("h2c request");
+            assert_eq!(resp.version(), http::Version::HTTP_2);
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["x-upstream-path"], "/p");
+            // The upstream spoke HTTP/1.1 and saw the authority as Host.
+            assert_eq!(resp.headers()["x-upstream-host"], addr.to_string());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let mut seen = seen.lock().unwrap();
+            seen.insert(String::from_utf8_lossy(&body).into_owned());
+            seen.len() == 2
+        }
+    })
+    .await;
+    // Many concurrent streams on one connection.
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let h2 = h2.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get(format!("http://{addr}/api/q"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                h2.request(req).await.unwrap().status()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    gw.shutdown().await;
+}
+
+async fn shutdown_lets_requests_in_progress_finish(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let up = env.upstream("files", "f-1").await;
+    let gw = env.gateway(vec![Route::new("/", "files")]).await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("files is routed", || async {
+        get(&client, addr, "/x").await.status == StatusCode::OK
+    })
+    .await;
+    const N: u64 = 4 * 1024 * 1024;
+    let req = http::Request::get(format!("http://{addr}/download/{N}?gated"))
+        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    // Shut down while the body is still coming.
+    let shutdown = tokio::spawn(gw.shutdown());
+    eventually("the listener is closed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    up.open_gate();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len() as u64, N);
+    tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .expect("shutdown returns once the request is done")
+        .unwrap();
+}
+
+on_both!(
+    shutdown_lets_requests_in_progress_finish,
+    large_upload_streams_through,
+    large_download_streams_through,
+    websocket_echo_through_the_gateway,
+    h2c_clients_are_served,
+);
