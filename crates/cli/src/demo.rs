@@ -261,6 +261,22 @@ impl Demo {
             ),
         );
         let victim_id = victim.id.clone();
+        let instance_label = format!("instance=\"{victim_id}\"");
+        wait_until(|| {
+            metric(
+                &gateway.metrics(),
+                "muster_gateway_ejections_total",
+                &instance_label,
+            ) >= 1.0
+        })
+        .await;
+        self.say(
+            "ejected",
+            format!(
+                "the gateway ejected {victim_id} after failed connects; {} requests retried on the others",
+                metric(&gateway.metrics(), "muster_gateway_retries_total", "")
+            ),
+        );
         service
             .wait_for(DEADLINE, |s| s.get(&victim_id).is_none())
             .await
@@ -467,6 +483,19 @@ async fn wait_until(cond: impl Fn() -> bool) {
     while !cond() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Sums the samples of the Prometheus metric `name` whose labels contain
+/// `label`.
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn spread(sent: u64, failed: u64, by: &BTreeMap<String, u64>) -> String {

@@ -51,6 +51,7 @@ fn demo_runs_the_whole_scenario_without_a_failed_request() {
     }
     // The crash and the drain both happened and were seen.
     line("kill");
+    assert!(line("ejected").contains("user-2"), "{stdout}");
     line("expired");
     line("draining");
     assert!(line("gone").contains("exit status: 0"), "{stdout}");
