@@ -1544,17 +1544,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10x").is_err());
-        assert!(parse_duration("s").is_err());
-    }
-
-    #[test]
     fn keys_sort_by_index_and_parse_back() {
         let keys = KeySpace::new("bench/", 32, 100_000).unwrap();
         let k = keys.key(42);

@@ -24,7 +24,7 @@ pub struct DashboardArgs {
 /// Runs `muster dashboard` until SIGINT or SIGTERM.
 pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()> {
     // Before the ready line: a signal right after it must shut down cleanly.
-    let signal = shutdown_signal()?;
+    let signal = crate::global::shutdown_signal()?;
     let etcd = global.connect()?;
     let dashboard = Dashboard::start(etcd, &global.prefix)
         .await
@@ -68,18 +68,4 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
             Ok(())
         }
     }
-}
-
-/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
-/// the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
 }

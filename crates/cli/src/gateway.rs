@@ -63,7 +63,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// Runs `muster gateway` until SIGINT or SIGTERM, then drains.
 pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
     // Before the ready line: a signal right after it must shut down cleanly.
-    let signal = shutdown_signal()?;
+    let signal = crate::global::shutdown_signal()?;
     if args.route.is_empty() && args.routes.is_none() {
         anyhow::bail!("no routes: give --route /prefix=service or --routes FILE");
     }
@@ -100,18 +100,4 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down; draining requests in progress");
     gateway.shutdown().await;
     Ok(())
-}
-
-/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
-/// the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
 }

@@ -81,28 +81,23 @@ impl GlobalArgs {
     }
 }
 
-/// Parses `10s`, `500ms`, `1m`, `1.5h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let hint = "write e.g. 10s, 500ms or 1m";
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{s}' has no unit; {hint}"))?;
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; {hint}"))?;
-    let scale = match unit {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}'; {hint}")),
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("'{s}': {e}"))
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
+/// the first signal.
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
+
+/// Parses `10s`, `500ms`, `1m`, `1.5h`: the gateway's parser, shared by
+/// every flag and the routes file.
+pub use muster_gateway::config::parse_duration;
 
 /// Endpoints as `http://host:port` URLs.
 pub fn normalize_endpoints(endpoints: &[String]) -> anyhow::Result<Vec<String>> {
@@ -138,8 +133,11 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("s").is_err());
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn parse_window(s: &str) -> Option<Duration> {
 pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can announce readiness: a SIGTERM right after the
     // ready line must shut down gracefully, not kill the process.
-    let shutdown = shutdown_signal()?;
+    let shutdown = crate::global::shutdown_signal()?;
     let mut config = if args.in_memory {
         ServerConfig::in_memory()
     } else {
@@ -176,20 +176,6 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
 async fn start_dashboard(endpoint: &str, prefix: &str) -> anyhow::Result<Dashboard> {
     let etcd = muster::Etcd::connect_to(endpoint)?;
     Ok(Dashboard::start(etcd, prefix).await?)
-}
-
-/// Installs the SIGINT and SIGTERM handlers now; the future resolves on
-/// the first signal.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-    })
 }
 
 #[cfg(test)]

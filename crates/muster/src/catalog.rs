@@ -16,16 +16,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use muster_proto as pb;
 use tokio::sync::broadcast;
 
-use crate::client::{Etcd, WatchEvent, WatchOptions, backoff};
-use crate::discovery::list;
+use crate::client::Etcd;
+use crate::discovery::Health;
 use crate::error::Result;
+use crate::follow::{FollowConfig, Follower, Staleness, follow, list};
 use crate::instance::{self, Instance, Status};
 
 /// How many events [`Catalog::recent`] keeps.
@@ -169,20 +170,6 @@ pub enum CatalogUpdate {
     Events(Arc<[CatalogEvent]>),
 }
 
-/// How current the catalog is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CatalogHealth {
-    /// The revision of the catalog.
-    pub revision: i64,
-    /// `None` while the watch is live; otherwise how long the catalog may
-    /// have been missing changes.
-    pub stale_for: Option<Duration>,
-    /// The last error, while stale.
-    pub last_error: Option<String>,
-    /// How many malformed values were skipped so far.
-    pub malformed: u64,
-}
-
 /// Every service under a prefix, kept current. Cheap to clone; following
 /// stops when the last clone is dropped.
 #[derive(Debug, Clone)]
@@ -196,7 +183,7 @@ struct Shared {
     snapshot: ArcSwap<CatalogSnapshot>,
     updates: broadcast::Sender<CatalogUpdate>,
     recent: Mutex<VecDeque<CatalogEvent>>,
-    stale: Mutex<Option<(Instant, String)>>,
+    stale: Staleness,
     malformed: AtomicU64,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -233,12 +220,22 @@ impl Catalog {
             snapshot: ArcSwap::from_pointee(CatalogSnapshot::default()),
             updates,
             recent: Mutex::new(VecDeque::new()),
-            stale: Mutex::new(None),
+            stale: Staleness::default(),
             malformed: AtomicU64::new(0),
             task: Mutex::new(None),
         });
         shared.apply_list(revision, kvs, &etcd).await;
-        let task = tokio::spawn(follow(Arc::downgrade(&shared), etcd, revision));
+        let task = tokio::spawn(follow(
+            Arc::downgrade(&shared),
+            etcd,
+            dir(prefix),
+            revision,
+            FollowConfig {
+                page_size: PAGE_SIZE,
+                backoff_base: Duration::from_millis(100),
+                backoff_cap: Duration::from_secs(5),
+            },
+        ));
         *shared.task.lock().expect("task lock") = Some(task.abort_handle());
         Ok(Catalog { shared })
     }
@@ -270,14 +267,12 @@ impl Catalog {
     }
 
     /// How current the catalog is.
-    pub fn health(&self) -> CatalogHealth {
-        let stale = self.shared.stale.lock().expect("stale lock").clone();
-        CatalogHealth {
-            revision: self.shared.snapshot.load().revision(),
-            stale_for: stale.as_ref().map(|(since, _)| since.elapsed()),
-            last_error: stale.map(|(_, e)| e),
-            malformed: self.shared.malformed.load(Ordering::Relaxed),
-        }
+    pub fn health(&self) -> Health {
+        Health::new(
+            self.shared.snapshot.load().revision(),
+            &self.shared.stale,
+            &self.shared.malformed,
+        )
     }
 }
 
@@ -405,7 +400,6 @@ impl Shared {
         self.classify(etcd, &mut events, removals).await;
         let first = old.revision() == 0;
         self.publish(new, if first { Vec::new() } else { events });
-        self.fresh();
     }
 
     async fn apply_events(&self, revision: i64, batch: Vec<pb::Event>, etcd: &Etcd) {
@@ -462,7 +456,6 @@ impl Shared {
         next.revision = revision.max(last);
         self.classify(etcd, &mut events, removals).await;
         self.publish(next, events);
-        self.fresh();
     }
 
     /// Tells expired instances from deregistered ones: a removal whose lease
@@ -505,7 +498,6 @@ impl Shared {
             next.revision = revision;
             self.snapshot.store(Arc::new(next));
         }
-        self.fresh();
     }
 
     fn publish(&self, snapshot: CatalogSnapshot, events: Vec<CatalogEvent>) {
@@ -523,18 +515,6 @@ impl Shared {
             }
         }
         let _ = self.updates.send(CatalogUpdate::Events(events.into()));
-    }
-
-    fn stale(&self, error: String) {
-        let mut stale = self.stale.lock().expect("stale lock");
-        match stale.as_mut() {
-            Some((_, e)) => *e = error,
-            None => *stale = Some((Instant::now(), error)),
-        }
-    }
-
-    fn fresh(&self) {
-        *self.stale.lock().expect("stale lock") = None;
     }
 }
 
@@ -565,69 +545,25 @@ fn event(kind: EventKind, entry: &Entry, revision: i64, at: SystemTime) -> Catal
     }
 }
 
-/// Keeps the catalog current until it is dropped.
-async fn follow(weak: Weak<Shared>, etcd: Etcd, listed: i64) {
-    let Some(prefix) = weak.upgrade().map(|s| dir(&s.prefix)) else {
-        return;
-    };
-    let mut from = Some(listed);
-    let mut attempt = 0u32;
-    let (base, cap) = (Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let revision = match from.take() {
-            Some(rev) => rev,
-            None => match list(&etcd, &prefix, PAGE_SIZE).await {
-                Ok((rev, kvs)) => {
-                    let Some(shared) = weak.upgrade() else { return };
-                    shared.apply_list(rev, kvs, &etcd).await;
-                    attempt = 0;
-                    rev
-                }
-                Err(e) => {
-                    let Some(shared) = weak.upgrade() else { return };
-                    shared.stale(e.to_string());
-                    drop(shared);
-                    tokio::time::sleep(backoff(attempt, base, cap)).await;
-                    attempt = attempt.saturating_add(1);
-                    continue;
-                }
-            },
-        };
-        let options = WatchOptions::prefix(prefix.as_bytes().to_vec()).from_revision(revision + 1);
-        let mut watcher = match etcd.watch(options).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch; the catalog stops following");
-                return;
-            }
-        };
-        while let Some(event) = watcher.next().await {
-            let Some(shared) = weak.upgrade() else { return };
-            match event {
-                WatchEvent::Events { revision, events } => {
-                    shared.apply_events(revision, events, &etcd).await
-                }
-                WatchEvent::Progress { revision } => shared.progress(revision),
-                WatchEvent::Disconnected { error } => shared.stale(error),
-                WatchEvent::Resumed => shared.fresh(),
-                WatchEvent::Compacted { compact_revision } => {
-                    tracing::info!(
-                        compact_revision,
-                        "catalog: history compacted while behind; re-listing"
-                    );
-                    break;
-                }
-                WatchEvent::Reset { revision } => {
-                    tracing::warn!(revision, "catalog: registry went back in time; re-listing");
-                    break;
-                }
-                WatchEvent::Canceled { reason } => {
-                    tracing::warn!(%reason, "catalog: watch canceled; re-listing");
-                    shared.stale(reason);
-                    break;
-                }
-            }
-        }
+impl Follower for Shared {
+    fn label(&self) -> String {
+        format!("catalog of {}", self.prefix)
+    }
+
+    async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
+        Shared::apply_list(self, revision, kvs, etcd).await;
+    }
+
+    async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, etcd: &Etcd) {
+        Shared::apply_events(self, revision, events, etcd).await;
+    }
+
+    fn progress(&self, revision: i64) {
+        Shared::progress(self, revision);
+    }
+
+    fn staleness(&self) -> &Staleness {
+        &self.stale
     }
 }
 

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod client;
 pub mod discovery;
 pub mod error;
+mod follow;
 pub mod grpc;
 pub mod instance;
 pub mod registrar;

@@ -22,7 +22,7 @@ mod snapshot;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use muster_proto as pb;
@@ -31,8 +31,9 @@ use tokio::sync::{broadcast, watch};
 pub use snapshot::{Change, Snapshot, Update};
 
 use crate::balance::{AnyLoadBalancer, Balancer, BalancerKind, Filter, LoadBalancer};
-use crate::client::{Etcd, WatchEvent, WatchOptions, backoff};
+use crate::client::Etcd;
 use crate::error::{Error, Result};
+use crate::follow::{FollowConfig, Follower, Staleness, follow, list};
 use crate::instance::{self, Instance};
 
 /// How discovery behaves.
@@ -64,6 +65,14 @@ impl Default for DiscoveryConfig {
 }
 
 impl DiscoveryConfig {
+    fn follow_config(&self) -> FollowConfig {
+        FollowConfig {
+            page_size: self.page_size,
+            backoff_base: self.backoff_base,
+            backoff_cap: self.backoff_cap,
+        }
+    }
+
     /// Sets the key prefix.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -134,7 +143,7 @@ impl Discovery {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             version,
             changes,
-            stale: Mutex::new(None),
+            stale: Staleness::default(),
             malformed: AtomicU64::new(0),
             task: Mutex::new(None),
         });
@@ -142,9 +151,9 @@ impl Discovery {
         let task = tokio::spawn(follow(
             Arc::downgrade(&shared),
             self.inner.etcd.clone(),
-            self.inner.config.clone(),
             prefix,
             revision,
+            self.inner.config.follow_config(),
         ));
         *shared.task.lock().expect("task lock") = Some(task.abort_handle());
         services.insert(name.to_string(), Arc::downgrade(&shared));
@@ -165,7 +174,7 @@ pub struct Service {
     shared: Arc<Shared>,
 }
 
-/// How current a service's table is.
+/// How current a table (a service's, or the catalog) is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     /// The revision of the table.
@@ -179,6 +188,18 @@ pub struct Health {
     pub malformed: u64,
 }
 
+impl Health {
+    pub(crate) fn new(revision: i64, stale: &Staleness, malformed: &AtomicU64) -> Health {
+        let stale = stale.get();
+        Health {
+            revision,
+            stale_for: stale.as_ref().map(|(for_, _)| *for_),
+            last_error: stale.map(|(_, e)| e),
+            malformed: malformed.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     name: String,
@@ -186,7 +207,7 @@ struct Shared {
     snapshot: ArcSwap<Snapshot>,
     version: watch::Sender<u64>,
     changes: broadcast::Sender<Update>,
-    stale: Mutex<Option<(Instant, String)>>,
+    stale: Staleness,
     malformed: AtomicU64,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -217,13 +238,11 @@ impl Service {
 
     /// How current the table is.
     pub fn health(&self) -> Health {
-        let stale = self.shared.stale.lock().expect("stale lock").clone();
-        Health {
-            revision: self.shared.snapshot.load().revision(),
-            stale_for: stale.as_ref().map(|(since, _)| since.elapsed()),
-            last_error: stale.map(|(_, e)| e),
-            malformed: self.shared.malformed.load(Ordering::Relaxed),
-        }
+        Health::new(
+            self.shared.snapshot.load().revision(),
+            &self.shared.stale,
+            &self.shared.malformed,
+        )
     }
 
     /// A receiver whose value bumps on every published change; wait on it
@@ -353,7 +372,6 @@ impl Shared {
             revision,
             changes,
         );
-        self.fresh();
     }
 
     fn apply_events(&self, revision: i64, events: Vec<pb::Event>) {
@@ -396,7 +414,6 @@ impl Shared {
             last_rev,
             changes,
         );
-        self.fresh();
     }
 
     fn progress(&self, revision: i64) {
@@ -405,7 +422,6 @@ impl Shared {
             self.snapshot
                 .store(Arc::new(current.with_revision(revision)));
         }
-        self.fresh();
     }
 
     fn publish(&self, snapshot: Snapshot, revision: i64, changes: Vec<Change>) {
@@ -429,115 +445,26 @@ impl Shared {
         let _ = self.changes.send(Update::Changes { revision, changes });
         self.version.send_modify(|v| *v += 1);
     }
-
-    fn stale(&self, error: String) {
-        let mut stale = self.stale.lock().expect("stale lock");
-        match stale.as_mut() {
-            Some((_, e)) => *e = error,
-            None => *stale = Some((Instant::now(), error)),
-        }
-    }
-
-    fn fresh(&self) {
-        *self.stale.lock().expect("stale lock") = None;
-    }
 }
 
-/// Lists every key under `prefix` at one revision, page by page.
-pub(crate) async fn list(
-    etcd: &Etcd,
-    prefix: &str,
-    page_size: i64,
-) -> Result<(i64, Vec<pb::KeyValue>)> {
-    let range_end = instance::prefix_range_end(prefix.as_bytes());
-    let mut key = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut kvs = Vec::new();
-    loop {
-        let resp = etcd
-            .range(pb::RangeRequest {
-                key: key.clone(),
-                range_end: range_end.clone(),
-                limit: page_size,
-                revision,
-                ..Default::default()
-            })
-            .await?;
-        if revision == 0 {
-            revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        }
-        let more = resp.more;
-        if let Some(last) = resp.kvs.last() {
-            key = last.key.clone();
-            key.push(0);
-        }
-        kvs.extend(resp.kvs);
-        if !more {
-            return Ok((revision, kvs));
-        }
+impl Follower for Shared {
+    fn label(&self) -> String {
+        format!("discovery of {}", self.name)
     }
-}
 
-/// Keeps one service's table current until the service is dropped.
-async fn follow(
-    weak: Weak<Shared>,
-    etcd: Etcd,
-    config: DiscoveryConfig,
-    prefix: String,
-    listed: i64,
-) {
-    let mut from = Some(listed);
-    let mut attempt = 0u32;
-    loop {
-        let revision = match from.take() {
-            Some(rev) => rev,
-            None => match list(&etcd, &prefix, config.page_size).await {
-                Ok((rev, kvs)) => {
-                    let Some(shared) = weak.upgrade() else { return };
-                    shared.apply_list(rev, kvs);
-                    attempt = 0;
-                    rev
-                }
-                Err(e) => {
-                    let Some(shared) = weak.upgrade() else { return };
-                    shared.stale(e.to_string());
-                    drop(shared);
-                    tokio::time::sleep(backoff(attempt, config.backoff_base, config.backoff_cap))
-                        .await;
-                    attempt = attempt.saturating_add(1);
-                    continue;
-                }
-            },
-        };
-        let options = WatchOptions::prefix(prefix.as_bytes().to_vec()).from_revision(revision + 1);
-        let mut watcher = match etcd.watch(options).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch; stopping discovery of this service");
-                return;
-            }
-        };
-        while let Some(event) = watcher.next().await {
-            let Some(shared) = weak.upgrade() else { return };
-            match event {
-                WatchEvent::Events { revision, events } => shared.apply_events(revision, events),
-                WatchEvent::Progress { revision } => shared.progress(revision),
-                WatchEvent::Disconnected { error } => shared.stale(error),
-                WatchEvent::Resumed => shared.fresh(),
-                WatchEvent::Compacted { compact_revision } => {
-                    tracing::info!(service = %shared.name, compact_revision, "history compacted while behind; re-listing");
-                    break;
-                }
-                WatchEvent::Reset { revision } => {
-                    tracing::warn!(service = %shared.name, revision, "registry went back in time (wiped or restored); re-listing");
-                    break;
-                }
-                WatchEvent::Canceled { reason } => {
-                    tracing::warn!(service = %shared.name, %reason, "watch canceled; re-listing");
-                    shared.stale(reason);
-                    break;
-                }
-            }
-        }
+    async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, _: &Etcd) {
+        Shared::apply_list(self, revision, kvs);
+    }
+
+    async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, _: &Etcd) {
+        Shared::apply_events(self, revision, events);
+    }
+
+    fn progress(&self, revision: i64) {
+        Shared::progress(self, revision);
+    }
+
+    fn staleness(&self) -> &Staleness {
+        &self.stale
     }
 }
