@@ -10,7 +10,7 @@ use hyper::{Method, StatusCode};
 use muster::{Instance, Registrar, RegistrarConfig};
 use muster_testkit::Registry;
 
-on_both!(
+muster_testkit::on_both!(
     services_reflect_registrations,
     event_stream_delivers_registrations_and_removals,
     lease_loss_shows_as_expired,

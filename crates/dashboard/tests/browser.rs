@@ -195,7 +195,7 @@ fn visible_services_script() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_page_in_headless_chromium() {
-    common::init_tracing();
+    muster_testkit::init_tracing();
     let Some((chromium, chromedriver)) = browser_binaries() else {
         return;
     };

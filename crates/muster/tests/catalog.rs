@@ -256,7 +256,7 @@ async fn serves_the_last_state_while_the_registry_is_down(mut node: Box<dyn Regi
     .await;
 }
 
-on_both!(
+muster_testkit::on_both!(
     lists_every_service_with_counts_and_times,
     follows_changes_and_tells_expired_from_deregistered,
     serves_the_last_state_while_the_registry_is_down,

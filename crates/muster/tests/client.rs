@@ -68,7 +68,7 @@ async fn lease_answers_come_through_unchanged(node: Box<dyn Registry>) {
     assert!(status.version.starts_with("3."), "{}", status.version);
 }
 
-on_both!(
+muster_testkit::on_both!(
     statuses_map_to_typed_errors,
     lease_answers_come_through_unchanged,
 );

@@ -220,7 +220,7 @@ async fn discover_stream_follows_the_service(node: Box<dyn Registry>) {
     );
 }
 
-on_both!(
+muster_testkit::on_both!(
     calls_spread_over_instances_and_survive_one_dying,
     no_instance_is_a_clear_unavailable_error,
     discover_stream_follows_the_service,

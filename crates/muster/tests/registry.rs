@@ -626,7 +626,7 @@ async fn survives_losing_the_cluster_member_it_talks_to() {
     assert_eq!(ids(&user.snapshot()), ["a", "b"]);
 }
 
-on_both!(
+muster_testkit::on_both!(
     registration_is_discovered_and_changes_propagate,
     keepalive_holds_an_instance_past_many_ttls,
     a_crashed_instance_disappears_after_its_ttl,

@@ -144,7 +144,7 @@ async fn a_lagging_subscriber_gets_a_reset_with_the_current_table(node: Box<dyn 
     }
 }
 
-on_both!(
+muster_testkit::on_both!(
     a_slow_watcher_catches_up_in_order_without_blocking_others,
     a_large_service_is_listed_in_pages_at_one_revision,
     a_lagging_subscriber_gets_a_reset_with_the_current_table,

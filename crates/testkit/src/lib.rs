@@ -53,7 +53,7 @@ mod proxy;
 mod registry;
 pub use embedded::EmbeddedNode;
 pub use proxy::TcpProxy;
-pub use registry::Registry;
+pub use registry::{Backend, Registry, registry};
 
 /// Interval between readiness probes.
 const POLL: Duration = Duration::from_millis(20);
@@ -68,6 +68,19 @@ fn etcd_bin() -> OsString {
 
 fn etcdctl_bin() -> OsString {
     env::var_os("MUSTER_ETCDCTL_BIN").unwrap_or_else(|| "etcdctl".into())
+}
+
+/// Installs a log subscriber for tests (once): `RUST_LOG`, else muster's
+/// crates at `info`, written through the test harness's capture.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "muster=info,muster_gateway=info,muster_dashboard=info,muster_server=warn".into()
+            }),
+        )
+        .with_test_writer()
+        .try_init();
 }
 
 /// Whether the etcd binary is on `PATH` (or `MUSTER_ETCD_BIN` is runnable).

@@ -74,3 +74,54 @@ impl Registry for EmbeddedNode {
         EmbeddedNode::metrics(self)
     }
 }
+
+/// Which registry a test body runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A real etcd from Debian's etcd-server.
+    Etcd,
+    /// muster's embedded registry.
+    Embedded,
+}
+
+/// A fresh registry of that kind, with test logging installed; `None`
+/// (skipped loudly, see [`require_etcd`](crate::require_etcd)) for etcd
+/// when it is not installed.
+pub fn registry(backend: Backend) -> Option<Box<dyn Registry>> {
+    crate::init_tracing();
+    match backend {
+        Backend::Etcd => {
+            crate::require_etcd()?;
+            Some(Box::new(EtcdNode::start().expect("start etcd")))
+        }
+        Backend::Embedded => Some(Box::new(
+            EmbeddedNode::start().expect("start the embedded registry"),
+        )),
+    }
+}
+
+/// Runs each named `async fn(Box<dyn Registry>)` as two tests,
+/// `<name>::etcd` and `<name>::embedded`: the same body against real etcd
+/// and the embedded registry. The calling crate needs tokio (with the
+/// `macros` and `rt-multi-thread` features).
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn etcd() {
+                    if let Some(r) = $crate::registry($crate::Backend::Etcd) {
+                        super::$name(r).await
+                    }
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    if let Some(r) = $crate::registry($crate::Backend::Embedded) {
+                        super::$name(r).await
+                    }
+                }
+            }
+        )*
+    };
+}

@@ -6,65 +6,12 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use muster::{Config, Etcd};
-use muster_testkit::{EmbeddedNode, EtcdNode, Registry};
+use muster_testkit::EtcdNode;
 
 /// A generous deadline for anything that should happen "soon".
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "muster=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// Which registry a test body runs against.
-#[derive(Debug, Clone, Copy)]
-pub enum Backend {
-    /// A real etcd from Debian's etcd-server.
-    Etcd,
-    /// muster's embedded registry.
-    Embedded,
-}
-
-/// A fresh registry of that kind; `None` (skipped loudly) for etcd when it
-/// is not installed.
-pub fn registry(backend: Backend) -> Option<Box<dyn Registry>> {
-    init_tracing();
-    match backend {
-        Backend::Etcd => etcd().map(|n| Box::new(n) as Box<dyn Registry>),
-        Backend::Embedded => Some(Box::new(
-            EmbeddedNode::start().expect("start the embedded registry"),
-        )),
-    }
-}
-
-/// Runs each named `async fn(Box<dyn Registry>)` as two tests,
-/// `<name>::etcd` and `<name>::embedded`.
-#[macro_export]
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test]
-                async fn etcd() {
-                    if let Some(r) = $crate::common::registry($crate::common::Backend::Etcd) {
-                        super::$name(r).await
-                    }
-                }
-                #[tokio::test]
-                async fn embedded() {
-                    if let Some(r) = $crate::common::registry($crate::common::Backend::Embedded) {
-                        super::$name(r).await
-                    }
-                }
-            }
-        )*
-    };
-}
+pub use muster_testkit::init_tracing;
 
 /// A fresh etcd, or `None` (test skipped loudly) when etcd is not installed.
 pub fn etcd() -> Option<EtcdNode> {
