@@ -48,7 +48,11 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     );
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, dashboard.router()).with_graceful_shutdown(async move {
+    let mut app = dashboard.router();
+    if addr.ip().is_loopback() {
+        app = muster_dashboard::local_hosts_only(app);
+    }
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.await;
     });
     let mut server = std::pin::pin!(server.into_future());

@@ -146,6 +146,9 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
+    if http_addr.ip().is_loopback() {
+        app = muster_dashboard::local_hosts_only(app);
+    }
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
             tracing::error!(error = %e, "HTTP server failed");

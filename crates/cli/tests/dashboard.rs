@@ -94,4 +94,22 @@ fn serve_shows_the_dashboard_on_its_http_address() {
     assert!(get_ok(port, "/api/services").is_some());
     assert!(get_ok(port, "/metrics").is_some_and(|m| m.contains("# TYPE")));
     assert!(get_ok(port, "/health").is_some());
+    // DNS rebinding: a page whose name resolves to 127.0.0.1 cannot read it.
+    let refused = get_with_host(port, "/api/services", "evil.example");
+    assert!(refused.starts_with("HTTP/1.1 421"), "{refused}");
+    assert!(get_with_host(port, "/", &format!("localhost:{port}")).starts_with("HTTP/1.1 200"));
+}
+
+/// A raw GET with the given Host header; the whole response.
+fn get_with_host(port: u16, path: &str, host: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
 }

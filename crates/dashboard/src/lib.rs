@@ -277,6 +277,57 @@ impl LeaseReading {
 /// `/assets/`, and the read-only API under `/api/`. Merge it into an
 /// existing `axum` app with [`Router::merge`].
 pub fn router(dashboard: Dashboard) -> Router {
+    routes(dashboard)
+}
+
+/// Refuses requests whose `Host` is a name other than `localhost`: for a
+/// dashboard bound to loopback, so that a web page the operator visits
+/// cannot read it through DNS rebinding (its name resolving to
+/// 127.0.0.1). IP literals and `localhost` pass; anything else gets 421.
+pub fn local_hosts_only(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(check_host))
+}
+
+async fn check_host(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(host) if !is_local_host(&host) => (
+            axum::http::StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "muster: Host {host:?} is refused: this address serves loopback only \
+                 (DNS rebinding protection); use http://127.0.0.1:<port>/\n"
+            ),
+        )
+            .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// `localhost`, `*.localhost` or an IP literal, with or without a port.
+fn is_local_host(authority: &str) -> bool {
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // [v6]:port
+        return rest
+            .split(']')
+            .next()
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn routes(dashboard: Dashboard) -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/assets/app.js", get(assets::script))
@@ -285,4 +336,32 @@ pub fn router(dashboard: Dashboard) -> Router {
         .route("/api/status", get(api::status))
         .route("/api/events", get(events::stream))
         .with_state(dashboard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_host;
+
+    #[test]
+    fn only_local_hosts_pass() {
+        for ok in [
+            "127.0.0.1:2381",
+            "localhost:2381",
+            "LOCALHOST",
+            "[::1]:2381",
+            "10.0.0.7",
+            "a.localhost:1",
+        ] {
+            assert!(is_local_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:2381",
+            "evil.example",
+            "localhost.evil.example",
+            "[zz]:1",
+            "",
+        ] {
+            assert!(!is_local_host(bad), "{bad}");
+        }
+    }
 }
