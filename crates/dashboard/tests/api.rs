@@ -17,6 +17,7 @@ muster_testkit::on_both!(
     status_answers,
     nothing_mutates,
     page_and_assets_are_served,
+    registry_outage_keeps_the_last_state,
 );
 
 fn user(id: &str) -> Instance {
@@ -290,4 +291,45 @@ async fn lease_loss_shows_as_expired(registry: Box<dyn Registry>) {
         })
         .await;
     assert_eq!(changes.data["events"][0]["kind"], "expired");
+}
+
+/// The registry goes down: the page keeps the last known instances and
+/// says it is stale; status answers 503 with the reason; after a restart
+/// everything is current again.
+async fn registry_outage_keeps_the_last_state(mut registry: Box<dyn Registry>) {
+    let served = Served::start(&registry.endpoint()).await;
+    let registrar = registrar(registry.as_ref()).await;
+    registrar.register(user("user-1")).await.unwrap();
+    let services = served.url("/api/services");
+    eventually("the instance is listed", || async {
+        find_instance(&get_json(&services).await, "user", "user-1").is_some()
+    })
+    .await;
+
+    registry.kill();
+    let status = served.url("/api/status");
+    eventually("status reports the registry down", || async {
+        get(&status).await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let (code, body) = get(&status).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    eventually("the catalog is reported stale", || async {
+        served.dashboard.catalog().health().stale_for.is_some()
+    })
+    .await;
+    assert!(
+        find_instance(&get_json(&services).await, "user", "user-1").is_some(),
+        "the last known instance stays on the page"
+    );
+
+    registry.restart().unwrap();
+    eventually("status answers again and the catalog is fresh", || async {
+        get(&status).await.0 == StatusCode::OK
+            && served.dashboard.catalog().health().stale_for.is_none()
+    })
+    .await;
+    drop(registrar);
 }
