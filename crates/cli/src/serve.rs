@@ -138,7 +138,13 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     // client of our own registry like any other.
     let dashboard = match start_dashboard(&server.endpoint(), &global.prefix).await {
         Ok(dashboard) => {
-            app = app.merge(dashboard.router());
+            // DNS rebinding protection for the dashboard's pages (not for
+            // /metrics and /health, which scrapers reach by any name).
+            let mut routes = dashboard.router();
+            if http_addr.ip().is_loopback() {
+                routes = muster_dashboard::local_hosts_only(routes);
+            }
+            app = app.merge(routes);
             Some(dashboard)
         }
         Err(e) => {
@@ -146,9 +152,6 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             None
         }
     };
-    if http_addr.ip().is_loopback() {
-        app = muster_dashboard::local_hosts_only(app);
-    }
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
             tracing::error!(error = %e, "HTTP server failed");
