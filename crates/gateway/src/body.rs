@@ -11,6 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use muster::balance::InFlight;
 
+use crate::client::Pooled;
+
 /// The body of a response the gateway gives: either its own small answer
 /// (errors, health, metrics) or the upstream's body, streamed through.
 #[derive(Debug)]
@@ -25,7 +27,10 @@ enum Kind {
         body: Incoming,
         /// Counts the request as in flight to its instance until the
         /// response body is done (or the client goes away).
-        _in_flight: Option<InFlight>,
+        in_flight: Option<InFlight>,
+        /// The upstream connection, back to the pool once the body is
+        /// read to the end (closed if it is dropped before).
+        pooled: Option<Pooled>,
     },
 }
 
@@ -45,14 +50,16 @@ impl GatewayBody {
         }
     }
 
-    /// An upstream's body, holding the request's in-flight guard.
-    pub(crate) fn upstream(body: Incoming, in_flight: Option<InFlight>) -> Self {
-        GatewayBody {
-            kind: Kind::Upstream {
-                body,
-                _in_flight: in_flight,
-            },
-        }
+    /// An upstream's body, holding the request's in-flight guard and its
+    /// connection.
+    pub(crate) fn upstream(body: Incoming, in_flight: Option<InFlight>, pooled: Pooled) -> Self {
+        let mut kind = Kind::Upstream {
+            body,
+            in_flight,
+            pooled: Some(pooled),
+        };
+        done(&mut kind, false);
+        GatewayBody { kind }
     }
 }
 
@@ -64,9 +71,23 @@ impl Body for GatewayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
+        let kind = &mut self.get_mut().kind;
+        match kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Kind::Upstream { body, .. } => {
+                let frame = Pin::new(body).poll_frame(cx);
+                match &frame {
+                    Poll::Ready(Some(Ok(_))) => done(kind, false),
+                    Poll::Ready(None) => done(kind, true),
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Kind::Upstream { pooled, .. } = kind {
+                            pooled.take();
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                frame
+            }
         }
     }
 
@@ -81,6 +102,23 @@ impl Body for GatewayBody {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// Once the upstream body is complete: the connection goes back to the pool
+/// and the request stops counting as in flight.
+fn done(kind: &mut Kind, ended: bool) {
+    if let Kind::Upstream {
+        body,
+        in_flight,
+        pooled,
+    } = kind
+        && (ended || body.is_end_stream())
+    {
+        in_flight.take();
+        if let Some(pooled) = pooled.take() {
+            pooled.release();
         }
     }
 }

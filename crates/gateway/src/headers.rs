@@ -26,6 +26,11 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay (for a
 /// protocol upgrade passing through).
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // The common case, none of them: one pass over the (few) names costs
+    // less than a lookup per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Names listed in Connection (rare; the common values are keep-alive,
     // close and upgrade).
     let mut named: Vec<HeaderName> = Vec::new();
@@ -64,23 +69,51 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// A client's address as the forwarding headers write it, worked out once
+/// per connection.
+#[derive(Debug)]
+pub(crate) struct ClientAddr {
+    /// `X-Forwarded-For` when the request has none.
+    xff: HeaderValue,
+    /// The same text, to append to an existing `X-Forwarded-For`.
+    ip_text: String,
+    /// `for=...;proto=http`, this hop's `Forwarded` element without host.
+    hop: String,
+}
+
+impl ClientAddr {
+    pub(crate) fn new(peer: SocketAddr) -> Self {
+        let ip = peer.ip();
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let ip_text = ip.to_string();
+        let hop = match ip {
+            IpAddr::V4(_) => format!("for={ip_text};proto=http"),
+            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto=http"),
+        };
+        ClientAddr {
+            xff: HeaderValue::from_str(&ip_text).expect("an IP address is a valid header value"),
+            ip_text,
+            hop,
+        }
+    }
+}
+
 /// Adds `X-Forwarded-For` (appending the client's address),
 /// `X-Forwarded-Proto`, `X-Forwarded-Host` (if absent) and `Forwarded`
 /// (appending this hop).
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
-    let ip = peer.ip();
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    let ip_text = ip.to_string();
-
-    let xff = match join(headers, &X_FORWARDED_FOR) {
-        Some(prev) => format!("{prev}, {ip_text}"),
-        None => ip_text.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddr, host: Option<&str>) {
+    match join(headers, &X_FORWARDED_FOR) {
+        Some(prev) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {}", client.ip_text)) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), client.xff.clone());
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     if let Some(host) = host
@@ -90,23 +123,25 @@ pub(crate) fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Opt
         headers.insert(X_FORWARDED_HOST.clone(), v);
     }
 
-    let node = match ip {
-        IpAddr::V4(_) => ip_text,
-        IpAddr::V6(_) => format!("\"[{ip_text}]\""),
-    };
-    let mut hop = format!("for={node};proto=http");
+    let prev = join(headers, &header::FORWARDED);
+    let mut forwarded = String::with_capacity(
+        prev.as_ref().map_or(0, |p| p.len() + 2)
+            + client.hop.len()
+            + host.map_or(0, |h| h.len() + 8),
+    );
+    if let Some(prev) = &prev {
+        forwarded.push_str(prev);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str(&client.hop);
     if let Some(host) = host
         && !host.contains(['"', '\\'])
     {
-        hop.push_str(";host=\"");
-        hop.push_str(host);
-        hop.push('"');
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
     }
-    let forwarded = match join(headers, &header::FORWARDED) {
-        Some(prev) => format!("{prev}, {hop}"),
-        None => hop,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -167,7 +202,7 @@ mod tests {
         h.insert(header::FORWARDED, "for=1.1.1.1".parse().unwrap());
         add_forwarded(
             &mut h,
-            "10.0.0.2:5000".parse().unwrap(),
+            &ClientAddr::new("10.0.0.2:5000".parse().unwrap()),
             Some("example.com:8080"),
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 10.0.0.2");
@@ -178,7 +213,11 @@ mod tests {
             "for=1.1.1.1, for=10.0.0.2;proto=http;host=\"example.com:8080\""
         );
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "[::1]:5000".parse().unwrap(), None);
+        add_forwarded(
+            &mut h,
+            &ClientAddr::new("[::1]:5000".parse().unwrap()),
+            None,
+        );
         assert_eq!(
             h.get(header::FORWARDED).unwrap(),
             "for=\"[::1]\";proto=http"

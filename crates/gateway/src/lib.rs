@@ -31,7 +31,9 @@
 //!    round-robin, ...). None left: 503 naming the service.
 //! 5. Hop-by-hop headers go, `X-Forwarded-*` and `Forwarded` are added
 //!    (`headers.rs`), and the request is sent on a pooled connection with
-//!    its body streamed. A connect failure, or an idempotent request that
+//!    its body streamed (`client.rs`: one pool per serving thread). A pooled
+//!    connection the upstream had closed is replaced by a fresh one to the
+//!    same instance. A connect failure, or an idempotent request that
 //!    failed before its body was touched and before any answer, is retried
 //!    once on another instance.
 //! 6. Failures count against the instance; enough in a row eject it for a
@@ -45,6 +47,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod client;
 pub mod config;
 mod error;
 mod headers;

@@ -27,10 +27,41 @@ const BUCKETS: [f64; 16] = [
     60.0,
 ];
 
+/// How many copies of the hot counters are kept: serving threads count
+/// into their own copy (thread `i` into copy `i % SHARDS`), so that they do
+/// not fight over the same cache lines on every request. Rendering sums
+/// the copies.
+const SHARDS: usize = 8;
+
+thread_local! {
+    /// The copy this thread counts into (0 unless it is a serving thread).
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread count into copy `i % SHARDS` (serving thread
+/// `i`).
+pub(crate) fn set_shard(i: usize) {
+    SHARD.with(|s| s.set(i % SHARDS));
+}
+
+fn shard() -> usize {
+    SHARD.with(std::cell::Cell::get)
+}
+
+/// One cache line pair to itself.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
 /// A latency histogram: one counter per bucket (plus +Inf), a count and a
-/// sum; lock-free.
+/// sum; lock-free, one copy per shard.
 #[derive(Debug, Default)]
 pub(crate) struct Histogram {
+    shards: [Padded<HistogramShard>; SHARDS],
+}
+
+#[derive(Debug, Default)]
+struct HistogramShard {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     count: AtomicU64,
     sum_nanos: AtomicU64,
@@ -43,27 +74,31 @@ impl Histogram {
             .iter()
             .position(|b| secs <= *b)
             .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos
+        let h = &self.shards[shard()].0;
+        h.buckets[i].fetch_add(1, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_nanos
             .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    fn sum(&self, f: impl Fn(&HistogramShard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| f(&s.0).load(Ordering::Relaxed))
+            .sum()
     }
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            cumulative += self.sum(|s| &s.buckets[i]);
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
         }
-        cumulative += self.buckets[BUCKETS.len()].load(Ordering::Relaxed);
+        cumulative += self.sum(|s| &s.buckets[BUCKETS.len()]);
         let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let sum = self.sum(|s| &s.sum_nanos) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(
-            out,
-            "{name}_count{{{labels}}} {}",
-            self.count.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.sum(|s| &s.count));
     }
 }
 
@@ -81,8 +116,8 @@ const ERROR_KINDS: [&str; 3] = ["connect", "request", "timeout"];
 #[derive(Debug)]
 pub(crate) struct RouteMetrics {
     label: String,
-    /// Answers by status code (index = code, 0..1000).
-    statuses: Box<[AtomicU64]>,
+    /// Answers by status code (index = code, 0..1000), per shard.
+    statuses: Box<[Padded<Box<[AtomicU64]>>]>,
     latency: Histogram,
     retries: AtomicU64,
     errors: [AtomicU64; 3],
@@ -92,7 +127,9 @@ impl RouteMetrics {
     fn new(label: String) -> Self {
         RouteMetrics {
             label,
-            statuses: (0..1000).map(|_| AtomicU64::new(0)).collect(),
+            statuses: (0..SHARDS)
+                .map(|_| Padded((0..1000).map(|_| AtomicU64::new(0)).collect()))
+                .collect(),
             latency: Histogram::default(),
             retries: AtomicU64::new(0),
             errors: Default::default(),
@@ -102,7 +139,7 @@ impl RouteMetrics {
     /// Counts one answered request.
     pub(crate) fn observe(&self, status: http::StatusCode, elapsed: Duration) {
         let code = usize::from(status.as_u16()).min(999);
-        self.statuses[code].fetch_add(1, Ordering::Relaxed);
+        self.statuses[shard()].0[code].fetch_add(1, Ordering::Relaxed);
         self.latency.observe(elapsed);
     }
 
@@ -189,8 +226,12 @@ impl Metrics {
         out.push_str("# TYPE muster_gateway_requests_total counter\n");
         for r in &routes {
             let route = escape(&r.label);
-            for (code, n) in r.statuses.iter().enumerate() {
-                let n = n.load(Ordering::Relaxed);
+            for code in 0..1000 {
+                let n: u64 = r
+                    .statuses
+                    .iter()
+                    .map(|s| s.0[code].load(Ordering::Relaxed))
+                    .sum();
                 if n > 0 {
                     let _ = writeln!(
                         out,

@@ -1,7 +1,6 @@
 //! The request path: answer the gateway's own paths, find the route, pick
 //! an instance, forward, retry when it is safe, and stream the answer back.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,16 +9,14 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use muster::Instance;
 use muster::balance::{AnyLoadBalancer, InFlight};
 
 use crate::body::{GatewayBody, SharedBody, UpstreamBody};
+use crate::client::{SendError, UpstreamClient};
 use crate::config::GatewayConfig;
 use crate::error::json_error;
-use crate::headers::{add_forwarded, remove_hop_by_hop};
+use crate::headers::{ClientAddr, add_forwarded, remove_hop_by_hop};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::route::{ActiveRoute, RouteTable};
 use crate::upgrade::{is_upgrade, tunnel};
@@ -40,9 +37,6 @@ pub(crate) struct Proxy {
     health_path: Option<String>,
     metrics_path: Option<String>,
 }
-
-/// The upstream HTTP client.
-pub(crate) type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// An instance chosen for one attempt.
 struct Target {
@@ -66,16 +60,7 @@ impl Proxy {
     /// A pool of upstream connections. Each serving thread has its own, so
     /// a request and its upstream connection live on the same thread.
     pub(crate) fn client(&self) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(self.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.enforce_http(true);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(self.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector)
+        UpstreamClient::new(self.connect_timeout, self.pool_idle_timeout)
     }
 
     /// The Prometheus text.
@@ -115,7 +100,7 @@ impl Proxy {
         &self,
         client: &UpstreamClient,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &ClientAddr,
     ) -> Response<GatewayBody> {
         let start = Instant::now();
         let path = req.uri().path();
@@ -162,7 +147,7 @@ impl Proxy {
         client: &UpstreamClient,
         route: &ActiveRoute,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &ClientAddr,
         host: Option<String>,
         start: Instant,
     ) -> Response<GatewayBody> {
@@ -203,6 +188,10 @@ impl Proxy {
                 | Method::TRACE
         );
         let body = (!http_body::Body::is_end_stream(&body)).then(|| SharedBody::new(body));
+        // Whether a request that failed after being sent may be sent again
+        // (if its body was not touched), so that each send needs its own
+        // copy of the headers.
+        let resendable = idempotent;
 
         let attempts = 1 + route.retries;
         let mut tried: Vec<String> = Vec::new();
@@ -218,7 +207,9 @@ impl Proxy {
                 break;
             };
             let state = route.service.instance(&target.instance);
-            let Some((scheme, authority)) = state.target.clone() else {
+            // Borrowed: cloning would bump a reference count that every
+            // serving thread shares.
+            let Some((_, authority)) = state.target.as_ref() else {
                 tracing::warn!(service = %route.route.service, instance = %state.id, addr = %state.addr, "instance address is not http://host:port; skipping it");
                 last_error = format!(
                     "instance {} has an unusable address {:?}",
@@ -227,29 +218,42 @@ impl Proxy {
                 tried.push(target.instance.id.clone());
                 continue;
             };
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(scheme);
-            uri.authority = Some(authority);
-            uri.path_and_query = Some(path_and_query.clone());
-            let Ok(uri) = Uri::from_parts(uri) else {
-                return bad_request("the request target cannot be forwarded");
-            };
-            let mut upstream_req = Request::new(match &body {
-                Some(b) => UpstreamBody::Shared(b.clone()),
-                None => UpstreamBody::Empty,
-            });
-            *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri;
-            *upstream_req.version_mut() = Version::HTTP_11;
-            *upstream_req.headers_mut() = if attempt + 1 < attempts {
-                headers.clone()
-            } else {
-                std::mem::take(&mut headers)
-            };
-
             let sent = Instant::now();
-            let result =
-                tokio::time::timeout_at(deadline.into(), client.request(upstream_req)).await;
+            // A pooled connection the upstream had closed gets one more go
+            // on a fresh connection, on the same instance.
+            let mut fresh = false;
+            let (result, host_added) = loop {
+                let mut upstream_req = Request::new(match &body {
+                    Some(b) => UpstreamBody::Shared(b.clone()),
+                    None => UpstreamBody::Empty,
+                });
+                *upstream_req.method_mut() = parts.method.clone();
+                *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
+                *upstream_req.version_mut() = Version::HTTP_11;
+                let mut h = if resendable || attempt + 1 < attempts {
+                    headers.clone()
+                } else {
+                    std::mem::take(&mut headers)
+                };
+                let host_added = !h.contains_key(header::HOST)
+                    && HeaderValue::from_str(authority.as_str())
+                        .is_ok_and(|v| h.insert(header::HOST, v).is_none());
+                *upstream_req.headers_mut() = h;
+                let result = tokio::time::timeout_at(
+                    deadline.into(),
+                    client.send(authority, upstream_req, fresh),
+                )
+                .await;
+                match result {
+                    Ok(Err(SendError::Stale(e)))
+                        if !fresh && idempotent && body.as_ref().is_none_or(|b| !b.started()) =>
+                    {
+                        tracing::debug!(service = %route.route.service, instance = %state.id, error = %e, "pooled connection was closed; sending again");
+                        fresh = true;
+                    }
+                    other => break (other, host_added),
+                }
+            };
             match result {
                 Err(_elapsed) => {
                     route.metrics.error(ErrorKind::Timeout);
@@ -265,7 +269,7 @@ impl Proxy {
                         Some(&route.route.service),
                     );
                 }
-                Ok(Ok(mut resp)) => {
+                Ok(Ok((mut resp, pooled))) => {
                     state.latency.observe(sent.elapsed());
                     if resp.status().is_server_error() {
                         route.service.failure(&state);
@@ -285,25 +289,30 @@ impl Proxy {
                     remove_hop_by_hop(&mut rparts.headers, false);
                     return Response::from_parts(
                         rparts,
-                        GatewayBody::upstream(rbody, target.in_flight),
+                        GatewayBody::upstream(rbody, target.in_flight, pooled),
                     );
                 }
                 Ok(Err(e)) => {
-                    let connect = e.is_connect();
-                    route.metrics.error(if connect {
-                        ErrorKind::Connect
-                    } else {
-                        ErrorKind::Request
-                    });
+                    let (kind, retryable, message) = match e {
+                        SendError::Connect { message, request } => {
+                            // Nothing was sent: the headers come back.
+                            if headers.is_empty() {
+                                headers = request.into_parts().0.headers;
+                                if host_added {
+                                    headers.remove(header::HOST);
+                                }
+                            }
+                            (ErrorKind::Connect, true, message)
+                        }
+                        SendError::Stale(e) | SendError::Request(e) => (
+                            ErrorKind::Request,
+                            idempotent && body.as_ref().is_none_or(|b| !b.started()),
+                            error_chain(&e),
+                        ),
+                    };
+                    route.metrics.error(kind);
                     route.service.failure(&state);
-                    let retryable =
-                        connect || (idempotent && body.as_ref().is_none_or(|b| !b.started()));
-                    last_error = format!(
-                        "instance {} ({}): {}",
-                        state.id,
-                        state.addr,
-                        error_chain(&e)
-                    );
+                    last_error = format!("instance {} ({}): {message}", state.id, state.addr);
                     tracing::debug!(service = %route.route.service, error = %last_error, retryable, "upstream attempt failed");
                     tried.push(target.instance.id.clone());
                     if !retryable {

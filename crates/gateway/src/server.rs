@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::GatewayError;
+use crate::headers::ClientAddr;
 use crate::proxy::Proxy;
 
 /// Binds a listener (port 0: any free port).
@@ -57,14 +58,18 @@ impl Workers {
         for i in 0..n.max(1) {
             let (tx, rx) = mpsc::unbounded_channel();
             let (done_tx, done_rx) = oneshot::channel();
+            // IO and timers only: the signal and process drivers would be
+            // checked on every turn of the loop for nothing.
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()
                 .map_err(|e| GatewayError::Config(format!("cannot start a runtime: {e}")))?;
             let (proxy, stop) = (proxy.clone(), stop.clone());
             std::thread::Builder::new()
                 .name(format!("gateway-{i}"))
                 .spawn(move || {
+                    crate::metrics::set_shard(i);
                     runtime.block_on(worker(rx, proxy, stop, drain));
                     let _ = done_tx.send(());
                 })
@@ -140,6 +145,17 @@ async fn worker(
     drain: Duration,
 ) {
     let client = proxy.client();
+    let sweeper = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let mut tick = tokio::time::interval(client.sweep_interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                client.sweep();
+            }
+        }
+    });
     let builder = builder();
     let graceful = GracefulShutdown::new();
     loop {
@@ -154,10 +170,10 @@ async fn worker(
         let Ok(stream) = TcpStream::from_std(stream) else {
             continue;
         };
-        let (proxy, client) = (proxy.clone(), client.clone());
+        let shared = Arc::new((proxy.clone(), client.clone(), ClientAddr::new(peer)));
         let service = service_fn(move |req| {
-            let (proxy, client) = (proxy.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy.handle(&client, req, peer).await) }
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.0.handle(&shared.1, req, &shared.2).await) }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -178,6 +194,7 @@ async fn worker(
             "connections still busy after the drain timeout; closing them"
         );
     }
+    sweeper.abort();
 }
 
 /// Serves the admin listener (metrics and health only) on the caller's
