@@ -559,7 +559,7 @@ fn futures_channel_body() -> (
     (tx, http_body_util::StreamBody::new(stream).boxed())
 }
 
-on_both!(
+muster_testkit::on_both!(
     traffic_spreads_across_instances,
     new_instance_gets_traffic_quickly,
     clear_answers_for_no_route_no_instance_and_bad_requests,

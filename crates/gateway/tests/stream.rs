@@ -264,7 +264,7 @@ async fn shutdown_lets_requests_in_progress_finish(registry: Box<dyn Registry>) 
         .unwrap();
 }
 
-on_both!(
+muster_testkit::on_both!(
     shutdown_lets_requests_in_progress_finish,
     large_upload_streams_through,
     large_download_streams_through,

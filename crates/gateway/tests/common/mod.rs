@@ -22,71 +22,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use muster::{Config, Discovery, Etcd, Instance, Registrar, RegistrarConfig};
 use muster_gateway::{Gateway, GatewayConfig, GatewayHandle, HealthConfig, Route};
-use muster_testkit::{EmbeddedNode, EtcdNode, Registry};
+use muster_testkit::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// A generous deadline for anything that should happen "soon".
 pub const DEADLINE: Duration = Duration::from_secs(20);
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "muster=info,muster_gateway=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-/// Which registry a test body runs against.
-#[derive(Debug, Clone, Copy)]
-pub enum Backend {
-    /// A real etcd.
-    Etcd,
-    /// muster's embedded registry.
-    Embedded,
-}
-
-/// A fresh registry of that kind; `None` (skipped loudly) for etcd when it
-/// is not installed.
-pub fn registry(backend: Backend) -> Option<Box<dyn Registry>> {
-    init_tracing();
-    match backend {
-        Backend::Etcd => {
-            muster_testkit::require_etcd()?;
-            Some(Box::new(EtcdNode::start().expect("start etcd")))
-        }
-        Backend::Embedded => Some(Box::new(
-            EmbeddedNode::start().expect("start the embedded registry"),
-        )),
-    }
-}
-
-/// Runs each named `async fn(Box<dyn Registry>)` as two tests,
-/// `<name>::etcd` and `<name>::embedded`.
-#[macro_export]
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn etcd() {
-                    if let Some(r) = $crate::common::registry($crate::common::Backend::Etcd) {
-                        super::$name(r).await
-                    }
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn embedded() {
-                    if let Some(r) = $crate::common::registry($crate::common::Backend::Embedded) {
-                        super::$name(r).await
-                    }
-                }
-            }
-        )*
-    };
-}
 
 /// Client settings for tests: short timeouts so outages are noticed fast.
 pub fn client(endpoint: &str) -> Etcd {
