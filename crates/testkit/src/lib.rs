@@ -53,7 +53,7 @@ mod proxy;
 mod registry;
 pub use embedded::EmbeddedNode;
 pub use proxy::TcpProxy;
-pub use registry::{Backend, Registry, registry};
+pub use registry::{Backend, DEADLINE, Registry, eventually, registry};
 
 /// Interval between readiness probes.
 const POLL: Duration = Duration::from_millis(20);

@@ -125,3 +125,23 @@ macro_rules! on_both {
         )*
     };
 }
+
+/// A generous deadline for anything a test expects to happen "soon".
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after
+/// [`DEADLINE`]. Tests wait for conditions this way, never with fixed sleeps.
+pub async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

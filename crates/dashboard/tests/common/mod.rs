@@ -15,8 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use muster::{Config, Etcd};
 use muster_dashboard::Dashboard;
 
-/// A generous deadline for anything that should happen "soon".
-pub const DEADLINE: Duration = Duration::from_secs(20);
+#[allow(unused_imports)]
+pub use muster_testkit::DEADLINE;
 
 /// A client with short timeouts.
 pub fn client(endpoint: &str) -> Etcd {
@@ -188,21 +188,8 @@ impl SseStream {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds or [`DEADLINE`] passes.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use muster_testkit::eventually;
 
 /// The instance `service/id` in an `/api/services` answer.
 pub fn find_instance<'a>(

@@ -5,11 +5,10 @@
 #![allow(dead_code)]
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -27,8 +26,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// A generous deadline for anything that should happen "soon".
-pub const DEADLINE: Duration = Duration::from_secs(20);
+#[allow(unused_imports)]
+pub use muster_testkit::DEADLINE;
 
 /// Client settings for tests: short timeouts so outages are noticed fast.
 pub fn client(endpoint: &str) -> Etcd {
@@ -38,21 +37,8 @@ pub fn client(endpoint: &str) -> Etcd {
     Etcd::connect(c).expect("client")
 }
 
-/// Polls `cond` every 20 ms until it holds or `DEADLINE` passes.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use muster_testkit::eventually;
 
 /// Everything a gateway test needs: registry client, registrar, discovery.
 pub struct Env {

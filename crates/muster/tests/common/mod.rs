@@ -2,14 +2,13 @@
 //! with short timeouts, and polling with generous deadlines (no fixed sleeps).
 #![allow(dead_code)]
 
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use muster::{Config, Etcd};
 use muster_testkit::EtcdNode;
 
-/// A generous deadline for anything that should happen "soon".
-pub const DEADLINE: Duration = Duration::from_secs(20);
+#[allow(unused_imports)]
+pub use muster_testkit::DEADLINE;
 
 pub use muster_testkit::init_tracing;
 
@@ -32,21 +31,8 @@ pub fn client(endpoint: &str) -> Etcd {
     Etcd::connect(config(vec![endpoint.to_string()])).expect("client")
 }
 
-/// Polls `cond` every 20 ms until it holds or `DEADLINE` passes.
-pub async fn eventually<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use muster_testkit::eventually;
 
 /// The raw value at `key`, read directly from etcd.
 pub async fn get(etcd: &Etcd, key: &str) -> Option<muster_proto::KeyValue> {
