@@ -237,15 +237,7 @@ impl Demo {
         let mut total_failed = failed;
 
         // Phase 2: kill one instance mid-traffic.
-        let running = Arc::new(AtomicBool::new(true));
-        let pumping = tokio::spawn(pump(
-            client.clone(),
-            url.clone(),
-            args.concurrency,
-            traffic.clone(),
-            running.clone(),
-        ));
-        wait_until(|| traffic.sent.load(Ordering::Relaxed) >= 100).await;
+        let pumping = Pump::start(&client, &url, args.concurrency, &traffic).await;
         let victim = &mut children[1];
         victim
             .child
@@ -288,22 +280,10 @@ impl Demo {
                 killed.elapsed().as_secs_f64()
             ),
         );
-        running.store(false, Ordering::Relaxed);
-        pumping.await.context("traffic task")?;
-        let (sent, failed, by) = traffic.take();
-        self.say("traffic", spread(sent, failed, &by));
-        total_failed += failed;
+        total_failed += self.stop(pumping, &traffic).await?;
 
         // Phase 3: drain another gracefully.
-        let running = Arc::new(AtomicBool::new(true));
-        let pumping = tokio::spawn(pump(
-            client.clone(),
-            url.clone(),
-            args.concurrency,
-            traffic.clone(),
-            running.clone(),
-        ));
-        wait_until(|| traffic.sent.load(Ordering::Relaxed) >= 100).await;
+        let pumping = Pump::start(&client, &url, args.concurrency, &traffic).await;
         let drained = &mut children[2];
         let pid = drained.child.id().context("the instance already exited")?;
         terminate(pid)?;
@@ -335,11 +315,7 @@ impl Demo {
             "gone",
             format!("{drained_id} deregistered and exited ({status})"),
         );
-        running.store(false, Ordering::Relaxed);
-        pumping.await.context("traffic task")?;
-        let (sent, failed, by) = traffic.take();
-        self.say("traffic", spread(sent, failed, &by));
-        total_failed += failed;
+        total_failed += self.stop(pumping, &traffic).await?;
 
         gateway.shutdown().await;
         let errors = traffic.errors.lock().expect("errors lock").clone();
@@ -354,6 +330,45 @@ impl Demo {
             "no request failed: a crash and a drain, both invisible to callers",
         );
         Ok(())
+    }
+}
+
+/// Traffic flowing in the background until stopped.
+struct Pump {
+    running: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Pump {
+    /// Starts sending and waits until 100 requests went out, so what
+    /// follows happens mid-traffic.
+    async fn start(
+        client: &HttpClient,
+        url: &str,
+        concurrency: u32,
+        traffic: &Arc<Traffic>,
+    ) -> Pump {
+        let running = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(pump(
+            client.clone(),
+            url.to_string(),
+            concurrency,
+            traffic.clone(),
+            running.clone(),
+        ));
+        wait_until(|| traffic.sent.load(Ordering::Relaxed) >= 100).await;
+        Pump { running, task }
+    }
+}
+
+impl Demo {
+    /// Stops the traffic, prints how it spread; returns the failures.
+    async fn stop(&self, pump: Pump, traffic: &Traffic) -> anyhow::Result<u64> {
+        pump.running.store(false, Ordering::Relaxed);
+        pump.task.await.context("traffic task")?;
+        let (sent, failed, by) = traffic.take();
+        self.say("traffic", spread(sent, failed, &by));
+        Ok(failed)
     }
 }
 
