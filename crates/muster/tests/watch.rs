@@ -14,10 +14,21 @@ use muster_testkit::Registry;
 
 async fn a_slow_watcher_catches_up_in_order_without_blocking_others(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let mut slow = etcd.watch(WatchOptions::prefix("/load/")).await.unwrap();
-    let mut fast = etcd.watch(WatchOptions::prefix("/load/")).await.unwrap();
-    // Let both watches be created before writing.
-    put(&etcd, "/load/ready", b"").await;
+    // Both watchers start at a known revision, so each sees this first put
+    // however long their creation takes on the server.
+    let ready = etcd
+        .put(muster_proto::PutRequest {
+            key: b"/load/ready".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    let from = || WatchOptions::prefix("/load/").from_revision(ready);
+    let mut slow = etcd.watch(from()).await.unwrap();
+    let mut fast = etcd.watch(from()).await.unwrap();
     for w in [&mut slow, &mut fast] {
         loop {
             match tokio::time::timeout(DEADLINE, w.next()).await.unwrap() {
