@@ -570,6 +570,12 @@ impl Etcd {
     }
 
     /// Watches a key or range on this handle's shared watch stream.
+    ///
+    /// It returns once the watch is queued, not once etcd has created it:
+    /// with `start_revision` 0 ("from now"), a change made right after may
+    /// come before the watch exists and be missed. To see everything after
+    /// a point, watch from a known revision (a read's header revision + 1),
+    /// as discovery does.
     pub async fn watch(&self, options: WatchOptions) -> Result<Watcher> {
         self.inner
             .watch_hub
