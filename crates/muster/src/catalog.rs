@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use crate::client::Etcd;
 use crate::discovery::Health;
 use crate::error::Result;
-use crate::follow::{FollowConfig, Follower, Staleness, follow, list};
+use crate::follow::{FollowConfig, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance, Status};
 
 /// How many events [`Catalog::recent`] keeps.
@@ -287,19 +287,11 @@ pub struct CatalogEvents {
 impl CatalogEvents {
     /// The next update; `None` once the catalog stopped.
     pub async fn next(&mut self) -> Option<CatalogUpdate> {
-        if self.reset_pending {
-            self.reset_pending = false;
-            return Some(CatalogUpdate::Reset(self.shared.snapshot.load_full()));
-        }
-        match self.rx.recv().await {
-            Ok(update) => Some(update),
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "catalog subscriber lagged; sending a reset");
-                self.rx = self.rx.resubscribe();
-                Some(CatalogUpdate::Reset(self.shared.snapshot.load_full()))
-            }
-            Err(broadcast::error::RecvError::Closed) => None,
-        }
+        let shared = &self.shared;
+        next_update(&mut self.rx, &mut self.reset_pending, "catalog", || {
+            CatalogUpdate::Reset(shared.snapshot.load_full())
+        })
+        .await
     }
 }
 

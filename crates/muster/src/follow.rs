@@ -14,6 +14,7 @@ use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use muster_proto as pb;
+use tokio::sync::broadcast;
 
 use crate::client::{Etcd, WatchEvent, WatchOptions, backoff};
 use crate::error::Result;
@@ -80,6 +81,30 @@ impl Staleness {
         stale
             .as_ref()
             .map(|(since, e)| (since.elapsed(), e.clone()))
+    }
+}
+
+/// The next update for a subscriber of a followed table: `reset()` (the
+/// whole current table) first and after the subscriber lagged, otherwise
+/// the next broadcast update; `None` once the owner is gone.
+pub(crate) async fn next_update<U: Clone>(
+    rx: &mut broadcast::Receiver<U>,
+    reset_pending: &mut bool,
+    label: &str,
+    reset: impl FnOnce() -> U,
+) -> Option<U> {
+    if std::mem::take(reset_pending) {
+        return Some(reset());
+    }
+    match rx.recv().await {
+        Ok(update) => Some(update),
+        Err(broadcast::error::RecvError::Lagged(missed)) => {
+            tracing::warn!(missed, "{label}: subscriber lagged; sending a reset");
+            // Anything queued is older than the table sent now.
+            *rx = rx.resubscribe();
+            Some(reset())
+        }
+        Err(broadcast::error::RecvError::Closed) => None,
     }
 }
 

@@ -33,7 +33,7 @@ pub use snapshot::{Change, Snapshot, Update};
 use crate::balance::{AnyLoadBalancer, Balancer, BalancerKind, Filter, LoadBalancer};
 use crate::client::Etcd;
 use crate::error::{Error, Result};
-use crate::follow::{FollowConfig, Follower, Staleness, follow, list};
+use crate::follow::{FollowConfig, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance};
 
 /// How discovery behaves.
@@ -329,20 +329,11 @@ pub struct Updates {
 impl Updates {
     /// The next update.
     pub async fn next(&mut self) -> Option<Update> {
-        if self.reset_pending {
-            self.reset_pending = false;
-            return Some(Update::Reset(self.shared.snapshot.load_full()));
-        }
-        match self.rx.recv().await {
-            Ok(update) => Some(update),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(service = %self.shared.name, missed = n, "subscriber lagged; sending a reset");
-                // Anything queued is older than the snapshot we send now.
-                self.rx = self.rx.resubscribe();
-                Some(Update::Reset(self.shared.snapshot.load_full()))
-            }
-            Err(broadcast::error::RecvError::Closed) => None,
-        }
+        let shared = &self.shared;
+        next_update(&mut self.rx, &mut self.reset_pending, &shared.name, || {
+            Update::Reset(shared.snapshot.load_full())
+        })
+        .await
     }
 }
 
