@@ -11,7 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use muster::balance::InFlight;
 
-use crate::client::Pooled;
+use crate::client::ResponseBody;
 
 /// The body of a response the gateway gives: either its own small answer
 /// (errors, health, metrics) or the upstream's body, streamed through.
@@ -24,13 +24,12 @@ pub struct GatewayBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream {
-        body: Incoming,
+        /// Reads from the upstream connection, and gives it back to the
+        /// pool once complete.
+        body: ResponseBody,
         /// Counts the request as in flight to its instance until the
         /// response body is done (or the client goes away).
         in_flight: Option<InFlight>,
-        /// The upstream connection, back to the pool once the body is
-        /// read to the end (closed if it is dropped before).
-        pooled: Option<Pooled>,
     },
 }
 
@@ -50,41 +49,29 @@ impl GatewayBody {
         }
     }
 
-    /// An upstream's body, holding the request's in-flight guard and its
-    /// connection.
-    pub(crate) fn upstream(body: Incoming, in_flight: Option<InFlight>, pooled: Pooled) -> Self {
-        let mut kind = Kind::Upstream {
-            body,
-            in_flight,
-            pooled: Some(pooled),
-        };
-        done(&mut kind, false);
+    /// An upstream's body, holding the request's in-flight guard.
+    pub(crate) fn upstream(body: ResponseBody, in_flight: Option<InFlight>) -> Self {
+        let mut kind = Kind::Upstream { body, in_flight };
+        done(&mut kind);
         GatewayBody { kind }
     }
 }
 
 impl Body for GatewayBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let kind = &mut self.get_mut().kind;
         match kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream { body, .. } => {
                 let frame = Pin::new(body).poll_frame(cx);
-                match &frame {
-                    Poll::Ready(Some(Ok(_))) => done(kind, false),
-                    Poll::Ready(None) => done(kind, true),
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Kind::Upstream { pooled, .. } = kind {
-                            pooled.take();
-                        }
-                    }
-                    Poll::Pending => {}
+                if frame.is_ready() {
+                    done(kind);
                 }
                 frame
             }
@@ -106,38 +93,21 @@ impl Body for GatewayBody {
     }
 }
 
-/// Once the upstream body is complete: the connection goes back to the pool
-/// and the request stops counting as in flight.
-fn done(kind: &mut Kind, ended: bool) {
-    if let Kind::Upstream {
-        body,
-        in_flight,
-        pooled,
-    } = kind
-        && (ended || body.is_end_stream())
+/// Once the upstream body is complete (or failed), the request stops
+/// counting as in flight.
+fn done(kind: &mut Kind) {
+    if let Kind::Upstream { body, in_flight } = kind
+        && in_flight.is_some()
+        && body.is_end_stream()
     {
         in_flight.take();
-        if let Some(pooled) = pooled.take() {
-            pooled.release();
-        }
     }
 }
 
-/// The body of a request sent upstream.
-///
-/// A client's body is held in a shared slot rather than moved into the
-/// upstream request, so that when an attempt fails before the body was
+/// A client's request body, held in a shared slot rather than moved into
+/// the upstream request, so that when an attempt fails before the body was
 /// touched (a connect error, typically) the body is still here and the
 /// request can be retried on another instance.
-#[derive(Debug)]
-pub(crate) enum UpstreamBody {
-    /// No body.
-    Empty,
-    /// The client's body, streamed on first poll.
-    Shared(SharedBody),
-}
-
-/// See [`UpstreamBody::Shared`].
 #[derive(Debug, Clone)]
 pub(crate) struct SharedBody(Arc<SharedInner>);
 
@@ -161,50 +131,17 @@ impl SharedBody {
     }
 }
 
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
+impl SharedBody {
+    /// The next frame of the client's body.
+    pub(crate) fn poll_frame(
+        &self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Shared(shared) => {
-                shared.0.started.store(true, Ordering::Release);
-                let mut slot = shared.0.body.lock().unwrap_or_else(PoisonError::into_inner);
-                match slot.as_mut() {
-                    Some(body) => Pin::new(body).poll_frame(cx),
-                    None => Poll::Ready(None),
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Shared(shared) => shared
-                .0
-                .body
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .is_none_or(Body::is_end_stream),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Shared(shared) => shared
-                .0
-                .body
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+        self.0.started.store(true, Ordering::Release);
+        let mut slot = self.0.body.lock().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
         }
     }
 }

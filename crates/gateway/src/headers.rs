@@ -1,9 +1,11 @@
-//! Header rewriting: hop-by-hop headers removed, `X-Forwarded-*` and
-//! `Forwarded` added.
+//! Header rewriting on the way upstream: hop-by-hop headers removed,
+//! `X-Forwarded-*` and `Forwarded` added, written straight into the
+//! request head.
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
+use http::header::{self, HeaderMap, HeaderName};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -22,59 +24,10 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Removes the hop-by-hop headers, and those named in `Connection`. With
-/// `keep_upgrade`, `Upgrade` and `Connection: upgrade` stay (for a
-/// protocol upgrade passing through).
-pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // The common case, none of them: one pass over the (few) names costs
-    // less than a lookup per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
-    }
-    // Names listed in Connection (rare; the common values are keep-alive,
-    // close and upgrade).
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(header::CONNECTION) {
-        let Ok(value) = value.to_str() else { continue };
-        for token in value.split(',') {
-            let token = token.trim();
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("close")
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("upgrade")
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
-                named.push(name);
-            }
-        }
-    }
-    for name in named {
-        headers.remove(name);
-    }
-    let upgrade = keep_upgrade
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
-    for name in &HOP_BY_HOP {
-        // Checking first is cheaper than removing (which hashes and may
-        // shift entries) for the common case of absent headers.
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
-    }
-    if let Some(upgrade) = upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, upgrade);
-    }
-}
-
 /// A client's address as the forwarding headers write it, worked out once
 /// per connection.
 #[derive(Debug)]
 pub(crate) struct ClientAddr {
-    /// `X-Forwarded-For` when the request has none.
-    xff: HeaderValue,
     /// The same text, to append to an existing `X-Forwarded-For`.
     ip_text: String,
     /// `for=...;proto=http`, this hop's `Forwarded` element without host.
@@ -93,73 +46,134 @@ impl ClientAddr {
             IpAddr::V4(_) => format!("for={ip_text};proto=http"),
             IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto=http"),
         };
-        ClientAddr {
-            xff: HeaderValue::from_str(&ip_text).expect("an IP address is a valid header value"),
-            ip_text,
-            hop,
-        }
+        ClientAddr { ip_text, hop }
     }
 }
 
-/// Adds `X-Forwarded-For` (appending the client's address),
-/// `X-Forwarded-Proto`, `X-Forwarded-Host` (if absent) and `Forwarded`
-/// (appending this hop).
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, client: &ClientAddr, host: Option<&str>) {
-    match join(headers, &X_FORWARDED_FOR) {
-        Some(prev) => {
-            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, {}", client.ip_text)) {
-                headers.insert(X_FORWARDED_FOR.clone(), v);
+/// Whether `name` is a hop-by-hop header.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// A request as it goes upstream: what [`write_request_head`] needs.
+#[derive(Debug)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) method: &'a Method,
+    /// Origin-form target.
+    pub(crate) target: &'a str,
+    /// The client's headers, unchanged.
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) client: &'a ClientAddr,
+    /// The host the client asked for (without port), if any.
+    pub(crate) host: Option<&'a str>,
+    /// `Host` to send when the client sent none (the authority of an
+    /// absolute-form or HTTP/2 request, else the upstream's).
+    pub(crate) default_host: &'a str,
+    /// A protocol upgrade passes through (`Upgrade` and `Connection:
+    /// upgrade` are kept).
+    pub(crate) upgrade: bool,
+    /// The body is sent chunked.
+    pub(crate) chunked: bool,
+}
+
+/// Writes the request head sent upstream, in one pass over the client's
+/// headers: hop-by-hop headers (and those `Connection` names) and
+/// `Expect` (the gateway answers it) are left out; `X-Forwarded-For` and
+/// `Forwarded` get this hop appended, `X-Forwarded-Proto` is set,
+/// `X-Forwarded-Host` and `Host` are added when absent; the framing is
+/// the client's `Content-Length` or chunked.
+pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
+    out.extend_from_slice(r.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(r.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // Names listed in Connection (rare; the common values are keep-alive,
+    // close and upgrade).
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in r.headers.get_all(header::CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if !token.is_empty()
+                && !token.eq_ignore_ascii_case("close")
+                && !token.eq_ignore_ascii_case("keep-alive")
+                && !token.eq_ignore_ascii_case("upgrade")
+                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            {
+                named.push(name);
             }
         }
-        None => {
-            headers.insert(X_FORWARDED_FOR.clone(), client.xff.clone());
+    }
+    let mut xff: Option<Vec<u8>> = None;
+    let mut forwarded: Option<Vec<u8>> = None;
+    let (mut has_host, mut has_xfh) = (false, false);
+    for (name, value) in r.headers {
+        if *name == X_FORWARDED_FOR || *name == header::FORWARDED {
+            let joined = if *name == X_FORWARDED_FOR {
+                &mut xff
+            } else {
+                &mut forwarded
+            };
+            let joined = joined.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(value.as_bytes());
+            continue;
         }
+        if (is_hop_by_hop(name) && !(r.upgrade && name == header::UPGRADE))
+            || name == header::EXPECT
+            || *name == X_FORWARDED_PROTO
+            || named.contains(name)
+        {
+            continue;
+        }
+        has_host |= name == header::HOST;
+        has_xfh |= *name == X_FORWARDED_HOST;
+        line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    if let Some(host) = host
-        && !headers.contains_key(&X_FORWARDED_HOST)
-        && let Ok(v) = HeaderValue::from_str(host)
+    if !has_host {
+        line(out, b"host", r.default_host.as_bytes());
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prev) = &xff {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(r.client.ip_text.as_bytes());
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(host) = r.host
+        && !has_xfh
     {
-        headers.insert(X_FORWARDED_HOST.clone(), v);
+        line(out, b"x-forwarded-host", host.as_bytes());
     }
-
-    let prev = join(headers, &header::FORWARDED);
-    let mut forwarded = String::with_capacity(
-        prev.as_ref().map_or(0, |p| p.len() + 2)
-            + client.hop.len()
-            + host.map_or(0, |h| h.len() + 8),
-    );
-    if let Some(prev) = &prev {
-        forwarded.push_str(prev);
-        forwarded.push_str(", ");
+    out.extend_from_slice(b"forwarded: ");
+    if let Some(prev) = &forwarded {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
     }
-    forwarded.push_str(&client.hop);
-    if let Some(host) = host
+    out.extend_from_slice(r.client.hop.as_bytes());
+    if let Some(host) = r.host
         && !host.contains(['"', '\\'])
+        && !host.bytes().any(|b| b.is_ascii_control())
     {
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(host.as_bytes());
+        out.push(b'"');
     }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
-        headers.insert(header::FORWARDED, v);
+    out.extend_from_slice(b"\r\n");
+    if r.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
     }
+    if r.chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
-/// All values of a header joined with `, `.
-fn join(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
-    let mut out: Option<String> = None;
-    for v in headers.get_all(name) {
-        let Ok(v) = v.to_str() else { continue };
-        match &mut out {
-            Some(s) => {
-                s.push_str(", ");
-                s.push_str(v);
-            }
-            None => out = Some(v.to_string()),
-        }
-    }
-    out
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether `Connection` lists `token`.
@@ -174,6 +188,31 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn head(
+        headers: &HeaderMap,
+        client: &str,
+        host: Option<&str>,
+        upgrade: bool,
+        chunked: bool,
+    ) -> String {
+        let client = ClientAddr::new(client.parse().unwrap());
+        let mut out = Vec::new();
+        write_request_head(
+            &mut out,
+            &Outgoing {
+                method: &Method::GET,
+                target: "/p?q=1",
+                headers,
+                client: &client,
+                host,
+                default_host: "10.0.0.9:80",
+                upgrade,
+                chunked,
+            },
+        );
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
@@ -184,43 +223,41 @@ mod tests {
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert(header::UPGRADE, "websocket".parse().unwrap());
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::EXPECT, "100-continue".parse().unwrap());
         h.insert(header::ACCEPT, "*/*".parse().unwrap());
-        let mut up = h.clone();
-        remove_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key(header::ACCEPT));
-        remove_hop_by_hop(&mut up, true);
-        assert_eq!(up.get(header::UPGRADE).unwrap(), "websocket");
-        assert_eq!(up.get(header::CONNECTION).unwrap(), "upgrade");
-        assert!(!up.contains_key("x-secret"));
+        h.insert(header::HOST, "api.example".parse().unwrap());
+        assert_eq!(
+            head(&h, "10.0.0.2:5000", None, false, true),
+            "GET /p?q=1 HTTP/1.1\r\naccept: */*\r\nhost: api.example\r\n\
+             x-forwarded-for: 10.0.0.2\r\nx-forwarded-proto: http\r\n\
+             forwarded: for=10.0.0.2;proto=http\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let up = head(&h, "10.0.0.2:5000", None, true, false);
+        assert!(up.contains("upgrade: websocket\r\n"), "{up}");
+        assert!(up.contains("connection: upgrade\r\n"), "{up}");
+        assert!(!up.contains("x-secret"), "{up}");
     }
 
     #[test]
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.append("x-forwarded-for", "1.1.1.1".parse().unwrap());
+        h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert(header::FORWARDED, "for=1.1.1.1".parse().unwrap());
-        add_forwarded(
-            &mut h,
-            &ClientAddr::new("10.0.0.2:5000".parse().unwrap()),
-            Some("example.com:8080"),
-        );
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.1.1.1, 10.0.0.2");
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
-        assert_eq!(h.get("x-forwarded-host").unwrap(), "example.com:8080");
+        let out = head(&h, "10.0.0.2:5000", Some("example.com"), false, false);
         assert_eq!(
-            h.get(header::FORWARDED).unwrap(),
-            "for=1.1.1.1, for=10.0.0.2;proto=http;host=\"example.com:8080\""
+            out,
+            "GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.9:80\r\n\
+             x-forwarded-for: 1.1.1.1, 2.2.2.2, 10.0.0.2\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: example.com\r\n\
+             forwarded: for=1.1.1.1, for=10.0.0.2;proto=http;host=\"example.com\"\r\n\r\n"
         );
-        let mut h = HeaderMap::new();
-        add_forwarded(
-            &mut h,
-            &ClientAddr::new("[::1]:5000".parse().unwrap()),
-            None,
+        let out = head(&HeaderMap::new(), "[::1]:5000", None, false, false);
+        assert!(
+            out.contains("forwarded: for=\"[::1]\";proto=http\r\n"),
+            "{out}"
         );
-        assert_eq!(
-            h.get(header::FORWARDED).unwrap(),
-            "for=\"[::1]\";proto=http"
-        );
+        assert!(out.contains("x-forwarded-for: ::1\r\n"), "{out}");
     }
 }

@@ -50,6 +50,7 @@ mod body;
 mod client;
 pub mod config;
 mod error;
+mod h1;
 mod headers;
 mod health;
 mod metrics;

@@ -6,17 +6,16 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::PathAndQuery;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use muster::Instance;
 use muster::balance::{AnyLoadBalancer, InFlight};
 
-use crate::body::{GatewayBody, SharedBody, UpstreamBody};
-use crate::client::{SendError, UpstreamClient};
+use crate::body::{GatewayBody, SharedBody};
+use crate::client::{Outbound, SendError, UpstreamClient};
 use crate::config::GatewayConfig;
 use crate::error::json_error;
-use crate::headers::{ClientAddr, add_forwarded, remove_hop_by_hop};
+use crate::headers::{ClientAddr, Outgoing, write_request_head};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::route::{ActiveRoute, RouteTable};
 use crate::upgrade::{is_upgrade, tunnel};
@@ -154,30 +153,16 @@ impl Proxy {
         let deadline = start + route.timeout;
         let upgrade = is_upgrade(req.version(), req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
 
-        // What every attempt sends.
-        let path_and_query = match route.upstream_path(parts.uri.path(), parts.uri.query()) {
-            Some(rewritten) => match PathAndQuery::try_from(rewritten) {
-                Ok(pq) => pq,
-                Err(_) => return bad_request("the request path cannot be forwarded"),
-            },
-            None => parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        // What every attempt sends. The client's headers are not touched:
+        // the rewriting happens as the head is written.
+        let rewritten = route.upstream_path(parts.uri.path(), parts.uri.query());
+        let target = match &rewritten {
+            Some(path) => path.as_str(),
+            None => parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
         };
-        let hash_key = route.hash_key(&parts.headers).map(<[u8]>::to_vec);
-        let mut headers = std::mem::take(&mut parts.headers);
-        remove_hop_by_hop(&mut headers, upgrade);
-        if !headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            headers.insert(header::HOST, v);
-        }
-        add_forwarded(&mut headers, peer, host.as_deref());
+        let hash_key = route.hash_key(&parts.headers);
         let idempotent = matches!(
             parts.method,
             Method::GET
@@ -188,25 +173,22 @@ impl Proxy {
                 | Method::TRACE
         );
         let body = (!http_body::Body::is_end_stream(&body)).then(|| SharedBody::new(body));
-        // Whether a request that failed after being sent may be sent again
-        // (if its body was not touched), so that each send needs its own
-        // copy of the headers.
-        let resendable = idempotent;
+        // A body without a length (chunked, or HTTP/2) goes chunked.
+        let chunked = body.is_some() && !parts.headers.contains_key(header::CONTENT_LENGTH);
+        let uri_authority = parts.uri.authority().map(|a| a.as_str());
+        let mut head = Vec::with_capacity(512);
 
         let attempts = 1 + route.retries;
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = String::new();
         for attempt in 0..attempts {
-            let Some(target) = self
-                .pick(route, hash_key.as_deref(), &tried, deadline)
-                .await
-            else {
+            let Some(target_instance) = self.pick(route, hash_key, &tried, deadline).await else {
                 if attempt == 0 {
                     return self.no_instance(route);
                 }
                 break;
             };
-            let state = route.service.instance(&target.instance);
+            let state = route.service.instance(&target_instance.instance);
             // Borrowed: cloning would bump a reference count that every
             // serving thread shares.
             let Some((_, authority)) = state.target.as_ref() else {
@@ -215,33 +197,37 @@ impl Proxy {
                     "instance {} has an unusable address {:?}",
                     state.id, state.addr
                 );
-                tried.push(target.instance.id.clone());
+                tried.push(target_instance.instance.id.clone());
                 continue;
             };
+            head.clear();
+            write_request_head(
+                &mut head,
+                &Outgoing {
+                    method: &parts.method,
+                    target,
+                    headers: &parts.headers,
+                    client: peer,
+                    host: host.as_deref(),
+                    default_host: uri_authority.unwrap_or(authority.as_str()),
+                    upgrade,
+                    chunked,
+                },
+            );
             let sent = Instant::now();
             // A pooled connection the upstream had closed gets one more go
             // on a fresh connection, on the same instance.
             let mut fresh = false;
-            let (result, host_added) = loop {
-                let mut upstream_req = Request::new(match &body {
-                    Some(b) => UpstreamBody::Shared(b.clone()),
-                    None => UpstreamBody::Empty,
-                });
-                *upstream_req.method_mut() = parts.method.clone();
-                *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
-                *upstream_req.version_mut() = Version::HTTP_11;
-                let mut h = if resendable || attempt + 1 < attempts {
-                    headers.clone()
-                } else {
-                    std::mem::take(&mut headers)
+            let result = loop {
+                let outbound = Outbound {
+                    method: &parts.method,
+                    head: &head,
+                    body: body.as_ref(),
+                    chunked,
                 };
-                let host_added = !h.contains_key(header::HOST)
-                    && HeaderValue::from_str(authority.as_str())
-                        .is_ok_and(|v| h.insert(header::HOST, v).is_none());
-                *upstream_req.headers_mut() = h;
                 let result = tokio::time::timeout_at(
                     deadline.into(),
-                    client.send(authority, upstream_req, fresh),
+                    client.send(authority, outbound, fresh),
                 )
                 .await;
                 match result {
@@ -251,7 +237,7 @@ impl Proxy {
                         tracing::debug!(service = %route.route.service, instance = %state.id, error = %e, "pooled connection was closed; sending again");
                         fresh = true;
                     }
-                    other => break (other, host_added),
+                    other => break other,
                 }
             };
             match result {
@@ -269,52 +255,53 @@ impl Proxy {
                         Some(&route.route.service),
                     );
                 }
-                Ok(Ok((mut resp, pooled))) => {
+                Ok(Ok(answer)) => {
                     state.latency.observe(sent.elapsed());
-                    if resp.status().is_server_error() {
+                    if answer.status.is_server_error() {
                         route.service.failure(&state);
                     } else {
                         route.service.success(&state);
                     }
-                    if let Some(client_upgrade) = client_upgrade
-                        && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    {
-                        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                        let (mut rparts, _) = resp.into_parts();
-                        remove_hop_by_hop(&mut rparts.headers, true);
-                        tunnel(client_upgrade, upstream_upgrade, target.in_flight);
-                        return Response::from_parts(rparts, GatewayBody::empty());
+                    let mut resp = Response::new(GatewayBody::empty());
+                    *resp.status_mut() = answer.status;
+                    *resp.headers_mut() = answer.headers;
+                    if let Some((protocol, upgraded)) = answer.upgraded {
+                        let Some(client_upgrade) = client_upgrade else {
+                            tracing::warn!(service = %route.route.service, instance = %state.id, "upstream switched protocols unasked");
+                            return json_error(
+                                StatusCode::BAD_GATEWAY,
+                                "upstream_failed",
+                                &format!(
+                                    "service {:?} switched protocols without being asked",
+                                    route.route.service
+                                ),
+                                Some(&route.route.service),
+                            );
+                        };
+                        let headers = resp.headers_mut();
+                        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        headers.insert(header::UPGRADE, protocol);
+                        tunnel(client_upgrade, upgraded, target_instance.in_flight);
+                        return resp;
                     }
-                    let (mut rparts, rbody) = resp.into_parts();
-                    remove_hop_by_hop(&mut rparts.headers, false);
-                    return Response::from_parts(
-                        rparts,
-                        GatewayBody::upstream(rbody, target.in_flight, pooled),
-                    );
+                    *resp.body_mut() =
+                        GatewayBody::upstream(answer.body, target_instance.in_flight);
+                    return resp;
                 }
                 Ok(Err(e)) => {
-                    let (kind, retryable, message) = match e {
-                        SendError::Connect { message, request } => {
-                            // Nothing was sent: the headers come back.
-                            if headers.is_empty() {
-                                headers = request.into_parts().0.headers;
-                                if host_added {
-                                    headers.remove(header::HOST);
-                                }
-                            }
-                            (ErrorKind::Connect, true, message)
-                        }
-                        SendError::Stale(e) | SendError::Request(e) => (
+                    let (kind, retryable) = match &e {
+                        // Nothing was sent.
+                        SendError::Connect(_) => (ErrorKind::Connect, true),
+                        SendError::Stale(_) | SendError::Request(_) => (
                             ErrorKind::Request,
                             idempotent && body.as_ref().is_none_or(|b| !b.started()),
-                            error_chain(&e),
                         ),
                     };
                     route.metrics.error(kind);
                     route.service.failure(&state);
-                    last_error = format!("instance {} ({}): {message}", state.id, state.addr);
+                    last_error = format!("instance {} ({}): {e}", state.id, state.addr);
                     tracing::debug!(service = %route.route.service, error = %last_error, retryable, "upstream attempt failed");
-                    tried.push(target.instance.id.clone());
+                    tried.push(target_instance.instance.id.clone());
                     if !retryable {
                         break;
                     }
@@ -465,16 +452,4 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<GatewayBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

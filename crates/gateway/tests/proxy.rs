@@ -548,6 +548,89 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>;
 
 /// A request body fed from a channel.
+/// The upstream client writes and reads HTTP/1.1 itself: a body with a
+/// length, `Expect: 100-continue`, HEAD, answers without a body and
+/// chunked answers, one after another over pooled connections.
+async fn methods_and_framings_pass_through(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let up = env.upstream("web", "w-1").await;
+    let gw = env.gateway(vec![Route::new("/", "web")]).await;
+    let client = http_client();
+    let addr = gw.local_addr();
+    eventually("web is routed", || async {
+        get(&client, addr, "/x").await.status == StatusCode::OK
+    })
+    .await;
+    use http_body_util::BodyExt;
+    let send = |method: http::Method, path: &str, body: &'static str, headers: &[(&str, &str)]| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(
+                http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let client = client.clone();
+        async move {
+            let resp = tokio::time::timeout(DEADLINE, client.request(req))
+                .await
+                .expect("an answer in time")
+                .expect("an answer");
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, headers, body)
+        }
+    };
+    let served = up.served.load(std::sync::atomic::Ordering::Relaxed);
+    for round in 0..3 {
+        // A body with a Content-Length, and one with Expect: 100-continue.
+        let (status, _, body) = send(http::Method::POST, "/upload", "hello", &[]).await;
+        assert_eq!(status, StatusCode::OK, "round {round}");
+        let mut fnv = Fnv::new();
+        fnv.write(b"hello");
+        assert_eq!(body, format!("5 {:x}", fnv.0));
+        let (status, _, body) = send(
+            http::Method::PUT,
+            "/upload",
+            "hello",
+            &[("expect", "100-continue")],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, format!("5 {:x}", fnv.0));
+        // HEAD: the headers of a GET, no body.
+        let (status, headers, body) = send(http::Method::HEAD, "/x", "", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-upstream-id"], "w-1");
+        assert!(body.is_empty());
+        // No body by status.
+        let (status, _, body) = send(http::Method::GET, "/status/204", "", &[]).await;
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (status, _, body) = send(http::Method::GET, "/status/304", "", &[]).await;
+        assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+        // A chunked answer.
+        let (status, _, body) = send(http::Method::GET, "/download/100000", "", &[]).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, pattern(0, 100_000));
+    }
+    assert_eq!(
+        up.served.load(std::sync::atomic::Ordering::Relaxed) - served,
+        18,
+        "six requests a round, each served once"
+    );
+    gw.shutdown().await;
+}
+
 fn futures_channel_body() -> (
     FrameSender,
     http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>,
@@ -570,4 +653,5 @@ muster_testkit::on_both!(
     registry_outage_keeps_last_known_instances,
     routes_file_is_hot_reloaded,
     slow_upstream_times_out_and_5xx_passes_through,
+    methods_and_framings_pass_through,
 );

@@ -1,0 +1,570 @@
+//! The upstream side of HTTP/1.1, on the wire: a request head written in
+//! one pass, a response head parsed with `httparse`, and response bodies
+//! framed by `Content-Length`, chunked encoding or the connection's close
+//! (RFC 9112).
+//!
+//! Pure functions over buffers; [`crate::client`] does the I/O.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+/// Most header lines a response may have (as hyper's default).
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Largest response head accepted.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// Longest chunk-size line (with extensions) or trailer line accepted.
+const MAX_LINE: usize = 4 * 1024;
+
+/// Why an upstream's response cannot be relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ParseError {
+    /// Not HTTP/1.x, or malformed.
+    #[error("malformed response head: {0}")]
+    Head(String),
+    /// The head is larger than [`MAX_HEAD`] or has too many lines.
+    #[error("response head too large")]
+    TooLarge,
+    /// `Content-Length` is not a number, or several disagree.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// Chunked encoding is broken.
+    #[error("malformed chunked body: {0}")]
+    Chunked(&'static str),
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body (HEAD, 1xx, 204, 304, or `Content-Length: 0`).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: StatusCode,
+    /// End-to-end headers only (hop-by-hop ones are left out).
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: Framing,
+    /// Whether the connection may carry another request afterwards.
+    pub(crate) keep_alive: bool,
+    /// The `Upgrade` header of a 101 answer.
+    pub(crate) upgrade: Option<HeaderValue>,
+}
+
+/// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
+/// On success, the head's bytes are consumed from `buf`.
+pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ParseError> {
+    // Most answers have a handful of headers: a small array first (cheap
+    // to set up), the full one only if that is not enough.
+    let mut few = [httparse::EMPTY_HEADER; 16];
+    let parsed = match parse_with(buf, method, &mut few) {
+        Err(ParseError::TooLarge) if buf.len() <= MAX_HEAD => {
+            let mut many = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            parse_with(buf, method, &mut many)
+        }
+        other => other,
+    };
+    Ok(parsed?.map(|(len, head)| {
+        buf.advance(len);
+        head
+    }))
+}
+
+/// Parses with room for `lines.len()` header lines; gives the head's
+/// length too.
+fn parse_with<'b>(
+    buf: &'b [u8],
+    method: &Method,
+    lines: &mut [httparse::Header<'b>],
+) -> Result<Option<(usize, Head)>, ParseError> {
+    let mut res = httparse::Response::new(lines);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(ParseError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
+        Err(e) => return Err(ParseError::Head(e.to_string())),
+    };
+    if len > MAX_HEAD {
+        return Err(ParseError::TooLarge);
+    }
+    // Header values are slices of the head's bytes, not copies.
+    let base = buf.as_ptr() as usize;
+    let raw = Bytes::copy_from_slice(&buf[..len]);
+    let code = res.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| ParseError::Head(format!("invalid status code {code}")))?;
+    let http10 = res.version == Some(0);
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_coded = false;
+    let mut close = http10;
+    let mut upgrade = None;
+    let mut named: Vec<HeaderName> = Vec::new();
+    for line in res.headers.iter() {
+        let name = HeaderName::from_bytes(line.name.as_bytes())
+            .map_err(|_| ParseError::Head(format!("invalid header name {:?}", line.name)))?;
+        let value = match (line.value.as_ptr() as usize)
+            .checked_sub(base)
+            .filter(|start| start + line.value.len() <= len)
+        {
+            Some(start) => {
+                HeaderValue::from_maybe_shared(raw.slice(start..start + line.value.len()))
+            }
+            None => HeaderValue::from_bytes(line.value),
+        }
+        .map_err(|_| ParseError::Head(format!("invalid value of header {name}")))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(line.value)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ParseError::ContentLength);
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_coded = true;
+            // Chunked must be the last coding; anything else is read to
+            // the close.
+            chunked = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            continue;
+        } else if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    if http10 {
+                        close = false;
+                    }
+                } else if !token.is_empty()
+                    && !token.eq_ignore_ascii_case("upgrade")
+                    && let Ok(n) = HeaderName::from_bytes(token.as_bytes())
+                {
+                    named.push(n);
+                }
+            }
+            continue;
+        } else if name == header::UPGRADE {
+            upgrade = Some(value);
+            continue;
+        }
+        if crate::headers::is_hop_by_hop(&name) {
+            continue;
+        }
+        headers.append(name, value);
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    let framing = if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if transfer_coded {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 6.3).
+        headers.remove(header::CONTENT_LENGTH);
+        if chunked {
+            Framing::Chunked
+        } else {
+            close = true;
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => {
+                close = true;
+                Framing::Close
+            }
+        }
+    };
+    Ok(Some((
+        len,
+        Head {
+            status,
+            headers,
+            framing,
+            keep_alive: !close,
+            upgrade: (status == StatusCode::SWITCHING_PROTOCOLS)
+                .then_some(upgrade)
+                .flatten(),
+        },
+    )))
+}
+
+fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
+    // Several values in one line must agree ("5, 5").
+    let mut out: Option<u64> = None;
+    for part in v.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(ParseError::ContentLength);
+        }
+        let n = part
+            .iter()
+            .fold(0u64, |acc, d| acc * 10 + u64::from(d - b'0'));
+        if out.is_some_and(|o| o != n) {
+            return Err(ParseError::ContentLength);
+        }
+        out = Some(n);
+    }
+    out.ok_or(ParseError::ContentLength)
+}
+
+/// Where a body decoder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decoder {
+    /// This many bytes of a `Content-Length` body left.
+    Length(u64),
+    /// Chunked: expecting a chunk-size line.
+    ChunkSize,
+    /// Chunked: this many bytes of the current chunk left.
+    ChunkData(u64),
+    /// Chunked: the CRLF after a chunk's data.
+    ChunkEnd,
+    /// Chunked: trailer lines until an empty one.
+    Trailers,
+    /// Until the connection closes.
+    Close,
+    /// Complete.
+    Done,
+}
+
+/// What a decoding step gave.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Body bytes.
+    Data(Bytes),
+    /// Nothing more can be decoded from the buffer: read more.
+    NeedMore,
+    /// The body is complete.
+    Done,
+}
+
+impl Decoder {
+    pub(crate) fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::ChunkSize,
+            Framing::Close => Decoder::Close,
+        }
+    }
+
+    /// Decodes what it can from `buf`, consuming it.
+    pub(crate) fn step(&mut self, buf: &mut BytesMut) -> Result<Step, ParseError> {
+        loop {
+            match *self {
+                Decoder::Done => return Ok(Step::Done),
+                Decoder::Length(left) | Decoder::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    *self = match *self {
+                        Decoder::Length(_) if left == 0 => Decoder::Done,
+                        Decoder::Length(_) => Decoder::Length(left),
+                        _ if left == 0 => Decoder::ChunkEnd,
+                        _ => Decoder::ChunkData(left),
+                    };
+                    return Ok(Step::Data(data));
+                }
+                Decoder::Close => {
+                    if buf.is_empty() {
+                        return Ok(Step::NeedMore);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                Decoder::ChunkSize => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Step::NeedMore);
+                    };
+                    let size = line[..]
+                        .split(|b| *b == b';')
+                        .next()
+                        .unwrap_or(&[])
+                        .trim_ascii();
+                    if size.is_empty() || size.len() > 15 {
+                        return Err(ParseError::Chunked("invalid chunk size"));
+                    }
+                    let mut n = 0u64;
+                    for d in size {
+                        let v = (*d as char)
+                            .to_digit(16)
+                            .ok_or(ParseError::Chunked("invalid chunk size"))?;
+                        n = n * 16 + u64::from(v);
+                    }
+                    *self = if n == 0 {
+                        Decoder::Trailers
+                    } else {
+                        Decoder::ChunkData(n)
+                    };
+                }
+                Decoder::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(ParseError::Chunked("missing CRLF after chunk data"));
+                    }
+                    buf.advance(2);
+                    *self = Decoder::ChunkSize;
+                }
+                Decoder::Trailers => {
+                    // Trailers are not relayed.
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Step::NeedMore);
+                    };
+                    if line.is_empty() {
+                        *self = Decoder::Done;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes left, when known.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self {
+            Decoder::Length(n) => Some(*n),
+            Decoder::Done => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// One CRLF-terminated line (without the CRLF), consumed from `buf`.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ParseError> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(i) if i > MAX_LINE => Err(ParseError::Chunked("line too long")),
+        Some(i) => {
+            let line = buf.split_to(i);
+            buf.advance(2);
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(ParseError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// Appends a chunk-size line for `len` bytes.
+pub(crate) fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
+    let mut line = [0u8; 18];
+    let hex = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut n = len;
+    let mut i = 0;
+    loop {
+        digits[i] = hex[n & 0xf];
+        i += 1;
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    for (j, d) in digits[..i].iter().rev().enumerate() {
+        line[j] = *d;
+    }
+    line[i] = b'\r';
+    line[i + 1] = b'\n';
+    (line, i + 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, method: &Method) -> Result<Option<(Head, BytesMut)>, ParseError> {
+        let mut buf = BytesMut::from(raw);
+        Ok(parse_head(&mut buf, method)?.map(|h| (h, buf)))
+    }
+
+    fn body(framing: Framing, wire: &[&str]) -> Result<(Vec<u8>, bool), ParseError> {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in wire {
+            buf.extend_from_slice(piece.as_bytes());
+            loop {
+                match d.step(&mut buf)? {
+                    Step::Data(b) => out.extend_from_slice(&b),
+                    Step::NeedMore => break,
+                    Step::Done => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    #[test]
+    fn heads_parse_with_framing_and_keep_alive() {
+        let (h, rest) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&rest[..], b"ok");
+
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!h.headers.contains_key(header::TRANSFER_ENCODING));
+
+        let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        let (h, _) = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.keep_alive);
+        assert!(!h.headers.contains_key(header::CONNECTION));
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        assert_eq!(h.headers[header::CONTENT_LENGTH], "5");
+        let (h, _) = head("HTTP/1.1 304 Not Modified\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_dropped() {
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
+        assert!(h.headers.contains_key("x-end"));
+    }
+
+    #[test]
+    fn upgrades_keep_their_protocol() {
+        let (h, rest) = head(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x01\x02hi",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.status, 101);
+        assert_eq!(h.upgrade.unwrap(), "websocket");
+        assert_eq!(&rest[..], b"\x01\x02hi");
+    }
+
+    #[test]
+    fn bad_heads_are_errors() {
+        assert!(head("HTTP/1.1 200 OK\r\n", &Method::GET).unwrap().is_none());
+        assert!(matches!(
+            head("garbage\r\n\r\n", &Method::GET),
+            Err(ParseError::Head(_))
+        ));
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", &Method::GET).unwrap_err(),
+            ParseError::ContentLength
+        );
+        assert_eq!(
+            head(
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                &Method::GET
+            )
+            .unwrap_err(),
+            ParseError::ContentLength
+        );
+        let (h, _) = head(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert_eq!(
+            head(&format!("HTTP/1.1 200 OK\r\n{many}\r\n"), &Method::GET).unwrap_err(),
+            ParseError::TooLarge
+        );
+        let huge = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD + 1));
+        assert_eq!(head(&huge, &Method::GET).unwrap_err(), ParseError::TooLarge);
+    }
+
+    #[test]
+    fn bodies_decode_across_reads() {
+        assert_eq!(
+            body(Framing::Length(5), &["he", "llo", "extra"]).unwrap(),
+            (b"hello".to_vec(), true)
+        );
+        assert_eq!(
+            body(
+                Framing::Chunked,
+                &[
+                    "5\r\nhe",
+                    "llo\r\n6;ext=1\r\n world\r",
+                    "\n0\r\nx-t: 1\r\n",
+                    "\r\n"
+                ]
+            )
+            .unwrap(),
+            (b"hello world".to_vec(), true)
+        );
+        assert_eq!(
+            body(Framing::Chunked, &["A\r\n0123456789\r\n0\r\n\r\n"]).unwrap(),
+            (b"0123456789".to_vec(), true)
+        );
+        assert_eq!(
+            body(Framing::Close, &["a", "b"]).unwrap(),
+            (b"ab".to_vec(), false)
+        );
+        assert!(body(Framing::Chunked, &["zz\r\n"]).is_err());
+        assert!(body(Framing::Chunked, &["1\r\nab\r\n"]).is_err());
+        assert!(body(Framing::Chunked, &[&"1".repeat(MAX_LINE + 2)]).is_err());
+    }
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        let (l, n) = chunk_size_line(0);
+        assert_eq!(&l[..n], b"0\r\n");
+        let (l, n) = chunk_size_line(255);
+        assert_eq!(&l[..n], b"ff\r\n");
+        let (l, n) = chunk_size_line(usize::MAX);
+        assert_eq!(&l[..n], b"ffffffffffffffff\r\n");
+    }
+}
