@@ -34,6 +34,10 @@ pub struct GatewayArgs {
     /// Default time allowed until the upstream's response headers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Client connections with no request in progress are closed after
+    /// this long without a new request (idle keep-alive, slow headers).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub client_idle_timeout: Duration,
     /// Optional admin listener serving /metrics and /healthz only.
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
@@ -84,6 +88,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
     config.health_path = Some(args.health_path);
     config.drain_timeout = DRAIN;
     config.workers = args.workers;
+    config.client_idle_timeout = args.client_idle_timeout;
     let gateway = Gateway::start(config, discovery)
         .await
         .context("cannot start the gateway")?;

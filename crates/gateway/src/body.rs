@@ -2,8 +2,6 @@
 //! Both stream frame by frame; nothing is ever collected whole.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,12 +10,16 @@ use hyper::body::Incoming;
 use muster::balance::InFlight;
 
 use crate::client::ResponseBody;
+use crate::watchdog::Finished;
 
 /// The body of a response the gateway gives: either its own small answer
 /// (errors, health, metrics) or the upstream's body, streamed through.
 #[derive(Debug)]
 pub struct GatewayBody {
     kind: Kind,
+    /// Counts the request finished on its connection once the body is
+    /// dropped (see [`crate::watchdog`]).
+    finished: Option<Finished>,
 }
 
 #[derive(Debug)]
@@ -39,6 +41,7 @@ impl GatewayBody {
         let bytes = bytes.into();
         GatewayBody {
             kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+            finished: None,
         }
     }
 
@@ -46,6 +49,7 @@ impl GatewayBody {
     pub(crate) fn empty() -> Self {
         GatewayBody {
             kind: Kind::Full(None),
+            finished: None,
         }
     }
 
@@ -53,7 +57,16 @@ impl GatewayBody {
     pub(crate) fn upstream(body: ResponseBody, in_flight: Option<InFlight>) -> Self {
         let mut kind = Kind::Upstream { body, in_flight };
         done(&mut kind);
-        GatewayBody { kind }
+        GatewayBody {
+            kind,
+            finished: None,
+        }
+    }
+
+    /// The same body, counting its request finished when dropped.
+    pub(crate) fn counted(mut self, finished: Finished) -> Self {
+        self.finished = Some(finished);
+        self
     }
 }
 
@@ -104,44 +117,35 @@ fn done(kind: &mut Kind) {
     }
 }
 
-/// A client's request body, held in a shared slot rather than moved into
-/// the upstream request, so that when an attempt fails before the body was
-/// touched (a connect error, typically) the body is still here and the
-/// request can be retried on another instance.
-#[derive(Debug, Clone)]
-pub(crate) struct SharedBody(Arc<SharedInner>);
-
+/// A client's request body on its way upstream. It remembers whether any
+/// of it was read: an attempt that failed before (a connect error,
+/// typically) leaves the body whole, and the request can be sent again to
+/// another instance.
 #[derive(Debug)]
-struct SharedInner {
-    started: AtomicBool,
-    body: Mutex<Option<Incoming>>,
+pub(crate) struct RequestBody<B = Incoming> {
+    body: B,
+    started: bool,
 }
 
-impl SharedBody {
-    pub(crate) fn new(body: Incoming) -> Self {
-        SharedBody(Arc::new(SharedInner {
-            started: AtomicBool::new(false),
-            body: Mutex::new(Some(body)),
-        }))
+impl<B: Body<Data = Bytes> + Unpin> RequestBody<B> {
+    pub(crate) fn new(body: B) -> Self {
+        RequestBody {
+            body,
+            started: false,
+        }
     }
 
     /// Whether any of the body was asked for (and so may be gone).
     pub(crate) fn started(&self) -> bool {
-        self.0.started.load(Ordering::Acquire)
+        self.started
     }
-}
 
-impl SharedBody {
     /// The next frame of the client's body.
     pub(crate) fn poll_frame(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        self.0.started.store(true, Ordering::Release);
-        let mut slot = self.0.body.lock().unwrap_or_else(PoisonError::into_inner);
-        match slot.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.started = true;
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 }

@@ -31,10 +31,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::body::SharedBody;
+use crate::body::RequestBody;
 use crate::h1::{self, Decoder, Step};
 
 /// Read buffer size of a connection.
@@ -71,11 +72,11 @@ struct Conn {
 
 /// A request to send: its head already written out.
 #[derive(Debug)]
-pub(crate) struct Outbound<'a> {
+pub(crate) struct Outbound<'a, B = Incoming> {
     pub(crate) method: &'a Method,
     /// The request head, as [`crate::headers::write_request_head`] wrote it.
     pub(crate) head: &'a [u8],
-    pub(crate) body: Option<&'a SharedBody>,
+    pub(crate) body: Option<&'a mut RequestBody<B>>,
     /// The body is sent with chunked coding (the head says so).
     pub(crate) chunked: bool,
 }
@@ -129,12 +130,16 @@ impl UpstreamClient {
 
     /// Sends `req` to `authority` on an idle pooled connection (unless
     /// `fresh`), or a new one, and reads the answer's head.
-    pub(crate) async fn send(
+    pub(crate) async fn send<B>(
         &self,
         authority: &Authority,
-        req: Outbound<'_>,
+        req: Outbound<'_, B>,
         fresh: bool,
-    ) -> Result<Answer, SendError> {
+    ) -> Result<Answer, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let pooled = if fresh {
             None
         } else {
@@ -340,7 +345,15 @@ enum BodyError {
 }
 
 /// Streams the client's body upstream, chunk-coded if `chunked`.
-async fn write_body(io: &mut TcpStream, body: &SharedBody, chunked: bool) -> Result<(), BodyError> {
+async fn write_body<B>(
+    io: &mut TcpStream,
+    body: &mut RequestBody<B>,
+    chunked: bool,
+) -> Result<(), BodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let write_error = |e: io::Error| {
         BodyError::Upstream(SendError::Request(format!("sending the request body: {e}")))
     };
@@ -634,7 +647,7 @@ mod tests {
         let answer = client
             .send(
                 authority,
-                Outbound {
+                Outbound::<http_body_util::Empty<Bytes>> {
                     method: &Method::GET,
                     head: &head,
                     body: None,
@@ -767,5 +780,87 @@ mod tests {
         let client = client();
         assert!(fetch(&client, &authority, true).await.is_err());
         assert!(client.pool.idle.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_is_relayed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Dropped with the body unread: the gateway's writes fail.
+        });
+        // 64 MiB: more than the socket buffers hold.
+        let chunks = futures_util::stream::iter(
+            (0..1024).map(|_| Ok::<_, io::Error>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))),
+        );
+        let mut body = RequestBody::new(http_body_util::StreamBody::new(chunks));
+        let client = client();
+        let answer = client
+            .send(
+                &authority,
+                Outbound {
+                    method: &Method::POST,
+                    head: b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 67108864\r\n\r\n",
+                    body: Some(&mut body),
+                    chunked: false,
+                },
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(answer.body.collect().await.unwrap().to_bytes(), "big!");
+        assert!(client.pool.idle.lock().unwrap().is_empty(), "not reused");
+    }
+
+    #[tokio::test]
+    async fn a_failing_client_body_fails_the_request_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        // An upstream that reads and never answers.
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        });
+        let chunks = futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Err(io::Error::other("the client went away")),
+        ]);
+        let mut body = RequestBody::new(http_body_util::StreamBody::new(chunks));
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            client().send(
+                &authority,
+                Outbound {
+                    method: &Method::POST,
+                    head: b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
+                    body: Some(&mut body),
+                    chunked: true,
+                },
+                true,
+            ),
+        )
+        .await
+        .expect("no wait for an answer");
+        match sent {
+            Err(SendError::Request(m)) => assert!(m.contains("went away"), "{m}"),
+            other => panic!("expected a request error, got {other:?}"),
+        }
+        assert!(body.started());
     }
 }

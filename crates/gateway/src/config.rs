@@ -59,6 +59,10 @@ pub struct GatewayConfig {
     pub connect_timeout: Duration,
     /// How long idle upstream connections are kept in the pool.
     pub pool_idle_timeout: Duration,
+    /// A client connection with no request in progress is closed after
+    /// this long without a new request: idle keep-alive connections, and
+    /// request heads that never complete.
+    pub client_idle_timeout: Duration,
     /// The path the gateway answers itself with `200 ok` on every listener
     /// (`None`: only on the admin listener, at `/healthz`).
     pub health_path: Option<String>,
@@ -86,6 +90,7 @@ impl GatewayConfig {
             health: HealthConfig::default(),
             connect_timeout: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(90),
+            client_idle_timeout: Duration::from_secs(60),
             health_path: Some("/healthz".to_string()),
             metrics_path: None,
             drain_timeout: Duration::from_secs(30),

@@ -60,6 +60,7 @@ mod route;
 mod server;
 mod upgrade;
 mod upstream;
+mod watchdog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,6 +109,11 @@ impl Gateway {
         if config.defaults.timeout.is_zero() {
             return Err(GatewayError::Config(
                 "the default timeout must be positive".into(),
+            ));
+        }
+        if config.client_idle_timeout.is_zero() {
+            return Err(GatewayError::Config(
+                "the client idle timeout must be positive".into(),
             ));
         }
         if config.reload_interval.is_zero() {
@@ -189,7 +195,13 @@ impl Gateway {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let workers = Workers::start(workers, &proxy, &stop, config.drain_timeout)?;
+        let workers = Workers::start(
+            workers,
+            &proxy,
+            &stop,
+            config.drain_timeout,
+            config.client_idle_timeout,
+        )?;
         tasks.push(tokio::spawn(server::accept(
             listener,
             workers.queues(),

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use muster::Instance;
 use muster::balance::{AnyLoadBalancer, InFlight};
 
-use crate::body::{GatewayBody, SharedBody};
+use crate::body::{GatewayBody, RequestBody};
 use crate::client::{Outbound, SendError, UpstreamClient};
 use crate::config::GatewayConfig;
 use crate::error::json_error;
@@ -172,7 +172,7 @@ impl Proxy {
                 | Method::DELETE
                 | Method::TRACE
         );
-        let body = (!http_body::Body::is_end_stream(&body)).then(|| SharedBody::new(body));
+        let mut body = (!http_body::Body::is_end_stream(&body)).then(|| RequestBody::new(body));
         // A body without a length (chunked, or HTTP/2) goes chunked.
         let chunked = body.is_some() && !parts.headers.contains_key(header::CONTENT_LENGTH);
         let uri_authority = parts.uri.authority().map(|a| a.as_str());
@@ -222,7 +222,7 @@ impl Proxy {
                 let outbound = Outbound {
                     method: &parts.method,
                     head: &head,
-                    body: body.as_ref(),
+                    body: body.as_mut(),
                     chunked,
                 };
                 let result = tokio::time::timeout_at(

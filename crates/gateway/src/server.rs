@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::GatewayError;
 use crate::headers::ClientAddr;
 use crate::proxy::Proxy;
+use crate::watchdog::{Activity, Finished, Watchdog};
 
 /// Binds a listener (port 0: any free port).
 pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -50,6 +51,7 @@ impl Workers {
         proxy: &Arc<Proxy>,
         stop: &watch::Receiver<bool>,
         drain: Duration,
+        idle: Duration,
     ) -> Result<Workers, GatewayError> {
         let mut workers = Workers {
             queues: Vec::with_capacity(n),
@@ -70,7 +72,7 @@ impl Workers {
                 .name(format!("gateway-{i}"))
                 .spawn(move || {
                     crate::metrics::set_shard(i);
-                    runtime.block_on(worker(rx, proxy, stop, drain));
+                    runtime.block_on(worker(rx, proxy, stop, drain, idle));
                     let _ = done_tx.send(());
                 })
                 .map_err(|e| GatewayError::Config(format!("cannot start a thread: {e}")))?;
@@ -123,12 +125,16 @@ pub(crate) async fn accept(
     }
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+/// The connection builder. `header_timeout`: hyper's timer on each request
+/// head; the serving threads go without (their watchdog closes idle
+/// connections and incomplete heads, see `crate::watchdog`), the admin
+/// listener keeps it.
+fn builder(header_timeout: Option<Duration>) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+        .header_read_timeout(header_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -143,8 +149,11 @@ async fn worker(
     proxy: Arc<Proxy>,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
+    idle: Duration,
 ) {
     let client = proxy.client();
+    let watchdog = Watchdog::new(idle);
+    let watching = tokio::spawn(watchdog.clone().run());
     let sweeper = tokio::spawn({
         let client = client.clone();
         async move {
@@ -156,7 +165,7 @@ async fn worker(
             }
         }
     });
-    let builder = builder();
+    let builder = builder(None);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -170,20 +179,32 @@ async fn worker(
         let Ok(stream) = TcpStream::from_std(stream) else {
             continue;
         };
-        let shared = Arc::new((proxy.clone(), client.clone(), ClientAddr::new(peer)));
+        let activity = Arc::new(Activity::default());
+        let shared = Arc::new((
+            proxy.clone(),
+            client.clone(),
+            ClientAddr::new(peer),
+            activity.clone(),
+        ));
         let service = service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.0.handle(&shared.1, req, &shared.2).await) }
+            async move {
+                shared.3.start();
+                let resp = shared.0.handle(&shared.1, req, &shared.2).await;
+                let finished = Finished(shared.3.clone());
+                Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
+            }
         });
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+        watchdog.watch(activity, task.abort_handle());
     }
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
@@ -195,6 +216,7 @@ async fn worker(
         );
     }
     sweeper.abort();
+    watching.abort();
 }
 
 /// Serves the admin listener (metrics and health only) on the caller's
@@ -205,7 +227,7 @@ pub(crate) async fn serve_admin(
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let builder = builder();
+    let builder = builder(Some(Duration::from_secs(30)));
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {

@@ -547,7 +547,6 @@ async fn slow_upstream_times_out_and_5xx_passes_through(registry: Box<dyn Regist
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>;
 
-/// A request body fed from a channel.
 /// The upstream client writes and reads HTTP/1.1 itself: a body with a
 /// length, `Expect: 100-continue`, HEAD, answers without a body and
 /// chunked answers, one after another over pooled connections.
@@ -631,6 +630,90 @@ async fn methods_and_framings_pass_through(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// Idle client connections are closed (a kept-alive one after its answer,
+/// one whose request head never completes); one whose request takes longer
+/// than the idle timeout is not.
+async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _up = env.upstream("web", "w-1").await;
+    let idle = Duration::from_millis(300);
+    let mut config = gateway_config(vec![Route::new("/", "web")]);
+    config.client_idle_timeout = idle;
+    let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
+    let addr = gw.local_addr();
+    let client = http_client();
+    eventually("web is routed", || async {
+        get(&client, addr, "/x").await.status == StatusCode::OK
+    })
+    .await;
+
+    /// Everything the gateway sends until it closes the connection.
+    async fn until_closed(mut s: tokio::net::TcpStream) -> String {
+        let mut all = Vec::new();
+        tokio::time::timeout(DEADLINE, s.read_to_end(&mut all))
+            .await
+            .expect("the gateway closed the connection")
+            .expect("a clean close");
+        String::from_utf8_lossy(&all).into_owned()
+    }
+    let mut head_only = tokio::net::TcpStream::connect(addr).await.unwrap();
+    head_only
+        .write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // A request in progress for longer than the idle timeout.
+    let (tx, body) = futures_channel_body();
+    let req = http::Request::post(format!("http://{addr}/upload"))
+        .body(body)
+        .unwrap();
+    let upload = tokio::spawn({
+        let client = client.clone();
+        async move { client.request(req).await }
+    });
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"abc",
+    ))))
+    .await
+    .unwrap();
+
+    assert_eq!(
+        until_closed(head_only).await,
+        "",
+        "no answer to half a head"
+    );
+    let answer = until_closed(kept).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("w-1"), "{answer}");
+    // Both were closed, so the upload has been going on for longer than
+    // the idle timeout; a little more to be sure.
+    tokio::time::sleep(idle * 2).await;
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"def",
+    ))))
+    .await
+    .unwrap();
+    drop(tx);
+    let resp = tokio::time::timeout(DEADLINE, upload)
+        .await
+        .expect("the upload finished")
+        .unwrap()
+        .expect("the slow request was not cut");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let mut fnv = Fnv::new();
+    fnv.write(b"abcdef");
+    assert_eq!(body, format!("6 {:x}", fnv.0));
+    gw.shutdown().await;
+}
+
+/// A request body fed from a channel.
 fn futures_channel_body() -> (
     FrameSender,
     http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>,
@@ -654,4 +737,5 @@ muster_testkit::on_both!(
     routes_file_is_hot_reloaded,
     slow_upstream_times_out_and_5xx_passes_through,
     methods_and_framings_pass_through,
+    idle_client_connections_are_closed,
 );
