@@ -29,9 +29,12 @@
 //!    picks an instance: power of two choices on in-flight requests unless
 //!    the route says otherwise (consistent hashing on a header or cookie,
 //!    round-robin, ...). None left: 503 naming the service.
-//! 5. Hop-by-hop headers go, `X-Forwarded-*` and `Forwarded` are added
-//!    (`headers.rs`), and the request is sent on a pooled connection with
-//!    its body streamed (`client.rs`: one pool per serving thread). A pooled
+//! 5. The head sent upstream is written in one pass over the client's
+//!    headers: hop-by-hop ones go, `X-Forwarded-*` and `Forwarded` are
+//!    added (`headers.rs`). The request's own task sends it on a pooled
+//!    connection with its body streamed, and reads the answer's head
+//!    (`client.rs` and `h1.rs`: HTTP/1.1 on the wire, one pool per serving
+//!    thread). A pooled
 //!    connection the upstream had closed is replaced by a fresh one to the
 //!    same instance. A connect failure, or an idempotent request that
 //!    failed before its body was touched and before any answer, is retried
@@ -40,6 +43,9 @@
 //!    while (`health.rs`). Timeouts give 504, other failures 502.
 //! 7. The answer streams back; a `101 Switching Protocols` turns both
 //!    connections into a byte tunnel (`upgrade.rs`).
+//! 8. Client connections idle for `client_idle_timeout`, or whose request
+//!    head never completes, are closed by their thread's watchdog
+//!    (`watchdog.rs`).
 //!
 //! Routes can come from a TOML file that is reloaded when it changes
 //! (`reload.rs`, format in [`config`]). Metrics are described in
