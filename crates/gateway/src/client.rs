@@ -585,6 +585,13 @@ mod tests {
 
     use super::*;
 
+    /// A listener on a free loopback port, and its authority.
+    async fn listen() -> (TcpListener, Authority) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        (listener, authority)
+    }
+
     /// An upstream that answers `answers` requests on each connection, then
     /// reads one more and closes without answering (`close_idle`: closes
     /// right after the last answer, while the connection is idle).
@@ -607,8 +614,7 @@ mod tests {
         answers: usize,
         close_idle: bool,
     ) -> (Authority, tokio::task::JoinHandle<()>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (listener, authority) = listen().await;
         let task = tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
@@ -727,8 +733,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_connection_is_a_connect_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (listener, authority) = listen().await;
         drop(listener);
         assert!(matches!(
             fetch(&client(), &authority, false).await,
@@ -784,8 +789,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_before_the_whole_body_is_relayed() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (listener, authority) = listen().await;
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 64 * 1024];
@@ -829,8 +833,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_client_body_fails_the_request_at_once() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (listener, authority) = listen().await;
         // An upstream that reads and never answers.
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
