@@ -72,8 +72,21 @@ pub(crate) struct Outgoing<'a> {
     /// A protocol upgrade passes through (`Upgrade` and `Connection:
     /// upgrade` are kept).
     pub(crate) upgrade: bool,
-    /// The body is sent chunked.
-    pub(crate) chunked: bool,
+    /// How the body is framed.
+    pub(crate) framing: RequestFraming,
+}
+
+/// How a request body is delimited on the way upstream. The client's own
+/// framing headers are not forwarded: its body arrives decoded (from
+/// chunks, or HTTP/2 frames) and is framed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestFraming {
+    /// No body and no framing header (GET and the like).
+    None,
+    /// `Content-Length` (0 for a POST without a body).
+    Length(u64),
+    /// Chunked: the length is not known in advance.
+    Chunked,
 }
 
 /// Writes the request head sent upstream, in one pass over the client's
@@ -81,7 +94,7 @@ pub(crate) struct Outgoing<'a> {
 /// `Expect` (the gateway answers it) are left out; `X-Forwarded-For` and
 /// `Forwarded` get this hop appended, `X-Forwarded-Proto` is set,
 /// `X-Forwarded-Host` and `Host` are added when absent; the framing is
-/// the client's `Content-Length` or chunked.
+/// `r.framing`.
 pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
     out.extend_from_slice(r.method.as_str().as_bytes());
     out.push(b' ');
@@ -121,6 +134,7 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
         }
         if (is_hop_by_hop(name) && !(r.upgrade && name == header::UPGRADE))
             || name == header::EXPECT
+            || name == header::CONTENT_LENGTH
             || *name == X_FORWARDED_PROTO
             || named.contains(name)
         {
@@ -163,10 +177,29 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
     if r.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
-    if r.chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match r.framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -193,7 +226,7 @@ mod tests {
         client: &str,
         host: Option<&str>,
         upgrade: bool,
-        chunked: bool,
+        framing: RequestFraming,
     ) -> String {
         let client = ClientAddr::new(client.parse().unwrap());
         let mut out = Vec::new();
@@ -207,7 +240,7 @@ mod tests {
                 host,
                 default_host: "10.0.0.9:80",
                 upgrade,
-                chunked,
+                framing,
             },
         );
         String::from_utf8(out).unwrap()
@@ -221,18 +254,19 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         h.insert(header::TE, "trailers".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
         h.insert(header::UPGRADE, "websocket".parse().unwrap());
         h.insert("proxy-connection", "keep-alive".parse().unwrap());
         h.insert(header::EXPECT, "100-continue".parse().unwrap());
         h.insert(header::ACCEPT, "*/*".parse().unwrap());
         h.insert(header::HOST, "api.example".parse().unwrap());
         assert_eq!(
-            head(&h, "10.0.0.2:5000", None, false, true),
+            head(&h, "10.0.0.2:5000", None, false, RequestFraming::Chunked),
             "GET /p?q=1 HTTP/1.1\r\naccept: */*\r\nhost: api.example\r\n\
              x-forwarded-for: 10.0.0.2\r\nx-forwarded-proto: http\r\n\
              forwarded: for=10.0.0.2;proto=http\r\ntransfer-encoding: chunked\r\n\r\n"
         );
-        let up = head(&h, "10.0.0.2:5000", None, true, false);
+        let up = head(&h, "10.0.0.2:5000", None, true, RequestFraming::None);
         assert!(up.contains("upgrade: websocket\r\n"), "{up}");
         assert!(up.contains("connection: upgrade\r\n"), "{up}");
         assert!(!up.contains("x-secret"), "{up}");
@@ -245,7 +279,13 @@ mod tests {
         h.append("x-forwarded-for", "2.2.2.2".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
         h.insert(header::FORWARDED, "for=1.1.1.1".parse().unwrap());
-        let out = head(&h, "10.0.0.2:5000", Some("example.com"), false, false);
+        let out = head(
+            &h,
+            "10.0.0.2:5000",
+            Some("example.com"),
+            false,
+            RequestFraming::None,
+        );
         assert_eq!(
             out,
             "GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.9:80\r\n\
@@ -253,11 +293,18 @@ mod tests {
              x-forwarded-host: example.com\r\n\
              forwarded: for=1.1.1.1, for=10.0.0.2;proto=http;host=\"example.com\"\r\n\r\n"
         );
-        let out = head(&HeaderMap::new(), "[::1]:5000", None, false, false);
+        let out = head(
+            &HeaderMap::new(),
+            "[::1]:5000",
+            None,
+            false,
+            RequestFraming::Length(1234567),
+        );
         assert!(
             out.contains("forwarded: for=\"[::1]\";proto=http\r\n"),
             "{out}"
         );
         assert!(out.contains("x-forwarded-for: ::1\r\n"), "{out}");
+        assert!(out.ends_with("content-length: 1234567\r\n\r\n"), "{out}");
     }
 }

@@ -15,7 +15,7 @@ use crate::body::{GatewayBody, RequestBody};
 use crate::client::{Outbound, SendError, UpstreamClient};
 use crate::config::GatewayConfig;
 use crate::error::json_error;
-use crate::headers::{ClientAddr, Outgoing, write_request_head};
+use crate::headers::{ClientAddr, Outgoing, RequestFraming, write_request_head};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::route::{ActiveRoute, RouteTable};
 use crate::upgrade::{is_upgrade, tunnel};
@@ -172,9 +172,26 @@ impl Proxy {
                 | Method::DELETE
                 | Method::TRACE
         );
+        // The body is framed again: its length if known, else chunked. A
+        // request that may carry a body says it has none.
+        let framing = if http_body::Body::is_end_stream(&body) {
+            let bodyless = matches!(
+                parts.method,
+                Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
+            );
+            if bodyless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                RequestFraming::None
+            } else {
+                RequestFraming::Length(0)
+            }
+        } else {
+            match http_body::Body::size_hint(&body).exact() {
+                Some(n) => RequestFraming::Length(n),
+                None => RequestFraming::Chunked,
+            }
+        };
+        let chunked = framing == RequestFraming::Chunked;
         let mut body = (!http_body::Body::is_end_stream(&body)).then(|| RequestBody::new(body));
-        // A body without a length (chunked, or HTTP/2) goes chunked.
-        let chunked = body.is_some() && !parts.headers.contains_key(header::CONTENT_LENGTH);
         let uri_authority = parts.uri.authority().map(|a| a.as_str());
         let mut head = Vec::with_capacity(512);
 
@@ -211,7 +228,7 @@ impl Proxy {
                     host: host.as_deref(),
                     default_host: uri_authority.unwrap_or(authority.as_str()),
                     upgrade,
-                    chunked,
+                    framing,
                 },
             );
             let sent = Instant::now();
