@@ -636,8 +636,32 @@ async fn methods_and_framings_pass_through(registry: Box<dyn Registry>) {
 async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let _up = env.upstream("web", "w-1").await;
+    // An instance that takes requests and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let (took_tx, mut took) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((mut s, _)) = hole.accept().await {
+            let took_tx = took_tx.clone();
+            open.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while s.read(&mut buf).await.unwrap_or(0) > 0 {
+                    let _ = took_tx.send(());
+                }
+            }));
+        }
+    });
+    env.registrar
+        .register(muster::Instance::new(
+            "hole",
+            "h-1",
+            format!("http://{hole_addr}"),
+        ))
+        .await
+        .unwrap();
     let idle = Duration::from_millis(300);
-    let mut config = gateway_config(vec![Route::new("/", "web")]);
+    let mut config = gateway_config(vec![Route::new("/hole", "hole"), Route::new("/", "web")]);
     config.client_idle_timeout = idle;
     let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
     let addr = gw.local_addr();
@@ -680,11 +704,42 @@ async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
     .await
     .unwrap();
 
+    // An HTTP/2 connection whose only request was reset by the client
+    // while the upstream had not answered is idle too.
+    let h2_closed = {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (h2, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        let closed = tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{addr}/hole"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        // A second handle keeps the connection open on the client's side.
+        let mut sender = h2.clone();
+        let pending = tokio::spawn(async move { sender.send_request(req).await });
+        // Once the upstream has the request, the client gives up on it.
+        tokio::time::timeout(DEADLINE, took.recv())
+            .await
+            .expect("the request reached the silent instance");
+        pending.abort();
+        (h2, closed)
+    };
+
     assert_eq!(
         until_closed(head_only).await,
         "",
         "no answer to half a head"
     );
+    let (_h2, h2_closed) = h2_closed;
+    tokio::time::timeout(DEADLINE, h2_closed)
+        .await
+        .expect("the gateway closed the h2 connection once its stream was reset")
+        .unwrap()
+        .ok();
     let answer = until_closed(kept).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("w-1"), "{answer}");
