@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use crate::client::Etcd;
 use crate::discovery::Health;
 use crate::error::Result;
-use crate::follow::{FollowConfig, Follower, Staleness, follow, list, next_update};
+use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance, Status};
 
 /// How many events [`Catalog::recent`] keeps.
@@ -185,15 +185,7 @@ struct Shared {
     recent: Mutex<VecDeque<CatalogEvent>>,
     stale: Staleness,
     malformed: AtomicU64,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
-            task.abort();
-        }
-    }
+    task: FollowTask,
 }
 
 impl Catalog {
@@ -222,7 +214,7 @@ impl Catalog {
             recent: Mutex::new(VecDeque::new()),
             stale: Staleness::default(),
             malformed: AtomicU64::new(0),
-            task: Mutex::new(None),
+            task: FollowTask::default(),
         });
         shared.apply_list(revision, kvs, &etcd).await;
         let task = tokio::spawn(follow(
@@ -236,7 +228,7 @@ impl Catalog {
                 backoff_cap: Duration::from_secs(5),
             },
         ));
-        *shared.task.lock().expect("task lock") = Some(task.abort_handle());
+        shared.task.set(task.abort_handle());
         Ok(Catalog { shared })
     }
 

@@ -84,6 +84,27 @@ impl Staleness {
     }
 }
 
+/// The follow task of a followed table, aborted when its owner is dropped
+/// (the task only holds a `Weak` to the owner, so it would otherwise wait
+/// for its next event to notice).
+#[derive(Debug, Default)]
+pub(crate) struct FollowTask(Mutex<Option<tokio::task::AbortHandle>>);
+
+impl FollowTask {
+    /// Records the spawned task.
+    pub(crate) fn set(&self, task: tokio::task::AbortHandle) {
+        *self.0.lock().expect("task lock") = Some(task);
+    }
+}
+
+impl Drop for FollowTask {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
 /// The next update for a subscriber of a followed table: `reset()` (the
 /// whole current table) first and after the subscriber lagged, otherwise
 /// the next broadcast update; `None` once the owner is gone.

@@ -33,7 +33,7 @@ pub use snapshot::{Change, Snapshot, Update};
 use crate::balance::{AnyLoadBalancer, Balancer, BalancerKind, Filter, LoadBalancer};
 use crate::client::Etcd;
 use crate::error::{Error, Result};
-use crate::follow::{FollowConfig, Follower, Staleness, follow, list, next_update};
+use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance};
 
 /// How discovery behaves.
@@ -145,7 +145,7 @@ impl Discovery {
             changes,
             stale: Staleness::default(),
             malformed: AtomicU64::new(0),
-            task: Mutex::new(None),
+            task: FollowTask::default(),
         });
         shared.apply_list(revision, kvs);
         let task = tokio::spawn(follow(
@@ -155,7 +155,7 @@ impl Discovery {
             revision,
             self.inner.config.follow_config(),
         ));
-        *shared.task.lock().expect("task lock") = Some(task.abort_handle());
+        shared.task.set(task.abort_handle());
         services.insert(name.to_string(), Arc::downgrade(&shared));
         services.retain(|_, w| w.strong_count() > 0);
         Ok(Service { shared })
@@ -209,15 +209,7 @@ struct Shared {
     changes: broadcast::Sender<Update>,
     stale: Staleness,
     malformed: AtomicU64,
-    task: Mutex<Option<tokio::task::AbortHandle>>,
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.get_mut().ok().and_then(Option::take) {
-            task.abort();
-        }
-    }
+    task: FollowTask,
 }
 
 impl Service {
