@@ -3,7 +3,7 @@
 //! outages and hot reload. Every body runs against real etcd and the
 //! embedded registry.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

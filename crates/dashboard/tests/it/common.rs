@@ -1,7 +1,6 @@
 //! Shared helpers for the dashboard's tests: a registry of either kind, the
 //! dashboard served on a free loopback port, and a small HTTP client that
 //! can read server-sent events with a deadline.
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -15,7 +14,6 @@ use hyper_util::rt::TokioExecutor;
 use muster::{Config, Etcd};
 use muster_dashboard::Dashboard;
 
-#[allow(unused_imports)]
 pub use muster_testkit::DEADLINE;
 
 /// A client with short timeouts.
@@ -188,7 +186,6 @@ impl SseStream {
     }
 }
 
-#[allow(unused_imports)]
 pub use muster_testkit::eventually;
 
 /// The instance `service/id` in an `/api/services` answer.

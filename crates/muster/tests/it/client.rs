@@ -1,7 +1,7 @@
 //! The connection layer against a real etcd: etcd's statuses arrive as typed
 //! errors, and etcd's answers for leases come through unchanged.
 
-mod common;
+use crate::common;
 
 use common::*;
 use muster::Error;

@@ -2,7 +2,7 @@
 //! downloads streamed (never buffered whole), WebSocket upgrades, and h2c
 //! clients. Every body runs against real etcd and the embedded registry.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

@@ -2,7 +2,7 @@
 //! real etcd: health checks that drain, withdraw and restore the instance;
 //! a child command's exit code and signal forwarding; graceful shutdown.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

@@ -5,7 +5,7 @@
 //! them unless `MUSTER_REQUIRE_BROWSER=1`. `MUSTER_CHROMIUM` and
 //! `MUSTER_CHROMEDRIVER` name other binaries.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsString;
 use std::io::Write;

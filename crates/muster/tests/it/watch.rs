@@ -2,7 +2,7 @@
 //! from history in order, large services are listed in pages, and lagging
 //! subscribers get a fresh reset instead of a hole.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

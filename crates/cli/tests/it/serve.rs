@@ -1,7 +1,7 @@
 //! `muster serve` as a real process: ready line, crash safety under
 //! concurrent writes (SIGKILL), graceful shutdown on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! backends: listing, following, event kinds, registration times, lease
 //! time left, malformed values, and a registry that goes down.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};

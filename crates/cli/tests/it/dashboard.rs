@@ -2,7 +2,7 @@
 //! backend, and `muster serve`'s own HTTP address. (The page itself is
 //! tested in crates/dashboard, including in headless Chromium.)
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 

@@ -7,7 +7,7 @@
 //! The example binary is built with the `cargo` that runs this test (a
 //! no-op when `cargo test --workspace` already built it).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -37,7 +37,7 @@ fn user_service() -> PathBuf {
         );
     });
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/seed-<hash> -> target/<profile>/examples/
+    // target/<profile>/deps/it-<hash> -> target/<profile>/examples/
     exe.parent()
         .and_then(|deps| deps.parent())
         .expect("the test binary lives in target/<profile>/deps")

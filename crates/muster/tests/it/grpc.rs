@@ -1,7 +1,7 @@
 //! The tonic integration against real gRPC servers and a real etcd: calls
 //! spread over every instance, follow changes, and survive an instance dying.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

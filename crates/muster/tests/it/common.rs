@@ -1,23 +1,12 @@
-//! Shared helpers for the integration tests: a real etcd per test, clients
-//! with short timeouts, and polling with generous deadlines (no fixed sleeps).
-#![allow(dead_code)]
+//! Shared helpers for the integration tests: clients with short timeouts,
+//! and polling with generous deadlines (no fixed sleeps).
 
 use std::time::Duration;
 
 use muster::{Config, Etcd};
-use muster_testkit::EtcdNode;
 
-#[allow(unused_imports)]
 pub use muster_testkit::DEADLINE;
-
 pub use muster_testkit::init_tracing;
-
-/// A fresh etcd, or `None` (test skipped loudly) when etcd is not installed.
-pub fn etcd() -> Option<EtcdNode> {
-    init_tracing();
-    muster_testkit::require_etcd()?;
-    Some(EtcdNode::start().expect("start etcd"))
-}
 
 /// Client settings for tests: short timeouts so outages are noticed fast.
 pub fn config(endpoints: Vec<String>) -> Config {
@@ -31,7 +20,6 @@ pub fn client(endpoint: &str) -> Etcd {
     Etcd::connect(config(vec![endpoint.to_string()])).expect("client")
 }
 
-#[allow(unused_imports)]
 pub use muster_testkit::eventually;
 
 /// The raw value at `key`, read directly from etcd.

@@ -28,7 +28,7 @@ const TTL: Duration = Duration::from_secs(5);
 /// The path of an example binary built by cargo next to this test binary.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/examples-<hash> -> target/<profile>/examples/<name>
+    // target/<profile>/deps/it-<hash> -> target/<profile>/examples/<name>
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
@@ -38,11 +38,11 @@ fn example(name: &str) -> PathBuf {
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     const HOW: &str = "cargo builds the examples only when it runs a package's whole test \
          suite: run `cargo test -p muster`, or build them first \
-         (`cargo build -p muster --examples && cargo test -p muster --test examples`)";
+         (`cargo build -p muster --examples && cargo test -p muster --test it examples::`)";
     let built = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("example binary {} not found: {HOW}", path.display()));
-    // `cargo test --test examples` does not rebuild the examples: refuse to
+    // `cargo test --test it examples::` alone does not rebuild the examples: refuse to
     // test a binary older than its sources.
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let source = manifest.join("examples").join(format!("{name}.rs"));

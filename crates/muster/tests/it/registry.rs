@@ -1,7 +1,7 @@
 //! Registration and discovery against a real etcd: the happy path, the
 //! failure paths, and bad input.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -125,7 +125,7 @@ async fn a_crashed_instance_disappears_after_its_ttl(node: Box<dyn Registry>) {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_registrant",
+            "registry::child_registrant",
             "--ignored",
             "--nocapture",
             "--test-threads=1",

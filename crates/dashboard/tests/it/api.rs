@@ -1,7 +1,7 @@
 //! The dashboard's HTTP API against both backends: real etcd and muster's
 //! embedded registry.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! registry (`muster serve --in-memory`) and a real etcd: `ls`, `get`,
 //! `watch`, `deregister`, `completions`, and their errors.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,5 +1,4 @@
 //! Running `muster serve` as a child process in tests.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -67,8 +66,12 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 /// The registry a CLI test runs against: `muster serve --in-memory` as a
 /// child process, or a real etcd.
 pub enum Backend {
-    /// The embedded registry and its gRPC endpoint.
-    Embedded(Serve, String),
+    /// The embedded registry's gRPC endpoint, and its process (stopped when
+    /// dropped).
+    Embedded(
+        String,
+        #[allow(dead_code, reason = "held for its Drop")] Serve,
+    ),
     /// A real etcd.
     Etcd(muster_testkit::EtcdNode),
 }
@@ -78,7 +81,7 @@ impl Backend {
     pub fn embedded() -> Backend {
         let port = free_port();
         let serve = serve(port, &[std::ffi::OsStr::new("--in-memory")]);
-        Backend::Embedded(serve, format!("http://127.0.0.1:{port}"))
+        Backend::Embedded(format!("http://127.0.0.1:{port}"), serve)
     }
 
     /// A real etcd, or `None` (skipped loudly) when it is not installed.
@@ -92,7 +95,7 @@ impl Backend {
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         match self {
-            Backend::Embedded(_, endpoint) => endpoint.clone(),
+            Backend::Embedded(endpoint, _) => endpoint.clone(),
             Backend::Etcd(node) => node.endpoint(),
         }
     }

@@ -2,7 +2,7 @@
 //! every workload runs and reports; a dead endpoint is one readable error
 //! line and a non-zero exit, not a panic.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::process::{Command, Output};

@@ -2,7 +2,6 @@
 //! (real etcd and the embedded one), upstream servers that answer with
 //! their instance id, a gateway in front of them, an HTTP client, and
 //! polling with generous deadlines (no fixed sleeps).
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-#[allow(unused_imports)]
 pub use muster_testkit::DEADLINE;
 
 /// Client settings for tests: short timeouts so outages are noticed fast.
@@ -37,12 +35,10 @@ pub fn client(endpoint: &str) -> Etcd {
     Etcd::connect(c).expect("client")
 }
 
-#[allow(unused_imports)]
 pub use muster_testkit::eventually;
 
 /// Everything a gateway test needs: registry client, registrar, discovery.
 pub struct Env {
-    pub etcd: Etcd,
     pub registrar: Registrar,
     pub discovery: Discovery,
 }
@@ -58,9 +54,8 @@ impl Env {
         )
         .await
         .expect("registrar");
-        let discovery = Discovery::new(etcd.clone());
+        let discovery = Discovery::new(etcd);
         Env {
-            etcd,
             registrar,
             discovery,
         }

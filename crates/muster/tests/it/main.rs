@@ -1,0 +1,14 @@
+//! The library's integration tests: client, registrar, discovery, catalog,
+//! watch and gRPC balancing, against real etcd and the embedded registry.
+//!
+//! One test binary per crate (one `mod` per area) rather than one per file:
+//! every binary links the whole dependency tree, so fewer binaries mean a
+//! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
+
+mod catalog;
+mod client;
+mod common;
+mod examples;
+mod grpc;
+mod registry;
+mod watch;

@@ -1,0 +1,11 @@
+//! The embedded registry's integration tests: etcd conformance, differential
+//! runs against real etcd, watch and restart.
+//!
+//! One test binary per crate (one `mod` per area) rather than one per file:
+//! every binary links the whole dependency tree, so fewer binaries mean a
+//! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
+
+mod conformance;
+mod differential;
+mod restart;
+mod watch;
