@@ -5,7 +5,10 @@
 //! on SIGTERM.
 //!
 //! The example binary is built with the `cargo` that runs this test (a
-//! no-op when `cargo test --workspace` already built it).
+//! no-op when `cargo test --workspace` already built it). It is built with
+//! the workspace's whole selection (`--workspace --examples`): building only
+//! `-p muster` resolves dependency features differently and would compile the
+//! whole dependency tree a second time.
 
 use crate::common;
 
@@ -25,7 +28,7 @@ fn user_service() -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "muster", "--example", "user-service"]);
+        cmd.args(["build", "-q", "--workspace", "--examples"]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
