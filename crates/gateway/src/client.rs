@@ -37,6 +37,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::body::RequestBody;
 use crate::h1::{self, Decoder, Step};
+use crate::headers;
 
 /// Read buffer size of a connection.
 const READ_BUF: usize = 16 * 1024;
@@ -357,15 +358,21 @@ where
     let write_error = |e: io::Error| {
         BodyError::Upstream(SendError::Request(format!("sending the request body: {e}")))
     };
+    let mut trailers = None;
     while let Some(frame) = std::future::poll_fn(|cx| body.poll_frame(cx)).await {
         let frame = frame.map_err(|e| {
             BodyError::Client(SendError::Request(format!(
                 "reading the client's body: {e}"
             )))
         })?;
-        let Ok(data) = frame.into_data() else {
-            // Trailers are not forwarded.
-            continue;
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+                continue;
+            }
         };
         if data.is_empty() {
             continue;
@@ -378,8 +385,23 @@ where
             io.write_all(&data).await.map_err(write_error)?;
         }
     }
-    if chunked {
-        io.write_all(b"0\r\n\r\n").await.map_err(write_error)?;
+    // A body sent with its length has no room for trailers: they go.
+    match trailers {
+        _ if !chunked => {}
+        None => io.write_all(b"0\r\n\r\n").await.map_err(write_error)?,
+        Some(trailers) => {
+            let mut end = b"0\r\n".to_vec();
+            for (name, value) in &trailers {
+                if headers::is_relayed_trailer(name) {
+                    end.extend_from_slice(name.as_str().as_bytes());
+                    end.extend_from_slice(b": ");
+                    end.extend_from_slice(value.as_bytes());
+                    end.extend_from_slice(b"\r\n");
+                }
+            }
+            end.extend_from_slice(b"\r\n");
+            io.write_all(&end).await.map_err(write_error)?;
+        }
     }
     Ok(())
 }
@@ -393,6 +415,8 @@ pub(crate) struct ResponseBody {
     /// first frame, and any after it.
     ready: Option<Bytes>,
     more: VecDeque<Bytes>,
+    /// Trailers decoded ahead, handed out after the data.
+    trailers: Option<HeaderMap>,
     /// The connection, while the body is being read.
     conn: Option<Box<Conn>>,
     decoder: Decoder,
@@ -405,6 +429,7 @@ impl ResponseBody {
         ResponseBody {
             ready: None,
             more: VecDeque::new(),
+            trailers: None,
             conn: None,
             decoder: Decoder::Done,
             keep_alive: false,
@@ -417,11 +442,13 @@ impl ResponseBody {
         // and its connection free for the next request.
         let mut ready = None;
         let mut more = VecDeque::new();
+        let mut trailers = None;
         let mut failed = false;
         loop {
             match decoder.step(&mut conn.buf) {
                 Ok(Step::Data(data)) if ready.is_none() => ready = Some(data),
                 Ok(Step::Data(data)) => more.push_back(data),
+                Ok(Step::Trailers(t)) => trailers = Some(t),
                 Ok(Step::NeedMore | Step::Done) => break,
                 Err(_) => {
                     // Reported when the body is read.
@@ -433,6 +460,7 @@ impl ResponseBody {
         let mut body = ResponseBody {
             ready,
             more,
+            trailers,
             conn: Some(conn),
             decoder,
             keep_alive,
@@ -475,6 +503,9 @@ impl Body for ResponseBody {
         if let Some(data) = this.ready.take().or_else(|| this.more.pop_front()) {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -485,6 +516,10 @@ impl Body for ResponseBody {
                         this.release();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::Trailers(trailers)) => {
+                    this.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Ok(Step::Done) => {
                     this.release();
@@ -526,7 +561,10 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ready.is_none() && self.more.is_empty() && self.decoder == Decoder::Done
+        self.ready.is_none()
+            && self.more.is_empty()
+            && self.trailers.is_none()
+            && self.decoder == Decoder::Done
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -536,7 +574,9 @@ impl Body for ResponseBody {
             .chain(&self.more)
             .map(|b| b.len() as u64)
             .sum();
-        match self.decoder.remaining() {
+        // Trailers need a chunked answer to an HTTP/1.1 client: no exact
+        // size then, which would make it a Content-Length one.
+        match self.decoder.remaining().filter(|_| self.trailers.is_none()) {
             Some(n) => SizeHint::with_exact(ready + n),
             None => {
                 let mut hint = SizeHint::new();
@@ -767,6 +807,48 @@ mod tests {
             client.pool.idle.lock().unwrap().is_empty(),
             "close-delimited: not reusable"
         );
+    }
+
+    #[tokio::test]
+    async fn trailers_are_relayed_after_the_data() {
+        let (authority, _up) = scripted(
+            |_| {
+                Some(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-digest\r\n\r\n\
+                      2\r\nok\r\n0\r\nx-digest: abc\r\nhost: dropped\r\n\r\n"
+                        .to_vec(),
+                )
+            },
+            1,
+            false,
+        )
+        .await;
+        let client = client();
+        let head = head(&authority);
+        let answer = client
+            .send(
+                &authority,
+                Outbound::<http_body_util::Empty<Bytes>> {
+                    method: &Method::GET,
+                    head: &head,
+                    body: None,
+                    chunked: false,
+                },
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.headers["trailer"], "x-digest");
+        // Complete with its head, yet not sized: trailers need a chunked
+        // answer to an HTTP/1.1 client.
+        assert_eq!(answer.body.size_hint().exact(), None);
+        assert!(!answer.body.is_end_stream());
+        let body = answer.body.collect().await.unwrap();
+        let trailers = body.trailers().cloned().expect("trailers");
+        assert_eq!(body.to_bytes(), "ok");
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["x-digest"], "abc");
+        assert_eq!(client.pool.idle.lock().unwrap().len(), 1, "reusable");
     }
 
     #[tokio::test]

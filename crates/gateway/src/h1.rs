@@ -13,7 +13,7 @@ use http::{Method, StatusCode};
 pub(crate) const MAX_HEADERS: usize = 100;
 /// Largest response head accepted.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
-/// Longest chunk-size line (with extensions) or trailer line accepted.
+/// Longest chunk-size line (with extensions) accepted.
 const MAX_LINE: usize = 4 * 1024;
 
 /// Why an upstream's response cannot be relayed.
@@ -236,7 +236,7 @@ pub(crate) enum Decoder {
     ChunkData(u64),
     /// Chunked: the CRLF after a chunk's data.
     ChunkEnd,
-    /// Chunked: trailer lines until an empty one.
+    /// Chunked: the trailer section, up to an empty line.
     Trailers,
     /// Until the connection closes.
     Close,
@@ -249,6 +249,9 @@ pub(crate) enum Decoder {
 pub(crate) enum Step {
     /// Body bytes.
     Data(Bytes),
+    /// The trailer fields that end a chunked body (the relayed ones, never
+    /// empty); the body is complete.
+    Trailers(HeaderMap),
     /// Nothing more can be decoded from the buffer: read more.
     NeedMore,
     /// The body is complete.
@@ -327,12 +330,22 @@ impl Decoder {
                     *self = Decoder::ChunkSize;
                 }
                 Decoder::Trailers => {
-                    // Trailers are not relayed.
-                    let Some(line) = take_line(buf)? else {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        *self = Decoder::Done;
+                        continue;
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        if buf.len() > MAX_HEAD {
+                            return Err(ParseError::Chunked("trailer section too large"));
+                        }
                         return Ok(Step::NeedMore);
                     };
-                    if line.is_empty() {
-                        *self = Decoder::Done;
+                    let section = buf.split_to(end + 4);
+                    *self = Decoder::Done;
+                    let trailers = parse_trailers(&section)?;
+                    if !trailers.is_empty() {
+                        return Ok(Step::Trailers(trailers));
                     }
                 }
             }
@@ -347,6 +360,33 @@ impl Decoder {
             _ => None,
         }
     }
+}
+
+/// The relayed fields of a complete trailer section (ending with an empty
+/// line): hop-by-hop fields and those a trailer must not carry are left out.
+fn parse_trailers(section: &[u8]) -> Result<HeaderMap, ParseError> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let fields = match httparse::parse_headers(section, &mut lines) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        Ok(httparse::Status::Partial) => return Err(ParseError::Chunked("incomplete trailers")),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ParseError::Chunked("too many trailer fields"));
+        }
+        Err(_) => return Err(ParseError::Chunked("malformed trailer field")),
+    };
+    let mut trailers = HeaderMap::new();
+    for field in fields.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(field.name.as_bytes()),
+            HeaderValue::from_bytes(field.value),
+        ) else {
+            return Err(ParseError::Chunked("malformed trailer field"));
+        };
+        if crate::headers::is_relayed_trailer(&name) {
+            trailers.append(name, value);
+        }
+    }
+    Ok(trailers)
 }
 
 /// One CRLF-terminated line (without the CRLF), consumed from `buf`.
@@ -396,20 +436,34 @@ mod tests {
     }
 
     fn body(framing: Framing, wire: &[&str]) -> Result<(Vec<u8>, bool), ParseError> {
+        body_and_trailers(framing, wire).map(|(out, done, _)| (out, done))
+    }
+
+    /// The body's bytes, whether it completed, and its trailers.
+    fn body_and_trailers(
+        framing: Framing,
+        wire: &[&str],
+    ) -> Result<(Vec<u8>, bool, HeaderMap), ParseError> {
         let mut d = Decoder::new(framing);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
+        let mut trailers = HeaderMap::new();
         for piece in wire {
             buf.extend_from_slice(piece.as_bytes());
             loop {
                 match d.step(&mut buf)? {
                     Step::Data(b) => out.extend_from_slice(&b),
+                    Step::Trailers(t) => {
+                        assert!(trailers.is_empty(), "trailers come once");
+                        assert_eq!(d, Decoder::Done);
+                        trailers = t;
+                    }
                     Step::NeedMore => break,
-                    Step::Done => return Ok((out, true)),
+                    Step::Done => return Ok((out, true, trailers)),
                 }
             }
         }
-        Ok((out, false))
+        Ok((out, false, trailers))
     }
 
     #[test]
@@ -556,6 +610,35 @@ mod tests {
         assert!(body(Framing::Chunked, &["zz\r\n"]).is_err());
         assert!(body(Framing::Chunked, &["1\r\nab\r\n"]).is_err());
         assert!(body(Framing::Chunked, &[&"1".repeat(MAX_LINE + 2)]).is_err());
+    }
+
+    #[test]
+    fn trailers_are_relayed_without_forbidden_fields() {
+        let (out, done, t) = body_and_trailers(
+            Framing::Chunked,
+            &[
+                "2\r\nok\r\n0\r\nGrpc-Status: 0\r\nx-digest: a",
+                "bc\r\nContent-Length: 9\r\nConnection: close\r\n",
+                "Set-Cookie: s=1\r\nx-digest: def\r\n\r\n",
+            ],
+        )
+        .unwrap();
+        assert_eq!((&out[..], done), (&b"ok"[..], true));
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert_eq!(t["grpc-status"], "0");
+        let digests: Vec<_> = t.get_all("x-digest").iter().collect();
+        assert_eq!(digests, ["abc", "def"]);
+
+        // Only forbidden fields: nothing to relay, the body just ends.
+        let (_, done, t) =
+            body_and_trailers(Framing::Chunked, &["0\r\nHost: x\r\n\r", "\n"]).unwrap();
+        assert!(done && t.is_empty());
+
+        assert!(body(Framing::Chunked, &["0\r\nno colon\r\n\r\n"]).is_err());
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert!(body(Framing::Chunked, &[&format!("0\r\n{many}\r\n")]).is_err());
+        let endless = format!("0\r\nx: {}", "a".repeat(MAX_HEAD + 1));
+        assert!(body(Framing::Chunked, &[&endless]).is_err());
     }
 
     #[test]

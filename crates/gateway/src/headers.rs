@@ -8,16 +8,34 @@ use http::Method;
 use http::header::{self, HeaderMap, HeaderName};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// `Trailer` is end to end: it announces trailer fields, which are relayed.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+];
+
+/// Fields that must not come in a trailer section (RFC 9110 6.5.1: framing,
+/// routing, authentication, request modifiers and how the content is to be
+/// processed): dropped when relaying trailers.
+const NOT_IN_TRAILERS: [HeaderName; 12] = [
+    header::AUTHORIZATION,
+    header::CACHE_CONTROL,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::CONTENT_TYPE,
+    header::EXPECT,
+    header::HOST,
+    header::MAX_FORWARDS,
+    header::SET_COOKIE,
+    header::TRAILER,
+    header::PROXY_AUTHORIZATION,
 ];
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -53,6 +71,29 @@ impl ClientAddr {
 /// Whether `name` is a hop-by-hop header.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
+}
+
+/// Whether a trailer field named `name` is relayed: end to end, and allowed
+/// in a trailer section.
+pub(crate) fn is_relayed_trailer(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name) && !NOT_IN_TRAILERS.contains(name)
+}
+
+/// Whether the client accepts trailer fields in the answer (`TE: trailers`;
+/// HTTP/2 clients such as gRPC's send it too). The gateway relays them, so
+/// it asks the upstream for them in turn.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
 }
 
 /// A request as it goes upstream: what [`write_request_head`] needs.
@@ -174,6 +215,10 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
         out.push(b'"');
     }
     out.extend_from_slice(b"\r\n");
+    if accepts_trailers(r.headers) {
+        // TE is hop-by-hop; only its `trailers` token is passed on.
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
     if r.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
@@ -264,8 +309,16 @@ mod tests {
             head(&h, "10.0.0.2:5000", None, false, RequestFraming::Chunked),
             "GET /p?q=1 HTTP/1.1\r\naccept: */*\r\nhost: api.example\r\n\
              x-forwarded-for: 10.0.0.2\r\nx-forwarded-proto: http\r\n\
-             forwarded: for=10.0.0.2;proto=http\r\ntransfer-encoding: chunked\r\n\r\n"
+             forwarded: for=10.0.0.2;proto=http\r\nte: trailers\r\n\
+             transfer-encoding: chunked\r\n\r\n"
         );
+        // Of TE, only `trailers` passes (the gateway relays trailers).
+        h.insert(header::TE, "gzip;q=1, deflate".parse().unwrap());
+        let other = head(&h, "10.0.0.2:5000", None, false, RequestFraming::None);
+        assert!(!other.contains("te:"), "{other}");
+        h.insert(header::TE, "deflate, Trailers;q=0.5".parse().unwrap());
+        let mixed = head(&h, "10.0.0.2:5000", None, false, RequestFraming::None);
+        assert!(mixed.contains("\r\nte: trailers\r\n"), "{mixed}");
         let up = head(&h, "10.0.0.2:5000", None, true, RequestFraming::None);
         assert!(up.contains("upgrade: websocket\r\n"), "{up}");
         assert!(up.contains("connection: upgrade\r\n"), "{up}");

@@ -41,8 +41,9 @@
 //!    once on another instance.
 //! 6. Failures count against the instance; enough in a row eject it for a
 //!    while (`health.rs`). Timeouts give 504, other failures 502.
-//! 7. The answer streams back; a `101 Switching Protocols` turns both
-//!    connections into a byte tunnel (`upgrade.rs`).
+//! 7. The answer streams back. Trailers pass both ways (a chunked body's
+//!    trailer section, HTTP/2 trailers). A `101 Switching Protocols` turns
+//!    both connections into a byte tunnel (`upgrade.rs`).
 //! 8. Client connections idle for `client_idle_timeout`, or whose request
 //!    head never completes, are closed by their thread's watchdog
 //!    (`watchdog.rs`).

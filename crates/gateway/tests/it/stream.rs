@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -234,6 +234,81 @@ async fn h2c_clients_are_served(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// `POST /trailers` through the gateway with a body that ends in an
+/// `x-checksum` trailer: what the answer's body and trailers were.
+async fn post_with_trailers(
+    addr: std::net::SocketAddr,
+    http2: bool,
+    te_trailers: bool,
+) -> (StatusCode, Bytes, Option<http::HeaderMap>) {
+    let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(HttpConnector::new());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-checksum", "42".parse().unwrap());
+    let frames = [
+        Frame::data(Bytes::from_static(b"first ")),
+        Frame::data(Bytes::from_static(b"second")),
+        Frame::trailers(trailers),
+    ]
+    .map(Ok::<_, std::convert::Infallible>);
+    let mut req = http::Request::post(format!("http://{addr}/t/trailers"));
+    if !http2 {
+        // hyper's HTTP/1.1 client sends only the trailers it announced.
+        req = req.header("trailer", "x-checksum");
+    }
+    if te_trailers {
+        req = req.header("te", "trailers");
+    }
+    let req = req
+        .body(StreamBody::new(futures_util::stream::iter(frames)))
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("answered in time")
+        .expect("request");
+    let status = resp.status();
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body");
+    let trailers = body.trailers().cloned();
+    (status, body.to_bytes(), trailers)
+}
+
+async fn trailers_pass_through(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _up = env.upstream("t", "t-1").await;
+    let gw = env
+        .gateway(vec![Route::new("/t", "t").strip_prefix()])
+        .await;
+    let addr = gw.local_addr();
+    let client = http_client();
+    eventually("t is routed", || async {
+        get(&client, addr, "/t/x").await.status == StatusCode::OK
+    })
+    .await;
+    let mut digest = Fnv::new();
+    digest.write(&pattern(0, TRAILED_LEN));
+    let digest = format!("{:x}", digest.0);
+    for http2 in [false, true] {
+        // The request's trailer reached the upstream, and the answer's
+        // trailers came back after its streamed data.
+        let (status, body, trailers) = post_with_trailers(addr, http2, true).await;
+        assert_eq!(status, StatusCode::OK, "http2: {http2}");
+        assert_eq!(body, pattern(0, TRAILED_LEN), "http2: {http2}");
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers (http2: {http2})"));
+        assert_eq!(trailers["x-seen-trailer"], "42", "http2: {http2}");
+        assert_eq!(trailers["x-digest"], digest.as_str(), "http2: {http2}");
+    }
+    // Without `TE: trailers` the upstream sends none; the body is whole.
+    let (status, body, trailers) = post_with_trailers(addr, false, false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, pattern(0, TRAILED_LEN));
+    assert!(trailers.is_none(), "{trailers:?}");
+    gw.shutdown().await;
+}
+
 async fn shutdown_lets_requests_in_progress_finish(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let up = env.upstream("files", "f-1").await;
@@ -270,4 +345,5 @@ muster_testkit::on_both!(
     large_download_streams_through,
     websocket_echo_through_the_gateway,
     h2c_clients_are_served,
+    trailers_pass_through,
 );
