@@ -684,24 +684,28 @@ mod tests {
         format!("GET / HTTP/1.1\r\nhost: {authority}\r\n\r\n").into_bytes()
     }
 
+    /// The answer to `GET /`, its body not read yet.
+    async fn answer(
+        client: &UpstreamClient,
+        authority: &Authority,
+        fresh: bool,
+    ) -> Result<Answer, SendError> {
+        let head = head(authority);
+        let outbound = Outbound::<http_body_util::Empty<Bytes>> {
+            method: &Method::GET,
+            head: &head,
+            body: None,
+            chunked: false,
+        };
+        client.send(authority, outbound, fresh).await
+    }
+
     async fn fetch(
         client: &UpstreamClient,
         authority: &Authority,
         fresh: bool,
     ) -> Result<(StatusCode, Bytes), SendError> {
-        let head = head(authority);
-        let answer = client
-            .send(
-                authority,
-                Outbound::<http_body_util::Empty<Bytes>> {
-                    method: &Method::GET,
-                    head: &head,
-                    body: None,
-                    chunked: false,
-                },
-                fresh,
-            )
-            .await?;
+        let answer = answer(client, authority, fresh).await?;
         let body = answer
             .body
             .collect()
@@ -824,20 +828,7 @@ mod tests {
         )
         .await;
         let client = client();
-        let head = head(&authority);
-        let answer = client
-            .send(
-                &authority,
-                Outbound::<http_body_util::Empty<Bytes>> {
-                    method: &Method::GET,
-                    head: &head,
-                    body: None,
-                    chunked: false,
-                },
-                true,
-            )
-            .await
-            .unwrap();
+        let answer = answer(&client, &authority, true).await.unwrap();
         assert_eq!(answer.headers["trailer"], "x-digest");
         // Complete with its head, yet not sized: trailers need a chunked
         // answer to an HTTP/1.1 client.
