@@ -83,17 +83,7 @@ pub(crate) fn is_relayed_trailer(name: &HeaderName) -> bool {
 /// HTTP/2 clients such as gRPC's send it too). The gateway relays them, so
 /// it asks the upstream for them in turn.
 fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("trailers")
-            })
-        })
-    })
+    lists(headers, header::TE, "trailers")
 }
 
 /// A request as it goes upstream: what [`write_request_head`] needs.
@@ -256,9 +246,22 @@ fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// Whether `Connection` lists `token`.
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    lists(headers, header::CONNECTION, token)
+}
+
+/// Whether the comma-separated values of `name` list `token` (ignoring
+/// case and any `;` parameters).
+fn lists(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case(token)
+            })
+        })
     })
 }
 
