@@ -208,23 +208,17 @@ impl UpstreamClient {
             if conn.buf.capacity() - conn.buf.len() < 1024 {
                 conn.buf.reserve(READ_BUF);
             }
-            match conn.io.read_buf(&mut conn.buf).await {
-                Ok(0) => {
-                    let e = io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed before a complete response head",
-                    );
-                    return Err(unsent.unwrap_or_else(|| {
-                        failed("reading the response", e, reused && nothing_yet)
-                    }));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(unsent.unwrap_or_else(|| {
-                        failed("reading the response", e, reused && nothing_yet)
-                    }));
-                }
-            }
+            let e = match conn.io.read_buf(&mut conn.buf).await {
+                Ok(0) => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a complete response head",
+                ),
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            return Err(
+                unsent.unwrap_or_else(|| failed("reading the response", e, reused && nothing_yet))
+            );
         };
         let keep_alive = head.keep_alive && unsent.is_none();
         if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -289,20 +283,17 @@ impl UpstreamClient {
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let timeout = self.pool.idle_timeout;
-        let expired: Vec<Idle> = {
-            let mut idle = self
-                .pool
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let (expired, kept) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|i| now.saturating_duration_since(i.since) >= timeout);
-            *idle = kept;
-            idle.retain_mut(|i| i.conn.is_idle_open());
-            expired
-        };
-        drop(expired);
+        // Closed after the lock is released.
+        let gone: Vec<Idle> = self
+            .pool
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extract_if(.., |i| {
+                now.saturating_duration_since(i.since) >= timeout || !i.conn.is_idle_open()
+            })
+            .collect();
+        drop(gone);
     }
 
     /// How often [`sweep`](Self::sweep) should run.
