@@ -32,6 +32,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use muster::balance::{BalancerKind, Filter};
+use muster::parse_duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::error::GatewayError;
@@ -431,28 +432,6 @@ impl RoutesFile {
             })
             .collect()
     }
-}
-
-/// Parses `10s`, `500ms`, `1m`, `1.5h`, `250us`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let hint = "write e.g. 10s, 500ms or 1m";
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("'{s}' has no unit; {hint}"))?;
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration; {hint}"))?;
-    let scale = match unit {
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("unknown unit '{unit}' in '{s}'; {hint}")),
-    };
-    Duration::try_from_secs_f64(number * scale).map_err(|e| format!("'{s}': {e}"))
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

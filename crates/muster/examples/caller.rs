@@ -44,7 +44,7 @@ usage: caller [options]
                       (default $MUSTER_ENDPOINTS, else 127.0.0.1:2379)
   -h, --help          show this help
 
-DURATION is a number with an optional unit: 100ms, 2s, 1m (bare numbers are seconds).";
+DURATION is a number and a unit: 100ms, 2s, 1m.";
 
 /// How long one HTTP call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -64,26 +64,10 @@ fn parse_args() -> Result<Args, String> {
         count: None,
         endpoints: Config::endpoints_from_env(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        // Accept both `--flag value` and `--flag=value`.
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (flag.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match name.as_str() {
+    support::parse_flags(USAGE, |name, value| {
+        match name {
             "--service" => args.service = value()?,
-            "--interval" => args.interval = support::parse_duration(&value()?)?,
+            "--interval" => args.interval = support::duration(name, value()?)?,
             "--count" => {
                 let v = value()?;
                 let n = v
@@ -94,7 +78,8 @@ fn parse_args() -> Result<Args, String> {
             "--endpoints" => args.endpoints = Config::parse_endpoints(&value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     if args.interval.is_zero() {
         return Err("--interval must be positive".into());
     }

@@ -48,7 +48,7 @@ usage: user-service [options]
                       (default $MUSTER_ENDPOINTS, else 127.0.0.1:2379)
   -h, --help          show this help
 
-DURATION is a number with an optional unit: 500ms, 2s, 1m (bare numbers are seconds).";
+DURATION is a number and a unit: 500ms, 2s, 1m.";
 
 #[derive(Debug)]
 struct Args {
@@ -67,32 +67,17 @@ fn parse_args() -> Result<Args, String> {
         grace: Duration::from_secs(1),
         endpoints: Config::endpoints_from_env(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        // Accept both `--flag value` and `--flag=value`.
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-            _ => (flag.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match name.as_str() {
+    support::parse_flags(USAGE, |name, value| {
+        match name {
             "--listen" => args.listen = value()?,
             "--id" => args.id = Some(value()?),
-            "--ttl" => args.ttl = support::parse_duration(&value()?)?,
-            "--grace" => args.grace = support::parse_duration(&value()?)?,
+            "--ttl" => args.ttl = support::duration(name, value()?)?,
+            "--grace" => args.grace = support::duration(name, value()?)?,
             "--endpoints" => args.endpoints = Config::parse_endpoints(&value()?),
             other => return Err(format!("unknown argument {other:?}")),
         }
-    }
+        Ok(())
+    })?;
     if args.ttl < Duration::from_secs(1) {
         return Err("--ttl must be at least 1s".into());
     }
