@@ -1,218 +1,23 @@
-//! Registration: keep this process's instances in the registry while it lives.
-//!
-//! A [`Registrar`] holds one lease for all of the process's registrations and
-//! keeps it alive on one keep-alive stream, renewing every TTL/3. It tracks a
-//! local deadline (send time of the last answered keep-alive plus the TTL),
-//! so it notices a lost lease even when etcd says nothing at all.
-//!
-//! When the lease is lost (etcd answers TTL 0, the lease is not found, the
-//! stream stays broken past the deadline, etcd was restarted or wiped) it
-//! grants a new lease and puts every registration again in one transaction,
-//! retrying forever with capped, jittered backoff: a live process never stays
-//! unregistered. It watches its own keys and restores one deleted or
-//! overwritten from outside.
-//!
-//! Registering an id that another live instance holds fails with
-//! [`Error::AlreadyRegistered`]: every write is a create-if-absent (or
-//! "still mine") transaction. The state ([`RegistrarState`]) is observable
-//! through a `tokio::sync::watch` and every transition is logged.
-//!
-//! [`Registrar::shutdown`] marks every instance draining, waits the grace
-//! period so callers stop sending new work, then revokes the lease so every
-//! key goes at once. Dropping the registrar revokes the lease too (best
-//! effort); a crashed process's keys vanish when its lease expires.
+//! The registrar's task: one loop owning the lease, the registrations
+//! and their streams (see the walk-throughs in the parent module's docs).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use muster_proto as pb;
-use pb::compare::{CompareResult, CompareTarget, TargetUnion};
-use pb::request_op::Request as Op;
-use pb::response_op::Response as OpResponse;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::{StreamExt, StreamMap};
 
+use super::claim::{
+    Claim, MAX_TXN_OPS, claim_op, deregister_txn, parse_claim, restore_over_op, txn_of,
+};
+use super::{Cmd, RegistrarConfig, RegistrarState};
 use crate::client::{Etcd, WatchEvent, WatchOptions, Watcher, backoff};
 use crate::error::{Error, Result};
 use crate::instance::{self, Instance, Status};
 
-/// etcd's limit on operations per transaction.
-const MAX_TXN_OPS: usize = 128;
-
-/// How a [`Registrar`] behaves.
-#[derive(Debug, Clone)]
-pub struct RegistrarConfig {
-    /// Key prefix (default [`instance::DEFAULT_PREFIX`]).
-    pub prefix: String,
-    /// Lease time-to-live: how long after a crash the instances vanish.
-    /// Whole seconds, at least 1 (etcd rounds up to its minimum).
-    pub ttl: Duration,
-    /// How long [`Registrar::shutdown`] keeps draining instances visible
-    /// before removing them.
-    pub grace: Duration,
-    /// First retry delay when recovering; doubles up to `backoff_cap`.
-    pub backoff_base: Duration,
-    /// Longest retry delay when recovering.
-    pub backoff_cap: Duration,
-}
-
-impl Default for RegistrarConfig {
-    fn default() -> Self {
-        RegistrarConfig {
-            prefix: instance::DEFAULT_PREFIX.to_string(),
-            ttl: Duration::from_secs(10),
-            grace: Duration::from_secs(2),
-            backoff_base: Duration::from_millis(100),
-            backoff_cap: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RegistrarConfig {
-    /// Sets the lease TTL.
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
-
-    /// Sets the drain grace period.
-    pub fn with_grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
-        self
-    }
-
-    /// Sets the key prefix.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    fn ttl_secs(&self) -> i64 {
-        self.ttl.as_secs_f64().ceil().max(1.0) as i64
-    }
-}
-
-/// What a registrar is doing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegistrarState {
-    /// Every registration is in the registry under a live lease.
-    Registered {
-        /// The lease.
-        lease: i64,
-    },
-    /// The lease was lost or the registry is unreachable; re-registering.
-    Recovering {
-        /// Why.
-        reason: String,
-    },
-    /// Shutting down: instances are marked draining.
-    Draining,
-    /// Shut down; the lease is revoked.
-    Stopped,
-}
-
-/// Keeps this process's instances registered; see the module docs.
-#[derive(Debug)]
-pub struct Registrar {
-    cmd: mpsc::Sender<Cmd>,
-    state: watch::Receiver<RegistrarState>,
-    prefix: String,
-}
-
-enum Cmd {
-    Register(Instance, oneshot::Sender<Result<()>>),
-    Deregister(String, oneshot::Sender<Result<()>>),
-    Shutdown(oneshot::Sender<Result<()>>),
-}
-
-impl Registrar {
-    /// Grants the lease and starts keeping it alive. Fails if the registry
-    /// cannot be reached now; after that, outages are survived.
-    pub async fn start(etcd: Etcd, config: RegistrarConfig) -> Result<Registrar> {
-        instance::validate_prefix(&config.prefix)?;
-        if config.ttl.is_zero() {
-            return Err(Error::invalid("ttl", "must be at least one second"));
-        }
-        let granted = etcd.lease_grant(config.ttl_secs()).await?;
-        let lease = Lease::new(granted.id, granted.ttl);
-        tracing::info!(
-            lease = format_args!("{:x}", lease.id),
-            ttl = granted.ttl,
-            "registrar started"
-        );
-        let (state_tx, state) = watch::channel(RegistrarState::Registered { lease: lease.id });
-        let (cmd, cmd_rx) = mpsc::channel(64);
-        let prefix = config.prefix.clone();
-        let actor = Actor {
-            etcd,
-            config,
-            state: state_tx,
-            lease: Some(lease),
-            regs: BTreeMap::new(),
-            keepalive: None,
-            watchers: StreamMap::new(),
-            recovering: None,
-        };
-        tokio::spawn(actor.run(cmd_rx));
-        Ok(Registrar { cmd, state, prefix })
-    }
-
-    /// Registers (or re-registers) an instance under this process's lease.
-    /// Fails with [`Error::AlreadyRegistered`] if another live instance holds
-    /// the same service and id.
-    pub async fn register(&self, instance: Instance) -> Result<()> {
-        instance.encode()?;
-        self.ask(|reply| Cmd::Register(instance, reply)).await
-    }
-
-    /// Replaces a registered instance's fields (metadata, status, weight...)
-    /// in place.
-    pub async fn update(&self, instance: Instance) -> Result<()> {
-        self.register(instance).await
-    }
-
-    /// Marks one registered instance draining (or serving again).
-    pub async fn set_status(&self, mut instance: Instance, status: Status) -> Result<()> {
-        instance.status = status;
-        self.register(instance).await
-    }
-
-    /// Removes one instance now.
-    pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
-        instance::validate_name("service name", service)?;
-        instance::validate_name("instance id", id)?;
-        let key = instance::instance_key(&self.prefix, service, id);
-        self.ask(|reply| Cmd::Deregister(key, reply)).await
-    }
-
-    /// The current state.
-    pub fn state(&self) -> RegistrarState {
-        self.state.borrow().clone()
-    }
-
-    /// A receiver that sees every state change.
-    pub fn subscribe(&self) -> watch::Receiver<RegistrarState> {
-        self.state.clone()
-    }
-
-    /// Drains and removes every instance: marks them draining, waits the
-    /// grace period, then revokes the lease.
-    pub async fn shutdown(self) -> Result<()> {
-        self.ask(Cmd::Shutdown).await
-    }
-
-    async fn ask(&self, cmd: impl FnOnce(oneshot::Sender<Result<()>>) -> Cmd) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.cmd
-            .send(cmd(reply))
-            .await
-            .map_err(|_| Error::Closed("registrar"))?;
-        rx.await.map_err(|_| Error::Closed("registrar"))?
-    }
-}
-
-struct Lease {
+pub(super) struct Lease {
     id: i64,
     deadline: Instant,
     /// Send times of keep-alives not answered yet.
@@ -220,7 +25,7 @@ struct Lease {
 }
 
 impl Lease {
-    fn new(id: i64, ttl_secs: i64) -> Lease {
+    pub(super) fn new(id: i64, ttl_secs: i64) -> Lease {
         let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
         Lease {
             id,
@@ -230,7 +35,7 @@ impl Lease {
     }
 }
 
-struct Reg {
+pub(super) struct Reg {
     instance: Instance,
     value: Vec<u8>,
     /// When it was first registered: kept across updates and recoveries.
@@ -242,7 +47,7 @@ type KeepAlive = (
     tonic::Streaming<pb::LeaseKeepAliveResponse>,
 );
 
-struct Actor {
+pub(super) struct Actor {
     etcd: Etcd,
     config: RegistrarConfig,
     state: watch::Sender<RegistrarState>,
@@ -261,14 +66,29 @@ struct Recovery {
     at: Instant,
 }
 
-/// The outcome of claiming one key.
-enum Claim {
-    Written,
-    HeldBy(i64),
-}
-
 impl Actor {
-    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
+    /// The actor for a freshly granted lease, with no registrations yet.
+    pub(super) fn new(
+        etcd: Etcd,
+        config: RegistrarConfig,
+        state: watch::Sender<RegistrarState>,
+        lease: Lease,
+    ) -> Actor {
+        Actor {
+            etcd,
+            config,
+            state,
+            lease: Some(lease),
+            regs: BTreeMap::new(),
+            keepalive: None,
+            watchers: StreamMap::new(),
+            recovering: None,
+        }
+    }
+
+    /// Handles commands, keep-alive answers, timers and own-key events,
+    /// one at a time, until shutdown or until the handle is dropped.
+    pub(super) async fn run(mut self, mut cmd_rx: mpsc::Receiver<Cmd>) {
         let mut tick = tokio::time::interval(self.renew_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -445,12 +265,7 @@ impl Actor {
                 .iter()
                 .map(|k| claim_op(k, &self.regs[k].value, new, accept))
                 .collect();
-            let resp = self.etcd.txn(pb::TxnRequest {
-                compare: Vec::new(),
-                success: ops,
-                failure: Vec::new(),
-            });
-            let resp = match resp.await {
+            let resp = match self.etcd.txn(txn_of(ops)).await {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = self.etcd.lease_revoke(new).await;
@@ -496,11 +311,7 @@ impl Actor {
         };
         let resp = self
             .etcd
-            .txn(pb::TxnRequest {
-                compare: Vec::new(),
-                success: vec![claim_op(&key, &value, lease, lease)],
-                failure: Vec::new(),
-            })
+            .txn(txn_of(vec![claim_op(&key, &value, lease, lease)]))
             .await;
         let resp = match resp {
             Err(Error::LeaseNotFound) => {
@@ -555,14 +366,7 @@ impl Actor {
         };
         self.watchers.remove(key);
         let lease = self.lease.as_ref().map_or(0, |l| l.id);
-        let result = self
-            .etcd
-            .txn(pb::TxnRequest {
-                compare: vec![compare_lease(key, lease)],
-                success: vec![delete_op(key)],
-                failure: Vec::new(),
-            })
-            .await;
+        let result = self.etcd.txn(deregister_txn(key, lease)).await;
         if let Err(e) = result {
             // Keep it: it is still registered and kept alive.
             self.regs.insert(key.to_string(), reg);
@@ -594,11 +398,7 @@ impl Actor {
                 Some(pb::Event { kv: Some(kv), .. }) if kv.lease == 0 => {
                     // Overwritten by hand, without a lease: put ours back
                     // unless it changed again since.
-                    Some(txn_op(
-                        compare_mod_revision(&key, kv.mod_revision),
-                        vec![put_op(&key, &reg.value, lease)],
-                        Vec::new(),
-                    ))
+                    Some(restore_over_op(&key, &reg.value, lease, kv.mod_revision))
                 }
                 Some(pb::Event { kv: Some(kv), .. }) => {
                     tracing::error!(%key, holder = format_args!("{:x}", kv.lease), "own registration was taken over under another live lease; leaving it");
@@ -613,14 +413,7 @@ impl Actor {
             return;
         };
         tracing::warn!(%key, "own registration was changed or deleted from outside; restoring it");
-        let resp = self
-            .etcd
-            .txn(pb::TxnRequest {
-                compare: Vec::new(),
-                success: vec![op],
-                failure: Vec::new(),
-            })
-            .await;
+        let resp = self.etcd.txn(txn_of(vec![op])).await;
         match resp {
             Ok(resp) => {
                 let revision = resp.header.as_ref().map_or(0, |h| h.revision);
@@ -650,12 +443,7 @@ impl Actor {
                 })
                 .collect();
             for chunk in ops.chunks(MAX_TXN_OPS) {
-                let txn = pb::TxnRequest {
-                    compare: Vec::new(),
-                    success: chunk.to_vec(),
-                    failure: Vec::new(),
-                };
-                if let Err(e) = self.etcd.txn(txn).await {
+                if let Err(e) = self.etcd.txn(txn_of(chunk.to_vec())).await {
                     tracing::warn!(error = %e, "could not mark instances draining");
                 }
             }
@@ -698,118 +486,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-fn compare_lease(key: &str, lease: i64) -> pb::Compare {
-    pb::Compare {
-        result: CompareResult::Equal as i32,
-        target: CompareTarget::Lease as i32,
-        key: key.as_bytes().to_vec(),
-        range_end: Vec::new(),
-        target_union: Some(TargetUnion::Lease(lease)),
-    }
-}
-
-fn compare_mod_revision(key: &str, revision: i64) -> pb::Compare {
-    pb::Compare {
-        result: CompareResult::Equal as i32,
-        target: CompareTarget::Mod as i32,
-        key: key.as_bytes().to_vec(),
-        range_end: Vec::new(),
-        target_union: Some(TargetUnion::ModRevision(revision)),
-    }
-}
-
-fn compare_absent(key: &str) -> pb::Compare {
-    pb::Compare {
-        result: CompareResult::Equal as i32,
-        target: CompareTarget::Create as i32,
-        key: key.as_bytes().to_vec(),
-        range_end: Vec::new(),
-        target_union: Some(TargetUnion::CreateRevision(0)),
-    }
-}
-
-fn put_op(key: &str, value: &[u8], lease: i64) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestPut(pb::PutRequest {
-            key: key.as_bytes().to_vec(),
-            value: value.to_vec(),
-            lease,
-            ..Default::default()
-        })),
-    }
-}
-
-fn delete_op(key: &str) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestDeleteRange(pb::DeleteRangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn range_op(key: &str) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestRange(pb::RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn txn_op(
-    compare: pb::Compare,
-    success: Vec<pb::RequestOp>,
-    failure: Vec<pb::RequestOp>,
-) -> pb::RequestOp {
-    pb::RequestOp {
-        request: Some(Op::RequestTxn(pb::TxnRequest {
-            compare: vec![compare],
-            success,
-            failure,
-        })),
-    }
-}
-
-/// Writes `key` under `lease` if it is absent or held by `accept` (our
-/// current or previous lease); otherwise reads the holder.
-///
-/// `if absent { put } else if lease == accept { put } else { range }`
-fn claim_op(key: &str, value: &[u8], lease: i64, accept: i64) -> pb::RequestOp {
-    txn_op(
-        compare_absent(key),
-        vec![put_op(key, value, lease)],
-        vec![txn_op(
-            compare_lease(key, accept),
-            vec![put_op(key, value, lease)],
-            vec![range_op(key)],
-        )],
-    )
-}
-
-fn parse_claim(op: pb::ResponseOp) -> Claim {
-    let Some(OpResponse::ResponseTxn(outer)) = op.response else {
-        return Claim::HeldBy(0);
-    };
-    if outer.succeeded {
-        return Claim::Written;
-    }
-    match outer.responses.into_iter().next().and_then(|r| r.response) {
-        Some(OpResponse::ResponseTxn(inner)) if inner.succeeded => Claim::Written,
-        Some(OpResponse::ResponseTxn(inner)) => {
-            let holder = inner
-                .responses
-                .into_iter()
-                .find_map(|r| match r.response {
-                    Some(OpResponse::ResponseRange(range)) => range.kvs.into_iter().next(),
-                    _ => None,
-                })
-                .map_or(0, |kv| kv.lease);
-            Claim::HeldBy(holder)
-        }
-        _ => Claim::HeldBy(0),
     }
 }
