@@ -1,5 +1,7 @@
 //! Body types: what the gateway answers with, and what it sends upstream.
-//! Both stream frame by frame; nothing is ever collected whole.
+//! Both stream frame by frame; nothing is ever collected whole. They wrap
+//! the bodies of the layers below: the upstream client's response body and
+//! hyper's request body; the client takes any [`Body`] to send.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -139,13 +141,47 @@ impl<B: Body<Data = Bytes> + Unpin> RequestBody<B> {
     pub(crate) fn started(&self) -> bool {
         self.started
     }
+}
 
-    /// The next frame of the client's body.
-    pub(crate) fn poll_frame(
-        &mut self,
+impl<B: Body<Data = Bytes> + Unpin> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    /// The next frame of the client's body: from now on it counts as
+    /// started.
+    fn poll_frame(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        self.started = true;
-        Pin::new(&mut self.body).poll_frame(cx)
+        let RequestBody { body, started } = self.get_mut();
+        *started = true;
+        Pin::new(body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_body_is_started_once_asked_for() {
+        let mut body = RequestBody::new(Full::new(Bytes::from_static(b"abc")));
+        assert!(!body.started());
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert!(!body.is_end_stream());
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        assert!(body.started());
+        assert!(body.is_end_stream());
     }
 }

@@ -31,11 +31,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::body::RequestBody;
 use crate::h1::{self, Decoder, Step};
 use crate::headers;
 
@@ -73,11 +71,13 @@ struct Conn {
 
 /// A request to send: its head already written out.
 #[derive(Debug)]
-pub(crate) struct Outbound<'a, B = Incoming> {
+pub(crate) struct Outbound<'a, B> {
     pub(crate) method: &'a Method,
     /// The request head, as [`crate::headers::write_request_head`] wrote it.
     pub(crate) head: &'a [u8],
-    pub(crate) body: Option<&'a mut RequestBody<B>>,
+    /// The body to stream after the head: any [`Body`]; the proxy's
+    /// remembers whether it was read, for its retries.
+    pub(crate) body: Option<&'a mut B>,
     /// The body is sent with chunked coding (the head says so).
     pub(crate) chunked: bool,
 }
@@ -337,11 +337,7 @@ enum BodyError {
 }
 
 /// Streams the client's body upstream, chunk-coded if `chunked`.
-async fn write_body<B>(
-    io: &mut TcpStream,
-    body: &mut RequestBody<B>,
-    chunked: bool,
-) -> Result<(), BodyError>
+async fn write_body<B>(io: &mut TcpStream, body: &mut B, chunked: bool) -> Result<(), BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -350,7 +346,7 @@ where
         BodyError::Upstream(SendError::Request(format!("sending the request body: {e}")))
     };
     let mut trailers = None;
-    while let Some(frame) = std::future::poll_fn(|cx| body.poll_frame(cx)).await {
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
         let frame = frame.map_err(|e| {
             BodyError::Client(SendError::Request(format!(
                 "reading the client's body: {e}"
@@ -875,7 +871,7 @@ mod tests {
         let chunks = futures_util::stream::iter(
             (0..1024).map(|_| Ok::<_, io::Error>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024])))),
         );
-        let mut body = RequestBody::new(http_body_util::StreamBody::new(chunks));
+        let mut body = http_body_util::StreamBody::new(chunks);
         let client = client();
         let answer = client
             .send(
@@ -908,7 +904,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"abc"))),
             Err(io::Error::other("the client went away")),
         ]);
-        let mut body = RequestBody::new(http_body_util::StreamBody::new(chunks));
+        let mut body = http_body_util::StreamBody::new(chunks);
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
             client().send(
@@ -928,6 +924,7 @@ mod tests {
             Err(SendError::Request(m)) => assert!(m.contains("went away"), "{m}"),
             other => panic!("expected a request error, got {other:?}"),
         }
-        assert!(body.started());
+        // The client's body was read through its failure.
+        assert!(body.frame().await.is_none(), "the body was read");
     }
 }
