@@ -77,6 +77,15 @@ impl Env {
             .await
             .expect("start the gateway")
     }
+
+    /// [`Env::gateway`] and a client, once `GET {probe}` is answered
+    /// through it (its service has been discovered).
+    pub async fn routed(&self, routes: Vec<Route>, probe: &str) -> (GatewayHandle, HttpClient) {
+        let gw = self.gateway(routes).await;
+        let client = http_client();
+        wait_routed(&client, gw.local_addr(), probe).await;
+        (gw, client)
+    }
 }
 
 /// Gateway settings for tests: any port, quick ejection.
@@ -203,9 +212,29 @@ impl Drop for Upstream {
     }
 }
 
-type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn full(s: impl Into<Bytes>) -> TestBody {
+/// The bodies of the tests' requests, and of the upstreams' answers.
+pub type TestBody = BoxBody<Bytes, BoxError>;
+
+/// A request body fed from a channel, one frame at a time.
+pub fn channel_body() -> (FrameSender, TestBody) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    (tx, BodyExt::boxed(StreamBody::new(stream)))
+}
+
+/// Feeds a [`channel_body`].
+pub type FrameSender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// An empty request body.
+pub fn empty() -> TestBody {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed()
+}
+
+/// A request body of known bytes.
+pub fn full(s: impl Into<Bytes>) -> TestBody {
     http_body_util::Full::new(s.into())
         .map_err(|e| match e {})
         .boxed()
@@ -261,10 +290,7 @@ async fn answer(shared: Arc<UpstreamShared>, mut req: Request<Incoming>) -> Resp
                 }
                 let chunk = pattern(sent, (n - sent).min(CHUNK as u64) as usize);
                 let len = chunk.len() as u64;
-                Some((
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk)),
-                    sent + len,
-                ))
+                Some((Ok::<_, BoxError>(Frame::data(chunk)), sent + len))
             }
         });
         let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
@@ -361,8 +387,7 @@ async fn trailers(mut body: Incoming) -> Response<TestBody> {
     let mut trailers = HeaderMap::new();
     trailers.insert("x-seen-trailer", seen);
     trailers.insert("x-digest", format!("{:x}", fnv.0).parse().unwrap());
-    let frames = [Frame::data(data), Frame::trailers(trailers)]
-        .map(Ok::<_, Box<dyn std::error::Error + Send + Sync>>);
+    let frames = [Frame::data(data), Frame::trailers(trailers)].map(Ok::<_, BoxError>);
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
         frames,
     ))));
@@ -434,9 +459,7 @@ pub async fn get_with(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
-        .unwrap();
+    let req = req.body(empty()).unwrap();
     let resp = tokio::time::timeout(DEADLINE, client.request(req))
         .await
         .map_err(|_| "timed out".to_string())?
@@ -456,13 +479,51 @@ pub async fn get(client: &HttpClient, addr: SocketAddr, path: &str) -> Answer {
         .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
+/// Waits until `GET {path}` through the gateway at `addr` answers 200.
+pub async fn wait_routed(client: &HttpClient, addr: SocketAddr, path: &str) {
+    eventually(&format!("{path} is routed"), || async {
+        get(client, addr, path).await.status == StatusCode::OK
+    })
+    .await;
+}
+
 /// A sample of one metric from the gateway's text.
 pub fn metric(gw: &GatewayHandle, name: &str, labels: &[&str]) -> Option<f64> {
     muster_testkit::metric_value(&gw.metrics(), name, labels)
 }
 
+/// How much this process's resident memory grew since [`Growth::start`],
+/// at the highest of its samples.
+pub struct Growth {
+    before: u64,
+    peak: u64,
+}
+
+impl Growth {
+    pub fn start() -> Growth {
+        Growth {
+            before: rss(),
+            peak: 0,
+        }
+    }
+
+    /// Takes a sample now.
+    pub fn sample(&mut self) {
+        self.peak = self.peak.max(rss().saturating_sub(self.before));
+    }
+
+    /// The growth stayed below `limit` bytes `during` what was sampled.
+    pub fn assert_below(&self, limit: u64, during: &str) {
+        assert!(
+            self.peak < limit,
+            "memory grew by {} MiB during {during}",
+            self.peak / (1024 * 1024)
+        );
+    }
+}
+
 /// Resident memory of this process, in bytes.
-pub fn rss() -> u64 {
+fn rss() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()

@@ -139,10 +139,7 @@ async fn clear_answers_for_no_route_no_instance_and_bad_requests(registry: Box<d
     assert!(a.json()["message"].as_str().unwrap().contains("nobody"));
 
     // The route works once the instance is seen.
-    eventually("web is routed", || async {
-        get(&client, addr, "/api/x").await.status == StatusCode::OK
-    })
-    .await;
+    wait_routed(&client, addr, "/api/x").await;
 
     // Health.
     let a = get(&client, addr, "/healthz").await;
@@ -477,10 +474,7 @@ async fn routes_file_is_hot_reloaded(registry: Box<dyn Registry>) {
          [[route]]\nprefix = \"/b\"\nservice = \"beta\"\nstrip_prefix = true\n",
     )
     .unwrap();
-    eventually("/b is routed", || async {
-        get(&client, addr, "/b/x").await.status == StatusCode::OK
-    })
-    .await;
+    wait_routed(&client, addr, "/b/x").await;
     assert_eq!(
         get(&client, addr, "/b/x").await.headers["x-upstream-path"],
         "/x"
@@ -528,7 +522,7 @@ async fn slow_upstream_times_out_and_5xx_passes_through(registry: Box<dyn Regist
     assert_eq!(a.body, "w-1");
     // A route timeout gives 504 (the upstream answers headers only after
     // reading a body that never ends).
-    let (tx, body) = futures_channel_body();
+    let (tx, body) = channel_body();
     let req = http::Request::post(format!("http://{addr}/slow/upload"))
         .body(body)
         .unwrap();
@@ -544,23 +538,14 @@ async fn slow_upstream_times_out_and_5xx_passes_through(registry: Box<dyn Regist
     gw.shutdown().await;
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type FrameSender = tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>;
-
 /// The upstream client writes and reads HTTP/1.1 itself: a body with a
 /// length, `Expect: 100-continue`, HEAD, answers without a body and
 /// chunked answers, one after another over pooled connections.
 async fn methods_and_framings_pass_through(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let up = env.upstream("web", "w-1").await;
-    let gw = env.gateway(vec![Route::new("/", "web")]).await;
-    let client = http_client();
+    let (gw, client) = env.routed(vec![Route::new("/", "web")], "/x").await;
     let addr = gw.local_addr();
-    eventually("web is routed", || async {
-        get(&client, addr, "/x").await.status == StatusCode::OK
-    })
-    .await;
-    use http_body_util::BodyExt;
     let send = |method: http::Method, path: &str, body: &'static str, headers: &[(&str, &str)]| {
         let mut req = http::Request::builder()
             .method(method)
@@ -568,13 +553,7 @@ async fn methods_and_framings_pass_through(registry: Box<dyn Registry>) {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req
-            .body(
-                http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes()))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let req = req.body(full(body)).unwrap();
         let client = client.clone();
         async move {
             let resp = tokio::time::timeout(DEADLINE, client.request(req))
@@ -666,10 +645,7 @@ async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
     let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
     let addr = gw.local_addr();
     let client = http_client();
-    eventually("web is routed", || async {
-        get(&client, addr, "/x").await.status == StatusCode::OK
-    })
-    .await;
+    wait_routed(&client, addr, "/x").await;
 
     /// Everything the gateway sends until it closes the connection.
     async fn until_closed(mut s: tokio::net::TcpStream) -> String {
@@ -690,7 +666,7 @@ async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
         .await
         .unwrap();
     // A request in progress for longer than the idle timeout.
-    let (tx, body) = futures_channel_body();
+    let (tx, body) = channel_body();
     let req = http::Request::post(format!("http://{addr}/upload"))
         .body(body)
         .unwrap();
@@ -766,18 +742,6 @@ async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
     fnv.write(b"abcdef");
     assert_eq!(body, format!("6 {:x}", fnv.0));
     gw.shutdown().await;
-}
-
-/// A request body fed from a channel.
-fn futures_channel_body() -> (
-    FrameSender,
-    http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>,
-) {
-    use http_body_util::BodyExt;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
-    (tx, http_body_util::StreamBody::new(stream).boxed())
 }
 
 muster_testkit::on_both!(

@@ -19,33 +19,23 @@ use tokio_tungstenite::tungstenite::Message;
 
 const SIZE: u64 = 50 * 1024 * 1024;
 
+/// How much more memory the process may hold while a body of [`SIZE`]
+/// streams through: less than half of it.
+const MEMORY_LIMIT: u64 = 24 * 1024 * 1024;
+
 async fn large_upload_streams_through(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let up = env.upstream("files", "f-1").await;
-    let gw = env.gateway(vec![Route::new("/", "files")]).await;
-    let client = http_client();
+    let (gw, client) = env.routed(vec![Route::new("/", "files")], "/x").await;
     let addr = gw.local_addr();
-    eventually("files is routed", || async {
-        get(&client, addr, "/x").await.status == StatusCode::OK
-    })
-    .await;
 
     // The first chunk must reach the upstream before the client sends the
     // rest: a gateway that buffered the body would deadlock here.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| {
-            (
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)),
-                rx,
-            )
-        })
-    });
-    let body = BodyExt::boxed(http_body_util::StreamBody::new(stream));
+    let (tx, body) = channel_body();
     let req = http::Request::post(format!("http://{addr}/upload"))
         .body(body)
         .unwrap();
-    let rss_before = rss();
+    let mut memory = Growth::start();
     let send = tokio::spawn({
         let client = client.clone();
         async move { client.request(req).await }
@@ -53,21 +43,20 @@ async fn large_upload_streams_through(registry: Box<dyn Registry>) {
     let mut expected = Fnv::new();
     let first = pattern(0, CHUNK);
     expected.write(&first);
-    tx.send(first).await.unwrap();
+    tx.send(Ok(Frame::data(first))).await.unwrap();
     let mut progress = up.upload_progress.clone();
     tokio::time::timeout(DEADLINE, progress.wait_for(|n| *n > 0))
         .await
         .expect("the first chunk reached the upstream before the rest was sent")
         .unwrap();
-    let mut peak = 0u64;
     let mut sent = CHUNK as u64;
     while sent < SIZE {
         let chunk = pattern(sent, CHUNK.min((SIZE - sent) as usize));
         expected.write(&chunk);
         sent += chunk.len() as u64;
-        tx.send(chunk).await.unwrap();
+        tx.send(Ok(Frame::data(chunk))).await.unwrap();
         if sent.is_multiple_of(4 * 1024 * 1024) {
-            peak = peak.max(rss().saturating_sub(rss_before));
+            memory.sample();
         }
     }
     drop(tx);
@@ -82,31 +71,22 @@ async fn large_upload_streams_through(registry: Box<dyn Registry>) {
         String::from_utf8_lossy(&body),
         format!("{SIZE} {:x}", expected.0)
     );
-    assert!(
-        peak < 24 * 1024 * 1024,
-        "memory grew by {} MiB during a 50 MiB upload",
-        peak / (1024 * 1024)
-    );
+    memory.assert_below(MEMORY_LIMIT, "a 50 MiB upload");
     gw.shutdown().await;
 }
 
 async fn large_download_streams_through(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let up = env.upstream("files", "f-1").await;
-    let gw = env.gateway(vec![Route::new("/", "files")]).await;
-    let client = http_client();
+    let (gw, client) = env.routed(vec![Route::new("/", "files")], "/x").await;
     let addr = gw.local_addr();
-    eventually("files is routed", || async {
-        get(&client, addr, "/x").await.status == StatusCode::OK
-    })
-    .await;
 
     // The upstream sends the first 64 KiB and then waits until the client
     // has received bytes: a buffering gateway would never answer.
     let req = http::Request::get(format!("http://{addr}/download/{SIZE}?gated"))
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+        .body(empty())
         .unwrap();
-    let rss_before = rss();
+    let mut memory = Growth::start();
     let resp = tokio::time::timeout(DEADLINE, client.request(req))
         .await
         .expect("headers before the body is complete")
@@ -116,7 +96,6 @@ async fn large_download_streams_through(registry: Box<dyn Registry>) {
     let mut received = 0u64;
     let mut got = Fnv::new();
     let mut want = Fnv::new();
-    let mut peak = 0u64;
     while let Some(frame) = tokio::time::timeout(DEADLINE, body.frame())
         .await
         .expect("the body keeps coming")
@@ -130,30 +109,21 @@ async fn large_download_streams_through(registry: Box<dyn Registry>) {
             got.write(data);
             received += data.len() as u64;
             if received % (4 * 1024 * 1024) < data.len() as u64 {
-                peak = peak.max(rss().saturating_sub(rss_before));
+                memory.sample();
             }
         }
     }
     assert_eq!(received, SIZE);
     assert_eq!(got.0, want.0, "the body changed on the way");
-    assert!(
-        peak < 24 * 1024 * 1024,
-        "memory grew by {} MiB during a 50 MiB download",
-        peak / (1024 * 1024)
-    );
+    memory.assert_below(MEMORY_LIMIT, "a 50 MiB download");
     gw.shutdown().await;
 }
 
 async fn websocket_echo_through_the_gateway(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let _up = env.upstream("chat", "c-1").await;
-    let gw = env.gateway(vec![Route::new("/ws", "chat")]).await;
-    let client = http_client();
+    let (gw, _) = env.routed(vec![Route::new("/ws", "chat")], "/ws").await;
     let addr = gw.local_addr();
-    eventually("chat is routed", || async {
-        get(&client, addr, "/ws").await.status == StatusCode::OK
-    })
-    .await;
     let (mut ws, resp) = tokio::time::timeout(
         DEADLINE,
         tokio_tungstenite::connect_async(format!("ws://{addr}/ws/room")),
@@ -162,24 +132,21 @@ async fn websocket_echo_through_the_gateway(registry: Box<dyn Registry>) {
     .unwrap()
     .expect("websocket handshake through the gateway");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // Sends `message`; the next message that comes back.
+    let mut echo = async |message| {
+        ws.send(message).await.unwrap();
+        tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("an echo in time")
+            .expect("an echo")
+            .unwrap()
+    };
     for i in 0..20 {
         let text = format!("hello {i}");
-        ws.send(Message::text(text.clone())).await.unwrap();
-        let echo = tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(echo, Message::text(text));
+        assert_eq!(echo(Message::text(text.clone())).await, Message::text(text));
     }
     let big = vec![7u8; 1 << 20];
-    ws.send(Message::binary(big.clone())).await.unwrap();
-    let echo = tokio::time::timeout(DEADLINE, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(echo.into_data(), big);
+    assert_eq!(echo(Message::binary(big.clone())).await.into_data(), big);
     ws.close(None).await.unwrap();
     gw.shutdown().await;
 }
@@ -279,15 +246,10 @@ async fn post_with_trailers(
 async fn trailers_pass_through(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let _up = env.upstream("t", "t-1").await;
-    let gw = env
-        .gateway(vec![Route::new("/t", "t").strip_prefix()])
+    let (gw, _) = env
+        .routed(vec![Route::new("/t", "t").strip_prefix()], "/t/x")
         .await;
     let addr = gw.local_addr();
-    let client = http_client();
-    eventually("t is routed", || async {
-        get(&client, addr, "/t/x").await.status == StatusCode::OK
-    })
-    .await;
     let mut digest = Fnv::new();
     digest.write(&pattern(0, TRAILED_LEN));
     let digest = format!("{:x}", digest.0);
@@ -312,16 +274,11 @@ async fn trailers_pass_through(registry: Box<dyn Registry>) {
 async fn shutdown_lets_requests_in_progress_finish(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let up = env.upstream("files", "f-1").await;
-    let gw = env.gateway(vec![Route::new("/", "files")]).await;
-    let client = http_client();
+    let (gw, client) = env.routed(vec![Route::new("/", "files")], "/x").await;
     let addr = gw.local_addr();
-    eventually("files is routed", || async {
-        get(&client, addr, "/x").await.status == StatusCode::OK
-    })
-    .await;
     const N: u64 = 4 * 1024 * 1024;
     let req = http::Request::get(format!("http://{addr}/download/{N}?gated"))
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed())
+        .body(empty())
         .unwrap();
     let resp = client.request(req).await.unwrap();
     // Shut down while the body is still coming.
