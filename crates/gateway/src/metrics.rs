@@ -314,16 +314,12 @@ impl Metrics {
         out.push_str("# TYPE muster_gateway_instances gauge\n");
         for s in services {
             let name = escape(&s.name);
-            let _ = writeln!(
-                out,
-                "muster_gateway_instances{{service=\"{name}\",state=\"eligible\"}} {}",
-                s.eligible
-            );
-            let _ = writeln!(
-                out,
-                "muster_gateway_instances{{service=\"{name}\",state=\"ejected\"}} {}",
-                s.ejected
-            );
+            for (state, n) in [("eligible", s.eligible), ("ejected", s.ejected)] {
+                let _ = writeln!(
+                    out,
+                    "muster_gateway_instances{{service=\"{name}\",state=\"{state}\"}} {n}"
+                );
+            }
         }
         out.push_str("# HELP muster_gateway_discovery_stale_seconds How long the service's table may have been missing changes (0: live; -1: not discovered yet).\n");
         out.push_str("# TYPE muster_gateway_discovery_stale_seconds gauge\n");
@@ -359,16 +355,13 @@ impl Metrics {
         );
         out.push_str("# HELP muster_gateway_route_reloads_total Reloads of the routes file.\n");
         out.push_str("# TYPE muster_gateway_route_reloads_total counter\n");
-        let _ = writeln!(
-            out,
-            "muster_gateway_route_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "muster_gateway_route_reloads_total{{result=\"error\"}} {}",
-            self.reloads_failed.load(Ordering::Relaxed)
-        );
+        for (result, n) in [("ok", &self.reloads_ok), ("error", &self.reloads_failed)] {
+            let _ = writeln!(
+                out,
+                "muster_gateway_route_reloads_total{{result=\"{result}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }
