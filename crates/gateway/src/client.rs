@@ -687,6 +687,28 @@ mod tests {
         client.send(authority, outbound, fresh).await
     }
 
+    /// A POST of `body` (with `head`) on a fresh connection, its answer's
+    /// body not read yet.
+    async fn post<B>(
+        client: &UpstreamClient,
+        authority: &Authority,
+        head: &[u8],
+        body: &mut B,
+        chunked: bool,
+    ) -> Result<Answer, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let outbound = Outbound {
+            method: &Method::POST,
+            head,
+            body: Some(body),
+            chunked,
+        };
+        client.send(authority, outbound, true).await
+    }
+
     async fn fetch(
         client: &UpstreamClient,
         authority: &Authority,
@@ -873,17 +895,8 @@ mod tests {
         );
         let mut body = http_body_util::StreamBody::new(chunks);
         let client = client();
-        let answer = client
-            .send(
-                &authority,
-                Outbound {
-                    method: &Method::POST,
-                    head: b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 67108864\r\n\r\n",
-                    body: Some(&mut body),
-                    chunked: false,
-                },
-                true,
-            )
+        let head = b"POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 67108864\r\n\r\n";
+        let answer = post(&client, &authority, head, &mut body, false)
             .await
             .unwrap();
         assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -905,18 +918,10 @@ mod tests {
             Err(io::Error::other("the client went away")),
         ]);
         let mut body = http_body_util::StreamBody::new(chunks);
+        let head = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n";
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
-            client().send(
-                &authority,
-                Outbound {
-                    method: &Method::POST,
-                    head: b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
-                    body: Some(&mut body),
-                    chunked: true,
-                },
-                true,
-            ),
+            post(&client(), &authority, head, &mut body, true),
         )
         .await
         .expect("no wait for an answer");

@@ -435,6 +435,11 @@ mod tests {
         Ok(parse_head(&mut buf, method)?.map(|h| (h, buf)))
     }
 
+    /// The complete head of an answer to a GET, and what follows it.
+    fn get(raw: &str) -> (Head, BytesMut) {
+        head(raw, &Method::GET).unwrap().expect("a complete head")
+    }
+
     fn body(framing: Framing, wire: &[&str]) -> Result<(Vec<u8>, bool), ParseError> {
         body_and_trailers(framing, wire).map(|(out, done, _)| (out, done))
     }
@@ -468,42 +473,24 @@ mod tests {
 
     #[test]
     fn heads_parse_with_framing_and_keep_alive() {
-        let (h, rest) = head(
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        let (h, rest) = get("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok");
         assert_eq!(h.status, 200);
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);
         assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
         assert_eq!(&rest[..], b"ok");
 
-        let (h, _) = head(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        let (h, _) =
+            get("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
         assert!(!h.headers.contains_key(header::TRANSFER_ENCODING));
 
-        let (h, _) = head("HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let (h, _) = get("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
-        let (h, _) = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let (h, _) = get("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
         assert!(!h.keep_alive);
-        let (h, _) = head(
-            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        let (h, _) = get("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n");
         assert!(!h.keep_alive);
         assert!(!h.headers.contains_key(header::CONNECTION));
         let (h, _) = head(
@@ -514,32 +501,24 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Empty);
         assert_eq!(h.headers[header::CONTENT_LENGTH], "5");
-        let (h, _) = head("HTTP/1.1 304 Not Modified\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
+        let (h, _) = get("HTTP/1.1 304 Not Modified\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
-        let (h, _) = head(
+        let (h, _) = get(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
         assert!(h.headers.contains_key("x-end"));
     }
 
     #[test]
     fn upgrades_keep_their_protocol() {
-        let (h, rest) = head(
+        let (h, rest) = get(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x01\x02hi",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        );
         assert_eq!(h.status, 101);
         assert_eq!(h.upgrade.unwrap(), "websocket");
         assert_eq!(&rest[..], b"\x01\x02hi");
@@ -564,12 +543,7 @@ mod tests {
             .unwrap_err(),
             ParseError::ContentLength
         );
-        let (h, _) = head(
-            "HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
+        let (h, _) = get("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(3));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
         assert_eq!(
