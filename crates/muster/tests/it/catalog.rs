@@ -10,14 +10,8 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use muster::catalog::{Catalog, CatalogEvent, CatalogEvents, CatalogUpdate, EventKind};
 use muster::instance::DEFAULT_PREFIX;
-use muster::{Instance, Registrar, RegistrarConfig, Status};
+use muster::{Instance, Status};
 use muster_testkit::Registry;
-
-fn rconfig(ttl_secs: u64) -> RegistrarConfig {
-    RegistrarConfig::default()
-        .with_ttl(Duration::from_secs(ttl_secs))
-        .with_grace(Duration::from_millis(200))
-}
 
 /// Collects events until `done` holds for what was collected.
 async fn collect_until(
@@ -50,7 +44,7 @@ fn kinds(events: &[CatalogEvent]) -> Vec<(EventKind, String)> {
 async fn lists_every_service_with_counts_and_times(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let before = SystemTime::now() - Duration::from_secs(1);
-    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let registrar = start_registrar(&etcd, 30).await;
     let a = Instance::new("user", "a", "127.0.0.1:1");
     registrar.register(a.clone()).await.unwrap();
     registrar
@@ -121,7 +115,7 @@ async fn follows_changes_and_tells_expired_from_deregistered(node: Box<dyn Regis
     let mut events = catalog.subscribe();
     assert!(matches!(events.next().await, Some(CatalogUpdate::Reset(s)) if s.is_empty()));
 
-    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let registrar = start_registrar(&etcd, 30).await;
     let a = Instance::new("user", "a", "127.0.0.1:1");
     registrar.register(a.clone()).await.unwrap();
     registrar.update(a.clone().with_weight(7)).await.unwrap();
@@ -192,11 +186,8 @@ async fn follows_changes_and_tells_expired_from_deregistered(node: Box<dyn Regis
     assert_eq!(left[&lease], None);
 
     // Graceful shutdown drains first: deregistered, not expired.
-    let leaving = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
-    leaving
-        .register(Instance::new("cart", "c3", "127.0.0.1:7"))
-        .await
-        .unwrap();
+    let c3 = Instance::new("cart", "c3", "127.0.0.1:7");
+    let leaving = registered(&etcd, 30, [c3]).await;
     leaving.shutdown().await.unwrap();
     let seen = collect_until(&mut events, |e| e.len() >= 3).await;
     assert_eq!(
@@ -215,11 +206,8 @@ async fn follows_changes_and_tells_expired_from_deregistered(node: Box<dyn Regis
 
 async fn serves_the_last_state_while_the_registry_is_down(mut node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(60)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "127.0.0.1:1"))
-        .await
-        .unwrap();
+    let a = Instance::new("user", "a", "127.0.0.1:1");
+    let registrar = registered(&etcd, 60, [a]).await;
     let catalog = Catalog::follow(etcd.clone(), DEFAULT_PREFIX).await.unwrap();
     assert_eq!(catalog.snapshot().len(), 1);
     assert!(catalog.health().stale_for.is_none());

@@ -1,9 +1,11 @@
 //! Shared helpers for the integration tests: clients with short timeouts,
-//! and polling with generous deadlines (no fixed sleeps).
+//! registrars and discovery on them, raw reads and writes, and polling
+//! with generous deadlines (no fixed sleeps).
 
 use std::time::Duration;
 
-use muster::{Config, Etcd};
+use muster::discovery::{Change, Service, Update, Updates};
+use muster::{Config, Discovery, DiscoveryConfig, Etcd, Instance, Registrar, RegistrarConfig};
 
 pub use muster_testkit::DEADLINE;
 pub use muster_testkit::init_tracing;
@@ -21,6 +23,69 @@ pub fn client(endpoint: &str) -> Etcd {
 }
 
 pub use muster_testkit::eventually;
+
+/// Registrar settings for tests: leases of `ttl_secs`, a short drain.
+pub fn rconfig(ttl_secs: u64) -> RegistrarConfig {
+    RegistrarConfig::default()
+        .with_ttl(Duration::from_secs(ttl_secs))
+        .with_grace(Duration::from_millis(300))
+}
+
+/// A registrar with [`rconfig`]`(ttl_secs)`.
+pub async fn start_registrar(etcd: &Etcd, ttl_secs: u64) -> Registrar {
+    Registrar::start(etcd.clone(), rconfig(ttl_secs))
+        .await
+        .expect("registrar")
+}
+
+/// [`start_registrar`], once it has registered `instances`.
+pub async fn registered(
+    etcd: &Etcd,
+    ttl_secs: u64,
+    instances: impl IntoIterator<Item = Instance>,
+) -> Registrar {
+    let registrar = start_registrar(etcd, ttl_secs).await;
+    for instance in instances {
+        registrar.register(instance).await.expect("register");
+    }
+    registrar
+}
+
+/// Discovery's table of `service`, followed through `etcd`.
+pub async fn follow(etcd: &Etcd, service: &str) -> Service {
+    Discovery::new(etcd.clone())
+        .service(service)
+        .await
+        .expect("discovery")
+}
+
+/// [`follow`] with these discovery settings.
+pub async fn follow_with(etcd: &Etcd, config: DiscoveryConfig, service: &str) -> Service {
+    Discovery::with_config(etcd.clone(), config)
+        .expect("discovery config")
+        .service(service)
+        .await
+        .expect("discovery")
+}
+
+/// The next batch of changes on `updates`; anything else fails the test,
+/// which expected `what`.
+pub async fn next_changes(updates: &mut Updates, what: &str) -> Vec<Change> {
+    match updates.next().await {
+        Some(Update::Changes { changes, .. }) => changes,
+        other => panic!("expected {what}, got {other:?}"),
+    }
+}
+
+/// `127.0.0.1:{port}` where nothing listens.
+pub fn dead_endpoint() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
 
 /// The raw value at `key`, read directly from etcd.
 pub async fn get(etcd: &Etcd, key: &str) -> Option<muster_proto::KeyValue> {
@@ -42,6 +107,17 @@ pub async fn put(etcd: &Etcd, key: &str, value: &[u8]) {
     })
     .await
     .expect("put");
+}
+
+/// Writes `instance` under the default prefix directly, as another
+/// registrar would (no lease).
+pub async fn put_instance(etcd: &Etcd, instance: &Instance) {
+    put(
+        etcd,
+        &instance.key(muster::instance::DEFAULT_PREFIX),
+        &instance.encode().unwrap(),
+    )
+    .await;
 }
 
 pub async fn delete(etcd: &Etcd, key: &str) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use muster::grpc::{BalancedChannel, ChannelConfig};
-use muster::{Discovery, Instance, Registrar, RegistrarConfig, Status};
+use muster::{Instance, Registrar, RegistrarConfig, Status};
 use muster_proto::maintenance_client::MaintenanceClient;
 use muster_proto::maintenance_server::{Maintenance, MaintenanceServer};
 use muster_proto::{StatusRequest, StatusResponse};
@@ -104,10 +104,7 @@ async fn calls_spread_over_instances_and_survive_one_dying(node: Box<dyn Registr
             .unwrap();
         servers.push(server);
     }
-    let greeter = Discovery::new(etcd.clone())
-        .service("greeter")
-        .await
-        .unwrap();
+    let greeter = follow(&etcd, "greeter").await;
     let channel = BalancedChannel::new(&greeter, ChannelConfig::default());
     assert_eq!(channel.len(), 3);
 
@@ -169,7 +166,7 @@ async fn calls_spread_over_instances_and_survive_one_dying(node: Box<dyn Registr
 
 async fn no_instance_is_a_clear_unavailable_error(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let greeter = Discovery::new(etcd).service("nobody").await.unwrap();
+    let greeter = follow(&etcd, "nobody").await;
     let channel = BalancedChannel::new(&greeter, ChannelConfig::default());
     let err = call(&channel).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
@@ -186,7 +183,7 @@ async fn discover_stream_follows_the_service(node: Box<dyn Registry>) {
         .register(Instance::new("svc", "a", "10.0.0.1:1"))
         .await
         .unwrap();
-    let svc = Discovery::new(etcd).service("svc").await.unwrap();
+    let svc = follow(&etcd, "svc").await;
     let stream = muster::grpc::discover(&svc, |i| Some(i.addr.clone()));
     tokio::pin!(stream);
     async fn next<S>(s: &mut std::pin::Pin<&mut S>) -> Change<String, String>

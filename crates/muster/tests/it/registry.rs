@@ -11,23 +11,16 @@ use muster::discovery::{Change, Update};
 use muster::{Discovery, Error, Instance, Registrar, RegistrarConfig, RegistrarState, Status};
 use muster_testkit::Registry;
 
-fn rconfig(ttl_secs: u64) -> RegistrarConfig {
-    RegistrarConfig::default()
-        .with_ttl(Duration::from_secs(ttl_secs))
-        .with_grace(Duration::from_millis(300))
-}
-
 fn ids(snapshot: &muster::discovery::Snapshot) -> Vec<String> {
     snapshot.instances().iter().map(|i| i.id.clone()).collect()
 }
 
 async fn registration_is_discovered_and_changes_propagate(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
-    let discovery = Discovery::new(etcd.clone());
-
     let a = Instance::new("user", "a", "http://127.0.0.1:8080").with_zone("z1");
-    registrar.register(a.clone()).await.unwrap();
+    let registrar = registered(&etcd, 5, [a.clone()]).await;
+    // One discovery for both services below.
+    let discovery = Discovery::new(etcd.clone());
     let user = discovery.service("user").await.unwrap();
     assert_eq!(ids(&user.snapshot()), ["a"]);
     assert_eq!(*user.snapshot().get("a").unwrap().as_ref(), a);
@@ -37,30 +30,22 @@ async fn registration_is_discovered_and_changes_propagate(node: Box<dyn Registry
 
     let b = Instance::new("user", "b", "http://127.0.0.1:8081");
     registrar.register(b.clone()).await.unwrap();
-    match updates.next().await {
-        Some(Update::Changes { changes, .. }) => {
-            assert_eq!(changes, vec![Change::Added(Arc::new(b.clone()))])
-        }
-        other => panic!("expected an addition, got {other:?}"),
-    }
+    assert_eq!(
+        next_changes(&mut updates, "an addition").await,
+        vec![Change::Added(Arc::new(b.clone()))]
+    );
 
     let a2 = a.clone().with_metadata("build", "42");
     registrar.update(a2.clone()).await.unwrap();
-    match updates.next().await {
-        Some(Update::Changes { changes, .. }) => assert!(
-            matches!(&changes[..], [Change::Updated { old, new }] if **old == a && **new == a2),
-            "{changes:?}"
-        ),
-        other => panic!("expected an update, got {other:?}"),
-    }
+    let changes = next_changes(&mut updates, "an update").await;
+    assert!(
+        matches!(&changes[..], [Change::Updated { old, new }] if **old == a && **new == a2),
+        "{changes:?}"
+    );
 
     registrar.deregister("user", "b").await.unwrap();
-    match updates.next().await {
-        Some(Update::Changes { changes, .. }) => {
-            assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "b"))
-        }
-        other => panic!("expected a removal, got {other:?}"),
-    }
+    let changes = next_changes(&mut updates, "a removal").await;
+    assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "b"));
     assert_eq!(ids(&user.snapshot()), ["a"]);
     assert!(user.health().stale_for.is_none());
 
@@ -76,12 +61,9 @@ async fn registration_is_discovered_and_changes_propagate(node: Box<dyn Registry
 
 async fn keepalive_holds_an_instance_past_many_ttls(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    let registrar = registered(&etcd, 1, [a]).await;
+    let user = follow(&etcd, "user").await;
     // Check continuously for six TTLs: the instance never disappears.
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(6) {
@@ -109,13 +91,8 @@ async fn keepalive_holds_an_instance_past_many_ttls(node: Box<dyn Registry>) {
 #[ignore = "runs only as the child process of a_crashed_instance_disappears_after_its_ttl"]
 async fn child_registrant() {
     let endpoint = std::env::var("MUSTER_CHILD_ENDPOINT").expect("MUSTER_CHILD_ENDPOINT");
-    let registrar = Registrar::start(client(&endpoint), rconfig(1))
-        .await
-        .unwrap();
-    registrar
-        .register(Instance::new("user", "crashy", "http://127.0.0.1:8082"))
-        .await
-        .unwrap();
+    let crashy = Instance::new("user", "crashy", "http://127.0.0.1:8082");
+    let _registrar = registered(&client(&endpoint), 1, [crashy]).await;
     println!("REGISTERED");
     std::future::pending::<()>().await;
 }
@@ -134,7 +111,7 @@ async fn a_crashed_instance_disappears_after_its_ttl(node: Box<dyn Registry>) {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let user = follow(&etcd, "user").await;
     user.wait_for(DEADLINE, |s| s.get("crashy").is_some())
         .await
         .expect("the child registers");
@@ -155,29 +132,20 @@ async fn a_crashed_instance_disappears_after_its_ttl(node: Box<dyn Registry>) {
 async fn graceful_shutdown_drains_then_removes_at_once(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     // A long TTL: only a revoke can remove the instance within the deadline.
-    let registrar = Registrar::start(etcd.clone(), rconfig(600)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    let registrar = registered(&etcd, 600, [a]).await;
+    let user = follow(&etcd, "user").await;
     let mut updates = user.updates();
     updates.next().await; // reset
     let mut state = registrar.subscribe();
     let shutdown = tokio::spawn(registrar.shutdown());
-    match updates.next().await {
-        Some(Update::Changes { changes, .. }) => assert!(
-            matches!(&changes[..], [Change::Updated { new, .. }] if new.status == Status::Draining),
-            "{changes:?}"
-        ),
-        other => panic!("expected draining, got {other:?}"),
-    }
-    match updates.next().await {
-        Some(Update::Changes { changes, .. }) => {
-            assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "a"))
-        }
-        other => panic!("expected removal, got {other:?}"),
-    }
+    let changes = next_changes(&mut updates, "draining").await;
+    assert!(
+        matches!(&changes[..], [Change::Updated { new, .. }] if new.status == Status::Draining),
+        "{changes:?}"
+    );
+    let changes = next_changes(&mut updates, "removal").await;
+    assert!(matches!(&changes[..], [Change::Removed(i)] if i.id == "a"));
     shutdown.await.unwrap().unwrap();
     state
         .wait_for(|s| *s == RegistrarState::Stopped)
@@ -190,12 +158,9 @@ async fn registry_killed_past_the_ttl_then_restarted_registration_comes_back(
     mut node: Box<dyn Registry>,
 ) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(1)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:8080"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    let registrar = registered(&etcd, 1, [a]).await;
+    let user = follow(&etcd, "user").await;
     let before = registrar.state();
 
     node.kill();
@@ -238,18 +203,17 @@ async fn registry_killed_past_the_ttl_then_restarted_registration_comes_back(
 
 async fn registry_wiped_registrations_come_back(mut node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
-    for id in ["a", "b"] {
-        registrar
-            .register(Instance::new("user", id, "http://127.0.0.1:8080"))
-            .await
-            .unwrap();
-    }
+    let registrar = registered(
+        &etcd,
+        2,
+        ["a", "b"].map(|id| Instance::new("user", id, "http://127.0.0.1:8080")),
+    )
+    .await;
     // Bump the revision so that the wiped store is clearly behind it.
     for i in 0..20 {
         put(&etcd, &format!("/noise/{i}"), b"x").await;
     }
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let user = follow(&etcd, "user").await;
     node.wipe();
     node.restart().unwrap();
     eventually("both keys are back in the wiped etcd", || async {
@@ -275,13 +239,11 @@ async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_c
     let proxy = muster_testkit::TcpProxy::start(node.client_port()).unwrap();
     let partitioned = client(&proxy.endpoint());
 
-    let registrar = Registrar::start(direct.clone(), rconfig(30)).await.unwrap();
     let a = Instance::new("user", "a", "http://127.0.0.1:1");
     let b = Instance::new("user", "b", "http://127.0.0.1:2");
-    registrar.register(a.clone()).await.unwrap();
-    registrar.register(b.clone()).await.unwrap();
+    let registrar = registered(&direct, 30, [a.clone(), b.clone()]).await;
 
-    let user = Discovery::new(partitioned).service("user").await.unwrap();
+    let user = follow(&partitioned, "user").await;
     let mut updates = user.updates();
     updates.next().await; // reset
     assert_eq!(user.snapshot().len(), 2);
@@ -332,27 +294,21 @@ async fn compaction_while_a_watcher_was_disconnected_relists_without_missing_a_c
 
 async fn a_key_deleted_from_outside_is_restored(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
     let a = Instance::new("user", "a", "http://127.0.0.1:8080");
-    registrar.register(a.clone()).await.unwrap();
+    let _registrar = registered(&etcd, 30, [a]).await;
     let key = "/muster/services/user/a";
     let original = get(&etcd, key).await.unwrap();
+    let restored = || async {
+        get(&etcd, key)
+            .await
+            .is_some_and(|kv| kv.lease == original.lease && kv.value == original.value)
+    };
 
     delete(&etcd, key).await;
-    eventually("the deleted key is restored", || async {
-        get(&etcd, key)
-            .await
-            .is_some_and(|kv| kv.lease == original.lease && kv.value == original.value)
-    })
-    .await;
+    eventually("the deleted key is restored", restored).await;
 
     put(&etcd, key, b"overwritten by hand").await;
-    eventually("the overwritten key is restored", || async {
-        get(&etcd, key)
-            .await
-            .is_some_and(|kv| kv.lease == original.lease && kv.value == original.value)
-    })
-    .await;
+    eventually("the overwritten key is restored", restored).await;
 }
 
 async fn a_malformed_value_is_skipped_and_counted(node: Box<dyn Registry>) {
@@ -370,7 +326,7 @@ async fn a_malformed_value_is_skipped_and_counted(node: Box<dyn Registry>) {
         br#"{"schema":1,"addr":"http://127.0.0.1:1"}"#,
     )
     .await;
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let user = follow(&etcd, "user").await;
     assert_eq!(ids(&user.snapshot()), ["go", "ok"]);
     assert_eq!(user.health().malformed, 1);
 
@@ -389,7 +345,7 @@ async fn a_malformed_value_is_skipped_and_counted(node: Box<dyn Registry>) {
 
 async fn bad_input_gets_a_clear_error(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let registrar = start_registrar(&etcd, 30).await;
     let cases = [
         Instance::new("us/er", "a", "x:1"),
         Instance::new("user", "", "x:1"),
@@ -422,7 +378,7 @@ async fn bad_input_gets_a_clear_error(node: Box<dyn Registry>) {
     // The same id held by another live instance.
     let a = Instance::new("user", "a", "http://127.0.0.1:1");
     registrar.register(a.clone()).await.unwrap();
-    let other = Registrar::start(etcd.clone(), rconfig(30)).await.unwrap();
+    let other = start_registrar(&etcd, 30).await;
     let err = other.register(a.clone()).await.unwrap_err();
     assert!(matches!(err, Error::AlreadyRegistered { .. }), "{err}");
     assert!(err.to_string().contains("user/a"), "{err}");
@@ -443,12 +399,7 @@ async fn bad_input_gets_a_clear_error(node: Box<dyn Registry>) {
 #[tokio::test]
 async fn a_registry_that_is_down_gets_a_clear_error() {
     muster_testkit::require_etcd();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let etcd = client(&format!("127.0.0.1:{port}"));
+    let etcd = client(&dead_endpoint());
     let err = Registrar::start(etcd.clone(), rconfig(5))
         .await
         .unwrap_err();
@@ -462,7 +413,7 @@ async fn a_registry_that_is_down_gets_a_clear_error() {
 
 async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
-    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
+    let registrar = start_registrar(&etcd, 2).await;
     let discovery = Discovery::new(etcd.clone());
     let mut services = Vec::new();
     for s in 0..5 {
@@ -506,19 +457,10 @@ async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Reg
 }
 
 async fn fails_over_to_the_next_endpoint(node: Box<dyn Registry>) {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let etcd =
-        muster::Etcd::connect(config(vec![format!("127.0.0.1:{dead}"), node.endpoint()])).unwrap();
-    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let etcd = muster::Etcd::connect(config(vec![dead_endpoint(), node.endpoint()])).unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:1");
+    let _registrar = registered(&etcd, 5, [a]).await;
+    let user = follow(&etcd, "user").await;
     assert_eq!(user.snapshot().len(), 1);
     assert_eq!(etcd.current_endpoint(), node.endpoint());
 }
@@ -556,12 +498,9 @@ async fn authenticates_and_refreshes_an_expired_token() {
     let etcd =
         muster::Etcd::connect(config(vec![node.endpoint()]).with_credentials("root", "rootpw"))
             .unwrap();
-    let registrar = Registrar::start(etcd.clone(), rconfig(5)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:1");
+    let registrar = registered(&etcd, 5, [a]).await;
+    let user = follow(&etcd, "user").await;
     assert_eq!(user.snapshot().len(), 1);
     // Outlive the 1 s token: calls keep working because the token is refreshed.
     let mut state = registrar.subscribe();
@@ -589,12 +528,9 @@ async fn survives_losing_the_cluster_member_it_talks_to() {
     };
     let mut cluster = muster_testkit::EtcdCluster::start(3).expect("cluster");
     let etcd = muster::Etcd::connect(config(cluster.endpoints())).unwrap();
-    let registrar = Registrar::start(etcd.clone(), rconfig(2)).await.unwrap();
-    registrar
-        .register(Instance::new("user", "a", "http://127.0.0.1:1"))
-        .await
-        .unwrap();
-    let user = Discovery::new(etcd.clone()).service("user").await.unwrap();
+    let a = Instance::new("user", "a", "http://127.0.0.1:1");
+    let registrar = registered(&etcd, 2, [a]).await;
+    let user = follow(&etcd, "user").await;
     assert_eq!(ids(&user.snapshot()), ["a"]);
 
     let current = etcd.current_endpoint();

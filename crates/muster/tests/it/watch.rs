@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use muster::client::{WatchEvent, WatchOptions};
 use muster::discovery::Update;
-use muster::{Discovery, DiscoveryConfig, Instance};
+use muster::{DiscoveryConfig, Instance};
 use muster_testkit::Registry;
 
 async fn a_slow_watcher_catches_up_in_order_without_blocking_others(node: Box<dyn Registry>) {
@@ -91,34 +91,20 @@ async fn a_large_service_is_listed_in_pages_at_one_revision(node: Box<dyn Regist
     let etcd = client(&node.endpoint());
     for i in 0..57 {
         let inst = Instance::new("big", format!("i{i:03}"), format!("10.0.0.{i}:80"));
-        put(
-            &etcd,
-            &inst.key("/muster/services"),
-            &inst.encode().unwrap(),
-        )
-        .await;
+        put_instance(&etcd, &inst).await;
     }
     let config = DiscoveryConfig {
         page_size: 5,
         ..Default::default()
     };
-    let big = Discovery::with_config(etcd.clone(), config)
-        .unwrap()
-        .service("big")
-        .await
-        .unwrap();
+    let big = follow_with(&etcd, config, "big").await;
     let snapshot = big.snapshot();
     assert_eq!(snapshot.len(), 57);
     assert_eq!(snapshot.instances()[0].id, "i000");
     assert_eq!(snapshot.instances()[56].id, "i056");
     // And it follows from the listed revision.
     let inst = Instance::new("big", "i999", "10.0.9.9:80");
-    put(
-        &etcd,
-        &inst.key("/muster/services"),
-        &inst.encode().unwrap(),
-    )
-    .await;
+    put_instance(&etcd, &inst).await;
     big.wait_for(DEADLINE, |s| s.len() == 58).await.unwrap();
 }
 
@@ -128,21 +114,12 @@ async fn a_lagging_subscriber_gets_a_reset_with_the_current_table(node: Box<dyn 
         subscriber_buffer: 4,
         ..Default::default()
     };
-    let svc = Discovery::with_config(etcd.clone(), config)
-        .unwrap()
-        .service("lag")
-        .await
-        .unwrap();
+    let svc = follow_with(&etcd, config, "lag").await;
     let mut updates = svc.updates();
     assert!(matches!(updates.next().await, Some(Update::Reset(s)) if s.is_empty()));
     for i in 0..20 {
         let inst = Instance::new("lag", format!("i{i:02}"), "10.0.0.1:80");
-        put(
-            &etcd,
-            &inst.key("/muster/services"),
-            &inst.encode().unwrap(),
-        )
-        .await;
+        put_instance(&etcd, &inst).await;
     }
     svc.wait_for(DEADLINE, |s| s.len() == 20).await.unwrap();
     // Too far behind to be told each change: it gets the whole table.
