@@ -26,7 +26,6 @@
 //! revision before the event's.
 
 mod error;
-mod gosort;
 mod key_index;
 mod store;
 mod txn;

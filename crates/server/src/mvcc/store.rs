@@ -14,7 +14,6 @@ use muster_proto::{
 };
 
 use super::error::MvccError;
-use super::gosort;
 use super::key_index::{KeyIndex, Revision};
 use super::txn::{WriteTxn, check_txn_request, compare_to_path, is_read_only, revision_header};
 
@@ -184,7 +183,9 @@ impl Store {
     /// above it is [`MvccError::FutureRevision`], one below the compact
     /// revision [`MvccError::Compacted`]. `count` is the number of keys in
     /// the range before the `min/max_*_revision` filters and the limit;
-    /// `more` tells whether the limit cut the (filtered) result.
+    /// `more` tells whether the limit cut the (filtered) result. Sorted
+    /// by a target other than the key, keys with the same target come in
+    /// key order (ascending, also when sorting descends).
     pub fn range(&self, req: &RangeRequest, max_rev: i64) -> Result<RangeResponse, MvccError> {
         if req.key.is_empty() {
             return Err(MvccError::EmptyKey);
@@ -499,7 +500,9 @@ impl Store {
     }
 
     /// etcd's `applierV3backend.Range` at read revision `cur` (the key is
-    /// already checked non-empty).
+    /// already checked non-empty). A sorted range is ordered by its target,
+    /// ties by key ascending whether the target ascends or descends (see
+    /// `sort_fn`): etcd leaves the order of ties undefined.
     pub(crate) fn do_range(&self, r: &RangeRequest, cur: i64) -> Result<RangeResponse, MvccError> {
         let none = SortOrder::None as i32;
         let filtered = r.min_mod_revision != 0
@@ -545,13 +548,9 @@ impl Store {
             kvs.retain(|kv| kv.create_revision >= r.min_create_revision);
         }
         if let Some(cmp) = cmp {
-            // Go's sort, for etcd's order of ties; descending is Go's
-            // sort.Reverse (the same algorithm with Less flipped).
-            if order == SortOrder::Descend as i32 {
-                gosort::sort_by(&mut kvs, |a, b| cmp(b, a).is_lt());
-            } else {
-                gosort::sort_by(&mut kvs, |a, b| cmp(a, b).is_lt());
-            }
+            // A total order (keys are unique), so the result is the same
+            // whatever the algorithm: ties by key ascending (see sort_fn).
+            kvs.sort_unstable_by(cmp);
         }
         let mut more = false;
         if r.limit > 0 {
@@ -736,17 +735,35 @@ pub(crate) fn in_range(k: &[u8], key: &[u8], end: &[u8]) -> bool {
 
 type KvCmp = fn(&KeyValue, &KeyValue) -> Ordering;
 
-/// The comparison etcd sorts with, if `order` asks for sorting.
-fn sort_fn(order: i32, target: i32) -> Option<KvCmp> {
-    if order != SortOrder::Ascend as i32 && order != SortOrder::Descend as i32 {
-        return None;
-    }
-    let cmp: KvCmp = match SortTarget::try_from(target).ok()? {
+/// The order a range sorts in, if `order` asks for sorting: by the sort
+/// target, ascending or descending, and key-values with the same target (a
+/// tie) by key ascending in either direction.
+///
+/// etcd defines no order of ties (Go's sort is not stable), so clients
+/// cannot rely on one; ours is total, hence deterministic. Key ascending
+/// both ways reads like an unsorted range within each tie, and it is what
+/// etcd 3.4 answers for up to 12 keys (Go's insertion sort, stable, with
+/// `sort.Reverse` flipping only the comparison).
+fn sort_fn(order: i32, target: i32) -> Option<impl Fn(&KeyValue, &KeyValue) -> Ordering> {
+    let descend = match SortOrder::try_from(order).ok()? {
+        SortOrder::Ascend => false,
+        SortOrder::Descend => true,
+        SortOrder::None => return None,
+    };
+    let by_target: KvCmp = match SortTarget::try_from(target).ok()? {
         SortTarget::Key => |a, b| a.key.cmp(&b.key),
         SortTarget::Version => |a, b| a.version.cmp(&b.version),
         SortTarget::Create => |a, b| a.create_revision.cmp(&b.create_revision),
         SortTarget::Mod => |a, b| a.mod_revision.cmp(&b.mod_revision),
         SortTarget::Value => |a, b| a.value.cmp(&b.value),
     };
-    Some(cmp)
+    Some(move |a: &KeyValue, b: &KeyValue| {
+        let by_target = by_target(a, b);
+        let by_target = if descend {
+            by_target.reverse()
+        } else {
+            by_target
+        };
+        by_target.then_with(|| a.key.cmp(&b.key))
+    })
 }

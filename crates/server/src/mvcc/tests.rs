@@ -411,10 +411,20 @@ fn sorted_fixture() -> Store {
 }
 
 fn sorted(st: &Store, order: SortOrder, target: SortTarget) -> Vec<String> {
+    sorted_in(st, order, target, "a", "\0")
+}
+
+fn sorted_in(
+    st: &Store,
+    order: SortOrder,
+    target: SortTarget,
+    key: &str,
+    end: &str,
+) -> Vec<String> {
     let req = RangeRequest {
         sort_order: order as i32,
         sort_target: target as i32,
-        ..rr("a", "\0")
+        ..rr(key, end)
     };
     keys(&range(st, &req))
 }
@@ -434,7 +444,7 @@ fn range_sorting() {
     assert_eq!(sorted(&st, None, Create), ["b", "a", "c"]);
     assert_eq!(sorted(&st, Descend, Create), ["c", "a", "b"]);
     assert_eq!(sorted(&st, Descend, Mod), ["a", "c", "b"]);
-    // Ties keep key order.
+    // Ties in key order, also when descending.
     assert_eq!(sorted(&st, Ascend, Version), ["b", "c", "a"]);
     assert_eq!(sorted(&st, Descend, Version), ["a", "b", "c"]);
 
@@ -460,6 +470,42 @@ fn range_sorting() {
     let r = range(&st, &req);
     assert_eq!(keys(&r), ["c", "b", "a"]);
     assert!(r.kvs.iter().all(|kv| kv.value.is_empty()));
+}
+
+#[test]
+fn range_sort_ties_in_key_order_beyond_twelve_keys() {
+    // 40 keys, values i % 3, written in an order unlike key order; every
+    // fourth rewritten with its value (a second version, a later mod).
+    let mut st = Store::new();
+    for i in (0..40).rev() {
+        put(&mut st, &format!("k{i:02}"), &format!("{}", i % 3));
+    }
+    for i in (0..40).step_by(4) {
+        put(&mut st, &format!("k{i:02}"), &format!("{}", i % 3));
+    }
+    let all: Vec<KeyValue> = range(&st, &rr("k", "l")).kvs;
+    for target in [SortTarget::Version, SortTarget::Mod, SortTarget::Value] {
+        for order in [SortOrder::Ascend, SortOrder::Descend] {
+            let of = |kv: &KeyValue| match target {
+                SortTarget::Version => (kv.version, Vec::new()),
+                SortTarget::Mod => (kv.mod_revision, Vec::new()),
+                _ => (0, kv.value.clone()),
+            };
+            let mut want = all.clone();
+            want.sort_by(|a, b| {
+                let t = of(a).cmp(&of(b));
+                let t = if order == SortOrder::Descend {
+                    t.reverse()
+                } else {
+                    t
+                };
+                t.then(a.key.cmp(&b.key))
+            });
+            let want: Vec<String> = want.iter().map(|kv| s(&kv.key)).collect();
+            let got = sorted_in(&st, order, target, "k", "l");
+            assert_eq!(got, want, "{order:?} by {target:?}");
+        }
+    }
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! Differential conformance: every request goes to a real etcd 3.4 and to
 //! the embedded server, and the answers must be the same. Only the parts of
 //! a response header that name the cluster (cluster id, member id, raft
-//! term) are cleared before comparing; revisions, values, flags and gRPC
-//! errors (code and message) must match exactly. etcd is the reference: a
+//! term) are cleared before comparing, and in a sorted range the keys of a
+//! tie (the same sort target), whose order etcd does not define, compare as
+//! a set (see [`settle_ties`]); revisions, values, flags and gRPC errors
+//! (code and message) must match exactly. etcd is the reference: a
 //! difference is a bug in the embedded server.
 //!
 //! - Scripted sequences cover every call and its corner cases: Range, Put,
@@ -270,6 +272,11 @@ enum Op {
 #[derive(Clone, Debug, PartialEq)]
 enum Reply {
     Range(pb::RangeResponse),
+    /// A range that sorts with ties, and its [`candidates`] read.
+    SortedRange {
+        range: pb::RangeResponse,
+        candidates: Box<Reply>,
+    },
     Put(pb::PutResponse),
     Delete(pb::DeleteRangeResponse),
     Txn(pb::TxnResponse),
@@ -285,7 +292,7 @@ enum Reply {
 impl Reply {
     fn header_revision(&self) -> Option<i64> {
         let h = match self {
-            Reply::Range(r) => r.header,
+            Reply::Range(r) | Reply::SortedRange { range: r, .. } => r.header,
             Reply::Put(r) => r.header,
             Reply::Delete(r) => r.header,
             Reply::Txn(r) => r.header,
@@ -332,6 +339,12 @@ impl Reply {
     fn normalized(mut self) -> Reply {
         match &mut self {
             Reply::Range(r) => clear_header(&mut r.header),
+            Reply::SortedRange { range, candidates } => {
+                clear_header(&mut range.header);
+                if let Reply::Range(c) = &mut **candidates {
+                    clear_header(&mut c.header);
+                }
+            }
             Reply::Put(r) => clear_header(&mut r.header),
             Reply::Delete(r) => clear_header(&mut r.header),
             Reply::Txn(r) => normalize_txn(r),
@@ -456,6 +469,28 @@ impl Side {
             ),
         }
     }
+
+    /// Runs `sent` (see [`Pair::both`]); a range that sorts with ties is
+    /// followed by its [`candidates`] read, pinned to the revision the range
+    /// read.
+    async fn exec_with_candidates(&mut self, sent: &Op) -> Reply {
+        let reply = self.exec(sent).await;
+        match (sent, reply) {
+            (Op::Range(r), Reply::Range(range)) if sorts_with_ties(r) => {
+                let revision = match r.revision {
+                    rev if rev > 0 => rev,
+                    _ => range.header.map_or(0, |h| h.revision),
+                };
+                let read = pb::RangeRequest {
+                    revision,
+                    ..candidates(r)
+                };
+                let candidates = Box::new(self.exec(&Op::Range(read)).await);
+                Reply::SortedRange { range, candidates }
+            }
+            (_, reply) => reply,
+        }
+    }
 }
 
 /// A real etcd and the embedded server, each fresh, and their clients
@@ -493,10 +528,25 @@ impl Pair {
         }
     }
 
-    /// Runs `op` on both; returns both answers, normalized.
+    /// Runs `op` on both; returns both answers, normalized, their ties
+    /// settled. A txn is sent with the [`candidates`] read of each of its
+    /// ranges that sorts with ties right after that range (its answer keeps
+    /// those reads); a range that sorts with ties answers with its
+    /// candidates ([`Reply::SortedRange`]).
     async fn both(&mut self, op: &Op) -> (Reply, Reply) {
-        let a = self.sides[0].exec(op).await.normalized();
-        let b = self.sides[1].exec(op).await.normalized();
+        let sent = match op {
+            Op::Txn(t) => Op::Txn(with_candidates(t)),
+            _ => op.clone(),
+        };
+        let mut replies = Vec::with_capacity(2);
+        for side in &mut self.sides {
+            replies.push(side.exec_with_candidates(&sent).await.normalized());
+        }
+        let Ok(mut replies) = <[Reply; 2]>::try_from(replies) else {
+            unreachable!("two sides");
+        };
+        settle_ties(&sent, &mut replies);
+        let [a, b] = replies;
         (a, b)
     }
 
@@ -520,6 +570,213 @@ impl Pair {
         let a = WatchConn::open(&mut self.sides[0], first.clone()).await;
         let b = WatchConn::open(&mut self.sides[1], first).await;
         [a, b]
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ties in sorted ranges.
+// ---------------------------------------------------------------------------
+//
+// etcd does not define the order of key-values with the same sort target
+// (Go's sort is not stable), and clients cannot rely on it. In a sorted
+// answer, each run of consecutive key-values with the same target is a tie
+// group; both servers must answer the same sequence of targets, the same
+// count and `more`, and the same key-values in each group, in any order.
+// When a limit cuts the last group, the servers may keep different ones of
+// its keys: they only have to belong to the group. The groups are learnt
+// from etcd's candidates read, the same range unsorted, with values, at the
+// same state (so a keys_only range sorted by value still tells its groups),
+// which the embedded server must answer the same.
+
+/// Whether `r` is answered in an order that leaves ties undefined: sorted
+/// by a target other than the key (sort order NONE with such a target sorts
+/// ascending; an unknown order sorts nothing).
+fn sorts_with_ties(r: &pb::RangeRequest) -> bool {
+    let sorts = [SortOrder::None, SortOrder::Ascend, SortOrder::Descend]
+        .iter()
+        .any(|o| *o as i32 == r.sort_order);
+    let target = SortTarget::try_from(r.sort_target);
+    sorts && target.is_ok_and(|t| t != SortTarget::Key) && !r.count_only
+}
+
+/// The read of every key-value `r` sorts, in key order with its value: `r`
+/// unsorted, not limited, not keys_only. With sort order NONE and no
+/// filter, etcd fetches only one key more than the limit (to tell `more`)
+/// and sorts those: then the first limit + 1 keys.
+fn candidates(r: &pb::RangeRequest) -> pb::RangeRequest {
+    let filtered = r.min_mod_revision != 0
+        || r.max_mod_revision != 0
+        || r.min_create_revision != 0
+        || r.max_create_revision != 0;
+    let limited_fetch = r.sort_order == SortOrder::None as i32 && !filtered && r.limit > 0;
+    pb::RangeRequest {
+        limit: if limited_fetch {
+            r.limit.saturating_add(1)
+        } else {
+            0
+        },
+        sort_order: SortOrder::None as i32,
+        sort_target: SortTarget::Key as i32,
+        keys_only: false,
+        count_only: false,
+        ..r.clone()
+    }
+}
+
+/// `t` with the [`candidates`] read of each range that sorts with ties
+/// (nested txns' too) right after that range, where it reads the same state
+/// (a few ops more than `t` has: the txns here stay far below etcd's limit
+/// of 128 ops).
+fn with_candidates(t: &pb::TxnRequest) -> pb::TxnRequest {
+    let ops = |ops: &[pb::RequestOp]| -> Vec<pb::RequestOp> {
+        let mut sent = Vec::with_capacity(ops.len());
+        for op in ops {
+            match &op.request {
+                Some(Request::RequestTxn(t)) => sent.push(op_txn(with_candidates(t))),
+                Some(Request::RequestRange(r)) if sorts_with_ties(r) => {
+                    sent.push(op.clone());
+                    sent.push(op_range(candidates(r)));
+                }
+                _ => sent.push(op.clone()),
+            }
+        }
+        sent
+    };
+    pb::TxnRequest {
+        compare: t.compare.clone(),
+        success: ops(&t.success),
+        failure: ops(&t.failure),
+    }
+}
+
+/// Puts the tie groups of both answers to `sent` in one order, the groups
+/// told by etcd's candidates reads (`replies[0]`): each group in key order,
+/// a group the limit cut as its first members in key order (when every key
+/// kept is a member; see [`settle_range`]).
+fn settle_ties(sent: &Op, replies: &mut [Reply; 2]) {
+    let reference = replies[0].clone();
+    for reply in replies.iter_mut() {
+        match (sent, &reference, reply) {
+            (
+                Op::Range(r),
+                Reply::SortedRange { candidates, .. },
+                Reply::SortedRange { range, .. },
+            ) => {
+                if let Reply::Range(c) = &**candidates {
+                    settle_range(r, range, c);
+                }
+            }
+            (Op::Txn(t), Reply::Txn(reference), Reply::Txn(mine)) => settle_txn(t, reference, mine),
+            _ => {}
+        }
+    }
+}
+
+/// [`settle_ties`] in a txn's answer: each range that sorts with ties is
+/// followed by its candidates read, in `t` (as [`with_candidates`] made it)
+/// and in `reference`. Answers of another shape are left alone (they
+/// differ anyway).
+fn settle_txn(t: &pb::TxnRequest, reference: &pb::TxnResponse, mine: &mut pb::TxnResponse) {
+    let ops = if mine.succeeded {
+        &t.success
+    } else {
+        &t.failure
+    };
+    if reference.succeeded != mine.succeeded
+        || reference.responses.len() != ops.len()
+        || mine.responses.len() != ops.len()
+    {
+        return;
+    }
+    for (i, op) in ops.iter().enumerate() {
+        match (&op.request, &mut mine.responses[i].response) {
+            (Some(Request::RequestRange(r)), Some(Response::ResponseRange(range)))
+                if sorts_with_ties(r) =>
+            {
+                if let Some(Response::ResponseRange(c)) = reference
+                    .responses
+                    .get(i + 1)
+                    .and_then(|o| o.response.as_ref())
+                {
+                    settle_range(r, range, c);
+                }
+            }
+            (Some(Request::RequestTxn(t)), Some(Response::ResponseTxn(nested))) => {
+                if let Some(Response::ResponseTxn(reference)) = &reference.responses[i].response {
+                    settle_txn(t, reference, nested);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What `r` sorts a key-value by, as far as telling ties goes.
+fn sort_key(r: &pb::RangeRequest, kv: &pb::KeyValue) -> (i64, Vec<u8>) {
+    match SortTarget::try_from(r.sort_target) {
+        Ok(SortTarget::Version) => (kv.version, Vec::new()),
+        Ok(SortTarget::Create) => (kv.create_revision, Vec::new()),
+        Ok(SortTarget::Mod) => (kv.mod_revision, Vec::new()),
+        Ok(SortTarget::Value) => (0, kv.value.clone()),
+        _ => (0, kv.key.clone()),
+    }
+}
+
+/// Puts each tie group of `range` (the answer to `r`) in key order; the
+/// target of a key-value is its candidate's, the key-value `candidates`
+/// holds for its key. A key-value that is not its candidate (as `r` shows
+/// it: without the value when keys_only) belongs to no group and stays
+/// where it is, so it differs from etcd's answer. When `more` says the limit
+/// cut the result, the last group holds some of the candidates with its
+/// target: if its keys are distinct members, it becomes the first that
+/// many members in key order, whichever the server kept.
+fn settle_range(
+    r: &pb::RangeRequest,
+    range: &mut pb::RangeResponse,
+    candidates: &pb::RangeResponse,
+) {
+    let shown = |c: &pb::KeyValue| pb::KeyValue {
+        value: if r.keys_only {
+            Vec::new()
+        } else {
+            c.value.clone()
+        },
+        ..c.clone()
+    };
+    let tie: Vec<Option<(i64, Vec<u8>)>> = range
+        .kvs
+        .iter()
+        .map(|kv| {
+            let c = candidates.kvs.iter().find(|c| c.key == kv.key)?;
+            (shown(c) == *kv).then(|| sort_key(r, c))
+        })
+        .collect();
+    let n = range.kvs.len();
+    let mut start = 0;
+    while start < n {
+        let Some(target) = &tie[start] else {
+            start += 1;
+            continue;
+        };
+        let len = tie[start..]
+            .iter()
+            .take_while(|t| t.as_ref() == Some(target))
+            .count();
+        let end = start + len;
+        let group = &mut range.kvs[start..end];
+        group.sort_by(|a, b| a.key.cmp(&b.key));
+        let distinct = group.windows(2).all(|w| w[0].key < w[1].key);
+        if end == n && range.more && distinct {
+            let members = candidates
+                .kvs
+                .iter()
+                .filter(|c| sort_key(r, c) == *target)
+                .map(shown);
+            for (kv, member) in group.iter_mut().zip(members) {
+                *kv = member;
+            }
+        }
+        start = end;
     }
 }
 
@@ -753,6 +1010,31 @@ fn cmp(key: &str, end: &[u8], result: CompareResult, union: TargetUnion) -> pb::
     }
 }
 
+/// Every sort target.
+const SORT_TARGETS: [SortTarget; 5] = [
+    SortTarget::Key,
+    SortTarget::Version,
+    SortTarget::Create,
+    SortTarget::Mod,
+    SortTarget::Value,
+];
+
+/// Every sort order with every target.
+fn every_sort() -> impl Iterator<Item = (SortOrder, SortTarget)> {
+    [SortOrder::None, SortOrder::Ascend, SortOrder::Descend]
+        .into_iter()
+        .flat_map(|order| SORT_TARGETS.into_iter().map(move |target| (order, target)))
+}
+
+/// `r` sorted by `target` in `order`.
+fn sorted(r: pb::RangeRequest, order: SortOrder, target: SortTarget) -> pb::RangeRequest {
+    pb::RangeRequest {
+        sort_order: order as i32,
+        sort_target: target as i32,
+        ..r
+    }
+}
+
 fn txn(
     compare: Vec<pb::Compare>,
     success: Vec<pb::RequestOp>,
@@ -906,24 +1188,14 @@ async fn range_variants() {
     }
 
     // Every sort order and target, with and without a limit, keys only.
-    for order in [SortOrder::None, SortOrder::Ascend, SortOrder::Descend] {
-        for target in [
-            SortTarget::Key,
-            SortTarget::Version,
-            SortTarget::Create,
-            SortTarget::Mod,
-            SortTarget::Value,
-        ] {
-            for (limit, keys_only) in [(0, false), (3, false), (0, true), (2, true)] {
-                p.check(Op::Range(pb::RangeRequest {
-                    sort_order: order as i32,
-                    sort_target: target as i32,
-                    limit,
-                    keys_only,
-                    ..range("\0", b"\0")
-                }))
-                .await;
-            }
+    for (order, target) in every_sort() {
+        for (limit, keys_only) in [(0, false), (3, false), (0, true), (2, true)] {
+            p.check(Op::Range(pb::RangeRequest {
+                limit,
+                keys_only,
+                ..sorted(range("\0", b"\0"), order, target)
+            }))
+            .await;
         }
     }
 
@@ -989,7 +1261,8 @@ async fn range_variants() {
 }
 
 /// etcd sorts with Go's `sort.Sort`, which is not stable: beyond 12 keys
-/// the order of ties (same version, revision or value) is Go's.
+/// its order of ties (same version, revision or value) is nobody's but
+/// Go's. The groups of ties compare as sets ([`settle_ties`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_sort_ties_beyond_twelve_keys() {
     let Some(mut p) = Pair::start().await else {
@@ -1019,35 +1292,46 @@ async fn range_sort_ties_beyond_twelve_keys() {
         ("k020", b"k070"),
         ("k050", b"k100"),
     ] {
-        for order in [SortOrder::None, SortOrder::Ascend, SortOrder::Descend] {
-            for target in [
-                SortTarget::Key,
-                SortTarget::Version,
-                SortTarget::Create,
-                SortTarget::Mod,
-                SortTarget::Value,
-            ] {
-                for limit in [0, 5] {
-                    p.check(Op::Range(pb::RangeRequest {
-                        sort_order: order as i32,
-                        sort_target: target as i32,
-                        limit,
-                        keys_only: true,
-                        ..range(key, end)
-                    }))
-                    .await;
-                }
+        for (order, target) in every_sort() {
+            for (limit, keys_only) in [(0, true), (5, true), (7, false)] {
+                p.check(Op::Range(pb::RangeRequest {
+                    limit,
+                    keys_only,
+                    ..sorted(range(key, end), order, target)
+                }))
+                .await;
             }
         }
     }
-    // Filtered before sorting.
-    p.check(Op::Range(pb::RangeRequest {
-        sort_order: SortOrder::Ascend as i32,
-        sort_target: SortTarget::Value as i32,
-        min_mod_revision: 4,
-        ..range("k", b"l")
-    }))
-    .await;
+    // Filtered before sorting (and the limit cutting a group).
+    for limit in [0, 9] {
+        p.check(Op::Range(pb::RangeRequest {
+            min_mod_revision: 4,
+            limit,
+            ..sorted(range("k", b"l"), SortOrder::Ascend, SortTarget::Value)
+        }))
+        .await;
+    }
+    // In txns: read-only, and after the txn's own writes (which move keys
+    // to other groups), nested too.
+    for (order, target) in every_sort() {
+        let ranged = |limit| {
+            op_range(pb::RangeRequest {
+                limit,
+                keys_only: true,
+                ..sorted(range("k", b"l"), order, target)
+            })
+        };
+        p.check(Op::Txn(txn(vec![], vec![ranged(0), ranged(5)], vec![])))
+            .await;
+        let nested = txn(vec![], vec![op_put(put("k006", "x")), ranged(5)], vec![]);
+        p.check(Op::Txn(txn(
+            vec![],
+            vec![op_put(put("k005", "x")), ranged(0), op_txn(nested)],
+            vec![],
+        )))
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
