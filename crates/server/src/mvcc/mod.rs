@@ -13,6 +13,11 @@
 //!   delete; [`Store::events`] serves watchers catching up;
 //!   [`Store::restore`] rebuilds from stored events.
 //!
+//! Two layers, imported one way: `store` holds the data, its reads and its
+//! record-level write primitives; `txn` builds etcd's Put, DeleteRange and
+//! Txn (and read-only txns) on them, and adds [`Store::write`] and
+//! [`Store::read_txn`] to the store.
+//!
 //! Revisions: an empty store is at revision 1; each write that changes
 //! something gets the next main revision, and each change within it the next
 //! sub revision (0, 1, ...). A delete of nothing and a txn that writes

@@ -1,5 +1,10 @@
 //! The multi-version store: a key index (etcd's `treeIndex`) and the
 //! revision-ordered records (etcd's `key` bucket), both in memory.
+//!
+//! The lower layer: ranges, history, compaction and restore, and the
+//! record-level write primitives (`put_record`, `delete_record`, `undo`),
+//! which know nothing of transactions. The txn layer (`txn.rs`) builds
+//! etcd's Put, DeleteRange and Txn on them; this module does not use it.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -7,15 +12,10 @@ use std::fmt;
 use std::ops::Bound;
 
 use muster_proto::range_request::{SortOrder, SortTarget};
-use muster_proto::request_op::Request;
-use muster_proto::response_op::Response;
-use muster_proto::{
-    Event, EventType, KeyValue, RangeRequest, RangeResponse, ResponseOp, TxnRequest, TxnResponse,
-};
+use muster_proto::{Event, EventType, KeyValue, RangeRequest, RangeResponse};
 
 use super::error::MvccError;
 use super::key_index::{KeyIndex, Revision};
-use super::txn::{WriteTxn, check_txn_request, compare_to_path, is_read_only, revision_header};
 
 /// etcd's default `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
@@ -49,7 +49,8 @@ pub struct Compacted {
 pub struct RestoreRecord {
     /// `(main, sub)` revision, if known.
     pub revision: Option<(i64, i64)>,
-    /// The event as [`WriteTxn::end`] returned it (`prev_kv` is ignored).
+    /// The event as a write ([`Store::write`]) returned it (`prev_kv` is
+    /// ignored).
     pub event: Event,
 }
 
@@ -193,54 +194,6 @@ impl Store {
         self.do_range(req, self.read_rev(max_rev))
     }
 
-    /// A txn that only reads (see [`is_read_only`]), at most at `max_rev`
-    /// like [`Store::range`], without a write lock. Validated as etcd
-    /// validates any txn; a txn with writes is [`MvccError::NotReadOnly`]
-    /// (use [`Store::write`] and [`WriteTxn::txn`]). The txn's header is
-    /// left `None`; each range's nested header carries the revision read.
-    pub fn read_txn(&self, req: &TxnRequest, max_rev: i64) -> Result<TxnResponse, MvccError> {
-        check_txn_request(req, self.max_txn_ops)?;
-        if !is_read_only(req) {
-            return Err(MvccError::NotReadOnly);
-        }
-        let cur = self.read_rev(max_rev);
-        let mut path = Vec::new();
-        compare_to_path(self, cur, req, &mut path);
-        let succeeded = path.first().copied().unwrap_or(false);
-        let ops = if succeeded {
-            &req.success
-        } else {
-            &req.failure
-        };
-        for op in ops {
-            if let Some(Request::RequestRange(r)) = &op.request {
-                self.check_range_revision(r.revision, cur)?;
-            }
-        }
-        let mut responses = Vec::with_capacity(ops.len());
-        for op in ops {
-            if let Some(Request::RequestRange(r)) = &op.request {
-                let mut resp = self.do_range(r, cur)?;
-                resp.header = revision_header(cur);
-                responses.push(ResponseOp {
-                    response: Some(Response::ResponseRange(resp)),
-                });
-            }
-        }
-        Ok(TxnResponse {
-            header: None,
-            succeeded,
-            responses,
-        })
-    }
-
-    /// Starts a write. It creates at most one revision, when
-    /// [`WriteTxn::end`] is called and only if it changed something;
-    /// dropping it without `end` undoes its changes.
-    pub fn write(&mut self) -> WriteTxn<'_> {
-        WriteTxn::new(self)
-    }
-
     /// etcd's `Compact`: forgets the history before `rev`. Reads at
     /// revisions below `rev` then fail with [`MvccError::Compacted`]; each
     /// key keeps its latest version at or before `rev` (a key deleted at or
@@ -310,8 +263,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Rebuilds a store from stored events (as [`WriteTxn::end`] returned
-    /// them, or with their `(main, sub)` revisions, see [`RestoreRecord`])
+    /// Rebuilds a store from stored events (as writes returned them, or with their `(main, sub)` revisions, see [`RestoreRecord`])
     /// and the compact revision (0: never compacted). Events may come in any
     /// order; they are replayed in revision order. The revision becomes the
     /// highest of 1, the events' and the compact revision (raise it further
@@ -384,14 +336,15 @@ impl Store {
         store
     }
 
-    // ----- internals shared with the write transaction -----
+    // ----- primitives for the store's reads and for the txn layer -----
 
     /// The revision a read bounded by `max_rev` sees.
-    fn read_rev(&self, max_rev: i64) -> i64 {
+    pub(crate) fn read_rev(&self, max_rev: i64) -> i64 {
         max_rev.clamp(1, self.current_rev)
     }
 
-    /// etcd's `checkRequestRange` for a txn's range ops.
+    /// etcd's `checkRequestRange`: whether a range may read at `rev` when
+    /// the current revision is `cur` (0 reads `cur`).
     pub(crate) fn check_range_revision(&self, rev: i64, cur: i64) -> Result<(), MvccError> {
         if rev == 0 {
             Ok(())

@@ -1,5 +1,10 @@
-//! Writes: etcd's `storeTxnWrite` and the v3 applier's Put, DeleteRange
-//! and Txn, with the request checks of etcd's `v3rpc` layer.
+//! Writes and txns: etcd's `storeTxnWrite` and the v3 applier's Put,
+//! DeleteRange and Txn, with the request checks of etcd's `v3rpc` layer.
+//!
+//! A layer over the store: [`Store::write`] and [`Store::read_txn`] are
+//! defined here, and everything runs on the store's read and record-level
+//! primitives (one main revision per write, a sub revision per change,
+//! undo when a write is dropped). The store does not know this module.
 
 use std::collections::HashSet;
 
@@ -14,6 +19,57 @@ use muster_proto::{
 use super::error::MvccError;
 use super::key_index::Revision;
 use super::store::Store;
+
+/// The txn layer's entry points on the store.
+impl Store {
+    /// A txn that only reads (see [`is_read_only`]), at most at `max_rev`
+    /// like [`Store::range`], without a write lock. Validated as etcd
+    /// validates any txn; a txn with writes is [`MvccError::NotReadOnly`]
+    /// (use [`Store::write`] and [`WriteTxn::txn`]). The txn's header is
+    /// left `None`; each range's nested header carries the revision read.
+    pub fn read_txn(&self, req: &TxnRequest, max_rev: i64) -> Result<TxnResponse, MvccError> {
+        check_txn_request(req, self.max_txn_ops)?;
+        if !is_read_only(req) {
+            return Err(MvccError::NotReadOnly);
+        }
+        let cur = self.read_rev(max_rev);
+        let mut path = Vec::new();
+        compare_to_path(self, cur, req, &mut path);
+        let succeeded = path.first().copied().unwrap_or(false);
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        for op in ops {
+            if let Some(Request::RequestRange(r)) = &op.request {
+                self.check_range_revision(r.revision, cur)?;
+            }
+        }
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            if let Some(Request::RequestRange(r)) = &op.request {
+                let mut resp = self.do_range(r, cur)?;
+                resp.header = revision_header(cur);
+                responses.push(ResponseOp {
+                    response: Some(Response::ResponseRange(resp)),
+                });
+            }
+        }
+        Ok(TxnResponse {
+            header: None,
+            succeeded,
+            responses,
+        })
+    }
+
+    /// Starts a write. It creates at most one revision, when
+    /// [`WriteTxn::end`] is called and only if it changed something;
+    /// dropping it without `end` undoes its changes.
+    pub fn write(&mut self) -> WriteTxn<'_> {
+        WriteTxn::new(self)
+    }
+}
 
 /// A write in progress on a [`Store`] (etcd's `TxnWrite`).
 ///
@@ -48,7 +104,7 @@ impl Drop for WriteTxn<'_> {
 }
 
 impl<'a> WriteTxn<'a> {
-    pub(crate) fn new(store: &'a mut Store) -> WriteTxn<'a> {
+    fn new(store: &'a mut Store) -> WriteTxn<'a> {
         let begin_rev = store.current_rev;
         WriteTxn {
             store,
@@ -319,7 +375,7 @@ impl<'a> WriteTxn<'a> {
 /// The header etcd gives a response nested in a txn: only a revision (the
 /// server fills cluster, member and raft term on the top-level header
 /// alone).
-pub(crate) fn revision_header(revision: i64) -> Option<ResponseHeader> {
+fn revision_header(revision: i64) -> Option<ResponseHeader> {
     Some(ResponseHeader {
         revision,
         ..ResponseHeader::default()
@@ -352,7 +408,7 @@ fn check_put_request(p: &PutRequest) -> Result<(), MvccError> {
 /// etcd's `checkTxnRequest`: at most `max_txn_ops` compares and ops per
 /// branch (a nested txn gets what its parent left), no empty key, no
 /// empty op.
-pub(crate) fn check_txn_request(r: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> {
+fn check_txn_request(r: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> {
     let opc = r.compare.len().max(r.success.len()).max(r.failure.len());
     if opc > max_txn_ops {
         return Err(MvccError::TooManyOps);
@@ -461,7 +517,7 @@ fn check_intervals(reqs: &[RequestOp]) -> Result<(Puts<'_>, Vec<Deleted<'_>>), M
 /// etcd's `compareToPath`: the outcome of every txn that runs (this one,
 /// then its chosen branch's nested txns, depth first), all evaluated at
 /// revision `cur` before anything is applied.
-pub(crate) fn compare_to_path(store: &Store, cur: i64, rt: &TxnRequest, path: &mut Vec<bool>) {
+fn compare_to_path(store: &Store, cur: i64, rt: &TxnRequest, path: &mut Vec<bool>) {
     let ok = rt.compare.iter().all(|c| apply_compare(store, cur, c));
     path.push(ok);
     let ops = if ok { &rt.success } else { &rt.failure };
