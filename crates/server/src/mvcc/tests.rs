@@ -11,6 +11,9 @@ use muster_proto::{
     RangeResponse, RequestOp, TxnRequest, TxnResponse,
 };
 
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
 use super::*;
 
 const MAX: i64 = i64::MAX;
@@ -1842,29 +1845,31 @@ fn many_keys_stay_fast() {
 
 // --------------------------------------------------- randomized vs a model
 
-/// xorshift64*, deterministic.
-struct Rng(u64);
+/// The seed of the randomized test: `MUSTER_TEST_SEED` (a `u64`) when set,
+/// else a fixed one. Printed, and named in the assertions, so that a
+/// failure can be repeated.
+fn test_seed() -> u64 {
+    let seed = match std::env::var("MUSTER_TEST_SEED") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("MUSTER_TEST_SEED={v:?} is not a u64")),
+        Err(_) => 0x9e37_79b9_7f4a_7c15,
+    };
+    eprintln!("seed {seed} (MUSTER_TEST_SEED={seed} repeats this run)");
+    seed
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn key(&mut self) -> String {
-        format!("k{}", self.below(12))
-    }
+/// One of 12 keys.
+fn random_key(rng: &mut Xoshiro256PlusPlus) -> String {
+    format!("k{}", rng.random_range(0..12))
 }
 
 type Snapshot = BTreeMap<Vec<u8>, KeyValue>;
 
 #[test]
 fn randomized_against_snapshots() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let seed = test_seed();
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut st = Store::new();
     // snapshots[rev] = the store at revision rev.
     let mut snapshots: Vec<Snapshot> = vec![Snapshot::new(), Snapshot::new()];
@@ -1874,12 +1879,13 @@ fn randomized_against_snapshots() {
         let mut model = snapshots[before as usize].clone();
         let mut w = st.write();
         let new_rev = before + 1;
-        for _ in 0..=rng.below(3) {
-            match rng.below(10) {
+        for _ in 0..=rng.random_range(0..3) {
+            match rng.random_range(0..10) {
                 0..=5 => {
-                    let k = rng.key();
+                    let k = random_key(&mut rng);
                     let v = format!("v{step}");
-                    w.put(&put_req(&k, &v), &yes).unwrap();
+                    w.put(&put_req(&k, &v), &yes)
+                        .unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
                     let (create, version) = match model.get(k.as_bytes()) {
                         Some(old) => (old.create_revision, old.version + 1),
                         None => (new_rev, 1),
@@ -1887,14 +1893,16 @@ fn randomized_against_snapshots() {
                     model.insert(b(&k), kv(&k, &v, create, new_rev, version, 0));
                 }
                 6..=7 => {
-                    let k = rng.key();
-                    w.delete_range(&del_req(&k, "")).unwrap();
+                    let k = random_key(&mut rng);
+                    w.delete_range(&del_req(&k, ""))
+                        .unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
                     model.remove(k.as_bytes());
                 }
                 _ => {
-                    let (x, y) = (rng.key(), rng.key());
+                    let (x, y) = (random_key(&mut rng), random_key(&mut rng));
                     let (lo, hi) = if x <= y { (x, y) } else { (y, x) };
-                    w.delete_range(&del_req(&lo, &hi)).unwrap();
+                    w.delete_range(&del_req(&lo, &hi))
+                        .unwrap_or_else(|e| panic!("seed {seed}, step {step}: {e}"));
                     model.retain(|k, _| {
                         !(k.as_slice() >= lo.as_bytes() && k.as_slice() < hi.as_bytes())
                     });
@@ -1903,9 +1911,9 @@ fn randomized_against_snapshots() {
         }
         let (rev, events) = w.end();
         if events.is_empty() {
-            assert_eq!(rev, before);
+            assert_eq!(rev, before, "seed {seed}, step {step}");
         } else {
-            assert_eq!(rev, new_rev);
+            assert_eq!(rev, new_rev, "seed {seed}, step {step}");
             for (sub, e) in events.into_iter().enumerate() {
                 stored.insert((rev, sub as i64), e);
             }
@@ -1913,37 +1921,48 @@ fn randomized_against_snapshots() {
         }
         if step % 97 == 96 && st.revision() > st.compact_revision() {
             let at = st.compact_revision().max(1)
-                + rng.below((st.revision() - st.compact_revision()) as u64) as i64;
+                + rng.random_range(0..st.revision() - st.compact_revision());
             if at > st.compact_revision() {
-                for r in st.compact(at).unwrap().removed {
-                    assert!(stored.remove(&r).is_some(), "removed {r:?} twice");
+                let compacted = match st.compact(at) {
+                    Ok(c) => c,
+                    Err(e) => panic!("seed {seed}: compact at {at}: {e}"),
+                };
+                for r in compacted.removed {
+                    let once = stored.remove(&r).is_some();
+                    assert!(once, "seed {seed}: removed {r:?} twice");
                 }
             }
         }
     }
-    assert_eq!(st.len(), snapshots.last().unwrap().len());
+    assert_eq!(st.len(), snapshots.last().unwrap().len(), "seed {seed}");
     let first = st.compact_revision().max(1);
-    let check = |st: &Store| {
+    let check = |st: &Store, which: &str| {
         for rev in first..=st.revision() {
             let req = RangeRequest {
                 revision: rev,
                 ..rr("\0", "\0")
             };
-            let got = st.range(&req, MAX).unwrap().kvs;
+            let got = match st.range(&req, MAX) {
+                Ok(r) => r.kvs,
+                Err(e) => panic!("seed {seed}, {which}: range at {rev}: {e}"),
+            };
             let want: Vec<KeyValue> = snapshots[rev as usize].values().cloned().collect();
-            assert_eq!(got, want, "range at {rev}");
+            assert_eq!(got, want, "seed {seed}, {which}: range at {rev}");
         }
         for rev in 1..first {
             let req = RangeRequest {
                 revision: rev,
                 ..rr("\0", "\0")
             };
-            assert_eq!(st.range(&req, MAX), Err(MvccError::Compacted));
+            let got = st.range(&req, MAX).map(|r| r.kvs);
+            let want = Err(MvccError::Compacted);
+            assert_eq!(got, want, "seed {seed}, {which}: range at {rev}");
         }
         // Every event after the compact revision is a change between
         // snapshots, with prev_kv the previous snapshot's value.
         for rev in first + 1..=st.revision() {
-            let evs = st.events(rev, rev, b"\0", b"\0").unwrap();
+            let evs = st.events(rev, rev, b"\0", b"\0");
+            let evs = evs.unwrap_or_else(|e| panic!("seed {seed}, {which}: events at {rev}: {e}"));
             let (old, new) = (&snapshots[rev as usize - 1], &snapshots[rev as usize]);
             let mut changed: Vec<Vec<u8>> = evs
                 .iter()
@@ -1952,22 +1971,29 @@ fn randomized_against_snapshots() {
             changed.dedup();
             for k in new.keys().chain(old.keys()) {
                 let differs = new.get(k) != old.get(k);
-                assert_eq!(differs, changed.contains(k), "key {} at {rev}", s(k));
+                let seen = changed.contains(k);
+                assert_eq!(differs, seen, "seed {seed}, {which}: key {} at {rev}", s(k));
             }
             for e in &evs {
                 let kv = e.kv.as_ref().unwrap();
                 let creates = ev_type(e) == EventType::Put && kv.create_revision == kv.mod_revision;
                 let want = if creates { None } else { old.get(&kv.key) };
-                assert_eq!(e.prev_kv.as_ref(), want, "prev of {} at {rev}", s(&kv.key));
+                let prev = e.prev_kv.as_ref();
+                assert_eq!(
+                    prev,
+                    want,
+                    "seed {seed}, {which}: prev of {} at {rev}",
+                    s(&kv.key)
+                );
             }
         }
     };
-    check(&st);
+    check(&st, "store");
     // Storage's view restores to the same store.
     let restored = Store::restore(
         stored.iter().map(|(r, e)| (*r, e.clone())),
         st.compact_revision(),
     );
-    check(&restored);
+    check(&restored, "restored");
     assert_same(&st, &restored);
 }
