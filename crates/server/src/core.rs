@@ -133,6 +133,19 @@ struct Applied<R> {
     extra: Vec<Change>,
 }
 
+impl<R> Applied<R> {
+    /// A write that changes no key, only what `change` records, at the
+    /// store's `revision`.
+    fn without_events(result: R, revision: i64, change: Change) -> Applied<R> {
+        Applied {
+            result,
+            revision,
+            events: Vec::new(),
+            extra: vec![change],
+        }
+    }
+}
+
 impl Core {
     /// Builds the state from what storage recovered.
     pub fn new(
@@ -327,6 +340,16 @@ impl Core {
         })
     }
 
+    /// A KV write (`Put`, `DeleteRange`, `Txn`) given the lessor's leases
+    /// as those that exist: its result and revision.
+    async fn kv<R>(
+        &self,
+        f: impl FnOnce(&mut crate::mvcc::WriteTxn<'_>, &dyn Fn(i64) -> bool) -> Result<R, MvccError>,
+    ) -> Result<(R, i64), Status> {
+        self.write(|st| Self::kv_write(st, |txn, lessor| f(txn, &|id| lessor.contains(id))))
+            .await
+    }
+
     /// `KV.Range`.
     pub fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, Status> {
         self.check_alive()?;
@@ -342,9 +365,7 @@ impl Core {
 
     /// `KV.Put`.
     pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse, Status> {
-        let (mut resp, rev) = self
-            .write(|st| Self::kv_write(st, |txn, lessor| txn.put(&req, &|id| lessor.contains(id))))
-            .await?;
+        let (mut resp, rev) = self.kv(|txn, leases| txn.put(&req, leases)).await?;
         resp.header = self.header(rev);
         Ok(resp)
     }
@@ -354,18 +375,14 @@ impl Core {
         &self,
         req: pb::DeleteRangeRequest,
     ) -> Result<pb::DeleteRangeResponse, Status> {
-        let (mut resp, rev) = self
-            .write(|st| Self::kv_write(st, |txn, _| txn.delete_range(&req)))
-            .await?;
+        let (mut resp, rev) = self.kv(|txn, _| txn.delete_range(&req)).await?;
         resp.header = self.header(rev);
         Ok(resp)
     }
 
     /// `KV.Txn`.
     pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
-        let (mut resp, rev) = self
-            .write(|st| Self::kv_write(st, |txn, lessor| txn.txn(&req, &|id| lessor.contains(id))))
-            .await?;
+        let (mut resp, rev) = self.kv(|txn, leases| txn.txn(&req, leases)).await?;
         let header = self.header(rev);
         fill_txn_headers(&mut resp, &header);
         Ok(resp)
@@ -376,15 +393,11 @@ impl Core {
         let (_, rev) = self
             .write(|st| {
                 let compacted = st.store.compact(revision).map_err(mvcc_status)?;
-                Ok(Applied {
-                    result: (),
-                    revision: st.store.revision(),
-                    events: Vec::new(),
-                    extra: vec![Change::Compact {
-                        revision,
-                        removed: compacted.removed,
-                    }],
-                })
+                let change = Change::Compact {
+                    revision,
+                    removed: compacted.removed,
+                };
+                Ok(Applied::without_events((), st.store.revision(), change))
             })
             .await?;
         Ok(pb::CompactionResponse {
@@ -401,12 +414,9 @@ impl Core {
                 st.lessor
                     .grant(id, ttl, Instant::now())
                     .map_err(lease_status)?;
-                Ok(Applied {
-                    result: (id, ttl),
-                    revision: st.store.revision(),
-                    events: Vec::new(),
-                    extra: vec![Change::LeaseGrant(LeaseRecord { id, ttl })],
-                })
+                let change = Change::LeaseGrant(LeaseRecord { id, ttl });
+                let revision = st.store.revision();
+                Ok(Applied::without_events((id, ttl), revision, change))
             })
             .await?;
         Ok(pb::LeaseGrantResponse {

@@ -42,10 +42,11 @@ impl Services {
         }
     }
 
-    /// etcd's two answers to a large request: past the limit plus gRPC's
-    /// overhead allowance the transport refuses it; past the limit alone the
-    /// server does.
-    fn check_size<M: Message>(&self, msg: &M) -> Result<(), Status> {
+    /// The request's message, or etcd's two answers to a large request:
+    /// past the limit plus gRPC's overhead allowance the transport refuses
+    /// it; past the limit alone the server does.
+    fn sized<M: Message>(&self, req: Request<M>) -> Result<M, Status> {
+        let msg = req.into_inner();
         let len = msg.encoded_len();
         let max = self.core.config().max_request_bytes;
         if len > max + GRPC_OVERHEAD_BYTES {
@@ -57,7 +58,7 @@ impl Services {
         if len > max {
             return Err(Status::invalid_argument("etcdserver: request is too large"));
         }
-        Ok(())
+        Ok(msg)
     }
 }
 
@@ -69,14 +70,12 @@ impl pb::kv_server::Kv for Services {
         &self,
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
-        let req = req.into_inner();
-        self.check_size(&req)?;
+        let req = self.sized(req)?;
         self.core.range(&req).map(Response::new)
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let req = req.into_inner();
-        self.check_size(&req)?;
+        let req = self.sized(req)?;
         self.core.put(req).await.map(Response::new)
     }
 
@@ -84,14 +83,12 @@ impl pb::kv_server::Kv for Services {
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
-        let req = req.into_inner();
-        self.check_size(&req)?;
+        let req = self.sized(req)?;
         self.core.delete_range(req).await.map(Response::new)
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
-        let req = req.into_inner();
-        self.check_size(&req)?;
+        let req = self.sized(req)?;
         self.core.txn(req).await.map(Response::new)
     }
 

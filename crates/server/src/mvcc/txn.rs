@@ -572,7 +572,6 @@ fn apply_compare(store: &Store, cur: i64, c: &Compare) -> bool {
 /// (or an empty value); an unknown target compares equal; an unknown result
 /// holds.
 fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
-    let int = |want: Option<i64>, have: i64| have.cmp(&want.unwrap_or(0));
     let ord = match CompareTarget::try_from(c.target) {
         Ok(CompareTarget::Value) => {
             let want: &[u8] = match &c.target_union {
@@ -581,34 +580,10 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
             };
             kv.value.as_slice().cmp(want)
         }
-        Ok(CompareTarget::Create) => int(
-            match c.target_union {
-                Some(TargetUnion::CreateRevision(v)) => Some(v),
-                _ => None,
-            },
-            kv.create_revision,
-        ),
-        Ok(CompareTarget::Mod) => int(
-            match c.target_union {
-                Some(TargetUnion::ModRevision(v)) => Some(v),
-                _ => None,
-            },
-            kv.mod_revision,
-        ),
-        Ok(CompareTarget::Version) => int(
-            match c.target_union {
-                Some(TargetUnion::Version(v)) => Some(v),
-                _ => None,
-            },
-            kv.version,
-        ),
-        Ok(CompareTarget::Lease) => int(
-            match c.target_union {
-                Some(TargetUnion::Lease(v)) => Some(v),
-                _ => None,
-            },
-            kv.lease,
-        ),
+        Ok(CompareTarget::Create) => kv.create_revision.cmp(&int_operand(c)),
+        Ok(CompareTarget::Mod) => kv.mod_revision.cmp(&int_operand(c)),
+        Ok(CompareTarget::Version) => kv.version.cmp(&int_operand(c)),
+        Ok(CompareTarget::Lease) => kv.lease.cmp(&int_operand(c)),
         Err(_) => std::cmp::Ordering::Equal,
     };
     match CompareResult::try_from(c.result) {
@@ -617,5 +592,18 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
         Ok(CompareResult::Greater) => ord.is_gt(),
         Ok(CompareResult::Less) => ord.is_lt(),
         Err(_) => true,
+    }
+}
+
+/// The number an integer compare compares against: its target union's when
+/// that is of the target's kind, else 0.
+fn int_operand(c: &Compare) -> i64 {
+    let target = CompareTarget::try_from(c.target);
+    match (target, &c.target_union) {
+        (Ok(CompareTarget::Create), Some(TargetUnion::CreateRevision(v)))
+        | (Ok(CompareTarget::Mod), Some(TargetUnion::ModRevision(v)))
+        | (Ok(CompareTarget::Version), Some(TargetUnion::Version(v)))
+        | (Ok(CompareTarget::Lease), Some(TargetUnion::Lease(v))) => *v,
+        _ => 0,
     }
 }

@@ -33,11 +33,11 @@ fn put_event(rev: i64, key: &str, value: &str) -> Event {
 }
 
 fn put(rev: i64, sub: i64, key: &str, value: &str) -> Change {
-    Change::Event {
-        rev,
-        sub,
-        event: put_event(rev, key, value),
-    }
+    stored(rev, sub, put_event(rev, key, value))
+}
+
+fn stored(rev: i64, sub: i64, event: Event) -> Change {
+    Change::Event { rev, sub, event }
 }
 
 fn event_of(change: &Change) -> Event {
@@ -55,6 +55,31 @@ fn poll_now(ticket: &mut CommitTicket) -> Poll<Result<(), StorageError>> {
 
 fn open(dir: &Path) -> (Storage, Recovered) {
     Storage::open(dir).expect("open storage")
+}
+
+/// `tasks` tasks commit `per_task` batches each, one at a time, waiting for
+/// each: `batch(task, i, rev)`, revision `rev` running from 1 over all of
+/// them (task by task).
+async fn commit_concurrently(
+    storage: &Storage,
+    tasks: i64,
+    per_task: i64,
+    batch: impl Fn(i64, i64, i64) -> Vec<Change> + Clone + Send + 'static,
+) {
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let storage = storage.clone();
+        let batch = batch.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let rev = 1 + task * per_task + i;
+                storage.commit(batch(task, i, rev)).await.unwrap();
+            }
+        }));
+    }
+    for handle in handles {
+        handle.await.unwrap();
+    }
 }
 
 #[test]
@@ -97,48 +122,33 @@ async fn round_trip_across_reopen() {
     };
     {
         let (storage, _) = open(dir.path());
-        storage
-            .commit(vec![
+        let batches = [
+            vec![
                 a1.clone(),
                 b1.clone(),
                 Change::Revision(1),
                 Change::LeaseGrant(LeaseRecord { id: 7, ttl: 30 }),
-            ])
-            .await
-            .unwrap();
-        storage
-            .commit(vec![
-                Change::Event {
-                    rev: 2,
-                    sub: 0,
-                    event: a2.clone(),
-                },
+            ],
+            vec![
+                stored(2, 0, a2.clone()),
                 Change::Revision(2),
                 Change::LeaseGrant(LeaseRecord { id: 8, ttl: 60 }),
-            ])
-            .await
-            .unwrap();
-        storage
-            .commit(vec![
-                Change::Event {
-                    rev: 3,
-                    sub: 0,
-                    event: b3.clone(),
-                },
+            ],
+            vec![
+                stored(3, 0, b3.clone()),
                 Change::Revision(3),
                 Change::LeaseRevoke(7),
-            ])
-            .await
-            .unwrap();
-        // A revision without an event, then a compaction.
-        storage.commit(vec![Change::Revision(5)]).await.unwrap();
-        storage
-            .commit(vec![Change::Compact {
+            ],
+            // A revision without an event, then a compaction.
+            vec![Change::Revision(5)],
+            vec![Change::Compact {
                 revision: 2,
                 removed: vec![(1, 0)],
-            }])
-            .await
-            .unwrap();
+            }],
+        ];
+        for batch in batches {
+            storage.commit(batch).await.unwrap();
+        }
     }
     let expected = Recovered {
         events: vec![
@@ -203,25 +213,13 @@ async fn group_commit_from_concurrent_tasks() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (storage, _) = open(dir.path());
-        let mut tasks = Vec::new();
-        for task in 0..TASKS {
-            let storage = storage.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..PER_TASK {
-                    let rev = 1 + task * PER_TASK + i;
-                    storage
-                        .commit(vec![
-                            put(rev, 0, &format!("t{task}/{i}"), "v"),
-                            Change::LeaseGrant(LeaseRecord { id: rev, ttl: i }),
-                        ])
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
+        commit_concurrently(&storage, TASKS, PER_TASK, |task, i, rev| {
+            vec![
+                put(rev, 0, &format!("t{task}/{i}"), "v"),
+                Change::LeaseGrant(LeaseRecord { id: rev, ttl: i }),
+            ]
+        })
+        .await;
         let stats = storage.stats();
         println!("group commit: {stats:?}");
         assert_eq!(stats.batches, (TASKS * PER_TASK) as u64);
@@ -590,22 +588,10 @@ async fn throughput_with_64_committers() {
     let dir = tempfile::tempdir().unwrap();
     let (storage, _) = open(dir.path());
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for task in 0..TASKS {
-        let storage = storage.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..PER_TASK {
-                let rev = 1 + task * PER_TASK + i;
-                storage
-                    .commit(vec![put(rev, 0, &format!("/svc/{task}/{i}"), "endpoint")])
-                    .await
-                    .unwrap();
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.unwrap();
-    }
+    commit_concurrently(&storage, TASKS, PER_TASK, |task, i, rev| {
+        vec![put(rev, 0, &format!("/svc/{task}/{i}"), "endpoint")]
+    })
+    .await;
     let elapsed = started.elapsed().as_secs_f64();
     let stats = storage.stats();
     println!(

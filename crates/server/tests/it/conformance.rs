@@ -10,35 +10,35 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use tonic::transport::Channel;
 
-fn etcdctl_available() -> bool {
-    Command::new("etcdctl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use crate::common::{channel, require_tool};
 
 /// Loudly skipped without etcdctl, unless MUSTER_REQUIRE_ETCD=1.
 fn require_etcdctl() -> bool {
-    if etcdctl_available() {
-        return true;
-    }
-    assert!(
-        std::env::var("MUSTER_REQUIRE_ETCD").as_deref() != Ok("1"),
-        "etcdctl is required (apt-get install etcd-client)"
-    );
-    eprintln!("SKIPPED: etcdctl not on PATH (apt-get install etcd-client)");
-    false
+    require_tool(
+        "etcdctl",
+        "version",
+        "the etcdctl test",
+        "apt-get install etcd-client",
+    )
 }
 
-/// Runs etcdctl against `endpoint`, given as `host:port`: for `endpoint
-/// status` etcdctl 3.4 sends a URL endpoint as the HTTP/2 `:authority`,
-/// which Rust's h2 rejects as malformed (Go's server accepts it).
-fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+/// etcdctl (API v3) against `endpoint`, given as `host:port`: for
+/// `endpoint status` etcdctl 3.4 sends a URL endpoint as the HTTP/2
+/// `:authority`, which Rust's h2 rejects as malformed (Go's server accepts
+/// it).
+fn etcdctl_command(endpoint: &str) -> Command {
     let endpoint = endpoint.trim_start_matches("http://");
     let mut cmd = Command::new("etcdctl");
     cmd.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .arg("--command-timeout=5s")
+        .arg(format!("--endpoints={endpoint}"));
+    cmd
+}
+
+/// Runs etcdctl `args` against `endpoint` (see [`etcdctl_command`]), with
+/// `stdin` as its input: whether it succeeded, its stdout and stderr.
+fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut cmd = etcdctl_command(endpoint);
+    cmd.arg("--command-timeout=5s")
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -144,14 +144,8 @@ async fn etcdctl_drives_the_embedded_registry() {
     assert!(!ok && err.contains("requested lease not found"), "{err}");
 
     // Watch: a background etcdctl sees a put made after it started.
-    let mut watcher = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args([
-            &format!("--endpoints={}", ep.trim_start_matches("http://")),
-            "watch",
-            "--prefix",
-            "/w/",
-        ])
+    let mut watcher = etcdctl_command(ep)
+        .args(["watch", "--prefix", "/w/"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -193,11 +187,7 @@ async fn etcdctl_drives_the_embedded_registry() {
 }
 
 async fn clients(server: &Server) -> (KvClient<Channel>, LeaseClient<Channel>) {
-    let channel = Channel::from_shared(server.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(server).await;
     (KvClient::new(channel.clone()), LeaseClient::new(channel))
 }
 
@@ -211,65 +201,64 @@ fn put(key: &str, value: &[u8]) -> pb::RequestOp {
     }
 }
 
+/// Asserts that `r` is the error `code` with a message containing `msg`.
+#[track_caller]
+fn expect<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    msg: &str,
+) {
+    let status = r.unwrap_err();
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(msg), "{status:?}");
+}
+
 #[tokio::test]
 async fn bad_input_gets_etcds_errors_and_the_server_keeps_serving() {
     let server = server().await;
     let (mut kv, mut lease) = clients(&server).await;
-    let expect = |r: Result<tonic::Response<_>, tonic::Status>, code: tonic::Code, msg: &str| {
-        let status = r.map(|_: tonic::Response<()>| ()).unwrap_err();
-        assert_eq!(status.code(), code, "{status:?}");
-        assert!(status.message().contains(msg), "{status:?}");
-    };
-    let unit =
-        |r: Result<tonic::Response<pb::PutResponse>, tonic::Status>| r.map(|r| r.map(|_| ()));
-    expect(
-        unit(kv.put(pb::PutRequest::default()).await),
-        tonic::Code::InvalidArgument,
-        "etcdserver: key is not provided",
-    );
-    expect(
-        unit(
-            kv.put(pb::PutRequest {
+    for (put, code, msg) in [
+        (
+            pb::PutRequest::default(),
+            tonic::Code::InvalidArgument,
+            "etcdserver: key is not provided",
+        ),
+        (
+            pb::PutRequest {
                 key: b"k".to_vec(),
                 lease: 0x7777,
                 ..Default::default()
-            })
-            .await,
+            },
+            tonic::Code::NotFound,
+            "etcdserver: requested lease not found",
         ),
-        tonic::Code::NotFound,
-        "etcdserver: requested lease not found",
-    );
-    expect(
-        unit(
-            kv.put(pb::PutRequest {
+        (
+            pb::PutRequest {
                 key: b"k".to_vec(),
                 value: vec![0; 1600 * 1024],
                 ..Default::default()
-            })
-            .await,
+            },
+            tonic::Code::InvalidArgument,
+            "etcdserver: request is too large",
         ),
-        tonic::Code::InvalidArgument,
-        "etcdserver: request is too large",
-    );
-    expect(
-        unit(
-            kv.put(pb::PutRequest {
+        (
+            pb::PutRequest {
                 key: b"k".to_vec(),
                 value: vec![0; 3 * 1024 * 1024],
                 ..Default::default()
-            })
-            .await,
+            },
+            tonic::Code::ResourceExhausted,
+            "grpc: received message larger than max",
         ),
-        tonic::Code::ResourceExhausted,
-        "grpc: received message larger than max",
-    );
+    ] {
+        expect(kv.put(put).await, code, msg);
+    }
     let too_many = pb::TxnRequest {
         success: (0..129).map(|i| put(&format!("k{i}"), b"v")).collect(),
         ..Default::default()
     };
-    let r = kv.txn(too_many).await.map(|r| r.map(|_| ()));
     expect(
-        r,
+        kv.txn(too_many).await,
         tonic::Code::InvalidArgument,
         "too many operations in txn request",
     );
@@ -277,22 +266,18 @@ async fn bad_input_gets_etcds_errors_and_the_server_keeps_serving() {
         success: vec![put("k", b"1"), put("k", b"2")],
         ..Default::default()
     };
-    let r = kv.txn(dup).await.map(|r| r.map(|_| ()));
     expect(
-        r,
+        kv.txn(dup).await,
         tonic::Code::InvalidArgument,
         "duplicate key given in txn request",
     );
-    let r = kv
-        .range(pb::RangeRequest {
-            key: b"k".to_vec(),
-            revision: 1000,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.map(|_| ()));
+    let future = pb::RangeRequest {
+        key: b"k".to_vec(),
+        revision: 1000,
+        ..Default::default()
+    };
     expect(
-        r,
+        kv.range(future).await,
         tonic::Code::OutOfRange,
         "required revision is a future revision",
     );
@@ -317,11 +302,10 @@ async fn bad_input_gets_etcds_errors_and_the_server_keeps_serving() {
         .unwrap()
         .into_inner();
     assert_eq!(ttl.ttl, -1);
-    let r = lease
+    let revoked = lease
         .lease_revoke(pb::LeaseRevokeRequest { id: 0x7777 })
-        .await
-        .map(|r| r.map(|_| ()));
-    expect(r, tonic::Code::NotFound, "requested lease not found");
+        .await;
+    expect(revoked, tonic::Code::NotFound, "requested lease not found");
 
     // Nothing was written by any of that, and the server still serves.
     let ok = kv

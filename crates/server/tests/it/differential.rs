@@ -41,6 +41,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::common::require_tool;
+
 /// How long one answer (unary or streamed) may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a watch stream must stay silent to count as quiet.
@@ -50,32 +52,14 @@ const QUIET: Duration = Duration::from_millis(300);
 // A real etcd.
 // ---------------------------------------------------------------------------
 
-fn etcd_available() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Loudly skipped without etcd, unless MUSTER_REQUIRE_ETCD=1.
 fn require_etcd() -> bool {
-    if etcd_available() {
-        return true;
-    }
-    assert!(
-        std::env::var("MUSTER_REQUIRE_ETCD").as_deref() != Ok("1"),
-        "etcd is required for the differential tests (apt-get install etcd-server)"
-    );
-    // Straight to stderr: the test harness captures eprintln! of passing
-    // tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: etcd not on PATH; the differential tests did not run \
-         (apt-get install etcd-server, or set MUSTER_REQUIRE_ETCD=1 to fail instead)"
-    );
-    false
+    require_tool(
+        "etcd",
+        "--version",
+        "the differential tests",
+        "apt-get install etcd-server",
+    )
 }
 
 /// Distinct free loopback ports, never handed out twice by this process.
@@ -925,6 +909,14 @@ fn watch(key: &str, end: &[u8]) -> pb::WatchCreateRequest {
     }
 }
 
+/// A watch of every key, with `prev_kv`.
+fn watch_everything() -> pb::WatchCreateRequest {
+    pb::WatchCreateRequest {
+        prev_kv: true,
+        ..watch("\0", b"\0")
+    }
+}
+
 fn cancel(id: i64) -> RequestUnion {
     RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id: id })
 }
@@ -993,17 +985,21 @@ fn op_txn(t: pb::TxnRequest) -> pb::RequestOp {
     }
 }
 
-fn cmp(key: &str, end: &[u8], result: CompareResult, union: TargetUnion) -> pb::Compare {
-    let target = match union {
+/// The compare target a target union is of.
+fn target_of(union: &TargetUnion) -> CompareTarget {
+    match union {
         TargetUnion::Version(_) => CompareTarget::Version,
         TargetUnion::CreateRevision(_) => CompareTarget::Create,
         TargetUnion::ModRevision(_) => CompareTarget::Mod,
         TargetUnion::Value(_) => CompareTarget::Value,
         TargetUnion::Lease(_) => CompareTarget::Lease,
-    };
+    }
+}
+
+fn cmp(key: &str, end: &[u8], result: CompareResult, union: TargetUnion) -> pb::Compare {
     pb::Compare {
         result: result as i32,
-        target: target as i32,
+        target: target_of(&union) as i32,
         key: b(key),
         range_end: end.to_vec(),
         target_union: Some(union),
@@ -1908,12 +1904,7 @@ async fn txn_touching_a_key_twice() {
         ..put("a", "old")
     }))
     .await;
-    let mut conns = p
-        .watch_streams(create(pb::WatchCreateRequest {
-            prev_kv: true,
-            ..watch("\0", b"\0")
-        }))
-        .await;
+    let mut conns = p.watch_streams(create(watch_everything())).await;
     wexpect(&mut conns, 1).await;
 
     // A put, then a from-key delete over it (etcd lets both through).
@@ -2002,9 +1993,8 @@ async fn txn_touching_a_key_twice() {
     // History replay of the same revisions, with prev_kv.
     let mut replay = p
         .watch_streams(create(pb::WatchCreateRequest {
-            prev_kv: true,
             start_revision: 1,
-            ..watch("\0", b"\0")
+            ..watch_everything()
         }))
         .await;
     wexpect(&mut replay, 2).await;
@@ -2191,12 +2181,7 @@ async fn lease_expiry() {
         }))
         .await;
     }
-    let mut c = p
-        .watch_streams(create(pb::WatchCreateRequest {
-            prev_kv: true,
-            ..watch("\0", b"\0")
-        }))
-        .await;
+    let mut c = p.watch_streams(create(watch_everything())).await;
     wexpect(&mut c, 1).await;
     // Each server revokes the lease on its own: wait until both did.
     for side in p.sides.iter_mut() {
@@ -2521,13 +2506,7 @@ fn compare() -> impl Strategy<Value = pb::Compare> {
         prop::bool::weighted(0.05),
     )
         .prop_map(|(key, range_end, result, union, mismatched)| {
-            let target = match union {
-                TargetUnion::Version(_) => CompareTarget::Version,
-                TargetUnion::CreateRevision(_) => CompareTarget::Create,
-                TargetUnion::ModRevision(_) => CompareTarget::Mod,
-                TargetUnion::Value(_) => CompareTarget::Value,
-                TargetUnion::Lease(_) => CompareTarget::Lease,
-            } as i32;
+            let target = target_of(&union) as i32;
             pb::Compare {
                 result,
                 // Now and then a union of another kind than the target.
@@ -2645,12 +2624,7 @@ fn tally(op: &Op, reply: &Reply) {
 /// answer, then the final state and the whole-keyspace watch, must agree.
 async fn run_sequence(etcd: Etcd, ops: &[Op]) -> Result<(), String> {
     let mut p = Pair::with_etcd(etcd).await;
-    let mut conns = p
-        .watch_streams(create(pb::WatchCreateRequest {
-            prev_kv: true,
-            ..watch("\0", b"\0")
-        }))
-        .await;
+    let mut conns = p.watch_streams(create(watch_everything())).await;
     // Created on both before any write (the embedded server answers the
     // call before its stream task has read the create request).
     let mut created = Vec::new();

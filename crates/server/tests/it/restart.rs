@@ -6,43 +6,56 @@ use muster_server::{Server, ServerConfig};
 use pb::kv_client::KvClient;
 use tonic::transport::Channel;
 
+use crate::common::channel;
+
+/// A server on `config` and a KV client connected to it.
+async fn serve(config: ServerConfig) -> (Server, KvClient<Channel>) {
+    let server = Server::start(config).await.unwrap();
+    let kv = KvClient::new(channel(&server).await);
+    (server, kv)
+}
+
+/// A server on the data in `dir`.
 async fn start(dir: &std::path::Path) -> (Server, KvClient<Channel>) {
-    let server = Server::start(ServerConfig::persistent(dir)).await.unwrap();
-    let channel = Channel::from_shared(server.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (server, KvClient::new(channel))
+    serve(ServerConfig::persistent(dir)).await
+}
+
+fn put_req(key: &str, value: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    }
 }
 
 fn put_op(key: &str, value: &str) -> pb::RequestOp {
     pb::RequestOp {
-        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        })),
+        request: Some(pb::request_op::Request::RequestPut(put_req(key, value))),
     }
 }
 
+/// Puts `key`; the revision of the put.
 async fn put(kv: &mut KvClient<Channel>, key: &str, value: &str) -> i64 {
-    let resp = kv
-        .put(pb::PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = kv.put(put_req(key, value)).await.unwrap().into_inner();
     resp.header.unwrap().revision
 }
 
-async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<String> {
+/// Compacts (physically) at `revision`.
+async fn compact(kv: &mut KvClient<Channel>, revision: i64) {
+    kv.compact(pb::CompactionRequest {
+        revision,
+        physical: true,
+    })
+    .await
+    .unwrap();
+}
+
+/// `key`'s value at `revision` (0: the latest).
+async fn get_at(kv: &mut KvClient<Channel>, key: &str, revision: i64) -> Option<String> {
     let resp = kv
         .range(pb::RangeRequest {
             key: key.into(),
+            revision,
             ..Default::default()
         })
         .await
@@ -51,6 +64,10 @@ async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<String> {
     resp.kvs
         .first()
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+}
+
+async fn get(kv: &mut KvClient<Channel>, key: &str) -> Option<String> {
+    get_at(kv, key, 0).await
 }
 
 /// Regression: records of one revision were renumbered on restart, so a
@@ -66,22 +83,12 @@ async fn compaction_across_restarts_keeps_every_live_key() {
     .await
     .unwrap();
     let rev = put(&mut kv, "a", "a2").await;
-    kv.compact(pb::CompactionRequest {
-        revision: rev,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    compact(&mut kv, rev).await;
     server.shutdown().await;
 
     let (server, mut kv) = start(dir.path()).await;
     let rev = put(&mut kv, "c", "c2").await;
-    kv.compact(pb::CompactionRequest {
-        revision: rev,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    compact(&mut kv, rev).await;
     server.shutdown().await;
 
     let (_server, mut kv) = start(dir.path()).await;
@@ -101,16 +108,7 @@ async fn revisions_and_history_continue_after_a_restart() {
     let (_server, mut kv) = start(dir.path()).await;
     assert_eq!(put(&mut kv, "k", "after").await, 12);
     // History from before the restart is still readable.
-    let old = kv
-        .range(pb::RangeRequest {
-            key: b"k".to_vec(),
-            revision: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(old.kvs[0].value, b"v3");
+    assert_eq!(get_at(&mut kv, "k", 5).await.as_deref(), Some("v3"));
 }
 
 #[tokio::test]
@@ -121,13 +119,7 @@ async fn auto_compaction_keeps_the_last_revisions() {
         keep: 5,
         interval: Duration::from_millis(20),
     });
-    let server = Server::start(config).await.unwrap();
-    let channel = Channel::from_shared(server.endpoint())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut kv = KvClient::new(channel);
+    let (_server, mut kv) = serve(config).await;
     let mut last = 0;
     for i in 0..20 {
         last = put(&mut kv, "k", &format!("v{i}")).await;
@@ -151,6 +143,6 @@ async fn auto_compaction_keeps_the_last_revisions() {
         }
     }
     // The last five revisions are still there.
-    let kept = kv.range(at(last - 4)).await.unwrap().into_inner();
-    assert_eq!(kept.kvs[0].value, format!("v{}", 20 - 5).into_bytes());
+    let kept = get_at(&mut kv, "k", last - 4).await;
+    assert_eq!(kept, Some(format!("v{}", 20 - 5)));
 }

@@ -11,6 +11,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use crate::common::channel;
+
 async fn watch(
     channel: Channel,
     prefix: &[u8],
@@ -60,13 +62,7 @@ async fn read_events(stream: &mut tonic::Streaming<pb::WatchResponse>, n: usize)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_watcher_blocks_nobody_and_catches_up_in_order() {
     let server = Server::start(ServerConfig::in_memory()).await.unwrap();
-    let connect = || async {
-        Channel::from_shared(server.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    };
+    let connect = || channel(&server);
     // Separate connections, so that the slow one's flow control is its own.
     let (_slow_tx, mut slow) = watch(connect().await, b"/load/").await;
     let (_fast_tx, mut fast) = watch(connect().await, b"/load/").await;
