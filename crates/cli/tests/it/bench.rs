@@ -8,6 +8,7 @@ use std::ffi::OsStr;
 use std::process::{Command, Output};
 
 use common::{Serve, free_port};
+use serde_json::Value;
 
 fn serve(port: u16) -> Serve {
     common::serve(port, &[OsStr::new("--in-memory")])
@@ -22,7 +23,7 @@ fn bench(port: u16, args: &[&str]) -> Output {
 }
 
 /// Runs a workload with `-o json` and returns its one-line report.
-fn json(port: u16, args: &[&str]) -> String {
+fn json(port: u16, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["-o", "json"]);
     let out = bench(port, &all);
@@ -33,22 +34,14 @@ fn json(port: u16, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout.lines().count(), 1, "one JSON line: {stdout}");
-    stdout
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-/// The integer after `"name":` in a report.
-fn field(report: &str, name: &str) -> i64 {
-    let start = report
-        .find(&format!("\"{name}\":"))
-        .unwrap_or_else(|| panic!("no {name} in {report}"))
-        + name.len()
-        + 3;
-    report[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '-')
-        .collect::<String>()
-        .parse()
-        .unwrap()
+/// The integer under `name` in a report.
+fn field(report: &Value, name: &str) -> i64 {
+    report[name]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no integer {name} in {report}"))
 }
 
 #[test]
@@ -67,6 +60,7 @@ fn every_workload_runs_against_muster_serve() {
         let report = json(port, &args);
         assert!(field(&report, "ops") > 0, "{report}");
         assert_eq!(field(&report, "errors"), 0, "{report}");
+        assert!(report["seed"].is_u64(), "the seed is reported: {report}");
     }
     let report = json(port, &["range", "--keys", "300", "--duration", "200ms"]);
     assert_eq!(field(&report, "misses"), 0, "every key was populated");
@@ -77,33 +71,18 @@ fn every_workload_runs_against_muster_serve() {
         "versions are read first"
     );
 
-    let report = json(
-        port,
-        &[
-            "keepalive",
-            "--leases",
-            "8",
-            "--clients",
-            "4",
-            "--duration",
-            "300ms",
-        ],
-    );
+    let keepalive = [
+        "keepalive",
+        "--leases",
+        "8",
+        "--clients",
+        "4",
+        "--duration",
+        "300ms",
+    ];
+    let report = json(port, &keepalive);
     assert!(field(&report, "ops") > 0, "{report}");
-    let report = json(
-        port,
-        &[
-            "keepalive",
-            "--leases",
-            "8",
-            "--clients",
-            "4",
-            "--duration",
-            "300ms",
-            "--rate",
-            "200",
-        ],
-    );
+    let report = json(port, &[&keepalive[..], &["--rate", "200"]].concat());
     assert!(field(&report, "ops") > 20, "{report}");
 
     let report = json(
@@ -124,14 +103,29 @@ fn every_workload_runs_against_muster_serve() {
     assert_eq!(field(&report, "expected"), 100, "{report}");
 
     let report = json(port, &["ready", "--ready-timeout", "5s"]);
-    assert!(report.contains("\"found\":true"), "{report}");
+    assert_eq!(report["found"], true, "{report}");
 
     // Text output: summary lines, no JSON.
-    let out = bench(port, &["put", "--duration", "100ms", "--clients", "2"]);
+    let out = bench(
+        port,
+        &[
+            "put",
+            "--duration",
+            "100ms",
+            "--clients",
+            "2",
+            "--seed",
+            "7",
+        ],
+    );
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("put: "), "{text}");
     assert!(text.contains("ops/s") && text.contains("p99"), "{text}");
+    assert!(
+        text.contains("put: seed 7 (repeat with --seed 7)"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compares `muster serve` with etcd on this machine, end to end, with
-# `muster bench`:
+# `muster bench` (the muster-bench crate's load generator, in the `muster`
+# binary; it reads the keys of its `-o json` reports):
 #
 #   - resident memory (VmRSS) after populating 100k keys (32 B / 256 B);
 #   - restart time with those keys: kill -9, then from spawning the server
@@ -20,7 +21,7 @@
 # how busy the machine was during the put runs).
 #
 # Usage (from anywhere in the repository):
-#   crates/cli/scripts/bench-compare.sh
+#   crates/bench/scripts/bench-compare.sh
 # Environment:
 #   ROUNDS=3         runs of each workload per server
 #   DURATION=6s      length of each put/range/txn/keepalive run

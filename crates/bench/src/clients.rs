@@ -1,0 +1,162 @@
+//! Concurrent clients: spawning them, the closed loop each one runs (send
+//! the next request as soon as the previous one is answered), and the
+//! report every closed-loop workload shares (throughput and latency).
+
+use std::time::{Duration, Instant};
+
+use muster_proto::kv_client::KvClient;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+
+use crate::args::{Load, Plan};
+use crate::connect::Channels;
+use crate::error::Error;
+use crate::keys::{KeySpace, Rng, Seed, random_value};
+use crate::recorder::{Recorder, Summary};
+use crate::report::Report;
+use crate::units::{duration_as_secs, three_decimals};
+
+/// What a set of clients recorded, and how long they ran.
+#[derive(Debug)]
+pub(crate) struct Run {
+    pub(crate) recorder: Recorder,
+    pub(crate) elapsed: Duration,
+}
+
+/// Runs `n` clients until each finishes (they watch the deadline, `duration`
+/// from now, themselves); returns their merged records and the wall time.
+pub(crate) async fn run_clients<F, Fut>(
+    n: usize,
+    duration: Option<Duration>,
+    mut make: F,
+) -> Result<Run, Error>
+where
+    F: FnMut(usize, Option<Instant>) -> Fut,
+    Fut: Future<Output = Recorder> + Send + 'static,
+{
+    let start = Instant::now();
+    // A duration past the clock's range is no deadline at all.
+    let deadline = duration.and_then(|d| start.checked_add(d));
+    let mut set = JoinSet::new();
+    for client in 0..n {
+        set.spawn(make(client, deadline));
+    }
+    let mut recorder = Recorder::default();
+    while let Some(joined) = set.join_next().await {
+        recorder.merge(joined.map_err(|source| Error::Task {
+            what: "a client task",
+            source,
+        })?);
+    }
+    Ok(Run {
+        recorder,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// One client's closed loop: `request` (which sends one request and
+/// records it) again and again until the deadline, or until the server
+/// looks gone.
+pub(crate) async fn closed_loop(
+    deadline: Option<Instant>,
+    mut request: impl AsyncFnMut(&mut Recorder),
+) -> Recorder {
+    let mut rec = Recorder::default();
+    while rec.going(deadline) {
+        request(&mut rec).await;
+    }
+    rec
+}
+
+/// What a client of the keyspace holds: a KV client on its connection, its
+/// own random numbers, the value it writes, and the keys.
+pub(crate) struct KvWorker {
+    pub(crate) kv: KvClient<Channel>,
+    pub(crate) rng: Rng,
+    pub(crate) value: Vec<u8>,
+    pub(crate) keys: KeySpace,
+}
+
+impl KvWorker {
+    /// Client `client`: its value comes first from its random numbers,
+    /// then its keys.
+    pub(crate) fn new(client: usize, channels: &Channels, plan: &Plan<'_>) -> KvWorker {
+        let mut rng = plan.seed.client(client);
+        KvWorker {
+            kv: KvClient::new(channels.get(client)),
+            value: random_value(&mut rng, plan.args.value_size),
+            rng,
+            keys: plan.keys.clone(),
+        }
+    }
+
+    /// The next key, picked at random.
+    pub(crate) fn random_key(&mut self) -> Vec<u8> {
+        self.keys.random_key(&mut self.rng)
+    }
+}
+
+/// The JSON fields of a closed-loop workload, then its own (`E`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ClosedLoop<E> {
+    clients: usize,
+    connections: usize,
+    #[serde(serialize_with = "duration_as_secs")]
+    seconds: Duration,
+    ops: u64,
+    #[serde(serialize_with = "three_decimals")]
+    ops_per_sec: f64,
+    errors: u64,
+    latency_ms: Option<Summary>,
+    #[serde(flatten)]
+    extra: E,
+}
+
+/// A workload with no fields of its own.
+#[derive(Debug, Serialize)]
+pub(crate) struct NoFields {}
+
+/// The report of a closed-loop workload: a line of throughput (`what` says
+/// what was sent), a line of latency, then the workload's own `lines` and
+/// `fields`.
+pub(crate) fn closed_loop_report<E>(
+    workload: &'static str,
+    what: String,
+    load: Load,
+    run: Run,
+    seed: Option<Seed>,
+    (mut lines, fields): (Vec<String>, E),
+) -> Report<ClosedLoop<E>> {
+    let Run { recorder, elapsed } = run;
+    let ops = recorder.latencies.len();
+    let rate = ops as f64 / elapsed.as_secs_f64().max(1e-9);
+    let mut text = vec![
+        format!(
+            "{workload}: {what}, {} clients over {} connections, {:.2} s: \
+             {ops} ops, {rate:.0} ops/s, {} errors",
+            load.clients,
+            load.connections,
+            elapsed.as_secs_f64(),
+            recorder.errors
+        ),
+        format!("{workload}: latency {}", recorder.latencies.text()),
+    ];
+    text.append(&mut lines);
+    Report {
+        workload,
+        text,
+        failure: recorder.failure(),
+        fields: ClosedLoop {
+            clients: load.clients,
+            connections: load.connections,
+            seconds: elapsed,
+            ops,
+            ops_per_sec: rate,
+            errors: recorder.errors,
+            latency_ms: recorder.latencies.summary(),
+            extra: fields,
+        },
+        seed,
+    }
+}

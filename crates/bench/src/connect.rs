@@ -1,0 +1,129 @@
+//! Connections to the endpoints, the probe that checks they speak etcd's
+//! KV API, and gRPC failures as one line of text.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use muster_proto as pb;
+use pb::kv_client::KvClient;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+
+/// HTTP/2 connections, spread over the endpoints; client `c` uses
+/// connection `c` modulo their number.
+#[derive(Debug, Clone)]
+pub(crate) struct Channels(Vec<Channel>);
+
+impl Channels {
+    /// Opens `n` connections (at least one), spread over the endpoints, and
+    /// checks that each endpoint answers a Range.
+    pub(crate) async fn open(endpoints: &[String], n: usize) -> Result<Channels, Error> {
+        if endpoints.is_empty() {
+            return Err(Error::NoEndpoints);
+        }
+        let n = n.max(1);
+        let mut set = JoinSet::new();
+        for i in 0..n {
+            let url = endpoints[i % endpoints.len()].clone();
+            set.spawn(async move { (i, connect_one(&url).await) });
+        }
+        let mut channels: Vec<Option<Channel>> = vec![None; n];
+        while let Some(joined) = set.join_next().await {
+            let (i, channel) = joined.map_err(|source| Error::Task {
+                what: "a connecting task",
+                source,
+            })?;
+            channels[i] = Some(channel?);
+        }
+        let channels: Vec<Channel> = channels.into_iter().flatten().collect();
+        for (channel, url) in channels.iter().zip(endpoints) {
+            probe(channel.clone(), url).await?;
+        }
+        Ok(Channels(channels))
+    }
+
+    /// The connection of client `client`.
+    pub(crate) fn get(&self, client: usize) -> Channel {
+        self.0[client % self.0.len()].clone()
+    }
+}
+
+/// One connection to `url`.
+pub(crate) async fn connect_one(url: &str) -> Result<Channel, Error> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|source| Error::InvalidEndpoint {
+            url: url.to_string(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| Error::Connect {
+            url: url.to_string(),
+            cause: error_chain(&e),
+        })
+}
+
+/// Fails unless `url` answers a Range within a few seconds.
+async fn probe(channel: Channel, url: &str) -> Result<(), Error> {
+    let request = pb::RangeRequest {
+        key: b"muster-bench-probe".to_vec(),
+        count_only: true,
+        ..Default::default()
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        KvClient::new(channel).range(request),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(Error::NotEtcd {
+            url: url.to_string(),
+            status: status_text(&status),
+        }),
+        Err(_) => Err(Error::Unresponsive {
+            url: url.to_string(),
+        }),
+    }
+}
+
+/// An error with its sources, on one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            let _ = write!(text, ": {more}");
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// A gRPC status on one line: code, message, transport cause.
+pub(crate) fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}", status.code());
+    if !status.message().is_empty() {
+        let _ = write!(text, ": {}", status.message());
+    }
+    if let Some(source) = std::error::Error::source(status) {
+        let cause = error_chain(source);
+        if !text.contains(&cause) {
+            let _ = write!(text, " ({cause})");
+        }
+    }
+    text
+}
+
+/// A failed setup request as an [`Error`]: what it was for, and its status.
+pub(crate) fn setup_failed(doing: &'static str) -> impl FnOnce(tonic::Status) -> Error {
+    move |status| Error::Setup {
+        doing,
+        cause: status_text(&status),
+    }
+}

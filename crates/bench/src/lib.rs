@@ -1,0 +1,72 @@
+//! muster's benchmarks. `muster bench` is a load generator for any etcd v3
+//! endpoint (`muster serve`, etcd itself, or anything else speaking etcd's
+//! v3 gRPC API).
+//!
+//! Workloads ([`Workload`], one module each under `workload/`):
+//!
+//! - `put`: concurrent clients putting random keys of a keyspace;
+//! - `range`: concurrent single-key gets (the keyspace is populated first
+//!   unless it already is);
+//! - `txn`: compare-and-put transactions (compare the key's version, then
+//!   put);
+//! - `keepalive`: leases kept alive on keep-alive streams, as fast as
+//!   possible or at a given rate;
+//! - `watch`: many watchers on one key, then paced puts: latency from just
+//!   before sending each put to each watcher receiving its event;
+//! - `populate`: writes the keyspace once (memory and restart measurements);
+//! - `ready`: waits for the first successful Range (restart measurements).
+//!
+//! Latency percentiles are nearest-rank, from HDR histograms (nanoseconds,
+//! three significant figures: within 0.1% of the exact figure), one per
+//! client, merged. Keys and values are random but seeded: each client's
+//! random numbers derive from the run's seed and the client's number, the
+//! report prints the seed, and `--seed` repeats a run's choices. Clients
+//! are spread over several HTTP/2 connections (one per 8 clients unless
+//! `--conns` says otherwise), since one connection serializes its streams
+//! on one TCP stream.
+//!
+//! Modules: `args` (the flags, and the plan a workload runs from them),
+//! `keys` (keyspace, values, seed), `connect` (channels, probe, errors as
+//! text), `recorder` (latencies and failures), `clients` (spawning
+//! clients, their closed loop, its report), `report` (text and JSON),
+//! `units`, `error`, and `workload/*`; [`run`] puts them together.
+#![forbid(unsafe_code)]
+
+mod args;
+mod clients;
+mod connect;
+mod error;
+mod keys;
+mod recorder;
+mod report;
+mod units;
+mod workload;
+
+pub use args::{BenchArgs, Workload};
+pub use error::Error;
+pub use recorder::{Latencies, Summary};
+pub use report::Format;
+
+use args::Plan;
+
+/// Runs the workload against `endpoints` (`http://host:port` URLs) and
+/// writes its report to `out` as `format`. Fails (after writing the
+/// report) with [`Error::Failed`] if any request failed.
+pub async fn run(
+    args: &BenchArgs,
+    endpoints: &[String],
+    format: Format,
+    out: impl std::io::Write,
+) -> Result<(), Error> {
+    let plan = Plan::new(args, endpoints)?;
+    use workload::*;
+    match args.workload() {
+        Workload::Put => put::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Range => range::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Txn => txn::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Keepalive => keepalive::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Watch => watch::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Populate => populate::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Ready => ready::run(&plan).await?.finish(endpoints, format, out),
+    }
+}

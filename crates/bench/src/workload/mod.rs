@@ -1,0 +1,10 @@
+//! The workloads, one module each. The propagation, DNS and robustness
+//! workloads will join them here.
+
+pub(crate) mod keepalive;
+pub(crate) mod populate;
+pub(crate) mod put;
+pub(crate) mod range;
+pub(crate) mod ready;
+pub(crate) mod txn;
+pub(crate) mod watch;
