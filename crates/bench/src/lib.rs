@@ -1,6 +1,7 @@
 //! muster's benchmarks. `muster bench` is a load generator for any etcd v3
 //! endpoint (`muster serve`, etcd itself, or anything else speaking etcd's
-//! v3 gRPC API).
+//! v3 gRPC API); the `propagation` bench (`benches/`) measures the library
+//! against a real etcd.
 //!
 //! Workloads ([`Workload`], one module each under `workload/`):
 //!

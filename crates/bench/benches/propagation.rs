@@ -2,29 +2,27 @@
 //!
 //! - Propagation: from `Registrar::register` returning to 100 independent
 //!   discovery clients (each with its own connection and watch stream)
-//!   showing the instance in their caches; p50, p99 and max over every
-//!   (client, registration) pair.
+//!   showing the instance in their caches; percentiles (nearest rank, HDR
+//!   histogram: three significant figures) and max over every (client,
+//!   registration) pair.
 //! - Resources: gRPC streams opened on etcd by one process holding many
 //!   registrations and watching many services (read from etcd's metrics),
 //!   and resident memory per cached instance.
 //!
-//! Run: `cargo bench -p muster --bench propagation` (needs `etcd` on PATH).
+//! Run: `cargo bench -p muster-bench --bench propagation` (needs `etcd` on
+//! PATH).
 //! `MUSTER_BENCH_ROUNDS` sets the number of registrations (default 200).
 
 use std::time::{Duration, Instant};
 
 use muster::{Config, Discovery, Etcd, Instance, Registrar, RegistrarConfig};
+use muster_bench::Latencies;
 use muster_testkit::EtcdNode;
 
 const CLIENTS: usize = 100;
 
 fn client(endpoint: &str) -> Etcd {
     Etcd::connect(Config::new([endpoint.to_string()])).expect("client")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 fn rss_bytes() -> u64 {
@@ -47,7 +45,7 @@ async fn propagation(node: &EtcdNode, rounds: usize) {
         let discovery = Discovery::new(client(&endpoint));
         services.push(discovery.service("bench").await.expect("discover"));
     }
-    let mut samples = Vec::with_capacity(rounds * CLIENTS);
+    let mut samples = Latencies::new();
     for round in 0..rounds {
         let id = format!("i{round}");
         let waiters: Vec<_> = services
@@ -74,16 +72,13 @@ async fn propagation(node: &EtcdNode, rounds: usize) {
         let returned = Instant::now();
         for w in waiters {
             let seen = w.await.expect("waiter");
-            samples.push(seen.saturating_duration_since(returned));
+            samples.record(seen.saturating_duration_since(returned));
         }
     }
-    samples.sort();
     println!(
-        "propagation to {CLIENTS} clients over {rounds} registrations ({} samples): p50 {:?}  p99 {:?}  max {:?}",
+        "propagation to {CLIENTS} clients over {rounds} registrations ({} samples): {}",
         samples.len(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.99),
-        samples[samples.len() - 1]
+        samples.text()
     );
     registrar.shutdown().await.ok();
 }
