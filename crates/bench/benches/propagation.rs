@@ -25,16 +25,6 @@ fn client(endpoint: &str) -> Etcd {
     Etcd::connect(Config::new([endpoint.to_string()])).expect("client")
 }
 
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
 async fn propagation(node: &EtcdNode, rounds: usize) {
     let endpoint = node.endpoint();
     let registrar = Registrar::start(client(&endpoint), RegistrarConfig::default())
@@ -174,13 +164,13 @@ async fn memory(node: &EtcdNode) {
             .await
             .expect("txn");
     }
-    let before = rss_bytes();
+    let before = muster_testkit::resident_bytes();
     let service = Discovery::new(client(&endpoint))
         .service("big")
         .await
         .expect("discover");
     assert_eq!(service.snapshot().len(), big);
-    let after = rss_bytes();
+    let after = muster_testkit::resident_bytes();
     let snapshot = service.snapshot();
     let heap: usize = snapshot
         .instances()

@@ -337,6 +337,18 @@ fn health_ok(port: u16) -> bool {
     http_get(port, "/health").is_some_and(|body| body.contains("\"health\":\"true\""))
 }
 
+/// Resident memory of this process, in bytes (`/proc/self/statm`; 0 where
+/// it cannot be read).
+pub fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
 /// A plain HTTP/1.1 GET on loopback; the whole response (headers and body),
 /// or `None` if nothing answered.
 pub fn http_get(port: u16, path: &str) -> Option<String> {

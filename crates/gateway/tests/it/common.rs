@@ -502,14 +502,16 @@ pub struct Growth {
 impl Growth {
     pub fn start() -> Growth {
         Growth {
-            before: rss(),
+            before: muster_testkit::resident_bytes(),
             peak: 0,
         }
     }
 
     /// Takes a sample now.
     pub fn sample(&mut self) {
-        self.peak = self.peak.max(rss().saturating_sub(self.before));
+        self.peak = self
+            .peak
+            .max(muster_testkit::resident_bytes().saturating_sub(self.before));
     }
 
     /// The growth stayed below `limit` bytes `during` what was sampled.
@@ -520,15 +522,4 @@ impl Growth {
             self.peak / (1024 * 1024)
         );
     }
-}
-
-/// Resident memory of this process, in bytes.
-fn rss() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
 }
