@@ -464,6 +464,12 @@ fn startup_error(members: &[Member], i: usize, err: &WaitError) -> io::Error {
     io::Error::new(kind, msg)
 }
 
+/// A free loopback port, never handed out before by this process: for a
+/// server a test starts, or an endpoint where nothing listens.
+pub fn free_port() -> u16 {
+    free_ports(1).expect("a free loopback port")[0]
+}
+
 /// Returns `n` distinct free loopback ports, never handed out before by this
 /// process (so concurrently running harnesses do not collide with each other).
 fn free_ports(n: usize) -> io::Result<Vec<u16>> {

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::keys::random_value;
 use crate::recorder::{Latencies, Recorder, Summary};
 use crate::report::Report;
-use crate::units::{duration_as_ms, nanos};
+use crate::units::duration_as_ms;
 
 /// How long watchers wait for the events still due after the last put.
 const GRACE: Duration = Duration::from_secs(10);
@@ -160,7 +160,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     stopper.abort();
     let mut all = Latencies::new();
     for (started, seen) in last_seen.values() {
-        all.record_nanos(nanos(seen.saturating_duration_since(*started)));
+        all.record(seen.saturating_duration_since(*started));
     }
     let expected = (watchers * sent.len()) as u64;
     let received = each.len();

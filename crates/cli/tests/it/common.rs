@@ -1,17 +1,10 @@
 //! Running `muster serve` as a child process in tests.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use muster_testkit::free_port;
 
 /// A `muster serve` child, killed when dropped, and its HTTP address.
 pub struct Serve(pub Child, pub String);

@@ -79,12 +79,7 @@ pub async fn next_changes(updates: &mut Updates, what: &str) -> Vec<Change> {
 
 /// `127.0.0.1:{port}` where nothing listens.
 pub fn dead_endpoint() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", muster_testkit::free_port())
 }
 
 /// The raw value at `key`, read directly from etcd.
