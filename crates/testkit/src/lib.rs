@@ -10,6 +10,10 @@
 //! * Start-up and restart block until etcd's `/health` endpoint reports
 //!   `"health":"true"` (polled over plain HTTP/1.1); failures return an
 //!   [`std::io::Error`] that includes the tail of etcd's log.
+//! * With [`EtcdOptions::tls`] (e.g. [`EtcdNode::start_tls`]) members serve
+//!   clients over TLS, optionally requiring client certificates; [`TestPki`]
+//!   generates the certificates. `/health` and `/metrics` are then probed on
+//!   a separate plain-HTTP metrics port (the testkit has no TLS client).
 //! * Dropping a node or cluster kills (and reaps) every process it started and
 //!   deletes its temporary directory.
 //!
@@ -49,9 +53,11 @@ use std::{env, thread};
 use tempfile::TempDir;
 
 mod embedded;
+mod pki;
 mod proxy;
 mod registry;
 pub use embedded::EmbeddedNode;
+pub use pki::{OTHER_CA_NAME, SERVER_SANS, TEST_CA_NAME, TestPki};
 pub use proxy::TcpProxy;
 pub use registry::{Backend, DEADLINE, Registry, eventually, registry};
 
@@ -157,6 +163,88 @@ pub struct EtcdOptions {
     pub startup_timeout: Duration,
     /// Additional command-line arguments appended to every etcd invocation.
     pub extra_args: Vec<String>,
+    /// Serve clients over TLS (`None`, the default: plain HTTP).
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS settings for etcd's client port (peers always talk plain HTTP).
+///
+/// When set, members listen and advertise `https://127.0.0.1:<port>` for
+/// clients with `--cert-file`/`--key-file` (plus `--trusted-ca-file` and
+/// `--client-cert-auth` when given), and additionally serve `/health` and
+/// `/metrics` over plain HTTP on `--listen-metrics-urls` (see
+/// [`EtcdNode::metrics_port`]). The files are read by etcd, so they must
+/// exist as long as etcd runs, including restarts (e.g. keep the
+/// [`TestPki`] alive).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// `--cert-file`: the server certificate (PEM).
+    pub cert_file: PathBuf,
+    /// `--key-file`: the server certificate's private key (PEM).
+    pub key_file: PathBuf,
+    /// `--trusted-ca-file`: CA bundle that client certificates are verified
+    /// against.
+    ///
+    /// Note: in etcd 3.4 (checked with 3.4.23) setting this alone already
+    /// makes etcd *require* a client certificate signed by this CA on the
+    /// client port, with or without `--client-cert-auth` (a client without
+    /// one fails with "tls: client didn't provide a certificate" in etcd's
+    /// log). So for server-only TLS leave this `None`.
+    pub trusted_ca_file: Option<PathBuf>,
+    /// `--client-cert-auth`: require and verify client certificates (against
+    /// [`trusted_ca_file`](Self::trusted_ca_file), which should then be set).
+    ///
+    /// With `--trusted-ca-file` set, etcd 3.4 rejects clients without a valid
+    /// certificate whether or not this flag is given (see
+    /// [`trusted_ca_file`](Self::trusted_ca_file)); with this flag but no
+    /// trusted CA, no client certificate can be verified. When etcd's auth is
+    /// enabled, the certificate's common name is taken as the user name.
+    pub client_cert_auth: bool,
+    /// `--cacert` for the harness's own `etcdctl` calls
+    /// ([`EtcdNode::etcdctl`], [`EtcdCluster::etcdctl`]): the CA that signed
+    /// [`cert_file`](Self::cert_file).
+    pub etcdctl_cacert: PathBuf,
+    /// `--cert` and `--key` for the harness's own `etcdctl` calls: a client
+    /// certificate and its key (`None`: etcdctl presents no certificate).
+    pub etcdctl_client: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdTls {
+    /// TLS with `pki`'s server certificate. With `client_cert_auth`, clients
+    /// must present a certificate signed by `pki`'s CA (`--trusted-ca-file`
+    /// = [`TestPki::ca`] and `--client-cert-auth`); without, it is
+    /// server-only TLS (no trusted CA: see
+    /// [`trusted_ca_file`](Self::trusted_ca_file)). The harness's `etcdctl`
+    /// trusts [`TestPki::ca`] and presents [`TestPki::client_cert`] (CN
+    /// `root`).
+    pub fn from_pki(pki: &TestPki, client_cert_auth: bool) -> EtcdTls {
+        EtcdTls {
+            cert_file: pki.server_cert(),
+            key_file: pki.server_key(),
+            trusted_ca_file: client_cert_auth.then(|| pki.ca()),
+            client_cert_auth,
+            etcdctl_cacert: pki.ca(),
+            etcdctl_client: Some((pki.client_cert(), pki.client_key())),
+        }
+    }
+
+    /// The `etcdctl` flags for [`etcdctl_cacert`](Self::etcdctl_cacert) and
+    /// [`etcdctl_client`](Self::etcdctl_client).
+    fn etcdctl_args(&self) -> Vec<OsString> {
+        let mut args = vec![flag("--cacert=", &self.etcdctl_cacert)];
+        if let Some((cert, key)) = &self.etcdctl_client {
+            args.push(flag("--cert=", cert));
+            args.push(flag("--key=", key));
+        }
+        args
+    }
+}
+
+/// `--flag=path` as one argument.
+fn flag(prefix: &str, path: &Path) -> OsString {
+    let mut arg = OsString::from(prefix);
+    arg.push(path);
+    arg
 }
 
 impl Default for EtcdOptions {
@@ -168,6 +256,7 @@ impl Default for EtcdOptions {
             auto_compaction_retention: None,
             startup_timeout: Duration::from_secs(20),
             extra_args: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -178,25 +267,41 @@ struct Member {
     name: String,
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// `https` for clients when TLS is on.
+    tls: bool,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `--listen-metrics-urls` port (TLS only; 0 otherwise).
+    metrics_port: u16,
     child: Option<Child>,
 }
 
 impl Member {
-    fn new(name: &str, base: &Path) -> Member {
+    fn new(name: &str, base: &Path, opts: &EtcdOptions) -> Member {
         Member {
             name: name.to_owned(),
             data_dir: base.join(format!("{name}.etcd")),
             log_path: base.join(format!("{name}.log")),
+            tls: opts.tls.is_some(),
             client_port: 0,
             peer_port: 0,
+            metrics_port: 0,
             child: None,
         }
     }
 
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The port serving `/health` and `/metrics` over plain HTTP.
+    fn http_port(&self) -> u16 {
+        if self.tls {
+            self.metrics_port
+        } else {
+            self.client_port
+        }
     }
 
     fn peer_url(&self) -> String {
@@ -253,6 +358,20 @@ impl Member {
         }
         if let Some(retention) = &opts.auto_compaction_retention {
             cmd.arg(format!("--auto-compaction-retention={retention}"));
+        }
+        if let Some(tls) = &opts.tls {
+            cmd.arg(flag("--cert-file=", &tls.cert_file))
+                .arg(flag("--key-file=", &tls.key_file))
+                .arg(format!(
+                    "--listen-metrics-urls=http://127.0.0.1:{}",
+                    self.metrics_port
+                ));
+            if let Some(ca) = &tls.trusted_ca_file {
+                cmd.arg(flag("--trusted-ca-file=", ca));
+            }
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
         }
         cmd.args(&opts.extra_args)
             .stdin(Stdio::null())
@@ -421,10 +540,10 @@ fn wait_ready(
             }
         }
         pending.retain(|&i| {
-            let port = members[i].client_port;
+            let m = &members[i];
             !match ready {
-                Ready::Healthy => health_ok(port),
-                Ready::Listening => accepts_connections(port),
+                Ready::Healthy => health_ok(m.http_port()),
+                Ready::Listening => accepts_connections(m.client_port),
             }
         });
         match pending.first() {
@@ -519,10 +638,12 @@ fn start_fresh(members: &mut [Member], token: &mut String, opts: &EtcdOptions) -
     let all: Vec<usize> = (0..members.len()).collect();
     let mut attempt = 1;
     loop {
-        let ports = free_ports(members.len() * 2)?;
-        for (m, p) in members.iter_mut().zip(ports.chunks(2)) {
+        let per_member = if opts.tls.is_some() { 3 } else { 2 };
+        let ports = free_ports(members.len() * per_member)?;
+        for (m, p) in members.iter_mut().zip(ports.chunks(per_member)) {
             m.client_port = p[0];
             m.peer_port = p[1];
+            m.metrics_port = p.get(2).copied().unwrap_or(0);
         }
         let initial = initial_cluster(members);
         for m in members.iter_mut() {
@@ -581,7 +702,9 @@ fn restart_one(
     }
 }
 
-fn run_etcdctl(endpoints: &str, args: &[&str]) -> io::Result<Output> {
+/// Runs etcdctl; with `tls`, its `--cacert`/`--cert`/`--key` flags come
+/// before `args`.
+fn run_etcdctl(endpoints: &str, tls: Option<&EtcdTls>, args: &[&str]) -> io::Result<Output> {
     let mut cmd = Command::new(etcdctl_bin());
     for (key, _) in env::vars_os() {
         if key.to_string_lossy().starts_with("ETCDCTL_") {
@@ -590,6 +713,7 @@ fn run_etcdctl(endpoints: &str, args: &[&str]) -> io::Result<Output> {
     }
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoints}"))
+        .args(tls.map(EtcdTls::etcdctl_args).unwrap_or_default())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -611,11 +735,22 @@ impl EtcdNode {
         EtcdNode::start_with(EtcdOptions::default())
     }
 
+    /// Starts a node serving clients over TLS with `pki`'s certificates
+    /// ([`EtcdTls::from_pki`]; with `client_cert_auth`, clients must present
+    /// a certificate signed by [`TestPki::ca`]) and otherwise default
+    /// options, and waits until it is healthy. `pki` must outlive the node.
+    pub fn start_tls(pki: &TestPki, client_cert_auth: bool) -> io::Result<EtcdNode> {
+        EtcdNode::start_with(EtcdOptions {
+            tls: Some(EtcdTls::from_pki(pki, client_cert_auth)),
+            ..EtcdOptions::default()
+        })
+    }
+
     /// Starts a node with the given options and waits until it is healthy.
     pub fn start_with(opts: EtcdOptions) -> io::Result<EtcdNode> {
         let dir = tempfile::Builder::new().prefix("muster-etcd-").tempdir()?;
         let mut node = EtcdNode {
-            member: Member::new("node0", dir.path()),
+            member: Member::new("node0", dir.path(), &opts),
             opts,
             token: new_token(),
             dir,
@@ -628,7 +763,7 @@ impl EtcdNode {
         Ok(node)
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:2379`.
+    /// The client URL, e.g. `http://127.0.0.1:2379` (`https://…` with TLS).
     pub fn endpoint(&self) -> String {
         self.member.client_url()
     }
@@ -636,6 +771,18 @@ impl EtcdNode {
     /// The client port (stable across restarts).
     pub fn client_port(&self) -> u16 {
         self.member.client_port
+    }
+
+    /// The port serving `/health` and `/metrics` over plain HTTP (e.g. for
+    /// [`http_get`]; stable across restarts): the client port without TLS,
+    /// etcd's `--listen-metrics-urls` port with TLS.
+    pub fn metrics_port(&self) -> u16 {
+        self.member.http_port()
+    }
+
+    /// The TLS settings the node was started with.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.opts.tls.as_ref()
     }
 
     /// The peer port (stable across restarts).
@@ -686,12 +833,13 @@ impl EtcdNode {
 
     /// Whether `GET /health` currently reports healthy.
     pub fn is_healthy(&self) -> bool {
-        health_ok(self.member.client_port)
+        health_ok(self.member.http_port())
     }
 
-    /// etcd's Prometheus metrics (`GET /metrics` on the client port).
+    /// etcd's Prometheus metrics (`GET /metrics` on the
+    /// [`metrics_port`](Self::metrics_port)).
     pub fn metrics(&self) -> String {
-        http_get(self.member.client_port, "/metrics").unwrap_or_default()
+        http_get(self.member.http_port(), "/metrics").unwrap_or_default()
     }
 
     /// One metric's value summed over matching samples; see [`metric_value`].
@@ -699,9 +847,21 @@ impl EtcdNode {
         metric_value(&self.metrics(), name, labels)
     }
 
-    /// Runs `etcdctl` with `ETCDCTL_API=3 --endpoints=<endpoint>` plus `args`.
+    /// Runs `etcdctl` with `ETCDCTL_API=3 --endpoints=<endpoint>` plus `args`;
+    /// with TLS also `--cacert`, `--cert` and `--key` (from
+    /// [`EtcdTls::etcdctl_cacert`] and [`EtcdTls::etcdctl_client`]) before
+    /// `args`.
     pub fn etcdctl(&self, args: &[&str]) -> io::Result<Output> {
-        run_etcdctl(&self.endpoint(), args)
+        run_etcdctl(&self.endpoint(), self.opts.tls.as_ref(), args)
+    }
+
+    /// Runs `etcdctl` with `ETCDCTL_API=3 --endpoints=<endpoint>` plus `args`
+    /// and no TLS flags of the harness's own (e.g. to pass other or no client
+    /// certificates). Consider `--dial-timeout`/`--command-timeout` in `args`
+    /// when the connection is expected to fail: etcdctl retries until they
+    /// expire (5 s by default).
+    pub fn etcdctl_raw(&self, args: &[&str]) -> io::Result<Output> {
+        run_etcdctl(&self.endpoint(), None, args)
     }
 
     /// The last `lines` lines of etcd's log (all starts appended), for
@@ -748,7 +908,7 @@ impl EtcdCluster {
             .prefix("muster-etcd-cluster-")
             .tempdir()?;
         let members = (0..n)
-            .map(|i| Member::new(&format!("m{i}"), dir.path()))
+            .map(|i| Member::new(&format!("m{i}"), dir.path(), &opts))
             .collect();
         let mut cluster = EtcdCluster {
             members,
@@ -823,7 +983,17 @@ impl EtcdCluster {
     /// # Panics
     /// If `i >= self.len()`.
     pub fn is_member_healthy(&self, i: usize) -> bool {
-        health_ok(self.members[i].client_port)
+        health_ok(self.members[i].http_port())
+    }
+
+    /// The port where member `i` serves `/health` and `/metrics` over plain
+    /// HTTP: its client port without TLS, its `--listen-metrics-urls` port
+    /// with TLS.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn member_metrics_port(&self, i: usize) -> u16 {
+        self.members[i].http_port()
     }
 
     /// Waits until every running member reports healthy (e.g. after a
@@ -843,9 +1013,20 @@ impl EtcdCluster {
     }
 
     /// Runs `etcdctl` (API v3) against the endpoints of all members this
-    /// harness has not killed, plus `args`.
+    /// harness has not killed, plus `args`; with TLS also `--cacert`,
+    /// `--cert` and `--key` (see [`EtcdNode::etcdctl`]).
     pub fn etcdctl(&self, args: &[&str]) -> io::Result<Output> {
-        run_etcdctl(&self.running_endpoints().join(","), args)
+        run_etcdctl(
+            &self.running_endpoints().join(","),
+            self.opts.tls.as_ref(),
+            args,
+        )
+    }
+
+    /// Like [`etcdctl`](Self::etcdctl) but without the harness's TLS flags
+    /// (see [`EtcdNode::etcdctl_raw`]).
+    pub fn etcdctl_raw(&self, args: &[&str]) -> io::Result<Output> {
+        run_etcdctl(&self.running_endpoints().join(","), None, args)
     }
 
     /// The last `lines` lines of member `i`'s log.
