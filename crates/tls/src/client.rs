@@ -1,0 +1,491 @@
+//! The client side: [`ClientTls`] says what to trust and who we are,
+//! [`TlsConnector`] dials `host:port`, shakes hands and turns every failure
+//! into one sentence a person can act on.
+//!
+//! gRPC servers speak first (HTTP/2 SETTINGS right after the handshake).
+//! In TLS 1.3 a server refuses a client certificate only *after* the
+//! client considers the handshake done, so without a look at the server's
+//! first bytes a refused certificate would surface later as a vague
+//! connection error. [`TlsConnector::await_server_first`] waits for those
+//! bytes (keeping them for the caller) and reports a refusal as such.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::pem::{self, Pem};
+use crate::{Error, provider};
+
+/// What a client trusts and presents: etcdctl's `--cacert`, `--cert`,
+/// `--key`, `--insecure-skip-tls-verify`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// The CA bundle that signs the server's certificate; `None` trusts
+    /// the system's roots (as etcdctl does).
+    pub ca: Option<Pem>,
+    /// Our certificate, for servers that require one (`--client-cert-auth`).
+    pub cert: Option<Pem>,
+    /// The key of [`ClientTls::cert`].
+    pub key: Option<Pem>,
+    /// The name to verify the server's certificate against instead of the
+    /// endpoint's host (and to send as SNI).
+    pub server_name: Option<String>,
+    /// Accept any server certificate. Encrypts, but does not authenticate
+    /// the server: for tests and first steps only.
+    pub insecure_skip_verify: bool,
+}
+
+impl ClientTls {
+    /// Trust the system's roots, present no certificate.
+    pub fn new() -> ClientTls {
+        ClientTls::default()
+    }
+
+    /// Trusts the CAs in `ca`.
+    pub fn with_ca(mut self, ca: impl Into<Pem>) -> Self {
+        self.ca = Some(ca.into());
+        self
+    }
+
+    /// Presents this certificate and key.
+    pub fn with_identity(mut self, cert: impl Into<Pem>, key: impl Into<Pem>) -> Self {
+        self.cert = Some(cert.into());
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Verifies the server against `name` instead of the endpoint's host.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Skips verifying the server's certificate (see
+    /// [`ClientTls::insecure_skip_verify`]).
+    pub fn with_insecure_skip_verify(mut self, skip: bool) -> Self {
+        self.insecure_skip_verify = skip;
+        self
+    }
+
+    /// The rustls configuration, offering these ALPN protocols. Reads
+    /// every file now: a missing or malformed one is an error here, naming
+    /// the file, not at the first connection.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<ClientConfig, Error> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let builder = if self.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify))
+        } else {
+            let roots = match &self.ca {
+                Some(ca) => pem::load_roots(ca, "CA bundle")?,
+                None => system_roots()?,
+            };
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let certified =
+                    pem::certified_key(cert, &cert.read()?, key, &key.read()?, "client")?;
+                builder
+                    .with_client_auth_cert(
+                        certified.cert.clone(),
+                        pem::load_key(key, "client key")?,
+                    )
+                    .map_err(|e| Error::material(format!("client key {key}"), e.to_string()))?
+            }
+            (Some(cert), None) => {
+                return Err(Error::material(
+                    format!("client certificate {cert}"),
+                    "given without its key (--key)",
+                ));
+            }
+            (None, Some(key)) => {
+                return Err(Error::material(
+                    format!("client key {key}"),
+                    "given without its certificate (--cert)",
+                ));
+            }
+            (None, None) => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
+    }
+
+    /// A connector with this configuration.
+    pub fn connector(&self, alpn: &[&[u8]]) -> Result<TlsConnector, Error> {
+        let server_name = match &self.server_name {
+            Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+                Error::material(
+                    "server name",
+                    format!("{name:?} is not a DNS name or IP address"),
+                )
+            })?),
+            None => None,
+        };
+        Ok(TlsConnector {
+            inner: tokio_rustls::TlsConnector::from(Arc::new(self.client_config(alpn)?)),
+            server_name,
+            await_server_first: None,
+            nodelay: true,
+            ca: self.ca.as_ref().map(ToString::to_string),
+            cert: self.cert.as_ref().map(ToString::to_string),
+        })
+    }
+}
+
+fn system_roots() -> Result<rustls::RootCertStore, Error> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(Error::material(
+            "system CA certificates",
+            format!(
+                "none could be loaded{why}; pass the CA bundle that signs the server's certificate (--cacert)"
+            ),
+        ));
+    }
+    Ok(roots)
+}
+
+/// Dials TLS connections. Cheap to clone.
+#[derive(Clone)]
+pub struct TlsConnector {
+    inner: tokio_rustls::TlsConnector,
+    server_name: Option<ServerName<'static>>,
+    await_server_first: Option<Duration>,
+    nodelay: bool,
+    ca: Option<String>,
+    cert: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConnector")
+            .field("server_name", &self.server_name)
+            .field("await_server_first", &self.await_server_first)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConnector {
+    /// After the handshake, waits up to `timeout` for the server's first
+    /// bytes, so that a server refusing our certificate (which TLS 1.3
+    /// reports only after the handshake) is reported as such. For servers
+    /// that speak first: gRPC (HTTP/2) does, HTTP/1.1 does not.
+    pub fn await_server_first(mut self, timeout: Duration) -> Self {
+        self.await_server_first = Some(timeout);
+        self
+    }
+
+    /// Connects to `host:port` over TCP and shakes hands.
+    pub async fn connect(&self, host: &str, port: u16) -> Result<TlsStream, Error> {
+        let peer = format!("{host}:{port}");
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|source| Error::Connect {
+                peer: peer.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(self.nodelay);
+        self.handshake(tcp, host, &peer).await
+    }
+
+    /// Shakes hands over an established connection; `host` is verified
+    /// against the certificate unless a server name was configured, `peer`
+    /// names the other end in errors.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        host: &str,
+        peer: &str,
+    ) -> Result<TlsStream, Error> {
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(host.to_string()).map_err(|_| Error::Handshake {
+                peer: peer.to_string(),
+                reason: format!(
+                    "{host:?} is not a DNS name or IP address to verify the certificate against"
+                ),
+            })?,
+        };
+        let mut stream = self
+            .inner
+            .connect(name, tcp)
+            .await
+            .map_err(|e| self.failure(peer, &e))?;
+        let mut first = Vec::new();
+        let tls13 = stream.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        if let (Some(timeout), true) = (self.await_server_first, tls13) {
+            let mut buf = vec![0u8; 16 * 1024];
+            match tokio::time::timeout(timeout, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => {
+                    return Err(Error::Handshake {
+                        peer: peer.to_string(),
+                        reason: "the server closed the connection right after the handshake".into(),
+                    });
+                }
+                Ok(Ok(n)) => {
+                    buf.truncate(n);
+                    first = buf;
+                }
+                Ok(Err(e)) => return Err(self.failure(peer, &e)),
+                // Silent server: nothing to learn, go on.
+                Err(_) => {}
+            }
+        }
+        Ok(TlsStream {
+            first,
+            pos: 0,
+            inner: stream,
+        })
+    }
+
+    fn failure(&self, peer: &str, e: &io::Error) -> Error {
+        Error::Handshake {
+            peer: peer.to_string(),
+            reason: explain(e, self.ca.as_deref(), self.cert.as_deref()),
+        }
+    }
+}
+
+/// A handshake failure in words.
+fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
+    let trusted = match ca {
+        Some(ca) => format!("the CA bundle {ca}"),
+        None => "the system's CA certificates".to_string(),
+    };
+    let ours = match cert {
+        Some(cert) => format!("our client certificate {cert}"),
+        None => "our connection (we sent no client certificate)".to_string(),
+    };
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => {
+                format!(
+                    "the server closed the connection during the handshake ({e}); is this a TLS port?"
+                )
+            }
+            _ => e.to_string(),
+        };
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert_error) => match cert_error {
+            CertificateError::UnknownIssuer => format!(
+                "the server's certificate is not signed by {trusted}; pass the CA that signed it (--cacert)"
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                format!("the server's certificate has expired ({tls})")
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                format!("the server's certificate is not valid yet ({tls}); check the clocks")
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                format!(
+                    "{tls}; connect by a name the certificate lists or set the server name to verify"
+                )
+            }
+            _ => format!("the server's certificate was refused: {tls}"),
+        },
+        rustls::Error::AlertReceived(alert) => match alert {
+            AlertDescription::CertificateRequired => {
+                "the server requires a client certificate; pass --cert and --key".to_string()
+            }
+            AlertDescription::CertificateExpired => {
+                format!("the server refused {ours}: it has expired")
+            }
+            AlertDescription::UnknownCA => {
+                format!(
+                    "the server refused {ours}: not signed by a CA it trusts (its --trusted-ca-file)"
+                )
+            }
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate
+            | AlertDescription::AccessDenied
+            | AlertDescription::DecryptError => format!(
+                "the server refused {ours} ({alert:?}): not signed by a CA it trusts, expired, or not for client authentication"
+            ),
+            AlertDescription::NoApplicationProtocol => {
+                "the server does not speak HTTP/2 (gRPC) over TLS on this port".to_string()
+            }
+            AlertDescription::ProtocolVersion | AlertDescription::HandshakeFailure => {
+                format!("the server and we share no TLS version or cipher suite ({alert:?})")
+            }
+            other => format!("the server sent the alert {other:?}"),
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the server does not speak TLS on this port (use an http:// endpoint)".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A client TLS stream; the bytes read while waiting for the server's
+/// first message are replayed before the rest.
+#[derive(Debug)]
+pub struct TlsStream {
+    first: Vec<u8>,
+    pos: usize,
+    inner: tokio_rustls::client::TlsStream<TcpStream>,
+}
+
+impl TlsStream {
+    /// The negotiated ALPN protocol.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.inner.get_ref().1.alpn_protocol()
+    }
+
+    /// The server's certificate chain, leaf first.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.inner.get_ref().1.peer_certificates()
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.first.len() {
+            let n = (this.first.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.first[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.first.len() {
+                this.first = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Dials the URI's host and port (its scheme is not looked at: tonic is
+/// given `http://` URIs so that it leaves TLS to us). For tonic's
+/// `Endpoint::connect_with_connector`.
+impl tower::Service<http::Uri> for TlsConnector {
+    type Response = TokioIo<TlsStream>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or_else(|| Error::Endpoint(uri.to_string()))?;
+            let port = uri.port_u16().unwrap_or(443);
+            Ok(TokioIo::new(this.connect(host, port).await?))
+        })
+    }
+}
+
+/// `--insecure-skip-tls-verify`: any certificate passes, signatures are
+/// still checked (the handshake must be with the key of the certificate
+/// shown).
+#[derive(Debug)]
+struct NoVerify;
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
