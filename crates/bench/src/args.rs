@@ -135,6 +135,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) endpoints: &'a [String],
     pub(crate) keys: KeySpace,
     pub(crate) seed: Seed,
+    /// The dialer for `https://` endpoints.
+    pub(crate) tls: Option<muster_tls::TlsConnector>,
 }
 
 impl<'a> Plan<'a> {
@@ -148,13 +150,14 @@ impl<'a> Plan<'a> {
             endpoints,
             keys: KeySpace::new(&args.key_prefix, args.key_size, args.keys)?,
             seed: Seed::given_or_clock(args.seed),
+            tls: None,
         })
     }
 
     /// Opens the connections of `clients` clients.
     pub(crate) async fn open(&self, clients: usize) -> Result<(Load, Channels), Error> {
         let load = self.args.load(clients);
-        let channels = Channels::open(self.endpoints, load.connections).await?;
+        let channels = Channels::open(self.endpoints, load.connections, self.tls.as_ref()).await?;
         Ok((load, channels))
     }
 }

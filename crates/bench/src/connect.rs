@@ -19,7 +19,11 @@ pub(crate) struct Channels(Vec<Channel>);
 impl Channels {
     /// Opens `n` connections (at least one), spread over the endpoints, and
     /// checks that each endpoint answers a Range.
-    pub(crate) async fn open(endpoints: &[String], n: usize) -> Result<Channels, Error> {
+    pub(crate) async fn open(
+        endpoints: &[String],
+        n: usize,
+        tls: Option<&muster_tls::TlsConnector>,
+    ) -> Result<Channels, Error> {
         if endpoints.is_empty() {
             return Err(Error::NoEndpoints);
         }
@@ -27,7 +31,8 @@ impl Channels {
         let mut set = JoinSet::new();
         for i in 0..n {
             let url = endpoints[i % endpoints.len()].clone();
-            set.spawn(async move { (i, connect_one(&url).await) });
+            let tls = tls.cloned();
+            set.spawn(async move { (i, connect_one(&url, tls.as_ref()).await) });
         }
         let mut channels: Vec<Option<Channel>> = vec![None; n];
         while let Some(joined) = set.join_next().await {
@@ -50,21 +55,41 @@ impl Channels {
     }
 }
 
-/// One connection to `url`.
-pub(crate) async fn connect_one(url: &str) -> Result<Channel, Error> {
-    Endpoint::from_shared(url.to_string())
-        .map_err(|source| Error::InvalidEndpoint {
-            url: url.to_string(),
-            source,
-        })?
+/// One connection to `url`; `https://` ones dial through `tls` (tonic is
+/// given the `http://` form so that it leaves TLS to the dialer, as the
+/// library does).
+pub(crate) async fn connect_one(
+    url: &str,
+    tls: Option<&muster_tls::TlsConnector>,
+) -> Result<Channel, Error> {
+    let invalid = |source| Error::InvalidEndpoint {
+        url: url.to_string(),
+        source,
+    };
+    let secure = url.starts_with("https://");
+    let dial = if secure {
+        url.replacen("https://", "http://", 1)
+    } else {
+        url.to_string()
+    };
+    let endpoint = Endpoint::from_shared(dial)
+        .map_err(invalid)?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| Error::Connect {
-            url: url.to_string(),
-            cause: error_chain(&e),
-        })
+        .tcp_nodelay(true);
+    let connected = match tls {
+        Some(tls) if secure => {
+            let origin = Endpoint::from_shared(url.to_string()).map_err(invalid)?;
+            endpoint
+                .origin(origin.uri().clone())
+                .connect_with_connector(tls.clone())
+                .await
+        }
+        _ => endpoint.connect().await,
+    };
+    connected.map_err(|e| Error::Connect {
+        url: url.to_string(),
+        cause: error_chain(&e),
+    })
 }
 
 /// Fails unless `url` answers a Range within a few seconds.

@@ -10,6 +10,9 @@ pub enum Error {
     /// A flag is out of its range.
     #[error("{0}")]
     Usage(String),
+    /// The TLS settings could not be loaded.
+    #[error(transparent)]
+    Tls(muster_tls::Error),
     /// An endpoint is not a URL tonic can connect to.
     #[error("invalid endpoint {url}")]
     InvalidEndpoint {

@@ -50,16 +50,26 @@ pub use report::Format;
 
 use args::Plan;
 
-/// Runs the workload against `endpoints` (`http://host:port` URLs) and
-/// writes its report to `out` as `format`. Fails (after writing the
-/// report) with [`Error::Failed`] if any request failed.
+/// Runs the workload against `endpoints` (`http://host:port` or
+/// `https://host:port` URLs, the latter with `tls`: the system's roots when
+/// `None`) and writes its report to `out` as `format`. Fails (after
+/// writing the report) with [`Error::Failed`] if any request failed.
 pub async fn run(
     args: &BenchArgs,
     endpoints: &[String],
+    tls: Option<&muster_tls::ClientTls>,
     format: Format,
     out: impl std::io::Write,
 ) -> Result<(), Error> {
-    let plan = Plan::new(args, endpoints)?;
+    let mut plan = Plan::new(args, endpoints)?;
+    if endpoints.iter().any(|e| e.starts_with("https://")) {
+        let connector = tls
+            .cloned()
+            .unwrap_or_default()
+            .connector(&[muster_tls::ALPN_H2])
+            .map_err(Error::Tls)?;
+        plan.tls = Some(connector.await_server_first(std::time::Duration::from_secs(5)));
+    }
     use workload::*;
     match args.workload() {
         Workload::Put => put::run(&plan).await?.finish(endpoints, format, out),

@@ -13,6 +13,7 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<()> {
         Output::Table => muster_bench::Format::Text,
         Output::Json => muster_bench::Format::Json,
     };
-    muster_bench::run(&args, &endpoints, format, std::io::stdout()).await?;
+    let tls = global.tls()?;
+    muster_bench::run(&args, &endpoints, tls.as_ref(), format, std::io::stdout()).await?;
     Ok(())
 }

@@ -10,7 +10,9 @@ use muster::{Config, Etcd};
 /// Global flags; accepted before or after the subcommand.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GlobalArgs {
-    /// etcd v3 endpoints (host:port or http://host:port), comma-separated.
+    /// etcd v3 endpoints (host:port, http://host:port or
+    /// https://host:port), comma-separated. A bare host:port is TLS when a
+    /// TLS flag is given.
     #[arg(
         long,
         global = true,
@@ -23,6 +25,33 @@ pub struct GlobalArgs {
     /// (or `name` with the password in MUSTER_PASSWORD).
     #[arg(long, global = true, env = "MUSTER_USER")]
     pub user: Option<String>,
+    /// Verify the registry's certificate with this CA bundle (PEM); without
+    /// it, https endpoints are verified against the system's CAs.
+    #[arg(long, global = true, env = "MUSTER_CACERT", value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// Present this client certificate (PEM), for registries that require
+    /// one (etcd's --client-cert-auth).
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    pub key: Option<std::path::PathBuf>,
+    /// Accept any server certificate: encrypted, but the registry is not
+    /// authenticated. For first steps only.
+    #[arg(long, global = true)]
+    pub insecure_skip_tls_verify: bool,
     /// Key prefix under which services live.
     #[arg(long, global = true, env = "MUSTER_PREFIX", default_value = muster::instance::DEFAULT_PREFIX)]
     pub prefix: String,
@@ -45,14 +74,37 @@ pub enum Output {
 }
 
 impl GlobalArgs {
-    /// The endpoints as `http://host:port` URLs.
+    /// The endpoints as `http://host:port` or `https://host:port` URLs.
     pub fn endpoint_urls(&self) -> anyhow::Result<Vec<String>> {
-        normalize_endpoints(&self.endpoints)
+        normalize_endpoints(&self.endpoints, self.tls_flags())
+    }
+
+    /// Whether a TLS flag was given.
+    fn tls_flags(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.insecure_skip_tls_verify
+    }
+
+    /// The TLS settings the flags describe, when the endpoints are TLS.
+    pub fn tls(&self) -> anyhow::Result<Option<muster::ClientTls>> {
+        let urls = self.endpoint_urls()?;
+        if !urls.iter().any(|u| u.starts_with("https://")) {
+            return Ok(None);
+        }
+        let mut tls =
+            muster::ClientTls::new().with_insecure_skip_verify(self.insecure_skip_tls_verify);
+        if let Some(ca) = &self.cacert {
+            tls = tls.with_ca(ca.as_path());
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.with_identity(cert.as_path(), key.as_path());
+        }
+        Ok(Some(tls))
     }
 
     /// The client configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<Config> {
         let mut config = Config::new(self.endpoint_urls()?).with_request_timeout(self.timeout);
+        config.tls = self.tls()?;
         config.connect_timeout = self.timeout.min(config.connect_timeout);
         if let Some(user) = &self.user {
             let (name, password) = match user.split_once(':') {
@@ -99,19 +151,21 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
 /// every flag and the gateway's routes file.
 pub use muster::parse_duration;
 
-/// Endpoints as `http://host:port` URLs.
-pub fn normalize_endpoints(endpoints: &[String]) -> anyhow::Result<Vec<String>> {
+/// Endpoints as URLs: bare `host:port` becomes `https://` when `tls`,
+/// else `http://`. Mixing plaintext and TLS endpoints is an error.
+pub fn normalize_endpoints(endpoints: &[String], tls: bool) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
     for endpoint in endpoints {
         let endpoint = endpoint.trim();
         if endpoint.is_empty() {
             continue;
         }
-        if endpoint.starts_with("https://") {
-            bail!("endpoint {endpoint}: TLS is not supported yet; use http://");
-        }
-        let url = if endpoint.starts_with("http://") {
+        let url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
             endpoint.trim_end_matches('/').to_string()
+        } else if endpoint.contains("://") {
+            bail!("endpoint {endpoint:?}: the scheme must be http:// or https://");
+        } else if tls {
+            format!("https://{endpoint}")
         } else {
             format!("http://{endpoint}")
         };
@@ -122,6 +176,13 @@ pub fn normalize_endpoints(endpoints: &[String]) -> anyhow::Result<Vec<String>> 
     if out.is_empty() {
         bail!("no endpoint given (--endpoints host:port)");
     }
+    let secure = out.iter().filter(|u| u.starts_with("https://")).count();
+    if secure != 0 && secure != out.len() {
+        bail!(
+            "--endpoints mixes https:// and http:// ({}): use TLS for all of them or for none",
+            out.join(",")
+        );
+    }
     Ok(out)
 }
 
@@ -131,9 +192,14 @@ mod tests {
 
     #[test]
     fn endpoints() {
-        let urls = normalize_endpoints(&["127.0.0.1:2379".into(), "http://h:1/".into()]).unwrap();
+        let urls =
+            normalize_endpoints(&["127.0.0.1:2379".into(), "http://h:1/".into()], false).unwrap();
         assert_eq!(urls, ["http://127.0.0.1:2379", "http://h:1"]);
-        assert!(normalize_endpoints(&[" ".into()]).is_err());
-        assert!(normalize_endpoints(&["https://h:1".into()]).is_err());
+        assert!(normalize_endpoints(&[" ".into()], false).is_err());
+        let tls = normalize_endpoints(&["h:1".into(), "https://h:2".into()], true).unwrap();
+        assert_eq!(tls, ["https://h:1", "https://h:2"]);
+        let mixed = normalize_endpoints(&["https://h:1".into(), "http://h:2".into()], false);
+        assert!(mixed.unwrap_err().to_string().contains("mixes"));
+        assert!(normalize_endpoints(&["ftp://h:1".into()], false).is_err());
     }
 }

@@ -40,6 +40,12 @@ pub enum Error {
     /// No endpoint of the registry could be reached, or it has no leader.
     #[error("registry unavailable: {0}")]
     Unavailable(String),
+    /// TLS could not be set up: unreadable or mismatched certificate files
+    /// (at construction), or a handshake the server or we refused (the
+    /// message names the peer and the reason). Not transient: the same
+    /// certificates fail the same way until they are fixed.
+    #[error("{0}")]
+    Tls(String),
     /// Authentication failed or the token could not be refreshed.
     #[error("authentication failed: {0}")]
     AuthFailed(String),
@@ -93,6 +99,13 @@ impl Error {
     /// Maps a gRPC status from etcd to the variant a caller can act on.
     pub fn from_status(status: tonic::Status) -> Self {
         use tonic::Code;
+        if let Some(found) = speaks_tls(&status) {
+            return if found.certain {
+                Error::Tls(found.to_string())
+            } else {
+                Error::Unavailable(found.to_string())
+            };
+        }
         let msg = status.message();
         match status.code() {
             Code::OutOfRange if msg.contains("compacted") => Error::Compacted {
@@ -100,6 +113,7 @@ impl Error {
             },
             Code::OutOfRange if msg.contains("future revision") => Error::FutureRevision,
             Code::NotFound if msg.contains("lease not found") => Error::LeaseNotFound,
+            Code::Unavailable if msg.contains("TLS handshake") => Error::Tls(msg.to_string()),
             Code::Unavailable | Code::Cancelled => Error::Unavailable(msg.to_string()),
             // A connection that broke mid-stream surfaces as Unknown.
             Code::Unknown
@@ -123,4 +137,24 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Timeout(_))
     }
+}
+
+/// The sentence of a plaintext connection that found a TLS server, if the
+/// status (a transport error) comes from one.
+fn speaks_tls(status: &tonic::Status) -> Option<&muster_tls::ServerSpeaksTls> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(found) = e.downcast_ref::<muster_tls::ServerSpeaksTls>() {
+            return Some(found);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(found) = io
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<muster_tls::ServerSpeaksTls>())
+        {
+            return Some(found);
+        }
+        source = e.source();
+    }
+    None
 }

@@ -20,4 +20,5 @@ pub use discovery::{Discovery, DiscoveryConfig, Service};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
 pub use instance::{Instance, Status};
+pub use muster_tls::{ClientTls, Pem};
 pub use registrar::{Registrar, RegistrarConfig, RegistrarState};

@@ -280,6 +280,7 @@ fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
         Some(cert) => format!("our client certificate {cert}"),
         None => "our connection (we sent no client certificate)".to_string(),
     };
+    let requires = "the server requires a client certificate; pass --cert and --key".to_string();
     let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -314,8 +315,15 @@ fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
             _ => format!("the server's certificate was refused: {tls}"),
         },
         rustls::Error::AlertReceived(alert) => match alert {
-            AlertDescription::CertificateRequired => {
-                "the server requires a client certificate; pass --cert and --key".to_string()
+            AlertDescription::CertificateRequired => requires,
+            // Go's servers (etcd) answer a missing certificate with
+            // bad_certificate.
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::HandshakeFailure
+                if cert.is_none() =>
+            {
+                requires
             }
             AlertDescription::CertificateExpired => {
                 format!("the server refused {ours}: it has expired")
@@ -434,6 +442,181 @@ impl tower::Service<http::Uri> for TlsConnector {
             let port = uri.port_u16().unwrap_or(443);
             Ok(TokioIo::new(this.connect(host, port).await?))
         })
+    }
+}
+
+/// Dials plaintext connections and recognises a TLS server on the other
+/// end: its first bytes are a TLS record or Go's "HTTP/1.0 400 Client sent
+/// an HTTP request to an HTTPS server", which would otherwise reach the
+/// HTTP/2 client as a vague protocol error. For tonic's
+/// `Endpoint::connect_with_connector` on `http://` endpoints.
+///
+/// HTTP/2 keeps only the kind of an I/O error, not our words, so the
+/// connector also keeps its last finding for the caller to ask
+/// ([`PlainConnector::finding`]).
+#[derive(Clone, Debug, Default)]
+pub struct PlainConnector {
+    finding: Arc<arc_swap::ArcSwapOption<ServerSpeaksTls>>,
+}
+
+impl PlainConnector {
+    /// A connector with no finding yet.
+    pub fn new() -> PlainConnector {
+        PlainConnector::default()
+    }
+
+    /// What the last connection found: `Some` when its server spoke TLS
+    /// (or hung up without a word), `None` once a server answered in
+    /// plaintext.
+    pub fn finding(&self) -> Option<Arc<ServerSpeaksTls>> {
+        self.finding.load_full()
+    }
+}
+
+impl tower::Service<http::Uri> for PlainConnector {
+    type Response = TokioIo<Sniffed>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let finding = self.finding.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or_else(|| Error::Endpoint(uri.to_string()))?;
+            let port = uri.port_u16().unwrap_or(80);
+            let peer = format!("{host}:{port}");
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let tcp = TcpStream::connect((host, port))
+                .await
+                .map_err(|source| Error::Connect {
+                    peer: peer.clone(),
+                    source,
+                })?;
+            let _ = tcp.set_nodelay(true);
+            Ok(TokioIo::new(Sniffed {
+                inner: tcp,
+                peer,
+                checked: false,
+                finding,
+            }))
+        })
+    }
+}
+
+/// A plaintext connection whose first bytes from the server are checked
+/// for TLS (see [`PlainConnector`]).
+#[derive(Debug)]
+pub struct Sniffed {
+    inner: TcpStream,
+    peer: String,
+    checked: bool,
+    finding: Arc<arc_swap::ArcSwapOption<ServerSpeaksTls>>,
+}
+
+/// The error a [`Sniffed`] connection returns when the server speaks TLS,
+/// or (`certain: false`) closed the connection before sending a byte, as
+/// Go's TLS servers (etcd) do when a plaintext HTTP/2 client connects.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{peer} {}: use an https:// endpoint (with --cacert, and --cert/--key if it asks for a client certificate)", if *certain { "speaks TLS" } else { "closed the connection without answering, as TLS ports do to plaintext clients" })]
+pub struct ServerSpeaksTls {
+    /// `host:port`.
+    pub peer: String,
+    /// Whether the server's bytes were TLS (or an HTTPS server's 400), not
+    /// just a connection closed before any answer.
+    pub certain: bool,
+}
+
+impl Sniffed {
+    /// A failure before the server sent anything: most likely a TLS port.
+    fn unanswered(&self, e: io::Error) -> io::Error {
+        let closed = matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        );
+        if self.checked || !closed {
+            return e;
+        }
+        self.found(e.kind(), false)
+    }
+
+    fn found(&self, kind: io::ErrorKind, certain: bool) -> io::Error {
+        let found = ServerSpeaksTls {
+            peer: self.peer.clone(),
+            certain,
+        };
+        self.finding.store(Some(Arc::new(found.clone())));
+        io::Error::new(kind, found)
+    }
+}
+
+impl AsyncRead for Sniffed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = result {
+            return Poll::Ready(Err(this.unanswered(e)));
+        }
+        if !this.checked && matches!(result, Poll::Ready(Ok(()))) {
+            let new = &buf.filled()[before..];
+            if new.is_empty() {
+                return Poll::Ready(Err(this.unanswered(io::ErrorKind::UnexpectedEof.into())));
+            }
+            {
+                this.checked = true;
+                let tls_record = new.len() >= 2 && matches!(new[0], 0x15 | 0x16) && new[1] == 0x03;
+                if tls_record || new.starts_with(b"HTTP/1.0 400") {
+                    return Poll::Ready(Err(this.found(io::ErrorKind::InvalidData, true)));
+                }
+                this.finding.store(None);
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Sniffed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
+            other => other,
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
+            other => other,
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
+            other => other,
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

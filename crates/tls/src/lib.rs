@@ -30,7 +30,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 
-pub use client::{ClientTls, TlsConnector, TlsStream};
+pub use client::{ClientTls, PlainConnector, ServerSpeaksTls, TlsConnector, TlsStream};
 pub use error::Error;
 pub use pem::Pem;
 pub use server::{ServerTls, TlsServer};

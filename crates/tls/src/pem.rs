@@ -58,6 +58,20 @@ impl From<&Path> for Pem {
     }
 }
 
+/// A path (as etcdctl's flags take them).
+impl From<&str> for Pem {
+    fn from(path: &str) -> Pem {
+        Pem::File(path.into())
+    }
+}
+
+/// A path (as etcdctl's flags take them).
+impl From<String> for Pem {
+    fn from(path: String) -> Pem {
+        Pem::File(path.into())
+    }
+}
+
 impl Pem {
     /// PEM in a file.
     pub fn file(path: impl Into<PathBuf>) -> Pem {

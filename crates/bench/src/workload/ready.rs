@@ -39,7 +39,9 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     let found = loop {
         attempts += 1;
         let attempt = async {
-            let channel = connect_one(url).await.map_err(|e| error_chain(&e))?;
+            let channel = connect_one(url, plan.tls.as_ref())
+                .await
+                .map_err(|e| error_chain(&e))?;
             let resp = KvClient::new(channel)
                 .range(pb::RangeRequest {
                     key: keys.key(0),

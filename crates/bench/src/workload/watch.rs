@@ -57,7 +57,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     let conns = args.conns.map_or(streams, |c| c as usize).clamp(1, streams);
     let puts = args.puts as usize;
     // One more connection for the puts.
-    let channels = Channels::open(plan.endpoints, conns + 1).await?;
+    let channels = Channels::open(plan.endpoints, conns + 1, plan.tls.as_ref()).await?;
     let key = format!("{}watch", args.key_prefix).into_bytes();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(streams);

@@ -65,8 +65,8 @@ pub enum Backend {
         String,
         #[allow(dead_code, reason = "held for its Drop")] Serve,
     ),
-    /// A real etcd.
-    Etcd(muster_testkit::EtcdNode),
+    /// A real etcd (boxed: it is much larger than the other variant).
+    Etcd(Box<muster_testkit::EtcdNode>),
 }
 
 impl Backend {
@@ -80,9 +80,9 @@ impl Backend {
     /// A real etcd, or `None` (skipped loudly) when it is not installed.
     pub fn etcd() -> Option<Backend> {
         muster_testkit::require_etcd()?;
-        Some(Backend::Etcd(
+        Some(Backend::Etcd(Box::new(
             muster_testkit::EtcdNode::start().expect("start etcd"),
-        ))
+        )))
     }
 
     /// `http://127.0.0.1:<port>`.

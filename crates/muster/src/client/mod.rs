@@ -54,8 +54,16 @@ const MAX_MESSAGE: usize = 2 * 1024 * 1024 + 512 * 1024;
 /// How to reach etcd.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `host:port` or `http://host:port`, tried in order with failover.
+    /// `host:port`, `http://host:port` or `https://host:port`, tried in
+    /// order with failover. All plaintext or all TLS: mixing `http://` and
+    /// `https://` is an error. A bare `host:port` is TLS when
+    /// [`Config::tls`] is set.
     pub endpoints: Vec<String>,
+    /// TLS settings (etcdctl's `--cacert`, `--cert`, `--key`,
+    /// `--insecure-skip-tls-verify`) for `https://` endpoints; `https://`
+    /// endpoints without them trust the system's roots and present no
+    /// client certificate.
+    pub tls: Option<muster_tls::ClientTls>,
     /// Username and password, when etcd has auth enabled.
     pub credentials: Option<(String, String)>,
     /// How long to wait for a TCP connection.
@@ -76,6 +84,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             endpoints: vec![DEFAULT_ENDPOINT.into()],
+            tls: None,
             credentials: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
@@ -128,6 +137,12 @@ impl Config {
         self
     }
 
+    /// Sets the TLS settings (see [`Config::tls`]).
+    pub fn with_tls(mut self, tls: muster_tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Sets the per-request timeout.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -152,6 +167,9 @@ impl std::fmt::Debug for Etcd {
 
 struct Inner {
     channels: Vec<(String, Channel)>,
+    /// Per plaintext channel, its dialer: it notices a TLS server on the
+    /// other end (see [`Etcd::explain`]).
+    plain: Vec<Option<muster_tls::PlainConnector>>,
     current: AtomicUsize,
     config: Config,
     token: ArcSwapOption<AsciiMetadataValue>,
@@ -168,12 +186,56 @@ enum Retry {
     IfNotSent,
 }
 
-fn normalize(endpoint: &str) -> String {
+fn normalize(endpoint: &str, tls: bool) -> String {
     if endpoint.contains("://") {
         endpoint.to_string()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
+}
+
+/// The URLs of `endpoints`, and whether they are TLS: all or none.
+fn endpoint_urls(endpoints: &[String], tls: bool) -> Result<(Vec<String>, bool)> {
+    let urls: Vec<String> = endpoints.iter().map(|e| normalize(e.trim(), tls)).collect();
+    let secure: Vec<&String> = urls.iter().filter(|u| u.starts_with("https://")).collect();
+    let plain: Vec<&String> = urls.iter().filter(|u| u.starts_with("http://")).collect();
+    if let Some(other) = urls
+        .iter()
+        .find(|u| !u.starts_with("https://") && !u.starts_with("http://"))
+    {
+        return Err(Error::invalid(
+            "endpoint",
+            format!("{other:?}: the scheme must be http:// or https://"),
+        ));
+    }
+    if let (Some(s), Some(p)) = (secure.first(), plain.first()) {
+        return Err(Error::invalid(
+            "endpoints",
+            format!(
+                "{s} is TLS but {p} is plaintext: a client speaks TLS to all its endpoints or to none"
+            ),
+        ));
+    }
+    let is_tls = !secure.is_empty();
+    Ok((urls, is_tls))
+}
+
+/// A channel to `url` (`https://...`) that dials through muster's TLS
+/// connector. tonic is given the `http://` form of the URL so that it
+/// leaves TLS to the connector (its own TLS would hide handshake errors and
+/// cannot skip verification); requests still say `https`.
+fn tls_channel(
+    endpoint: Endpoint,
+    url: &str,
+    connector: &muster_tls::TlsConnector,
+) -> Result<Channel> {
+    let origin = http::Uri::try_from(url)
+        .map_err(|e| Error::invalid("endpoint", format!("{url:?}: {e}")))?;
+    Ok(endpoint
+        .origin(origin)
+        .connect_with_connector_lazy(connector.clone()))
 }
 
 fn is_connect_error(status: &Status) -> bool {
@@ -181,7 +243,11 @@ fn is_connect_error(status: &Status) -> bool {
         return false;
     }
     let msg = status.message().to_ascii_lowercase();
-    msg.contains("connect") || msg.contains("connection refused") || msg.contains("dns")
+    msg.contains("connect")
+        || msg.contains("connection refused")
+        || msg.contains("dns")
+        // No request goes out before the handshake is done.
+        || msg.contains("tls handshake")
 }
 
 fn is_invalid_token(status: &Status) -> bool {
@@ -206,10 +272,27 @@ impl Etcd {
                 "keep-alive interval is below etcd's default --grpc-keepalive-min-time (5s); etcd will close the connection with too_many_pings unless it was lowered"
             );
         }
+        let (urls, is_tls) = endpoint_urls(&config.endpoints, config.tls.is_some())?;
+        let connector = if is_tls {
+            let tls = config.tls.clone().unwrap_or_default();
+            let connector = tls
+                .connector(&[muster_tls::ALPN_H2])
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            // gRPC servers send SETTINGS at once: a refused client
+            // certificate (TLS 1.3 says so after the handshake) is caught
+            // at connect time, in words.
+            Some(connector.await_server_first(config.connect_timeout))
+        } else {
+            None
+        };
         let mut channels = Vec::with_capacity(config.endpoints.len());
-        for ep in &config.endpoints {
-            let url = normalize(ep.trim());
-            let endpoint = Endpoint::from_shared(url.clone())
+        let mut plain = Vec::with_capacity(config.endpoints.len());
+        for (ep, url) in config.endpoints.iter().zip(urls) {
+            let dial = match &connector {
+                Some(_) => url.replacen("https://", "http://", 1),
+                None => url.clone(),
+            };
+            let endpoint = Endpoint::from_shared(dial)
                 .map_err(|e| Error::invalid("endpoint", format!("{ep:?}: {e}")))?
                 .connect_timeout(config.connect_timeout)
                 .http2_keep_alive_interval(config.keepalive_interval)
@@ -217,11 +300,24 @@ impl Etcd {
                 // etcd counts pings without an open stream as abuse.
                 .keep_alive_while_idle(false)
                 .tcp_nodelay(true);
-            channels.push((url, endpoint.connect_lazy()));
+            let channel = match &connector {
+                Some(connector) => {
+                    plain.push(None);
+                    tls_channel(endpoint, &url, connector)?
+                }
+                None => {
+                    // Our own dialer, only to recognise a TLS port.
+                    let dialer = muster_tls::PlainConnector::new();
+                    plain.push(Some(dialer.clone()));
+                    endpoint.connect_with_connector_lazy(dialer)
+                }
+            };
+            channels.push((url, channel));
         }
         Ok(Etcd {
             inner: Arc::new(Inner {
                 channels,
+                plain,
                 current: AtomicUsize::new(0),
                 config,
                 token: ArcSwapOption::empty(),
@@ -260,6 +356,23 @@ impl Etcd {
     fn channel(&self, start: usize, attempt: usize) -> (usize, Channel) {
         let i = (start + attempt) % self.inner.channels.len();
         (i, self.inner.channels[i].1.clone())
+    }
+
+    /// A transport failure on plaintext channel `index` whose server turned
+    /// out to speak TLS, in words (HTTP/2 reports it as a bare broken pipe).
+    fn explain(&self, index: usize, status: &Status) -> Option<Error> {
+        if !matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable
+        ) {
+            return None;
+        }
+        let found = self.inner.plain.get(index)?.as_ref()?.finding()?;
+        Some(if found.certain {
+            Error::Tls(found.to_string())
+        } else {
+            Error::Unavailable(found.to_string())
+        })
     }
 
     fn mark_failed(&self, index: usize) {
@@ -333,7 +446,14 @@ impl Etcd {
             let req = self.request(msg.clone(), Some(timeout));
             let status = match tokio::time::timeout(timeout, f(channel, req)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => status,
+                Ok(Err(status)) => match self.explain(index, &status) {
+                    Some(e) => {
+                        self.mark_failed(index);
+                        last = Some(e);
+                        continue;
+                    }
+                    None => status,
+                },
                 Err(_) => {
                     self.mark_failed(index);
                     if retry == Retry::Idempotent {
@@ -413,6 +533,10 @@ impl Etcd {
                 .insert(REQUIRE_LEADER_KEY, AsciiMetadataValue::from_static("true"));
             match tokio::time::timeout(timeout, f(channel, req)).await {
                 Ok(Ok(resp)) => return Ok((tx, resp.into_inner())),
+                Ok(Err(status)) if self.explain(index, &status).is_some() => {
+                    self.mark_failed(index);
+                    last = self.explain(index, &status);
+                }
                 Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                     self.mark_failed(index);
                     last = Some(Error::from_status(status));

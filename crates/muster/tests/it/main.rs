@@ -11,4 +11,5 @@ mod common;
 mod examples;
 mod grpc;
 mod registry;
+mod tls;
 mod watch;

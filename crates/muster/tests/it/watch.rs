@@ -117,11 +117,14 @@ async fn a_lagging_subscriber_gets_a_reset_with_the_current_table(node: Box<dyn 
     let svc = follow_with(&etcd, config, "lag").await;
     let mut updates = svc.updates();
     assert!(matches!(updates.next().await, Some(Update::Reset(s)) if s.is_empty()));
+    // One update per put (waiting for each: a busy registry may otherwise
+    // deliver several puts in one watch response, one update), far more
+    // than the subscriber's buffer of 4.
     for i in 0..20 {
         let inst = Instance::new("lag", format!("i{i:02}"), "10.0.0.1:80");
         put_instance(&etcd, &inst).await;
+        svc.wait_for(DEADLINE, |s| s.len() == i + 1).await.unwrap();
     }
-    svc.wait_for(DEADLINE, |s| s.len() == 20).await.unwrap();
     // Too far behind to be told each change: it gets the whole table.
     match tokio::time::timeout(Duration::from_secs(5), updates.next())
         .await

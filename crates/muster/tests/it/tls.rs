@@ -1,0 +1,175 @@
+//! The library over TLS with client certificates (etcd's
+//! `--client-cert-auth`): the same bodies against real etcd and the
+//! embedded registry, both given the same test PKI.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use muster::discovery::{Change, Update};
+use muster::{ClientTls, Config, Error, Etcd, Instance};
+use muster_testkit::{EtcdNode, Registry, TestPki};
+
+use crate::common::{config, next_changes, registered};
+
+/// A registry serving mutual TLS from `pki`, and the PKI (which must
+/// outlive it: the files are its certificates).
+type Start = fn(&TestPki) -> Option<Box<dyn Registry>>;
+
+fn etcd(pki: &TestPki) -> Option<Box<dyn Registry>> {
+    muster_testkit::init_tracing();
+    muster_testkit::require_etcd()?;
+    Some(Box::new(
+        EtcdNode::start_tls(pki, true).expect("start etcd with TLS"),
+    ))
+}
+
+fn tls_client(pki: &TestPki) -> ClientTls {
+    ClientTls::new()
+        .with_ca(pki.ca())
+        .with_identity(pki.client_cert(), pki.client_key())
+}
+
+fn connect(node: &dyn Registry, tls: ClientTls) -> Etcd {
+    Etcd::connect(config(vec![node.endpoint()]).with_tls(tls)).expect("client")
+}
+
+async fn register_discover_and_watch_over_mtls(node: Box<dyn Registry>, pki: &TestPki) {
+    assert!(
+        node.endpoint().starts_with("https://"),
+        "{}",
+        node.endpoint()
+    );
+    let etcd = connect(&*node, tls_client(pki));
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    let registrar = registered(&etcd, 5, [a.clone()]).await;
+    let user = muster::Discovery::new(etcd.clone())
+        .service("user")
+        .await
+        .unwrap();
+    assert_eq!(user.snapshot().len(), 1);
+    let mut updates = user.updates();
+    assert!(matches!(updates.next().await, Some(Update::Reset(s)) if s.len() == 1));
+    let b = Instance::new("user", "b", "http://127.0.0.1:8081");
+    registrar.register(b.clone()).await.unwrap();
+    assert_eq!(
+        next_changes(&mut updates, "an addition over TLS").await,
+        vec![Change::Added(Arc::new(b))]
+    );
+    // A bare host:port is TLS when TLS settings are given.
+    let bare = node.endpoint().replacen("https://", "", 1);
+    let etcd = Etcd::connect(config(vec![bare]).with_tls(tls_client(pki))).unwrap();
+    let status = etcd
+        .status()
+        .await
+        .expect("status over TLS from a bare endpoint");
+    assert!(status.header.is_some());
+}
+
+/// A refused connection fails at once (well inside the request timeout),
+/// with a sentence naming what to fix.
+async fn refused(node: &dyn Registry, tls: ClientTls, expect: &[&str]) {
+    let etcd = connect(node, tls);
+    let started = Instant::now();
+    let err = etcd.status().await.expect_err("refused");
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "refusals fail fast, not at the 2 s request timeout: {:?} ({err})",
+        started.elapsed()
+    );
+    assert!(matches!(err, Error::Tls(_)), "{err:?}");
+    let text = err.to_string();
+    for part in expect {
+        assert!(text.contains(part), "{text:?} should say {part:?}");
+    }
+}
+
+async fn clients_without_a_good_certificate_are_refused(node: Box<dyn Registry>, pki: &TestPki) {
+    let ca = || ClientTls::new().with_ca(pki.ca());
+    refused(&*node, ca(), &["requires a client certificate", "--cert"]).await;
+    let other = pki.other_client_cert();
+    refused(
+        &*node,
+        ca().with_identity(&*other, pki.other_client_key()),
+        &[
+            "refused our client certificate",
+            &other.display().to_string(),
+        ],
+    )
+    .await;
+    refused(
+        &*node,
+        ca().with_identity(pki.expired_cert(), pki.expired_key()),
+        &["refused our client certificate"],
+    )
+    .await;
+    let other_ca = pki.other_ca();
+    refused(
+        &*node,
+        tls_client(pki).with_ca(&*other_ca),
+        &["not signed by", &other_ca.display().to_string(), "--cacert"],
+    )
+    .await;
+}
+
+async fn plaintext_to_a_tls_port_fails_fast(node: Box<dyn Registry>, _pki: &TestPki) {
+    let plain = node.endpoint().replacen("https://", "http://", 1);
+    let etcd = Etcd::connect(config(vec![plain])).unwrap();
+    let started = Instant::now();
+    let err = etcd.status().await.expect_err("plaintext to TLS");
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?} ({err})",
+        started.elapsed()
+    );
+    assert!(
+        err.to_string().contains("TLS"),
+        "the error points at TLS: {err}"
+    );
+}
+
+#[test]
+fn mixing_plaintext_and_tls_endpoints_is_refused() {
+    let err = Etcd::connect(Config::new([
+        "https://127.0.0.1:2379",
+        "http://127.0.0.1:2380",
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("TLS to all its endpoints or to none"), "{err}");
+}
+
+#[test]
+fn unreadable_certificates_are_an_error_at_construction() {
+    let err = Etcd::connect(
+        Config::new(["https://127.0.0.1:2379"])
+            .with_tls(ClientTls::new().with_ca("/nonexistent/ca.pem")),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+macro_rules! on_both_tls {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                async fn run(start: super::Start) {
+                    let pki = muster_testkit::TestPki::generate().expect("test PKI");
+                    if let Some(node) = start(&pki) {
+                        super::$name(node, &pki).await
+                    }
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn etcd() {
+                    run(super::etcd).await
+                }
+            }
+        )*
+    };
+}
+
+on_both_tls!(
+    register_discover_and_watch_over_mtls,
+    clients_without_a_good_certificate_are_refused,
+    plaintext_to_a_tls_port_fails_fast,
+);
