@@ -6,6 +6,7 @@
 //! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
 
 mod bench;
+mod client_tls;
 #[macro_use]
 mod common;
 mod dashboard;
