@@ -16,6 +16,12 @@
 //! server.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! With [`ServerConfig::tls`] the gRPC port speaks only TLS (ALPN `h2`),
+//! following etcd's `--cert-file`, `--key-file`, `--trusted-ca-file` and
+//! `--client-cert-auth`; the certificate files are re-read every
+//! [`ServerTls::reload_interval`], so a rotated pair is used for new
+//! connections while open ones (watch streams) keep theirs.
 #![forbid(unsafe_code)]
 
 pub mod core;
@@ -32,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use muster_proto as pb;
+pub use muster_tls::{ServerTls, TlsServer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -55,6 +62,9 @@ pub struct ServerConfig {
     /// How often watchers that asked for progress notifications get one
     /// (etcd's `--experimental-watch-progress-notify-interval`, 10 min).
     pub progress_notify_interval: Duration,
+    /// TLS for the gRPC port; `None` serves plaintext. Its ALPN list is
+    /// replaced by `h2` alone (gRPC needs HTTP/2).
+    pub tls: Option<ServerTls>,
 }
 
 impl ServerConfig {
@@ -65,6 +75,7 @@ impl ServerConfig {
             data_dir: None,
             core: CoreConfig::default(),
             progress_notify_interval: Duration::from_secs(600),
+            tls: None,
         }
     }
 
@@ -79,6 +90,12 @@ impl ServerConfig {
     /// Sets the listen address.
     pub fn with_listen(mut self, listen: SocketAddr) -> Self {
         self.listen = listen;
+        self
+    }
+
+    /// Serves gRPC over TLS.
+    pub fn with_tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -100,14 +117,26 @@ impl ServerConfig {
 pub struct Server {
     addr: SocketAddr,
     core: Arc<Core>,
+    tls: Option<TlsServer>,
     shutdown: Option<oneshot::Sender<()>>,
     serve: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Opens storage, recovers, binds and starts serving.
+    /// Opens storage, recovers, binds and starts serving. With TLS, the
+    /// certificate, key and CA files are loaded first: a missing or broken
+    /// one is an error naming the file.
     pub async fn start(config: ServerConfig) -> std::io::Result<Server> {
+        let tls = match &config.tls {
+            Some(tls) => Some(
+                tls.clone()
+                    .with_alpn(&[muster_tls::ALPN_H2])
+                    .build()
+                    .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
         let (storage, recovered) = match &config.data_dir {
             Some(dir) => Storage::open(dir).map_err(std::io::Error::other)?,
             None => Storage::in_memory(),
@@ -119,8 +148,8 @@ impl Server {
             member_id: random_id(),
         };
         let core = Core::new(storage, recovered, header, config.core.clone());
-        let tasks = core.spawn_tasks();
-        let endpoint = format!("http://{addr}");
+        let mut tasks = core.spawn_tasks();
+        let endpoint = endpoint_url(addr, tls.is_some());
         let services = Services::new(core.clone(), endpoint, config.progress_notify_interval);
         let max = service::TRANSPORT_LIMIT_BYTES;
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
@@ -140,23 +169,44 @@ impl Server {
             ))
             .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
             .add_service(pb::auth_server::AuthServer::new(services));
-        // The builder's tcp_nodelay does not apply to a custom incoming
-        // stream: without this, small responses wait ~40 ms for the
-        // client's delayed ACK.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let serve = tokio::spawn(async move {
-            let stop = async {
-                let _ = on_shutdown.await;
-            };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                tracing::error!(error = %e, "gRPC server failed");
+        let stop = async {
+            let _ = on_shutdown.await;
+        };
+        let serve = match &tls {
+            Some(tls) => {
+                tasks.push(tls.spawn_reloader());
+                // Handshakes happen in TlsServer's accept loop (which sets
+                // TCP_NODELAY); tonic sees the peer certificates.
+                let incoming = tls.incoming(listener);
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(error = %e, "gRPC server failed");
+                    }
+                })
             }
-        });
-        tracing::info!(%addr, revision = core.committed(), "muster registry ready");
+            None => {
+                // The builder's tcp_nodelay does not apply to a custom
+                // incoming stream: without this, small responses wait
+                // ~40 ms for the client's delayed ACK.
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                        tracing::error!(error = %e, "gRPC server failed");
+                    }
+                })
+            }
+        };
+        tracing::info!(
+            %addr,
+            tls = tls.is_some(),
+            revision = core.committed(),
+            "muster registry ready"
+        );
         Ok(Server {
             addr,
             core,
+            tls,
             shutdown: Some(shutdown),
             serve: Some(serve),
             tasks,
@@ -168,9 +218,14 @@ impl Server {
         self.addr
     }
 
-    /// `http://host:port`, for clients.
+    /// `http://host:port`, or `https://host:port` with TLS, for clients.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        endpoint_url(self.addr, self.tls.is_some())
+    }
+
+    /// The gRPC port's TLS (its certificate, reload counters), when on.
+    pub fn tls(&self) -> Option<&TlsServer> {
+        self.tls.as_ref()
     }
 
     /// The state, for metrics and tests.
@@ -204,6 +259,11 @@ impl Drop for Server {
             serve.abort();
         }
     }
+}
+
+fn endpoint_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{addr}")
 }
 
 fn random_id() -> u64 {

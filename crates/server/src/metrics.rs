@@ -3,6 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use muster_tls::TlsServer;
+
 use crate::core::Core;
 
 /// Writes metric families: `# HELP`, `# TYPE`, then one line per sample.
@@ -108,6 +110,39 @@ pub fn render(core: &Core) -> String {
         "counter",
         "Total number of RPC stream messages received on the server.",
         &[(KEEPALIVE, load(&c.keepalive_messages))],
+    );
+    m.0
+}
+
+/// Renders the certificate reload counters of TLS listeners, each labelled
+/// `listener="<name>"` (e.g. `grpc`, `http`). Nothing without listeners.
+pub fn render_tls(listeners: &[(&str, &TlsServer)]) -> String {
+    let mut m = Exposition(String::new());
+    if listeners.is_empty() {
+        return m.0;
+    }
+    let labels: Vec<String> = listeners
+        .iter()
+        .map(|(name, _)| format!("listener=\"{name}\""))
+        .collect();
+    let samples = |value: fn(&TlsServer) -> u64| -> Vec<(&str, f64)> {
+        labels
+            .iter()
+            .zip(listeners)
+            .map(|(label, (_, tls))| (label.as_str(), value(tls) as f64))
+            .collect()
+    };
+    m.family(
+        "muster_tls_reloads_total",
+        "counter",
+        "Times changed certificate files were loaded and taken into use for new connections.",
+        &samples(TlsServer::reloads),
+    );
+    m.family(
+        "muster_tls_reload_failures_total",
+        "counter",
+        "Times changed certificate files could not be used (the previous certificate stays in use).",
+        &samples(TlsServer::reload_failures),
     );
     m.0
 }

@@ -1,5 +1,5 @@
 //! The embedded registry's integration tests: etcd conformance, differential
-//! runs against real etcd, watch and restart.
+//! runs against real etcd, watch, restart and TLS.
 //!
 //! One test binary per crate (one `mod` per area) rather than one per file:
 //! every binary links the whole dependency tree, so fewer binaries mean a
@@ -9,4 +9,5 @@ mod common;
 mod conformance;
 mod differential;
 mod restart;
+mod tls;
 mod watch;
