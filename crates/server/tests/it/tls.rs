@@ -3,121 +3,21 @@
 //! certificate refused, the https client URL, certificate rotation under an
 //! open watch, and broken files at start.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use muster_proto as pb;
 use muster_server::{Server, ServerConfig, ServerTls};
+use muster_testkit::TestPki;
 use muster_tls::ClientTls;
 use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;
 use pb::watch_client::WatchClient;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-/// A CA and certificates it signs, as PEM files in a temporary directory.
-struct Pki {
-    ca: Issuer<'static, KeyPair>,
-    other: Issuer<'static, KeyPair>,
-    dir: tempfile::TempDir,
-}
-
-fn new_ca(name: &str) -> (Issuer<'static, KeyPair>, String) {
-    let mut params = CertificateParams::default();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let pem = params.self_signed(&key).unwrap().pem();
-    (Issuer::new(params, key), pem)
-}
-
-impl Pki {
-    /// `ca.pem`, `server.pem`/`server-key.pem` (127.0.0.1, localhost),
-    /// `client.pem`/`client-key.pem`, `other-client.pem`/`other-client-key.pem`
-    /// (signed by an unrelated CA).
-    fn generate() -> Pki {
-        let (ca, ca_pem) = new_ca("test CA");
-        let (other, _) = new_ca("other CA");
-        let pki = Pki {
-            ca,
-            other,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        std::fs::write(pki.ca(), ca_pem).unwrap();
-        pki.issue_server("server");
-        pki.issue("client", &pki.ca, false);
-        pki.issue("other-client", &pki.other, false);
-        pki
-    }
-
-    /// A fresh server certificate and key in `{name}.pem`, `{name}-key.pem`.
-    fn issue_server(&self, name: &str) -> (PathBuf, PathBuf) {
-        self.issue(name, &self.ca, true)
-    }
-
-    fn issue(&self, name: &str, ca: &Issuer<'static, KeyPair>, server: bool) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, ca).unwrap();
-        let (cert_path, key_path) = (
-            self.path(&format!("{name}.pem")),
-            self.path(&format!("{name}-key.pem")),
-        );
-        // Key first, then the certificate, each by rename: a reader sees
-        // the old pair, a half-done rotation, or the new pair.
-        write_atomically(&key_path, &key.serialize_pem());
-        write_atomically(&cert_path, &cert.pem());
-        (cert_path, key_path)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-    fn ca(&self) -> PathBuf {
-        self.path("ca.pem")
-    }
-    fn server_cert(&self) -> PathBuf {
-        self.path("server.pem")
-    }
-    fn server_key(&self) -> PathBuf {
-        self.path("server-key.pem")
-    }
-    fn client_cert(&self) -> PathBuf {
-        self.path("client.pem")
-    }
-    fn client_key(&self) -> PathBuf {
-        self.path("client-key.pem")
-    }
-    fn other_client_cert(&self) -> PathBuf {
-        self.path("other-client.pem")
-    }
-    fn other_client_key(&self) -> PathBuf {
-        self.path("other-client-key.pem")
-    }
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
-fn mtls(pki: &Pki) -> ServerTls {
+fn mtls(pki: &TestPki) -> ServerTls {
     ServerTls::new(pki.server_cert(), pki.server_key()).with_client_ca(pki.ca(), true)
 }
 
@@ -128,7 +28,7 @@ async fn start(tls: ServerTls) -> Server {
 }
 
 /// The client side of `etcdctl --cacert --cert --key`.
-fn client(pki: &Pki) -> ClientTls {
+fn client(pki: &TestPki) -> ClientTls {
     ClientTls::new()
         .with_ca(pki.ca())
         .with_identity(pki.client_cert(), pki.client_key())
@@ -214,7 +114,7 @@ async fn next_value(stream: &mut tonic::Streaming<pb::WatchResponse>) -> String 
 
 #[tokio::test]
 async fn mutual_tls_serves_put_range_watch_and_advertises_https() {
-    let pki = Pki::generate();
+    let pki = TestPki::generate().unwrap();
     let server = start(mtls(&pki)).await;
     assert_eq!(server.endpoint(), format!("https://{}", server.addr()));
     assert!(server.tls().is_some());
@@ -248,7 +148,7 @@ async fn mutual_tls_serves_put_range_watch_and_advertises_https() {
 
 #[tokio::test]
 async fn clients_without_a_trusted_certificate_are_refused() {
-    let pki = Pki::generate();
+    let pki = TestPki::generate().unwrap();
     let server = start(mtls(&pki)).await;
 
     let anonymous = ClientTls::new().with_ca(pki.ca());
@@ -262,6 +162,13 @@ async fn clients_without_a_trusted_certificate_are_refused() {
     let e = connect(&server, &stranger).await.unwrap_err();
     let e = chain(&e);
     assert!(e.contains("refused our client certificate"), "{e}");
+
+    let expired = ClientTls::new()
+        .with_ca(pki.ca())
+        .with_identity(pki.expired_cert(), pki.expired_key());
+    let e = connect(&server, &expired).await.unwrap_err();
+    let e = chain(&e);
+    assert!(e.contains("expired"), "{e}");
 
     // Plaintext gRPC on the TLS port gets nowhere.
     let plain = Endpoint::from_shared(format!("http://{}", server.addr()))
@@ -283,7 +190,7 @@ async fn clients_without_a_trusted_certificate_are_refused() {
 
 #[tokio::test]
 async fn server_tls_without_client_ca_takes_anonymous_clients() {
-    let pki = Pki::generate();
+    let pki = TestPki::generate().unwrap();
     let server = start(ServerTls::new(pki.server_cert(), pki.server_key())).await;
     let channel = connect(&server, &ClientTls::new().with_ca(pki.ca()))
         .await
@@ -293,7 +200,7 @@ async fn server_tls_without_client_ca_takes_anonymous_clients() {
 
 #[tokio::test]
 async fn the_grpc_port_offers_only_http2() {
-    let pki = Pki::generate();
+    let pki = TestPki::generate().unwrap();
     let server = start(mtls(&pki)).await;
     let e = client(&pki)
         .connector(&[muster_tls::ALPN_HTTP11])
@@ -308,7 +215,7 @@ async fn the_grpc_port_offers_only_http2() {
 
 #[tokio::test]
 async fn a_rotated_certificate_serves_new_connections_while_watches_go_on() {
-    let pki = Pki::generate();
+    let pki = TestPki::generate().unwrap();
     let server = start(mtls(&pki).with_reload_interval(Duration::from_millis(50))).await;
     let tls = server.tls().unwrap().clone();
     let old = tls.certificate()[0].clone();
@@ -318,7 +225,7 @@ async fn a_rotated_certificate_serves_new_connections_while_watches_go_on() {
     kv.put(put("/rotate", "before")).await.unwrap();
     assert_eq!(next_value(&mut events).await, "before");
 
-    pki.issue_server("server");
+    pki.issue_server("server").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let new = loop {
         let conn = client(&pki)
@@ -364,8 +271,8 @@ async fn a_rotated_certificate_serves_new_connections_while_watches_go_on() {
 
 #[tokio::test]
 async fn broken_files_at_start_are_an_error_naming_the_file() {
-    let pki = Pki::generate();
-    let missing = pki.path("missing.pem");
+    let pki = TestPki::generate().unwrap();
+    let missing = pki.dir().join("missing.pem");
     let e = Server::start(
         ServerConfig::in_memory().with_tls(ServerTls::new(&*missing, pki.server_key())),
     )
@@ -374,7 +281,7 @@ async fn broken_files_at_start_are_an_error_naming_the_file() {
     .to_string();
     assert!(e.contains("missing.pem"), "{e}");
 
-    let (_, wrong_key) = pki.issue_server("unrelated");
+    let (_, wrong_key) = pki.issue_server("unrelated").unwrap();
     let e = Server::start(
         ServerConfig::in_memory().with_tls(ServerTls::new(pki.server_cert(), &*wrong_key)),
     )
@@ -383,7 +290,7 @@ async fn broken_files_at_start_are_an_error_naming_the_file() {
     .to_string();
     assert!(e.contains("unrelated-key.pem"), "{e}");
 
-    let garbage = pki.path("garbage.pem");
+    let garbage = pki.dir().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate").unwrap();
     let e = Server::start(ServerConfig::in_memory().with_tls(
         ServerTls::new(pki.server_cert(), pki.server_key()).with_client_ca(&*garbage, true),
