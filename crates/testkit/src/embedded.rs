@@ -15,6 +15,7 @@ pub struct EmbeddedNode {
     dir: TempDir,
     port: u16,
     min_lease_ttl: i64,
+    tls: Option<muster_tls::ServerTls>,
     running: Option<(tokio::runtime::Runtime, Server)>,
 }
 
@@ -40,15 +41,42 @@ impl EmbeddedNode {
                 .tempdir()?,
             port,
             min_lease_ttl: 1,
+            tls: None,
             running: None,
         };
         node.restart()?;
         Ok(node)
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// [`EmbeddedNode::start`] serving TLS with `pki`'s server certificate
+    /// (etcd's `--cert-file`/`--key-file`), and with `client_cert_auth`
+    /// requiring client certificates signed by its CA
+    /// (`--trusted-ca-file` + `--client-cert-auth`), as
+    /// [`EtcdNode::start_tls`](crate::EtcdNode::start_tls) does. The files
+    /// are re-read every 100 ms, so rotation tests see a new pair quickly.
+    pub fn start_tls(pki: &crate::TestPki, client_cert_auth: bool) -> io::Result<EmbeddedNode> {
+        let mut tls = muster_tls::ServerTls::new(pki.server_cert(), pki.server_key())
+            .with_reload_interval(Duration::from_millis(100));
+        if client_cert_auth {
+            tls = tls.with_client_ca(pki.ca(), true);
+        }
+        let mut node = EmbeddedNode {
+            dir: tempfile::Builder::new()
+                .prefix("muster-embedded-")
+                .tempdir()?,
+            port: crate::free_port(),
+            min_lease_ttl: 1,
+            tls: Some(tls),
+            running: None,
+        };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The gRPC port.
@@ -70,9 +98,12 @@ impl EmbeddedNode {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let config = ServerConfig::persistent(self.dir.path().join("data"))
+            let mut config = ServerConfig::persistent(self.dir.path().join("data"))
                 .with_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
                 .with_min_lease_ttl(self.min_lease_ttl);
+            if let Some(tls) = &self.tls {
+                config = config.with_tls(tls.clone());
+            }
             // Its own runtime, started from a thread of its own: callers are
             // often inside a test's runtime, where blocking is not allowed.
             let started = std::thread::spawn(move || {

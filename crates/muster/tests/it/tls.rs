@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use muster::discovery::{Change, Update};
 use muster::{ClientTls, Config, Error, Etcd, Instance};
-use muster_testkit::{EtcdNode, Registry, TestPki};
+use muster_testkit::{EmbeddedNode, EtcdNode, Registry, TestPki};
 
 use crate::common::{config, next_changes, registered};
 
@@ -20,6 +20,13 @@ fn etcd(pki: &TestPki) -> Option<Box<dyn Registry>> {
     muster_testkit::require_etcd()?;
     Some(Box::new(
         EtcdNode::start_tls(pki, true).expect("start etcd with TLS"),
+    ))
+}
+
+fn embedded(pki: &TestPki) -> Option<Box<dyn Registry>> {
+    muster_testkit::init_tracing();
+    Some(Box::new(
+        EmbeddedNode::start_tls(pki, true).expect("start the embedded registry with TLS"),
     ))
 }
 
@@ -149,6 +156,63 @@ fn unreadable_certificates_are_an_error_at_construction() {
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 }
 
+/// The embedded registry's certificate is rotated on disk while a watch is
+/// open: the watch keeps delivering, new connections get the new
+/// certificate (the embedded registry polls its files; the testkit's node
+/// every 100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_the_server_certificate_keeps_open_watches_and_serves_the_new_one() {
+    muster_testkit::init_tracing();
+    let pki = TestPki::generate().unwrap();
+    let node = EmbeddedNode::start_tls(&pki, true).unwrap();
+    let etcd = connect(&node, tls_client(&pki));
+    let a = Instance::new("user", "a", "http://127.0.0.1:8080");
+    let registrar = registered(&etcd, 5, [a]).await;
+    let user = muster::Discovery::new(etcd.clone())
+        .service("user")
+        .await
+        .unwrap();
+    let mut updates = user.updates();
+    assert!(matches!(updates.next().await, Some(Update::Reset(_))));
+
+    let port = node.client_port();
+    let before = served_certificate(&pki, port).await;
+    let (cert, key) = pki.issue_server("rotated").unwrap();
+    std::fs::copy(&key, pki.server_key()).unwrap();
+    std::fs::copy(&cert, pki.server_cert()).unwrap();
+    let started = Instant::now();
+    loop {
+        if served_certificate(&pki, port).await != before {
+            break;
+        }
+        assert!(
+            started.elapsed() < muster_testkit::DEADLINE,
+            "the new certificate is served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The watch opened before the rotation still delivers.
+    let b = Instance::new("user", "b", "http://127.0.0.1:8081");
+    registrar.register(b.clone()).await.unwrap();
+    assert_eq!(
+        next_changes(&mut updates, "an addition after the rotation").await,
+        vec![Change::Added(Arc::new(b))]
+    );
+}
+
+/// The leaf certificate a new TLS connection to `port` is given.
+async fn served_certificate(pki: &TestPki, port: u16) -> Vec<u8> {
+    let stream = ClientTls::new()
+        .with_ca(pki.ca())
+        .with_identity(pki.client_cert(), pki.client_key())
+        .connector(&[muster_tls::ALPN_H2])
+        .unwrap()
+        .connect("127.0.0.1", port)
+        .await
+        .expect("a new connection");
+    stream.peer_certificates().unwrap()[0].to_vec()
+}
+
 macro_rules! on_both_tls {
     ($($name:ident),* $(,)?) => {
         $(
@@ -162,6 +226,10 @@ macro_rules! on_both_tls {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn etcd() {
                     run(super::etcd).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    run(super::embedded).await
                 }
             }
         )*
