@@ -7,6 +7,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod certs;
 mod completions;
 mod dashboard;
 mod demo;
@@ -60,6 +61,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Load-test any etcd v3 endpoint: put, range, txn, keepalive, watch, populate.
     Bench(bench::BenchArgs),
+    /// Write a CA, a server and a client certificate for first steps with TLS.
+    Certs(certs::CertsArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions(completions::CompletionsArgs),
 }
@@ -99,6 +102,7 @@ fn main() -> std::process::ExitCode {
             Command::Register(args) => register::run(&cli.global, args).await,
             Command::Deregister(args) => done(deregister::run(&cli.global, args).await),
             Command::Completions(args) => done(completions::run::<Cli>(args)),
+            Command::Certs(args) => done(certs::run(args)),
             Command::Serve(args) => done(serve::run(&cli.global, args).await),
             Command::Gateway(args) => done(gateway::run(&cli.global, args).await),
             Command::Dashboard(args) => done(dashboard::run(&cli.global, args).await),

@@ -23,6 +23,8 @@
 
 pub mod client;
 pub mod error;
+#[cfg(feature = "generate")]
+pub mod generate;
 pub mod pem;
 pub mod server;
 

@@ -3,57 +3,36 @@
 //! how each refusal reads, and reload.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use muster_tls::generate::{Authority, DAY, Leaf};
 use muster_tls::{ClientTls, Pem, ServerTls, TlsServer};
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
+type Ca = Authority;
 
 fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
+    Authority::new(name, "muster tls tests", 30 * DAY).unwrap()
 }
 
 fn leaf(ca: &Ca, cn: &str, server: bool, expired: bool) -> (String, String) {
-    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    params.distinguished_name.push(DnType::CommonName, cn);
-    params.extended_key_usages = vec![if server {
-        ExtendedKeyUsagePurpose::ServerAuth
+    let kind = if server {
+        Leaf::Server {
+            sans: &["127.0.0.1", "localhost"],
+        }
     } else {
-        ExtendedKeyUsagePurpose::ClientAuth
-    }];
-    let now = time_now();
-    if expired {
-        params.not_before = now - Duration::from_secs(10 * 86400);
-        params.not_after = now - Duration::from_secs(86400);
+        Leaf::Client { cn }
+    };
+    let now = SystemTime::now();
+    let (from, to) = if expired {
+        (now - 10 * DAY, now - DAY)
     } else {
-        params.not_before = now - Duration::from_secs(86400);
-        params.not_after = now + Duration::from_secs(30 * 86400);
-    }
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-fn time_now() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc()
+        (now - DAY, now + 30 * DAY)
+    };
+    let issued = ca.issue(kind, "muster tls tests", from, to).unwrap();
+    (issued.cert_pem, issued.key_pem)
 }
 
 struct Pki {
@@ -76,7 +55,7 @@ impl Pki {
         path
     }
     fn ca_file(&self) -> PathBuf {
-        self.write("ca.pem", &self.ca.pem)
+        self.write("ca.pem", self.ca.cert_pem())
     }
     fn pair(&self, name: &str, ca: &Ca, server: bool, expired: bool) -> (PathBuf, PathBuf) {
         let (cert, key) = leaf(ca, name, server, expired);
@@ -175,7 +154,7 @@ async fn refusals_say_why() {
         .to_string();
     assert!(expired.contains("expired"), "{expired}");
 
-    let other_ca = pki.write("other-ca.pem", &pki.other.pem);
+    let other_ca = pki.write("other-ca.pem", pki.other.cert_pem());
     let untrusted = dial(&client(&other_ca), port)
         .await
         .unwrap_err()
@@ -276,7 +255,7 @@ async fn bad_material_names_the_file() {
     assert!(e.contains("does not match"), "{e}");
 
     let e = ServerTls::new(&*cert, &*key)
-        .with_client_ca(Pem::memory("ca", pki.ca.pem.clone()), true)
+        .with_client_ca(Pem::memory("ca", pki.ca.cert_pem()), true)
         .build();
     assert!(e.is_ok(), "in-memory PEM works");
 }

@@ -156,3 +156,71 @@ fn commands_work_over_mutual_tls_and_refusals_say_what_to_fix() {
         "{report}"
     );
 }
+
+/// `muster certs` writes what a real etcd with `--client-cert-auth` and the
+/// CLI accept; it does not overwrite without `--force`.
+#[test]
+fn muster_certs_are_accepted_by_etcd_and_the_cli() {
+    let Some(()) = muster_testkit::require_etcd() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let run_certs = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(["certs", "--dir"])
+            .arg(&certs)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run_certs(&["--host", "registry.internal"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("--cert-file"),
+        "{}",
+        text(&out.stdout)
+    );
+    let again = run_certs(&[]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("--force"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert!(run_certs(&["--force"]).status.success());
+
+    let file = |name: &str| certs.join(name);
+    let tls = muster_testkit::EtcdTls {
+        cert_file: file("server.pem"),
+        key_file: file("server-key.pem"),
+        trusted_ca_file: Some(file("ca.pem")),
+        client_cert_auth: true,
+        etcdctl_cacert: file("ca.pem"),
+        etcdctl_client: Some((file("client.pem"), file("client-key.pem"))),
+    };
+    let etcd = EtcdNode::start_with(muster_testkit::EtcdOptions {
+        tls: Some(tls),
+        ..Default::default()
+    })
+    .unwrap();
+    let (out, _) = run(muster(
+        &etcd.endpoint(),
+        &[
+            "ls",
+            "--cacert",
+            &path(file("ca.pem")),
+            "--cert",
+            &path(file("client.pem")),
+            "--key",
+            &path(file("client-key.pem")),
+        ],
+    ));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(file("client-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "keys are private to their owner: {mode:o}");
+}

@@ -363,7 +363,7 @@ impl Etcd {
     fn explain(&self, index: usize, status: &Status) -> Option<Error> {
         if !matches!(
             status.code(),
-            tonic::Code::Unknown | tonic::Code::Unavailable
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
         ) {
             return None;
         }
