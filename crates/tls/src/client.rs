@@ -126,7 +126,20 @@ impl ClientTls {
         Ok(config)
     }
 
-    /// A connector with this configuration.
+    /// The bytes of the files this configuration reads, to notice changes.
+    fn files(&self) -> Result<Vec<Vec<u8>>, Error> {
+        [&self.ca, &self.cert, &self.key]
+            .into_iter()
+            .flatten()
+            .filter(|pem| pem.is_file())
+            .map(Pem::read)
+            .collect()
+    }
+
+    /// A connector with this configuration. Its files are read again
+    /// before every new connection: a rotated client certificate (or CA
+    /// bundle) is used from the next connection on; one that does not load
+    /// is logged and the previous one stays in use.
     pub fn connector(&self, alpn: &[&[u8]]) -> Result<TlsConnector, Error> {
         let server_name = match &self.server_name {
             Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
@@ -137,8 +150,16 @@ impl ClientTls {
             })?),
             None => None,
         };
+        let files = self.files()?;
         Ok(TlsConnector {
-            inner: tokio_rustls::TlsConnector::from(Arc::new(self.client_config(alpn)?)),
+            inner: Arc::new(arc_swap::ArcSwap::from_pointee(
+                tokio_rustls::TlsConnector::from(Arc::new(self.client_config(alpn)?)),
+            )),
+            reload: Arc::new(Reload {
+                spec: self.clone(),
+                alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+                files: std::sync::Mutex::new(files),
+            }),
             server_name,
             await_server_first: None,
             nodelay: true,
@@ -171,7 +192,8 @@ fn system_roots() -> Result<rustls::RootCertStore, Error> {
 /// Dials TLS connections. Cheap to clone.
 #[derive(Clone)]
 pub struct TlsConnector {
-    inner: tokio_rustls::TlsConnector,
+    inner: Arc<arc_swap::ArcSwap<tokio_rustls::TlsConnector>>,
+    reload: Arc<Reload>,
     server_name: Option<ServerName<'static>>,
     await_server_first: Option<Duration>,
     nodelay: bool,
@@ -188,7 +210,44 @@ impl std::fmt::Debug for TlsConnector {
     }
 }
 
+/// What a connector was built from, and the file contents it was built with.
+struct Reload {
+    spec: ClientTls,
+    alpn: Vec<Vec<u8>>,
+    files: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
 impl TlsConnector {
+    /// Rebuilds the configuration when its files changed since the last
+    /// connection (rotation of the client certificate or the CA bundle).
+    fn refresh(&self) {
+        let reload = &self.reload;
+        let Ok(files) = reload.spec.files() else {
+            // Unreadable mid-rotation: keep what works; the next
+            // connection looks again.
+            return;
+        };
+        let mut last = reload
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last == files {
+            return;
+        }
+        let alpn: Vec<&[u8]> = reload.alpn.iter().map(Vec::as_slice).collect();
+        match reload.spec.client_config(&alpn) {
+            Ok(config) => {
+                self.inner
+                    .store(Arc::new(tokio_rustls::TlsConnector::from(Arc::new(config))));
+                tracing::info!("client TLS files changed; new connections use them");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "client TLS files changed but cannot be used; keeping the previous ones")
+            }
+        }
+        *last = files;
+    }
+
     /// After the handshake, waits up to `timeout` for the server's first
     /// bytes, so that a server refusing our certificate (which TLS 1.3
     /// reports only after the handshake) is reported as such. For servers
@@ -230,8 +289,9 @@ impl TlsConnector {
                 ),
             })?,
         };
-        let mut stream = self
-            .inner
+        self.refresh();
+        let connector = self.inner.load_full();
+        let mut stream = connector
             .connect(name, tcp)
             .await
             .map_err(|e| self.failure(peer, &e))?;

@@ -311,3 +311,45 @@ async fn reload_takes_a_new_pair_and_keeps_the_old_on_bad_files() {
     before.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still");
 }
+
+#[tokio::test]
+async fn a_client_takes_its_rotated_certificate_at_the_next_connection() {
+    let pki = Pki::new();
+    let (port, _) = mtls_server(&pki).await;
+    let (cert, key) = pki.pair("client", &pki.ca, false, false);
+    let connector = client(&pki.ca_file())
+        .with_identity(&*cert, &*key)
+        .connector(&[b"h2"])
+        .unwrap()
+        .await_server_first(Duration::from_secs(5));
+    connector.connect("127.0.0.1", port).await.unwrap();
+
+    // Rotated to a certificate the server does not trust: the next
+    // connection presents it (and is refused).
+    let (stranger, stranger_key) = leaf(&pki.other, "client", false, false);
+    std::fs::write(&key, &stranger_key).unwrap();
+    std::fs::write(&cert, &stranger).unwrap();
+    let e = connector
+        .connect("127.0.0.1", port)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refused our client certificate"), "{e}");
+
+    // Half a rotation (a key of another certificate): the previous pair
+    // stays in use.
+    let (good, good_key) = leaf(&pki.ca, "client", false, false);
+    std::fs::write(&cert, &good).unwrap();
+    let e = connector
+        .connect("127.0.0.1", port)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("refused our client certificate"),
+        "the previous pair: {e}"
+    );
+
+    std::fs::write(&key, &good_key).unwrap();
+    connector.connect("127.0.0.1", port).await.unwrap();
+}
