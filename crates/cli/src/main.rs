@@ -15,6 +15,7 @@ mod deregister;
 mod gateway;
 mod get;
 mod global;
+mod https;
 mod ls;
 mod output;
 mod register;

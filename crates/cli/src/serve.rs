@@ -1,4 +1,10 @@
 //! `muster serve`: the embedded registry.
+//!
+//! TLS follows etcd's flags (`--cert-file`, `--key-file`,
+//! `--trusted-ca-file`, `--client-cert-auth`) and etcd's client URLs: one
+//! configuration for the gRPC port (ALPN h2) and the HTTP port (ALPN
+//! http/1.1: /metrics, /health, the dashboard), both following the files
+//! on disk.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +15,10 @@ use std::time::Duration;
 
 use muster_dashboard::Dashboard;
 use muster_server::{AutoCompaction, Server, ServerConfig};
+use muster_tls::{ClientTls, ServerTls};
 
 use crate::global::GlobalArgs;
+use crate::https::HttpListener;
 
 /// Flags of `muster serve`.
 #[derive(Debug, clap::Args)]
@@ -19,7 +27,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:2379")]
     listen: SocketAddr,
     /// Address for HTTP: Prometheus metrics at /metrics, health at /health,
-    /// the dashboard at /.
+    /// the dashboard at /. HTTPS with the same certificate and client
+    /// certificate rules as the gRPC port when --cert-file is given.
     #[arg(long, default_value = "127.0.0.1:2381")]
     http_listen: SocketAddr,
     /// Where to keep data.
@@ -45,6 +54,76 @@ pub struct ServeArgs {
     /// window, as `30m`, `1h`, `90s`, or a bare number of hours (as etcd).
     #[arg(long, requires = "auto_compaction_mode")]
     auto_compaction_retention: Option<String>,
+    /// Serve clients over TLS with this certificate (PEM; leaf first, then
+    /// intermediates), on the gRPC port and the HTTP port alike. The files
+    /// are re-read every few seconds: a rotated pair is used for new
+    /// connections, open ones keep theirs.
+    #[arg(long, value_name = "PATH", requires = "key_file", help_heading = "TLS")]
+    cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "cert_file",
+        help_heading = "TLS"
+    )]
+    key_file: Option<PathBuf>,
+    /// The CA bundle that signs client certificates. As in etcd 3.4, giving
+    /// it already requires every client to present a certificate signed by
+    /// it, on both ports (see --client-cert-auth).
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "cert_file",
+        help_heading = "TLS"
+    )]
+    trusted_ca_file: Option<PathBuf>,
+    /// Require client certificates signed by --trusted-ca-file, as etcd's
+    /// client URLs do: on the gRPC port and on the HTTP port too, so
+    /// Prometheus scraping /metrics, health checks of /health and browsers
+    /// opening the dashboard need a client certificate. The dashboard
+    /// inside `muster serve` connects to the registry trusting
+    /// --trusted-ca-file and presenting --cert-file/--key-file, so that
+    /// certificate must allow client authentication too (without a trusted
+    /// CA it connects without verifying: it dials its own listener).
+    #[arg(long, requires = "trusted_ca_file", help_heading = "TLS")]
+    client_cert_auth: bool,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, hide = true, default_value = "5s", value_parser = crate::global::parse_duration)]
+    tls_reload_interval: Duration,
+}
+
+impl ServeArgs {
+    /// The TLS both ports serve, from the etcd-style flags; `None` without
+    /// --cert-file.
+    fn server_tls(&self) -> Option<ServerTls> {
+        let (cert, key) = (self.cert_file.as_ref()?, self.key_file.as_ref()?);
+        let mut tls = ServerTls::new(cert.as_path(), key.as_path())
+            .with_reload_interval(self.tls_reload_interval);
+        if let Some(ca) = &self.trusted_ca_file {
+            // etcd 3.4 requires and verifies client certificates as soon
+            // as a trusted CA is given, with or without --client-cert-auth
+            // (checked against etcd 3.4.23: without a certificate the
+            // handshake fails).
+            tls = tls.with_client_ca(ca.as_path(), true);
+        }
+        Some(tls)
+    }
+
+    /// How the in-process dashboard reaches the registry over TLS: trusting
+    /// --trusted-ca-file (or, without one, not verifying our own server,
+    /// which it dials on an address this process holds), presenting the
+    /// server's own certificate when client certificates are required.
+    fn dashboard_tls(&self) -> Option<ClientTls> {
+        let tls = self.server_tls()?;
+        let client = match &tls.client_ca {
+            Some(ca) => ClientTls::new()
+                .with_ca(ca.clone())
+                .with_identity(tls.cert.clone(), tls.key.clone()),
+            None => ClientTls::new().with_insecure_skip_verify(true),
+        };
+        Some(client)
+    }
 }
 
 fn auto_compaction(mode: &str, retention: &str) -> anyhow::Result<AutoCompaction> {
@@ -109,24 +188,35 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     {
         config = config.with_auto_compaction(auto_compaction(mode, retention)?);
     }
+    let tls = args.server_tls();
+    if let Some(tls) = &tls {
+        config = config.with_tls(tls.clone());
+    }
     let server = Server::start(config)
         .await
         .with_context(|| format!("cannot start the registry on {}", args.listen))?;
-    let http = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
-    let http_addr = http.local_addr()?;
+    let http = HttpListener::bind(args.http_listen, tls.as_ref()).await?;
+    let http_addr = http.local_addr();
+    let http_url = http.url();
     let core = server.core().clone();
+    let tls_listeners: Vec<(&'static str, muster_tls::TlsServer)> = server
+        .tls()
+        .map(|t| ("grpc", t.clone()))
+        .into_iter()
+        .chain(http.tls().map(|t| ("http", t.clone())))
+        .collect();
     let mut app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
                 let core = Arc::clone(&core);
+                let tls_listeners = tls_listeners.clone();
                 async move {
-                    (
-                        [("content-type", "text/plain; version=0.0.4")],
-                        muster_server::metrics::render(&core),
-                    )
+                    let listeners: Vec<(&str, &muster_tls::TlsServer)> =
+                        tls_listeners.iter().map(|(n, t)| (*n, t)).collect();
+                    let mut text = muster_server::metrics::render(&core);
+                    text.push_str(&muster_server::metrics::render_tls(&listeners));
+                    ([("content-type", "text/plain; version=0.0.4")], text)
                 }
             }),
         )
@@ -136,7 +226,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         );
     // The dashboard (/, /api/...) next to /metrics and /health, through a
     // client of our own registry like any other.
-    let dashboard = match start_dashboard(&server.endpoint(), &global.prefix).await {
+    let dashboard = match start_dashboard(&server, args.dashboard_tls(), &global.prefix).await {
         Ok(dashboard) => {
             // DNS rebinding protection for the dashboard's pages (not for
             // /metrics and /health, which scrapers reach by any name).
@@ -153,7 +243,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, app).await {
+        if let Err(e) = http.serve(app, std::future::pending()).await {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
@@ -164,7 +254,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         endpoint = %server.endpoint(),
-        http = %format!("http://{http_addr}"),
+        http = %http_url,
         "muster serve ready ({store}); point etcdctl or muster at {}",
         server.endpoint()
     );
@@ -178,10 +268,32 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The dashboard of the services under `prefix` in the registry at `endpoint`.
-async fn start_dashboard(endpoint: &str, prefix: &str) -> anyhow::Result<Dashboard> {
-    let etcd = muster::Etcd::connect_to(endpoint)?;
+/// The dashboard of the services under `prefix` in our own registry, over
+/// TLS with `tls`.
+async fn start_dashboard(
+    server: &Server,
+    tls: Option<ClientTls>,
+    prefix: &str,
+) -> anyhow::Result<Dashboard> {
+    let etcd = muster::Etcd::connect(dashboard_config(server, tls))?;
     Ok(Dashboard::start(etcd, prefix).await?)
+}
+
+/// The client configuration of the in-process dashboard. A server
+/// listening on all addresses is dialed on loopback (a certificate is
+/// verified against the address dialed, and 0.0.0.0 is in none).
+fn dashboard_config(server: &Server, tls: Option<ClientTls>) -> muster::Config {
+    let mut addr = server.addr();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut config = muster::Config::new([format!("{scheme}://{addr}")]);
+    config.tls = tls;
+    config
 }
 
 #[cfg(test)]
