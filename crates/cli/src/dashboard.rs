@@ -2,12 +2,15 @@
 //! (or muster's embedded registry), for the services under `--prefix`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use muster_dashboard::Dashboard;
+use muster_tls::ServerTls;
 
 use crate::global::GlobalArgs;
+use crate::https::HttpListener;
 
 /// How long open connections get to finish after SIGINT or SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -19,6 +22,29 @@ pub struct DashboardArgs {
     /// shows the whole registry and has no authentication.
     #[arg(long, default_value = "127.0.0.1:2381")]
     pub listen: SocketAddr,
+    /// Serve the dashboard over HTTPS with this certificate (PEM; leaf
+    /// first). Re-read every few seconds: a rotated pair is used for new
+    /// connections. (How the dashboard reaches the registry is set by the
+    /// global client flags.)
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes.
+    #[arg(long, hide = true, default_value = "5s", value_parser = crate::global::parse_duration)]
+    pub tls_reload_interval: Duration,
+}
+
+impl DashboardArgs {
+    /// The listener's TLS, from --tls-cert and --tls-key.
+    fn server_tls(&self) -> Option<ServerTls> {
+        let (cert, key) = (self.tls_cert.as_ref()?, self.tls_key.as_ref()?);
+        Some(
+            ServerTls::new(cert.as_path(), key.as_path())
+                .with_reload_interval(self.tls_reload_interval),
+        )
+    }
 }
 
 /// Runs `muster dashboard` until SIGINT or SIGTERM.
@@ -29,17 +55,15 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     let dashboard = Dashboard::start(etcd, &global.prefix)
         .await
         .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let addr = listener.local_addr()?;
+    let listener = HttpListener::bind(args.listen, args.server_tls().as_ref()).await?;
+    let addr = listener.local_addr();
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
             "the dashboard is reachable from other machines and has no authentication"
         );
     }
-    let url = format!("http://{addr}/");
+    let url = format!("{}/", listener.url());
     tracing::info!(
         url = %url,
         endpoints = %global.endpoints.join(","),
@@ -52,10 +76,10 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     if addr.ip().is_loopback() {
         app = muster_dashboard::local_hosts_only(app);
     }
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = listener.serve(app, async move {
         let _ = stopped.await;
     });
-    let mut server = std::pin::pin!(server.into_future());
+    let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => return result.context("the HTTP server failed"),
         () = signal => {}
