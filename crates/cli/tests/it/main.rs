@@ -15,3 +15,4 @@ mod ops;
 mod register;
 mod seed;
 mod serve;
+mod serve_tls;
