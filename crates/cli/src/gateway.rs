@@ -1,6 +1,10 @@
 //! `muster gateway`: the HTTP reverse proxy in front of the services under
 //! `--prefix`, routing by path prefix (and host) to instances found by
-//! discovery.
+//! discovery. With `--tls-cert` and `--tls-key` it serves HTTPS (HTTP/2 and
+//! HTTP/1.1); instances registered as `https://host:port` are dialled over
+//! TLS, verified against `--upstream-cacert` (or a route's `upstream-ca`),
+//! else the system's roots. The registry connection takes the global TLS
+//! flags, like every subcommand.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +20,8 @@ use crate::global::{GlobalArgs, parse_duration};
 /// Flags of `muster gateway`.
 #[derive(Debug, clap::Args)]
 pub struct GatewayArgs {
-    /// Address to listen on for HTTP/1.1 and h2c (port 0 picks a free one).
+    /// Address to listen on for HTTP/1.1 and h2c, or HTTPS with --tls-cert
+    /// (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// A TOML routes file, reloaded when it changes (see `[[route]]` in the
@@ -25,7 +30,8 @@ pub struct GatewayArgs {
     pub routes: Option<PathBuf>,
     /// A route: `/prefix=service[,strip][,host=NAME][,balancer=KIND]
     /// [,hash-header=NAME][,hash-cookie=NAME][,timeout=DURATION][,retries=N]
-    /// [,tag=T][,zone=Z][,prefer-zone=Z][,version=V]`. Repeatable.
+    /// [,tag=T][,zone=Z][,prefer-zone=Z][,version=V][,upstream-ca=FILE]`.
+    /// Repeatable.
     #[arg(long = "route", value_name = "ROUTE", value_parser = parse_route)]
     pub route: Vec<Route>,
     /// Default load balancer: p2c, round-robin, random, weighted, hash.
@@ -51,6 +57,19 @@ pub struct GatewayArgs {
     /// Path the gateway answers itself with 200 (health checks).
     #[arg(long, default_value = "/healthz", value_name = "PATH")]
     pub health_path: String,
+    /// Serve HTTPS (HTTP/2 and HTTP/1.1) with this certificate chain (PEM).
+    /// Re-read when it changes; new connections get the new certificate.
+    /// The admin listener stays plaintext.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that signs the certificates of instances registered
+    /// as https://host:port, for routes without their own upstream-ca
+    /// (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_cacert: Option<PathBuf>,
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
@@ -89,17 +108,21 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
     config.drain_timeout = DRAIN;
     config.workers = args.workers;
     config.client_idle_timeout = args.client_idle_timeout;
+    config.tls_cert = args.tls_cert;
+    config.tls_key = args.tls_key;
+    config.upstream_ca = args.upstream_cacert;
     let gateway = Gateway::start(config, discovery)
         .await
         .context("cannot start the gateway")?;
     let addr = gateway.local_addr();
+    let scheme = if gateway.is_tls() { "https" } else { "http" };
     tracing::info!(
-        url = %format!("http://{addr}/"),
+        url = %format!("{scheme}://{addr}/"),
         admin = ?gateway.admin_addr(),
         routes = ?gateway.routes(),
         endpoints = %global.endpoints.join(","),
         prefix = %global.prefix,
-        "muster gateway ready on http://{addr}/"
+        "muster gateway ready on {scheme}://{addr}/"
     );
     signal.await;
     tracing::info!("shutting down; draining requests in progress");

@@ -18,6 +18,11 @@
 //! (its socket turned readable); if the close races with the request, the
 //! request fails with [`SendError::Stale`] and the caller may send it again
 //! on a fresh connection.
+//!
+//! A connection is plaintext or TLS ([`Io`]), for `https://` instances;
+//! pooled connections are keyed by authority and connector, so an
+//! instance's TLS connections are reused only with the connector (the
+//! CA) that verified them.
 
 use std::collections::VecDeque;
 use std::io;
@@ -36,6 +41,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::h1::{self, Decoder, Step};
 use crate::headers;
+use crate::tls::{Io, UpstreamTls};
 
 /// Read buffer size of a connection.
 const READ_BUF: usize = 16 * 1024;
@@ -64,7 +70,9 @@ struct Idle {
 #[derive(Debug)]
 struct Conn {
     key: Authority,
-    io: TcpStream,
+    /// The connector's id ([`UpstreamTls::id`]), 0 for plaintext.
+    tls: u64,
+    io: Io,
     /// Bytes read and not consumed yet.
     buf: BytesMut,
 }
@@ -96,7 +104,7 @@ pub(crate) struct Answer {
 /// The upstream's connection after `101 Switching Protocols`.
 #[derive(Debug)]
 pub(crate) struct Upgraded {
-    pub(crate) io: TcpStream,
+    pub(crate) io: Io,
     /// Bytes the upstream sent after its head.
     pub(crate) read: Bytes,
 }
@@ -107,6 +115,10 @@ pub(crate) enum SendError {
     /// No connection could be made; nothing was sent.
     #[error("{0}")]
     Connect(String),
+    /// The TLS handshake with an `https://` instance failed (or took
+    /// longer than the connect timeout); nothing was sent.
+    #[error("{0}")]
+    Tls(String),
     /// A pooled connection turned out to be closed by the upstream before
     /// anything came back (it closed it while idle, racing with this
     /// request). Sending again on a fresh connection is safe if the request
@@ -129,11 +141,13 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` to `authority` on an idle pooled connection (unless
-    /// `fresh`), or a new one, and reads the answer's head.
+    /// Sends `req` to `authority` (over TLS with `tls`) on an idle pooled
+    /// connection (unless `fresh`), or a new one, and reads the answer's
+    /// head.
     pub(crate) async fn send<B>(
         &self,
         authority: &Authority,
+        tls: Option<&UpstreamTls>,
         req: Outbound<'_, B>,
         fresh: bool,
     ) -> Result<Answer, SendError>
@@ -144,15 +158,13 @@ impl UpstreamClient {
         let pooled = if fresh {
             None
         } else {
-            self.checkout(authority)
+            self.checkout(authority, tls.map_or(0, |t| t.id))
         };
         let reused = pooled.is_some();
         let mut conn = match pooled {
             Some(conn) => conn,
             // Boxed: the cold path stays out of the request's future.
-            None => Box::pin(self.connect(authority))
-                .await
-                .map_err(SendError::Connect)?,
+            None => Box::pin(self.connect(authority, tls)).await?,
         };
         let failed = |what: &str, e: io::Error, reused: bool| {
             let message = format!("{what}: {e}");
@@ -170,7 +182,13 @@ impl UpstreamClient {
                 SendError::Request(message)
             }
         };
-        if let Err(e) = conn.io.write_all(req.head).await {
+        let wrote = match conn.io.write_all(req.head).await {
+            // A body follows at once: flushed after it.
+            Ok(()) if req.body.is_some() => Ok(()),
+            Ok(()) => conn.io.flush_tls().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = wrote {
             return Err(failed("sending the request", e, reused));
         }
         // An upstream may answer before it has read the whole body (a 413,
@@ -256,7 +274,7 @@ impl UpstreamClient {
     }
 
     /// The most recently used idle connection to `key` that is still open.
-    fn checkout(&self, key: &Authority) -> Option<Box<Conn>> {
+    fn checkout(&self, key: &Authority, tls: u64) -> Option<Box<Conn>> {
         let mut idle = self
             .pool
             .idle
@@ -266,7 +284,7 @@ impl UpstreamClient {
         // Exact bytes: cheaper than `Authority`'s case-insensitive equality.
         while let Some(i) = idle
             .iter()
-            .rposition(|i| i.conn.key.as_str() == key.as_str())
+            .rposition(|i| i.conn.key.as_str() == key.as_str() && i.conn.tls == tls)
         {
             let mut entry = idle.swap_remove(i);
             if now.saturating_duration_since(entry.since) < self.pool.idle_timeout
@@ -301,19 +319,44 @@ impl UpstreamClient {
         (self.pool.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(30))
     }
 
-    /// A new connection.
-    async fn connect(&self, authority: &Authority) -> Result<Box<Conn>, String> {
-        let io = tokio::time::timeout(self.pool.connect_timeout, tcp_connect(authority))
+    /// A new connection; with `tls`, the handshake is done too (both
+    /// within the connect timeout).
+    async fn connect(
+        &self,
+        authority: &Authority,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Box<Conn>, SendError> {
+        let timeout = self.pool.connect_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tcp = tokio::time::timeout_at(deadline, tcp_connect(authority))
             .await
             .map_err(|_| {
-                format!(
-                    "connect to {authority} timed out after {:?}",
-                    self.pool.connect_timeout
-                )
+                SendError::Connect(format!(
+                    "connect to {authority} timed out after {timeout:?}"
+                ))
             })?
-            .map_err(|e| format!("connect to {authority}: {e}"))?;
+            .map_err(|e| SendError::Connect(format!("connect to {authority}: {e}")))?;
+        let (io, id) = match tls {
+            None => (Io::Plain(tcp), 0),
+            Some(tls) => {
+                let host = unbracket(authority.host());
+                let stream = tokio::time::timeout_at(
+                    deadline,
+                    tls.connector.handshake(tcp, host, authority.as_str()),
+                )
+                .await
+                .map_err(|_| {
+                    SendError::Tls(format!(
+                        "TLS handshake with {authority} did not finish within the connect timeout ({timeout:?})"
+                    ))
+                })?
+                .map_err(|e| SendError::Tls(e.to_string()))?;
+                (Io::Tls(Box::new(stream)), tls.id)
+            }
+        };
         Ok(Box::new(Conn {
             key: authority.clone(),
+            tls: id,
             io,
             buf: BytesMut::with_capacity(READ_BUF),
         }))
@@ -321,13 +364,17 @@ impl UpstreamClient {
 }
 
 impl Conn {
-    /// Whether an idle connection is still open: the upstream has sent
-    /// nothing (no close, no stray bytes). Costs no system call unless the
-    /// socket turned readable.
+    /// Whether an idle connection is still open (see [`Io::is_idle_open`]).
     fn is_idle_open(&mut self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.io.is_idle_open()
     }
+}
+
+/// A host without the brackets of an IPv6 literal.
+fn unbracket(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// Which side failed while a request body was streamed.
@@ -337,7 +384,7 @@ enum BodyError {
 }
 
 /// Streams the client's body upstream, chunk-coded if `chunked`.
-async fn write_body<B>(io: &mut TcpStream, body: &mut B, chunked: bool) -> Result<(), BodyError>
+async fn write_body<B>(io: &mut Io, body: &mut B, chunked: bool) -> Result<(), BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -371,6 +418,9 @@ where
         } else {
             io.write_all(&data).await.map_err(write_error)?;
         }
+        // Over TLS, what is written is on its way before the next chunk
+        // is waited for.
+        io.flush_tls().await.map_err(write_error)?;
     }
     // A body sent with its length has no room for trailers: they go.
     match trailers {
@@ -390,6 +440,7 @@ where
             io.write_all(&end).await.map_err(write_error)?;
         }
     }
+    io.flush_tls().await.map_err(write_error)?;
     Ok(())
 }
 
@@ -578,11 +629,7 @@ impl Body for ResponseBody {
 /// `TCP_NODELAY` and keepalive.
 async fn tcp_connect(authority: &Authority) -> io::Result<TcpStream> {
     let port = authority.port_u16().unwrap_or(80);
-    let host = authority.host();
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = unbracket(authority.host());
     let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
@@ -684,7 +731,7 @@ mod tests {
             body: None,
             chunked: false,
         };
-        client.send(authority, outbound, fresh).await
+        client.send(authority, None, outbound, fresh).await
     }
 
     /// A POST of `body` (with `head`) on a fresh connection, its answer's
@@ -706,7 +753,7 @@ mod tests {
             body: Some(body),
             chunked,
         };
-        client.send(authority, outbound, true).await
+        client.send(authority, None, outbound, true).await
     }
 
     async fn fetch(

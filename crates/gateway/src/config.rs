@@ -9,6 +9,7 @@
 //! [defaults]
 //! balancer = "p2c"
 //! timeout = "30s"
+//! # upstream_ca = "/etc/muster/ca.pem"   # for https:// instances
 //!
 //! [[route]]
 //! prefix = "/api/users"     # longest matching prefix wins
@@ -24,7 +25,26 @@
 //! timeout = "5s"
 //! retries = 0
 //! filter = { tags = ["canary"], prefer_zone = "eu-1" }
+//!
+//! [[route]]
+//! prefix = "/billing"
+//! service = "billing"       # instances registered as https://host:port
+//! upstream_ca = "/etc/muster/billing-ca.pem"  # CA that signs their certificates
 //! ```
+//!
+//! TLS (set on [`GatewayConfig`], or with `muster gateway`'s flags):
+//!
+//! * [`GatewayConfig::tls_cert`] and [`GatewayConfig::tls_key`] (`--tls-cert`,
+//!   `--tls-key`) turn the main listener into HTTPS, offering HTTP/2 and
+//!   HTTP/1.1 by ALPN. The files are checked every
+//!   [`GatewayConfig::tls_reload_interval`]: a new pair is used for new
+//!   connections, a broken one is logged and the old pair kept. A
+//!   plaintext request on the TLS port is answered `400`. The admin
+//!   listener stays plaintext.
+//! * Instances registered with an `https://host:port` address are dialled
+//!   over TLS (ALPN `http/1.1`), verified against the route's
+//!   [`Route::upstream_ca`], else [`GatewayConfig::upstream_ca`]
+//!   (`--upstream-cacert`), else the system's roots, for the name `host`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,6 +96,20 @@ pub struct GatewayConfig {
     /// How long [`GatewayHandle::shutdown`](crate::GatewayHandle::shutdown)
     /// waits for requests in progress before closing their connections.
     pub drain_timeout: Duration,
+    /// The certificate chain (PEM) of the main listener: with
+    /// [`GatewayConfig::tls_key`], the listener speaks HTTPS (HTTP/2 and
+    /// HTTP/1.1 by ALPN) instead of plaintext HTTP/1.1 and h2c. The admin
+    /// listener stays plaintext.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of [`GatewayConfig::tls_cert`].
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate and key files are checked for a new pair
+    /// (a rotated pair is used for new connections; open ones keep theirs).
+    pub tls_reload_interval: Duration,
+    /// The CA bundle (PEM) that signs the certificates of `https://`
+    /// instances, for routes that set no [`Route::upstream_ca`] (`None`:
+    /// the system's roots).
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -96,7 +130,18 @@ impl GatewayConfig {
             metrics_path: None,
             drain_timeout: Duration::from_secs(30),
             workers: 0,
+            tls_cert: None,
+            tls_key: None,
+            tls_reload_interval: Duration::from_secs(5),
+            upstream_ca: None,
         }
+    }
+
+    /// Serves HTTPS with this certificate chain and key (PEM files).
+    pub fn with_tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_cert = Some(cert.into());
+        self.tls_key = Some(key.into());
+        self
     }
 
     /// Adds a route.
@@ -206,6 +251,12 @@ pub struct Route {
     /// yet and that failed before any response, is retried.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// The CA bundle (PEM) that signs the certificates of the service's
+    /// `https://` instances (default: [`GatewayConfig::upstream_ca`], else
+    /// the system's roots). Read when the routes are loaded: a missing or
+    /// malformed file makes the routes invalid.
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 /// What a consistent-hashing route hashes.
@@ -231,6 +282,7 @@ impl Route {
             filter: Filter::default(),
             timeout: None,
             retries: None,
+            upstream_ca: None,
         }
     }
 
@@ -284,6 +336,12 @@ impl Route {
         self
     }
 
+    /// Verifies the service's `https://` instances against this CA bundle.
+    pub fn upstream_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.upstream_ca = Some(ca.into());
+        self
+    }
+
     /// Checks the route: prefix, host, service name, hash key.
     pub fn validate(&self) -> Result<(), GatewayError> {
         let bad = |reason: String| GatewayError::InvalidRoute {
@@ -316,6 +374,13 @@ impl Route {
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(bad("the timeout must be positive".into()));
         }
+        if self
+            .upstream_ca
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(bad("the upstream CA path is empty".into()));
+        }
         Ok(())
     }
 }
@@ -326,7 +391,7 @@ impl FromStr for Route {
     /// Parses the flag form `/prefix=service[,option...]` with options
     /// `strip`, `host=NAME`, `balancer=KIND`, `hash-header=NAME`,
     /// `hash-cookie=NAME`, `timeout=DURATION`, `retries=N`, `tag=T`,
-    /// `zone=Z`, `prefer-zone=Z`, `version=V`.
+    /// `zone=Z`, `prefer-zone=Z`, `version=V`, `upstream-ca=FILE`.
     fn from_str(s: &str) -> Result<Self, GatewayError> {
         let bad = |reason: String| GatewayError::InvalidRoute {
             route: s.to_string(),
@@ -361,6 +426,7 @@ impl FromStr for Route {
                 "zone" => route.filter.zone = Some(value.to_string()),
                 "prefer-zone" => route.filter.prefer_zone = Some(value.to_string()),
                 "version" => route.filter.version = Some(value.to_string()),
+                "upstream-ca" => route.upstream_ca = Some(PathBuf::from(value)),
                 _ => return Err(bad(format!("unknown option {opt:?}"))),
             }
         }
@@ -394,6 +460,9 @@ pub struct FileDefaults {
     /// See [`RouteDefaults::retries`].
     #[serde(default)]
     pub retries: Option<u32>,
+    /// See [`Route::upstream_ca`]: for this file's routes that set none.
+    #[serde(default)]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl RoutesFile {
@@ -428,6 +497,7 @@ impl RoutesFile {
                 r.balancer = r.balancer.or(d.balancer);
                 r.timeout = r.timeout.or(d.timeout);
                 r.retries = r.retries.or(d.retries);
+                r.upstream_ca = r.upstream_ca.or_else(|| d.upstream_ca.clone());
                 r
             })
             .collect()
@@ -505,5 +575,34 @@ mod tests {
                 .is_err()
         );
         assert!(RoutesFile::parse("").unwrap().routes.is_empty());
+    }
+
+    #[test]
+    fn upstream_cas_parse() {
+        let r: Route = "/b=billing,upstream-ca=/etc/ca.pem".parse().unwrap();
+        assert_eq!(r.upstream_ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert!("/b=billing,upstream-ca=".parse::<Route>().is_err());
+        let f = RoutesFile::parse(
+            r#"
+            [defaults]
+            upstream_ca = "/etc/default-ca.pem"
+
+            [[route]]
+            prefix = "/a"
+            service = "a"
+
+            [[route]]
+            prefix = "/b"
+            service = "b"
+            upstream_ca = "/etc/b-ca.pem"
+            "#,
+        )
+        .unwrap();
+        let routes = f.resolved_routes();
+        assert_eq!(
+            routes[0].upstream_ca,
+            Some(PathBuf::from("/etc/default-ca.pem"))
+        );
+        assert_eq!(routes[1].upstream_ca, Some(PathBuf::from("/etc/b-ca.pem")));
     }
 }

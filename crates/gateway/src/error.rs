@@ -41,6 +41,10 @@ pub enum GatewayError {
     /// Some other setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The listener's certificate or key cannot be used (the message
+    /// names the file and what is wrong with it).
+    #[error("TLS: {0}")]
+    Tls(#[from] muster_tls::Error),
 }
 
 /// A JSON error answer: `{"error": kind, "message": ..., ...}`.

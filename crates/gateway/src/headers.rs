@@ -48,23 +48,28 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub(crate) struct ClientAddr {
     /// The same text, to append to an existing `X-Forwarded-For`.
     ip_text: String,
-    /// `for=...;proto=http`, this hop's `Forwarded` element without host.
+    /// `for=...;proto=http` (or `https`), this hop's `Forwarded` element
+    /// without host.
     hop: String,
+    /// Whether the client came over TLS (`X-Forwarded-Proto: https`).
+    tls: bool,
 }
 
 impl ClientAddr {
-    pub(crate) fn new(peer: SocketAddr) -> Self {
+    /// A client at `peer`; `tls`: it connected over TLS.
+    pub(crate) fn new(peer: SocketAddr, tls: bool) -> Self {
         let ip = peer.ip();
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
         let ip_text = ip.to_string();
+        let proto = if tls { "https" } else { "http" };
         let hop = match ip {
-            IpAddr::V4(_) => format!("for={ip_text};proto=http"),
-            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto=http"),
+            IpAddr::V4(_) => format!("for={ip_text};proto={proto}"),
+            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto={proto}"),
         };
-        ClientAddr { ip_text, hop }
+        ClientAddr { ip_text, hop, tls }
     }
 }
 
@@ -184,7 +189,11 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(r.client.ip_text.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    out.extend_from_slice(if r.client.tls {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
     if let Some(host) = r.host
         && !has_xfh
     {
@@ -276,7 +285,7 @@ mod tests {
         upgrade: bool,
         framing: RequestFraming,
     ) -> String {
-        let client = ClientAddr::new(client.parse().unwrap());
+        let client = ClientAddr::new(client.parse().unwrap(), false);
         let mut out = Vec::new();
         write_request_head(
             &mut out,
@@ -362,5 +371,34 @@ mod tests {
         );
         assert!(out.contains("x-forwarded-for: ::1\r\n"), "{out}");
         assert!(out.ends_with("content-length: 1234567\r\n\r\n"), "{out}");
+    }
+
+    #[test]
+    fn tls_clients_are_forwarded_as_https() {
+        let mut h = HeaderMap::new();
+        // A client's own claim is replaced, whichever way it goes.
+        h.insert("x-forwarded-proto", "http".parse().unwrap());
+        let client = ClientAddr::new("10.0.0.2:5000".parse().unwrap(), true);
+        let mut out = Vec::new();
+        write_request_head(
+            &mut out,
+            &Outgoing {
+                method: &Method::GET,
+                target: "/",
+                headers: &h,
+                client: &client,
+                host: None,
+                default_host: "10.0.0.9:80",
+                upgrade: false,
+                framing: RequestFraming::None,
+            },
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("\r\nx-forwarded-proto: https\r\n"), "{out}");
+        assert!(!out.contains("x-forwarded-proto: http\r\n"), "{out}");
+        assert!(
+            out.contains("forwarded: for=10.0.0.2;proto=https\r\n"),
+            "{out}"
+        );
     }
 }

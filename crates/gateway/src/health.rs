@@ -24,7 +24,7 @@ pub(crate) struct InstanceState {
     pub(crate) id: String,
     pub(crate) addr: String,
     /// Where to send requests; `None` if the registered address is not a
-    /// usable `host:port` or `http://host:port`.
+    /// usable `host:port`, `http://host:port` or `https://host:port`.
     pub(crate) target: Option<(Scheme, Authority)>,
     pub(crate) latency: Arc<Histogram>,
     failures: AtomicU32,
@@ -116,12 +116,14 @@ impl InstanceState {
     }
 }
 
-/// `host:port` or `http://host:port[/]` as scheme and authority.
+/// `host:port`, `http://host:port[/]` or `https://host:port[/]` as scheme
+/// and authority.
 fn parse_target(addr: &str) -> Option<(Scheme, Authority)> {
-    let rest = match addr.split_once("://") {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+    let (scheme, rest) = match addr.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (Scheme::HTTP, rest),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (Scheme::HTTPS, rest),
         Some(_) => return None,
-        None => addr,
+        None => (Scheme::HTTP, addr),
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
@@ -129,7 +131,7 @@ fn parse_target(addr: &str) -> Option<(Scheme, Authority)> {
     }
     let authority: Authority = rest.parse().ok()?;
     authority.port_u16()?;
-    Some((Scheme::HTTP, authority))
+    Some((scheme, authority))
 }
 
 #[cfg(test)]
@@ -150,7 +152,13 @@ mod tests {
         assert!(parse_target("http://10.0.0.7:8080").is_some());
         assert!(parse_target("http://10.0.0.7:8080/").is_some());
         assert!(parse_target("[::1]:80").is_some());
-        assert!(parse_target("https://h:1").is_none());
+        assert_eq!(
+            parse_target("https://h:1/"),
+            Some((Scheme::HTTPS, "h:1".parse().unwrap()))
+        );
+        assert_eq!(parse_target("h:1").unwrap().0, Scheme::HTTP);
+        assert!(parse_target("https://h").is_none());
+        assert!(parse_target("ftp://h:1").is_none());
         assert!(parse_target("h").is_none());
         assert!(parse_target("h:1/x").is_none());
         assert!(parse_target("").is_none());

@@ -18,8 +18,10 @@
 //!
 //! How a request travels (`proxy.rs`):
 //!
-//! 1. The listener (`server.rs`) speaks HTTP/1.1 and h2c on one port.
-//!    Requests hyper cannot parse get 400 from hyper itself.
+//! 1. The listener (`server.rs`) speaks HTTP/1.1 and h2c on one port, or
+//!    with a certificate, HTTPS with HTTP/2 and HTTP/1.1 by ALPN (`tls.rs`;
+//!    the certificate follows its files). Requests hyper cannot parse get
+//!    400 from hyper itself.
 //! 2. The gateway's own paths (health, metrics) are answered directly.
 //! 3. The route table (`route.rs`) picks the route: host-specific routes
 //!    first, then the longest prefix on segment boundaries. No route: 404
@@ -33,8 +35,8 @@
 //!    headers: hop-by-hop ones go, `X-Forwarded-*` and `Forwarded` are
 //!    added (`headers.rs`). The request's own task sends it on a pooled
 //!    connection with its body streamed, and reads the answer's head
-//!    (`client.rs` and `h1.rs`: HTTP/1.1 on the wire, one pool per serving
-//!    thread). A pooled
+//!    (`client.rs` and `h1.rs`: HTTP/1.1 on the wire, over TLS to
+//!    `https://` instances, one pool per serving thread). A pooled
 //!    connection the upstream had closed is replaced by a fresh one to the
 //!    same instance. A connect failure, or an idempotent request that
 //!    failed before its body was touched and before any answer, is retried
@@ -65,6 +67,7 @@ mod proxy;
 mod reload;
 mod route;
 mod server;
+mod tls;
 mod upgrade;
 mod upstream;
 mod watchdog;
@@ -163,9 +166,13 @@ impl Gateway {
             None => None,
         };
 
-        let metrics = Arc::new(Metrics::default());
+        let tls = tls::listener(&config)?;
+        let mut metrics = Metrics::default();
+        metrics.tls = tls.clone();
+        let metrics = Arc::new(metrics);
         let upstreams = Upstreams::new(discovery, config.health.clone(), metrics.clone());
         let proxy = Arc::new(Proxy::new(&config, upstreams, metrics));
+        proxy.tls.check_default()?;
         let (stop_tx, stop) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -178,7 +185,7 @@ impl Gateway {
                     defaults: config.defaults.clone(),
                     last: Some(text),
                 };
-                let table = reloader.table(&parsed, &proxy);
+                let table = reloader.table(&parsed, &proxy)?;
                 proxy.routes.store(Arc::new(table));
                 tasks.push(tokio::spawn(reloader.run(proxy.clone(), stop.clone())));
             }
@@ -189,7 +196,8 @@ impl Gateway {
                     None,
                     &proxy.upstreams,
                     &proxy.metrics,
-                );
+                    &proxy.tls,
+                )?;
                 proxy.routes.store(Arc::new(table));
             }
         }
@@ -208,7 +216,10 @@ impl Gateway {
             &stop,
             config.drain_timeout,
             config.client_idle_timeout,
+            tls.clone(),
         )?;
+        // Aborted on shutdown (the handle's `tasks` are awaited instead).
+        let tls_reloader = tls.as_ref().map(|t| t.spawn_reloader());
         tasks.push(tokio::spawn(server::accept(
             listener,
             workers.queues(),
@@ -223,10 +234,13 @@ impl Gateway {
                 config.drain_timeout,
             )));
         }
-        tracing::info!(addr = %local_addr, admin = ?admin_addr, ?routes, "gateway listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %local_addr, %scheme, admin = ?admin_addr, ?routes, "gateway listening");
         Ok(GatewayHandle {
             local_addr,
             admin_addr,
+            tls: tls.is_some(),
+            tls_reloader,
             proxy,
             stop: stop_tx,
             tasks,
@@ -242,6 +256,9 @@ impl Gateway {
 pub struct GatewayHandle {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    tls: bool,
+    /// Follows the listener's certificate files.
+    tls_reloader: Option<JoinHandle<()>>,
     proxy: Arc<Proxy>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -253,6 +270,11 @@ impl GatewayHandle {
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Whether the main listener speaks HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// The admin listener's address, if configured.
@@ -274,6 +296,9 @@ impl GatewayHandle {
     /// to [`GatewayConfig::drain_timeout`]), then returns.
     pub async fn shutdown(mut self) {
         self.stop.send_replace(true);
+        if let Some(reloader) = self.tls_reloader.take() {
+            reloader.abort();
+        }
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
@@ -287,5 +312,8 @@ impl GatewayHandle {
 impl Drop for GatewayHandle {
     fn drop(&mut self) {
         self.stop.send_replace(true);
+        if let Some(reloader) = self.tls_reloader.take() {
+            reloader.abort();
+        }
     }
 }

@@ -7,13 +7,15 @@
 //! | `muster_gateway_request_duration_seconds` | `route` | histogram: request start to response headers |
 //! | `muster_gateway_upstream_duration_seconds` | `service`, `instance` | histogram: one upstream attempt to response headers |
 //! | `muster_gateway_retries_total` | `route` | attempts repeated on another instance |
-//! | `muster_gateway_upstream_errors_total` | `route`, `kind` | failed attempts: `connect`, `request`, `timeout` |
+//! | `muster_gateway_upstream_errors_total` | `route`, `kind` | failed attempts: `connect`, `tls` (handshake with an `https://` instance), `request`, `timeout` |
 //! | `muster_gateway_ejections_total` | `service`, `instance` | instances ejected by passive health checking |
 //! | `muster_gateway_instances` | `service`, `state` | `eligible` and `ejected` instances |
 //! | `muster_gateway_discovery_stale_seconds` | `service` | how long the service's table may have been missing changes (0: live) |
 //! | `muster_gateway_discovery_revision` | `service` | the revision of the service's table |
 //! | `muster_gateway_connections_total` | | accepted client connections |
 //! | `muster_gateway_route_reloads_total` | `result` | routes file reloads (`ok`, `error`) |
+//! | `muster_gateway_tls_handshake_failures_total` | | client connections whose TLS handshake failed (plaintext on the TLS port included) |
+//! | `muster_gateway_tls_certificate_reloads_total` | `result` | new certificate pairs taken into use (`ok`) or refused (`error`) |
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -108,9 +110,10 @@ pub(crate) enum ErrorKind {
     Connect = 0,
     Request = 1,
     Timeout = 2,
+    Tls = 3,
 }
 
-const ERROR_KINDS: [&str; 3] = ["connect", "request", "timeout"];
+const ERROR_KINDS: [&str; 4] = ["connect", "request", "timeout", "tls"];
 
 /// The counters of one route (kept across reloads of the routes file).
 #[derive(Debug)]
@@ -120,7 +123,7 @@ pub(crate) struct RouteMetrics {
     statuses: Box<[Padded<Box<[AtomicU64]>>]>,
     latency: Histogram,
     retries: AtomicU64,
-    errors: [AtomicU64; 3],
+    errors: [AtomicU64; 4],
 }
 
 impl RouteMetrics {
@@ -162,6 +165,9 @@ pub(crate) struct Metrics {
     pub(crate) connections: AtomicU64,
     pub(crate) reloads_ok: AtomicU64,
     pub(crate) reloads_failed: AtomicU64,
+    pub(crate) tls_handshake_failures: AtomicU64,
+    /// The listener's certificate reloader, when TLS is on.
+    pub(crate) tls: Option<muster_tls::TlsServer>,
 }
 
 impl Default for Metrics {
@@ -173,6 +179,8 @@ impl Default for Metrics {
             connections: AtomicU64::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            tls_handshake_failures: AtomicU64::new(0),
+            tls: None,
         }
     }
 }
@@ -361,6 +369,23 @@ impl Metrics {
                 "muster_gateway_route_reloads_total{{result=\"{result}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
+        }
+        if let Some(tls) = &self.tls {
+            out.push_str("# HELP muster_gateway_tls_handshake_failures_total Client connections whose TLS handshake failed.\n");
+            out.push_str("# TYPE muster_gateway_tls_handshake_failures_total counter\n");
+            let _ = writeln!(
+                out,
+                "muster_gateway_tls_handshake_failures_total {}",
+                self.tls_handshake_failures.load(Ordering::Relaxed)
+            );
+            out.push_str("# HELP muster_gateway_tls_certificate_reloads_total Changes of the listener's certificate files, taken into use or refused.\n");
+            out.push_str("# TYPE muster_gateway_tls_certificate_reloads_total counter\n");
+            for (result, n) in [("ok", tls.reloads()), ("error", tls.reload_failures())] {
+                let _ = writeln!(
+                    out,
+                    "muster_gateway_tls_certificate_reloads_total{{result=\"{result}\"}} {n}"
+                );
+            }
         }
         out
     }

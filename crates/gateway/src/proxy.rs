@@ -18,6 +18,7 @@ use crate::error::json_error;
 use crate::headers::{ClientAddr, Outgoing, RequestFraming, write_request_head};
 use crate::metrics::{ErrorKind, Metrics};
 use crate::route::{ActiveRoute, RouteTable};
+use crate::tls::TlsClients;
 use crate::upgrade::{is_upgrade, tunnel};
 use crate::upstream::Upstreams;
 
@@ -31,6 +32,8 @@ pub(crate) struct Proxy {
     pub(crate) routes: ArcSwap<RouteTable>,
     pub(crate) upstreams: Upstreams,
     pub(crate) metrics: Arc<Metrics>,
+    /// Connectors for `https://` instances.
+    pub(crate) tls: TlsClients,
     connect_timeout: Duration,
     pool_idle_timeout: Duration,
     health_path: Option<String>,
@@ -49,6 +52,7 @@ impl Proxy {
             routes: ArcSwap::default(),
             upstreams,
             metrics,
+            tls: TlsClients::new(config.upstream_ca.clone()),
             connect_timeout: config.connect_timeout,
             pool_idle_timeout: config.pool_idle_timeout,
             health_path: config.health_path.clone(),
@@ -208,14 +212,28 @@ impl Proxy {
             let state = route.service.instance(&target_instance.instance);
             // Borrowed: cloning would bump a reference count that every
             // serving thread shares.
-            let Some((_, authority)) = state.target.as_ref() else {
-                tracing::warn!(service = %route.route.service, instance = %state.id, addr = %state.addr, "instance address is not http://host:port; skipping it");
+            let Some((scheme, authority)) = state.target.as_ref() else {
+                tracing::warn!(service = %route.route.service, instance = %state.id, addr = %state.addr, "instance address is not http(s)://host:port; skipping it");
                 last_error = format!(
                     "instance {} has an unusable address {:?}",
                     state.id, state.addr
                 );
                 tried.push(target_instance.instance.id.clone());
                 continue;
+            };
+            let tls = if *scheme == http::uri::Scheme::HTTPS {
+                match self.tls.connector(&route.trust) {
+                    Ok(tls) => Some(&**tls),
+                    Err(e) => {
+                        // The gateway's fault, not the instance's.
+                        tracing::warn!(service = %route.route.service, instance = %state.id, error = %e, "cannot verify https:// instances; set an upstream CA");
+                        last_error = format!("instance {} ({}): {e}", state.id, state.addr);
+                        tried.push(target_instance.instance.id.clone());
+                        continue;
+                    }
+                }
+            } else {
+                None
             };
             head.clear();
             write_request_head(
@@ -244,7 +262,7 @@ impl Proxy {
                 };
                 let result = tokio::time::timeout_at(
                     deadline.into(),
-                    client.send(authority, outbound, fresh),
+                    client.send(authority, tls, outbound, fresh),
                 )
                 .await;
                 match result {
@@ -309,6 +327,10 @@ impl Proxy {
                     let (kind, retryable) = match &e {
                         // Nothing was sent.
                         SendError::Connect(_) => (ErrorKind::Connect, true),
+                        SendError::Tls(reason) => {
+                            tracing::warn!(service = %route.route.service, instance = %state.id, addr = %state.addr, error = %reason, "TLS to the instance failed");
+                            (ErrorKind::Tls, true)
+                        }
                         SendError::Stale(_) | SendError::Request(_) => (
                             ErrorKind::Request,
                             idempotent && body.as_ref().is_none_or(|b| !b.started()),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{Route, RouteDefaults, RoutesFile};
+use crate::error::GatewayError;
 use crate::proxy::Proxy;
 use crate::route::RouteTable;
 
@@ -27,7 +28,11 @@ pub(crate) struct Reloader {
 
 impl Reloader {
     /// Builds the table for `file`'s routes after the fixed ones.
-    pub(crate) fn table(&self, file: &RoutesFile, proxy: &Proxy) -> RouteTable {
+    pub(crate) fn table(
+        &self,
+        file: &RoutesFile,
+        proxy: &Proxy,
+    ) -> Result<RouteTable, GatewayError> {
         let mut routes = self.fixed.clone();
         routes.extend(file.resolved_routes());
         let previous = proxy.routes.load();
@@ -37,6 +42,7 @@ impl Reloader {
             Some(&previous),
             &proxy.upstreams,
             &proxy.metrics,
+            &proxy.tls,
         )
     }
 
@@ -68,12 +74,12 @@ impl Reloader {
             if self.last.as_deref() == Some(&contents[..]) {
                 continue;
             }
-            let parsed = std::str::from_utf8(&contents)
+            let table = std::str::from_utf8(&contents)
                 .map_err(|e| e.to_string())
-                .and_then(RoutesFile::parse);
-            match parsed {
-                Ok(file) => {
-                    let table = self.table(&file, &proxy);
+                .and_then(RoutesFile::parse)
+                .and_then(|file| self.table(&file, &proxy).map_err(|e| e.to_string()));
+            match table {
+                Ok(table) => {
                     let routes = table.describe();
                     proxy.routes.store(Arc::new(table));
                     proxy.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);

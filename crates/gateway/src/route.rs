@@ -13,7 +13,9 @@ use http::HeaderMap;
 use muster::balance::{AnyLoadBalancer, BalancerKind};
 
 use crate::config::{HashKey, Route, RouteDefaults};
+use crate::error::GatewayError;
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::tls::{TlsClients, Trust};
 use crate::upstream::{ServiceState, Upstreams};
 
 /// A route ready to serve.
@@ -28,6 +30,8 @@ pub(crate) struct ActiveRoute {
     pub(crate) service: Arc<ServiceState>,
     pub(crate) lb: Arc<AnyLoadBalancer>,
     pub(crate) metrics: Arc<RouteMetrics>,
+    /// What the service's `https://` instances are verified against.
+    pub(crate) trust: Trust,
 }
 
 impl ActiveRoute {
@@ -102,14 +106,16 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// Builds a table from routes in priority order (on the same host and
-    /// prefix the first wins), reusing what `previous` already had.
+    /// prefix the first wins), reusing what `previous` already had. Fails
+    /// if a route's upstream CA cannot be loaded.
     pub(crate) fn build(
         routes: &[Route],
         defaults: &RouteDefaults,
         previous: Option<&RouteTable>,
         upstreams: &Upstreams,
         metrics: &Metrics,
-    ) -> RouteTable {
+        tls: &TlsClients,
+    ) -> Result<RouteTable, GatewayError> {
         let mut table = RouteTable::default();
         for route in routes {
             let host = route.host.as_ref().map(|h| h.to_ascii_lowercase());
@@ -121,6 +127,12 @@ impl RouteTable {
                 tracing::warn!(prefix = %route.prefix, host = ?route.host, "duplicate route ignored");
                 continue;
             }
+            let trust = tls.trust(route.upstream_ca.as_deref()).map_err(|reason| {
+                GatewayError::InvalidRoute {
+                    route: route.prefix.clone(),
+                    reason,
+                }
+            })?;
             let kind = route.balancer.unwrap_or(defaults.balancer);
             let label = match &host {
                 Some(h) => format!("{h}{}", route.prefix),
@@ -154,6 +166,7 @@ impl RouteTable {
                 service,
                 lb,
                 route,
+                trust,
             });
             if active.route.host.is_some() {
                 table.with_host.push(active);
@@ -168,7 +181,7 @@ impl RouteTable {
         table
             .any_host
             .sort_by_key(|r| std::cmp::Reverse(r.route.prefix.len()));
-        table
+        Ok(table)
     }
 
     fn all(&self) -> impl Iterator<Item = &Arc<ActiveRoute>> {

@@ -7,7 +7,12 @@
 //! upstream connections, upgrades) stays on that thread, so no request
 //! wakes another thread. Shared state (routes, balancers, metrics) is
 //! lock-free. Each connection speaks HTTP/1.1 or h2c (detected from its
-//! first bytes), with upgrades; shutdown drains gracefully.
+//! first bytes), with upgrades; shutdown drains gracefully. With TLS, the
+//! serving thread shakes hands first (so handshakes are spread over the
+//! threads too) and the connection then speaks HTTP/2 or HTTP/1.1 (ALPN,
+//! and the same detection).
+//!
+//! The admin listener is always plaintext.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,6 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use muster_tls::TlsServer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -45,13 +51,14 @@ pub(crate) struct Workers {
 
 impl Workers {
     /// Starts `n` serving threads; they stop (draining for up to `drain`)
-    /// when `stop` turns true.
+    /// when `stop` turns true. With `tls`, they serve HTTPS.
     pub(crate) fn start(
         n: usize,
         proxy: &Arc<Proxy>,
         stop: &watch::Receiver<bool>,
         drain: Duration,
         idle: Duration,
+        tls: Option<TlsServer>,
     ) -> Result<Workers, GatewayError> {
         let mut workers = Workers {
             queues: Vec::with_capacity(n),
@@ -67,12 +74,12 @@ impl Workers {
                 .enable_time()
                 .build()
                 .map_err(|e| GatewayError::Config(format!("cannot start a runtime: {e}")))?;
-            let (proxy, stop) = (proxy.clone(), stop.clone());
+            let (proxy, stop, tls) = (proxy.clone(), stop.clone(), tls.clone());
             std::thread::Builder::new()
                 .name(format!("gateway-{i}"))
                 .spawn(move || {
                     crate::metrics::set_shard(i);
-                    runtime.block_on(worker(rx, proxy, stop, drain, idle));
+                    runtime.block_on(worker(rx, proxy, stop, drain, idle, tls));
                     let _ = done_tx.send(());
                 })
                 .map_err(|e| GatewayError::Config(format!("cannot start a thread: {e}")))?;
@@ -150,6 +157,7 @@ async fn worker(
     mut stop: watch::Receiver<bool>,
     drain: Duration,
     idle: Duration,
+    tls: Option<TlsServer>,
 ) {
     let client = proxy.client();
     let watchdog = Watchdog::new(idle);
@@ -165,7 +173,7 @@ async fn worker(
             }
         }
     });
-    let builder = builder(None);
+    let builder = Arc::new(builder(None));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -183,7 +191,7 @@ async fn worker(
         let shared = Arc::new((
             proxy.clone(),
             client.clone(),
-            ClientAddr::new(peer),
+            ClientAddr::new(peer, tls.is_some()),
             activity.clone(),
         ));
         let service = service_fn(move |req| {
@@ -197,15 +205,43 @@ async fn worker(
                 Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
             }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let task = match &tls {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                })
             }
-        });
+            // The handshake runs in the connection's task (bounded by its
+            // own timeout, and by the watchdog like an incomplete head).
+            Some(tls) => {
+                let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+                let metrics = proxy.metrics.clone();
+                tokio::spawn(async move {
+                    let stream = match tls.accept(stream, peer).await {
+                        Ok(stream) => stream,
+                        Err(e) => {
+                            metrics
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "TLS handshake with a client failed");
+                            return;
+                        }
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                })
+            }
+        };
         watchdog.watch(activity, task.abort_handle());
     }
     if tokio::time::timeout(drain, graceful.shutdown())

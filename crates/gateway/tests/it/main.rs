@@ -1,5 +1,5 @@
-//! The gateway's integration tests: proxying, balancing, health, streaming
-//! and upgrades, against real etcd and the embedded registry.
+//! The gateway's integration tests: proxying, balancing, health, streaming,
+//! upgrades and TLS, against real etcd and the embedded registry.
 //!
 //! One test binary per crate (one `mod` per area) rather than one per file:
 //! every binary links the whole dependency tree, so fewer binaries mean a
@@ -8,3 +8,4 @@
 mod common;
 mod proxy;
 mod stream;
+mod tls;
