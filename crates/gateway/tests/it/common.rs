@@ -332,7 +332,8 @@ async fn answer(shared: Arc<UpstreamShared>, mut req: Request<Incoming>) -> Resp
     resp
 }
 
-fn websocket(req: &mut Request<Incoming>) -> Response<TestBody> {
+/// Accepts a WebSocket upgrade and echoes messages on it.
+pub fn websocket(req: &mut Request<Incoming>) -> Response<TestBody> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
     let Some(key) = req.headers().get("sec-websocket-key") else {

@@ -474,7 +474,8 @@ async fn tls_settings_are_checked(registry: Box<dyn Registry>) {
 
 /// An HTTPS upstream (hyper over muster-tls, offering h2 and http/1.1 but
 /// serving HTTP/1.1): answers with its id, the ALPN protocol it
-/// negotiated (`x-alpn`) and, for a POST, the length of the body it read.
+/// negotiated (`x-alpn`) and, for a POST, the length of the body it read;
+/// echoes WebSocket messages after an upgrade.
 struct TlsUpstream {
     addr: std::net::SocketAddr,
     connections: Arc<AtomicU64>,
@@ -502,9 +503,12 @@ impl TlsUpstream {
                     .unwrap_or_else(|| "none".into());
                 let id = id.clone();
                 conns.spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
                         let (id, alpn) = (id.clone(), alpn.clone());
                         async move {
+                            if req.headers().contains_key(http::header::UPGRADE) {
+                                return Ok::<_, Infallible>(common::websocket(&mut req));
+                            }
                             let post = req.method() == http::Method::POST;
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let text = if post {
@@ -512,13 +516,14 @@ impl TlsUpstream {
                             } else {
                                 id
                             };
-                            let mut resp = Response::new(Full::new(Bytes::from(text)));
+                            let mut resp = Response::new(common::full(text));
                             resp.headers_mut().insert("x-alpn", alpn.parse().unwrap());
-                            Ok::<_, Infallible>(resp)
+                            Ok(resp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
                         .await;
                 });
                 while conns.try_join_next().is_some() {}
@@ -676,6 +681,27 @@ async fn tls_end_to_end(registry: Box<dyn Registry>) {
         request(&mut send, "POST", "/in", Bytes::from(vec![1u8; 300_000])).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "e-1 300000"));
     assert_eq!(headers["x-alpn"], "http/1.1");
+
+    // A WebSocket tunnel with TLS on both of its connections.
+    let stream = dial(&pki.client(), port, &[muster_tls::ALPN_HTTP11]).await;
+    let (mut ws, _) = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::client_async(format!("wss://127.0.0.1:{port}/ws"), stream),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("websocket handshake to an https:// instance");
+    let big = vec![9u8; 300_000];
+    for message in [Message::text("over TLS twice"), Message::binary(big)] {
+        ws.send(message.clone()).await.unwrap();
+        let echo = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("an echo in time")
+            .expect("an echo")
+            .unwrap();
+        assert_eq!(echo, message);
+    }
+    ws.close(None).await.unwrap();
     gw.shutdown().await;
 }
 
