@@ -661,6 +661,56 @@ async fn https_instances_are_dialled_over_tls(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// A routes file names upstream CAs; a reload whose CA cannot be read is
+/// refused and the routes stay.
+async fn routes_file_upstream_ca(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let dir = Dir::new();
+    let ca = Ca::new("file CA");
+    let (cert, key) = dir.pair(&ca, "up-", "upstream");
+    let up = TlsUpstream::start("f-1", &cert, &key).await;
+    env.registrar
+        .register(up.instance("filed", "f-1"))
+        .await
+        .expect("register");
+    let ca_file = dir.write("ca.pem", &ca.pem);
+    let routes = dir.write(
+        "routes.toml",
+        &format!(
+            "[defaults]\nupstream_ca = {ca:?}\n\n[[route]]\nprefix = \"/f\"\nservice = \"filed\"\n",
+            ca = ca_file.display().to_string()
+        ),
+    );
+    let mut config = gateway_config(vec![]);
+    config.routes_file = Some(routes.clone());
+    let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
+    let client = http_client();
+    let addr = gw.local_addr();
+    wait_routed(&client, addr, "/f").await;
+    assert_eq!(get(&client, addr, "/f").await.body, "f-1");
+
+    let missing = dir.0.path().join("missing-ca.pem");
+    dir.write(
+        "routes.toml",
+        &format!(
+            "[[route]]\nprefix = \"/f\"\nservice = \"filed\"\nupstream_ca = {missing:?}\n\n\
+             [[route]]\nprefix = \"/g\"\nservice = \"filed\"\n",
+            missing = missing.display().to_string()
+        ),
+    );
+    eventually("the file naming a missing CA is refused", || async {
+        metric(
+            &gw,
+            "muster_gateway_route_reloads_total",
+            &["result=\"error\""],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(get(&client, addr, "/f").await.body, "f-1");
+    assert_eq!(get(&client, addr, "/g").await.status, StatusCode::NOT_FOUND);
+    gw.shutdown().await;
+}
+
 /// TLS on both sides at once: an HTTPS client, an `https://` instance.
 async fn tls_end_to_end(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
@@ -711,5 +761,6 @@ muster_testkit::on_both!(
     listener_certificate_is_reloaded,
     tls_settings_are_checked,
     https_instances_are_dialled_over_tls,
+    routes_file_upstream_ca,
     tls_end_to_end,
 );
