@@ -33,6 +33,10 @@
 #                    target/release/muster first)
 #   SKIP_BUILD=1     use the existing target/release/muster
 #   KEEP=1           keep the data directories, logs and JSON reports
+#   TLS=1            both servers with mutual TLS (certificates from
+#                    `muster certs`; etcd's --cert-file/--key-file/
+#                    --trusted-ca-file/--client-cert-auth and the same flags
+#                    for muster serve), the clients with --cacert/--cert/--key
 # Needs: cargo, etcd, bash, sed, awk, sort; Linux (/proc).
 set -euo pipefail
 
@@ -64,6 +68,17 @@ fi
 [[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
 
 WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
+SCHEME=http
+SERVER_TLS=()
+CLIENT_TLS=()
+if [[ -n ${TLS:-} ]]; then
+    "$MUSTER" certs --dir "$WORK/certs" >/dev/null
+    SCHEME=https
+    SERVER_TLS=(--cert-file "$WORK/certs/server.pem" --key-file "$WORK/certs/server-key.pem"
+        --trusted-ca-file "$WORK/certs/ca.pem" --client-cert-auth)
+    CLIENT_TLS=(--cacert "$WORK/certs/ca.pem" --cert "$WORK/certs/client.pem"
+        --key "$WORK/certs/client-key.pem")
+fi
 declare -A PID=([muster]="" [etcd]="")
 stop() {
     local s=$1 signal=${2:-TERM}
@@ -112,12 +127,12 @@ start() {
     case $s in
     muster)
         "$MUSTER" serve --data-dir "$WORK/muster-data" --listen "127.0.0.1:${PORT[$s]}" \
-            --http-listen "127.0.0.1:${HTTP_PORT[$s]}" 2>>"$WORK/muster.log" &
+            --http-listen "127.0.0.1:${HTTP_PORT[$s]}" "${SERVER_TLS[@]}" 2>>"$WORK/muster.log" &
         ;;
     etcd)
         "$ETCD" --name bench --data-dir "$WORK/etcd-data" \
-            --listen-client-urls "http://127.0.0.1:${PORT[$s]}" \
-            --advertise-client-urls "http://127.0.0.1:${PORT[$s]}" \
+            --listen-client-urls "$SCHEME://127.0.0.1:${PORT[$s]}" \
+            --advertise-client-urls "$SCHEME://127.0.0.1:${PORT[$s]}" "${SERVER_TLS[@]}" \
             --listen-peer-urls "http://127.0.0.1:${PEER_PORT[$s]}" \
             --initial-advertise-peer-urls "http://127.0.0.1:${PEER_PORT[$s]}" \
             --initial-cluster "bench=http://127.0.0.1:${PEER_PORT[$s]}" >>"$WORK/etcd.log" 2>&1 &
@@ -130,7 +145,7 @@ start() {
 bench() {
     local s=$1
     shift
-    "$MUSTER" bench --endpoints "127.0.0.1:${PORT[$s]}" "$@"
+    "$MUSTER" bench --endpoints "$SCHEME://127.0.0.1:${PORT[$s]}" "${CLIENT_TLS[@]}" "$@"
 }
 
 # jnum FILE KEY [OBJECT]: the number under KEY (inside OBJECT if given) in
@@ -277,7 +292,9 @@ machine_busy() {
 
 ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
 echo
-echo "muster serve (release, data in /tmp, fsync per commit) vs etcd $ETCD_VERSION (defaults)."
+TRANSPORT="plaintext"
+[[ -n ${TLS:-} ]] && TRANSPORT="mutual TLS (client certificates required, ECDSA P-256)"
+echo "muster serve (release, data in /tmp, fsync per commit) vs etcd $ETCD_VERSION (defaults), $TRANSPORT."
 echo "$(nproc) cores, load generator on the same machine; $CLIENTS clients; $ROUNDS rounds of $DURATION per"
 echo "workload and server (medians; throughput range over rounds in parentheses); $KEYS keys of 32 B / 256 B."
 echo "Machine busy with other work: ${BUSY_BEFORE}% before the run, ${BUSY_AFTER}% after."

@@ -7,7 +7,7 @@
 #            to the upstreams, access log off);
 # in the same run, in rounds alternating the targets, as bench.sh does. The
 # certificate (ECDSA P-256, signed by a throwaway CA) is written by
-# crates/gateway/examples/gen-cert.rs; the upstreams are
+# `muster certs`; the upstreams are
 # crates/gateway/examples/upstream.rs, registered in a real etcd. Both
 # servers negotiate the same TLS 1.3 suite with wrk (printed below).
 #
@@ -36,11 +36,10 @@ done
 
 if [[ -z "${NO_BUILD:-}" ]]; then
     cargo build --release -q -p muster-cli --bin muster
-    cargo build --release -q -p muster-gateway --example upstream --example gen-cert
+    cargo build --release -q -p muster-gateway --example upstream
 fi
 MUSTER="$ROOT/target/release/muster"
 UPSTREAM="$ROOT/target/release/examples/upstream"
-GEN_CERT="$ROOT/target/release/examples/gen-cert"
 
 WORK=$(mktemp -d /tmp/muster-gw-tls-bench.XXXXXX)
 PIDS=()
@@ -68,8 +67,8 @@ wait_http() { # url what [curl args...]
 }
 
 # --- certificate --------------------------------------------------------------
-"$GEN_CERT" "$WORK/tls" >/dev/null
-CA="$WORK/tls/ca.pem"; CERT="$WORK/tls/cert.pem"; KEY="$WORK/tls/key.pem"
+"$MUSTER" certs --dir "$WORK/tls" >/dev/null
+CA="$WORK/tls/ca.pem"; CERT="$WORK/tls/server.pem"; KEY="$WORK/tls/server-key.pem"
 
 # --- registry -----------------------------------------------------------------
 EP=$(free_port); PP=$(free_port)

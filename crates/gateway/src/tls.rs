@@ -72,7 +72,12 @@ impl UpstreamTls {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Ok(Arc::new(UpstreamTls {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
-            connector: tls.connector(&[muster_tls::ALPN_HTTP11])?,
+            connector: tls
+                .connector(&[muster_tls::ALPN_HTTP11])?
+                .with_setting_names(
+                    "upstream_ca / --upstream-cacert",
+                    "a client certificate (not supported towards upstreams)",
+                ),
         }))
     }
 }

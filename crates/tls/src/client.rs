@@ -165,6 +165,7 @@ impl ClientTls {
             nodelay: true,
             ca: self.ca.as_ref().map(ToString::to_string),
             cert: self.cert.as_ref().map(ToString::to_string),
+            names: SettingNames::default(),
         })
     }
 }
@@ -199,6 +200,24 @@ pub struct TlsConnector {
     nodelay: bool,
     ca: Option<String>,
     cert: Option<String>,
+    names: SettingNames,
+}
+
+/// What the settings are called where the connector is configured, for
+/// the "pass ..." part of messages: etcdctl's flags unless told otherwise.
+#[derive(Clone, Copy, Debug)]
+struct SettingNames {
+    ca: &'static str,
+    identity: &'static str,
+}
+
+impl Default for SettingNames {
+    fn default() -> SettingNames {
+        SettingNames {
+            ca: "--cacert",
+            identity: "--cert and --key",
+        }
+    }
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -218,6 +237,15 @@ struct Reload {
 }
 
 impl TlsConnector {
+    /// Names the settings that hold the CA bundle and the client identity
+    /// where this connector is configured (e.g. a gateway's `upstream_ca`),
+    /// for the "pass ..." part of handshake errors; etcdctl's `--cacert` and
+    /// `--cert and --key` by default.
+    pub fn with_setting_names(mut self, ca: &'static str, identity: &'static str) -> Self {
+        self.names = SettingNames { ca, identity };
+        self
+    }
+
     /// Rebuilds the configuration when its files changed since the last
     /// connection (rotation of the client certificate or the CA bundle).
     fn refresh(&self) {
@@ -325,13 +353,13 @@ impl TlsConnector {
     fn failure(&self, peer: &str, e: &io::Error) -> Error {
         Error::Handshake {
             peer: peer.to_string(),
-            reason: explain(e, self.ca.as_deref(), self.cert.as_deref()),
+            reason: explain(e, self.ca.as_deref(), self.cert.as_deref(), self.names),
         }
     }
 }
 
 /// A handshake failure in words.
-fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
+fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>, names: SettingNames) -> String {
     let trusted = match ca {
         Some(ca) => format!("the CA bundle {ca}"),
         None => "the system's CA certificates".to_string(),
@@ -340,7 +368,10 @@ fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
         Some(cert) => format!("our client certificate {cert}"),
         None => "our connection (we sent no client certificate)".to_string(),
     };
-    let requires = "the server requires a client certificate; pass --cert and --key".to_string();
+    let requires = format!(
+        "the server requires a client certificate; pass {}",
+        names.identity
+    );
     let Some(tls) = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -359,7 +390,8 @@ fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>) -> String {
     match tls {
         rustls::Error::InvalidCertificate(cert_error) => match cert_error {
             CertificateError::UnknownIssuer => format!(
-                "the server's certificate is not signed by {trusted}; pass the CA that signed it (--cacert)"
+                "the server's certificate is not signed by {trusted}; pass the CA that signed it ({})",
+                names.ca
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                 format!("the server's certificate has expired ({tls})")

@@ -2,7 +2,7 @@
 //! HTTP/2, WebSocket upgrades, certificate reload, plaintext refused with
 //! 400) and `https://` instances behind it (verified against the route's
 //! or the gateway's CA, failures answered 502 and counted against the
-//! instance). Certificates are generated here with rcgen; nothing is
+//! instance). Certificates are generated here (muster-tls); nothing is
 //! committed. Every body runs against real etcd and the embedded registry.
 
 use crate::common;
@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use common::*;
@@ -23,8 +24,8 @@ use hyper_util::rt::TokioIo;
 use muster::Instance;
 use muster_gateway::{Gateway, GatewayConfig, GatewayHandle, Route};
 use muster_testkit::Registry;
+use muster_tls::generate::{Authority, DAY, Leaf};
 use muster_tls::{ClientTls, ServerTls, TlsStream};
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -33,34 +34,31 @@ use tokio_tungstenite::tungstenite::Message;
 // Certificates
 
 struct Ca {
-    issuer: Issuer<'static, KeyPair>,
+    authority: Authority,
     pem: String,
 }
 
 impl Ca {
     fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
+        let authority = Authority::new(name, "muster gateway tests", 30 * DAY).unwrap();
         Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
+            pem: authority.cert_pem().to_string(),
+            authority,
         }
     }
 
     /// A server certificate for 127.0.0.1 and localhost: (cert, key) PEM.
-    fn server(&self, cn: &str) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        params
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+    /// (`_cn` only tells the call sites apart.)
+    fn server(&self, _cn: &str) -> (String, String) {
+        let now = SystemTime::now();
+        let sans = Leaf::Server {
+            sans: &["127.0.0.1", "localhost"],
+        };
+        let issued = self
+            .authority
+            .issue(sans, "muster gateway tests", now - DAY, now + 30 * DAY)
+            .unwrap();
+        (issued.cert_pem, issued.key_pem)
     }
 }
 
