@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use muster_testkit::{EtcdNode, TestPki};
 
-use crate::common::text;
+use crate::common::{KillOnDrop, Lines, text, wait_for};
 
 fn muster(endpoint: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_muster"));
@@ -223,4 +223,78 @@ fn muster_certs_are_accepted_by_etcd_and_the_cli() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o077, 0, "keys are private to their owner: {mode:o}");
+}
+
+/// The long-running commands over mutual TLS from the environment:
+/// `register` keeps an instance alive, `watch` streams it, `gateway`
+/// routes to it, `deregister` removes it.
+#[test]
+fn register_watch_gateway_and_deregister_over_mutual_tls() {
+    let Some(()) = muster_testkit::require_etcd() else {
+        return;
+    };
+    let pki = TestPki::generate().unwrap();
+    let etcd = EtcdNode::start_tls(&pki, true).unwrap();
+    let with_tls = |args: &[&str]| {
+        let mut cmd = muster(&etcd.endpoint(), args);
+        cmd.env("MUSTER_CACERT", pki.ca())
+            .env("MUSTER_CERT", pki.client_cert())
+            .env("MUSTER_KEY", pki.client_key())
+            .stdin(std::process::Stdio::null());
+        cmd
+    };
+    // An upstream for the gateway to reach: answers any request with 200.
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in upstream.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+            );
+        }
+    });
+
+    let mut watch = with_tls(&["watch", "-o", "json"]);
+    watch
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut watch = KillOnDrop(watch.spawn().unwrap());
+    let events = Lines::stdout(&mut watch.0);
+
+    let mut register = with_tls(&[
+        "register",
+        "user",
+        "u-1",
+        &format!("http://{upstream_addr}"),
+        "--ttl",
+        "2s",
+    ]);
+    register
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _register = KillOnDrop(register.spawn().unwrap());
+    events.find("the registration, watched over TLS", |l| l.contains("u-1"));
+
+    let port = crate::common::free_port();
+    let mut gateway = with_tls(&[
+        "gateway",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--route",
+        "/=user",
+    ]);
+    gateway
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _gateway = KillOnDrop(gateway.spawn().unwrap());
+    wait_for(
+        "the gateway routes to the instance it discovered over TLS",
+        || muster_testkit::http_get(port, "/").filter(|body| body.contains("hello")),
+    );
+
+    let (out, _) = run(with_tls(&["deregister", "user", "u-1"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -72,6 +72,18 @@ async fn register_discover_and_watch_over_mtls(node: Box<dyn Registry>, pki: &Te
     assert!(status.header.is_some());
 }
 
+/// Failover works across TLS endpoints as across plaintext ones: a dead
+/// first endpoint is skipped.
+async fn fails_over_across_tls_endpoints(node: Box<dyn Registry>, pki: &TestPki) {
+    let dead = format!("https://127.0.0.1:{}", muster_testkit::free_port());
+    let etcd =
+        Etcd::connect(config(vec![dead, node.endpoint()]).with_tls(tls_client(pki))).unwrap();
+    for _ in 0..3 {
+        etcd.status().await.expect("answered by the live endpoint");
+    }
+    assert_eq!(etcd.current_endpoint(), node.endpoint());
+}
+
 /// A refused connection fails at once (well inside the request timeout),
 /// with a sentence naming what to fix.
 async fn refused(node: &dyn Registry, tls: ClientTls, expect: &[&str]) {
@@ -238,6 +250,7 @@ macro_rules! on_both_tls {
 
 on_both_tls!(
     register_discover_and_watch_over_mtls,
+    fails_over_across_tls_endpoints,
     clients_without_a_good_certificate_are_refused,
     plaintext_to_a_tls_port_fails_fast,
 );
