@@ -14,8 +14,15 @@
 #   light       $LIGHT_CONNS (4) connections, 1 wrk thread: the latency a
 #               request pays when nothing queues (the added-p99 figure).
 #
-# Usage: crates/gateway/scripts/bench.sh        (env: DURATION ROUNDS CONNS THREADS LIGHT_CONNS NO_BUILD)
-# Needs: wrk, nginx, etcd (apt-get install -y wrk nginx-light etcd-server).
+# TLS=1: both proxies terminate TLS on the same certificate (ECDSA P-256,
+# from `muster certs`: gateway --tls-cert/--tls-key, nginx `listen ...
+# ssl http2`), wrk over HTTPS, no direct target (the
+# upstreams stay plaintext), and instead of the light load:
+#   handshake   $CLOSE_CONNS (16) connections sending `Connection: close`:
+#               a full TLS handshake for every request.
+#
+# Usage: crates/gateway/scripts/bench.sh        (env: DURATION ROUNDS CONNS THREADS LIGHT_CONNS CLOSE_CONNS TLS NO_BUILD)
+# Needs: wrk, nginx (with ssl for TLS=1), etcd, curl (apt-get install -y wrk nginx-light etcd-server curl).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
@@ -24,6 +31,8 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 LIGHT_CONNS=${LIGHT_CONNS:-4}
+CLOSE_CONNS=${CLOSE_CONNS:-16}
+TLS=${TLS:-}
 cd "$ROOT"
 
 for tool in wrk nginx etcd curl; do
@@ -51,14 +60,34 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-wait_http() { # url what
+wait_http() { # url what [curl args...]
+    local url=$1 what=$2
+    shift 2
     for _ in $(seq 1 200); do
-        curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+        curl -fsS -o /dev/null "$@" "$url" 2>/dev/null && return 0
         sleep 0.05
     done
-    echo "bench.sh: $2 did not come up ($1)" >&2
+    echo "bench.sh: $what did not come up ($url)" >&2
     exit 1
 }
+
+# --- TLS (TLS=1) ------------------------------------------------------------
+SCHEME=http
+CURL_TLS=()
+GATEWAY_TLS=()
+NGINX_LISTEN=""
+if [[ -n "$TLS" ]]; then
+    "$MUSTER" certs --dir "$WORK/tls" >/dev/null
+    CA="$WORK/tls/ca.pem"; CERT="$WORK/tls/server.pem"; KEY="$WORK/tls/server-key.pem"
+    SCHEME=https
+    CURL_TLS=(--cacert "$CA")
+    GATEWAY_TLS=(--tls-cert "$CERT" --tls-key "$KEY")
+    # h2 offered by ALPN like the gateway (wrk speaks HTTP/1.1 either way).
+    NGINX_LISTEN="ssl http2;
+        ssl_certificate $CERT;
+        ssl_certificate_key $KEY;
+        ssl_protocols TLSv1.2 TLSv1.3"
+fi
 
 # --- registry ---------------------------------------------------------------
 EP=$(free_port); PP=$(free_port)
@@ -83,10 +112,10 @@ done
 # --- muster gateway -----------------------------------------------------------
 GP=$(free_port)
 RUST_LOG=warn "$MUSTER" gateway --endpoints "127.0.0.1:$EP" --listen "127.0.0.1:$GP" --route /=bench \
-    >"$WORK/gateway.log" 2>&1 &
+    "${GATEWAY_TLS[@]}" >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$GP/healthz" "muster gateway"
-for _ in $(seq 1 200); do curl -fsS -o /dev/null "http://127.0.0.1:$GP/" 2>/dev/null && break; sleep 0.05; done
+wait_http "$SCHEME://127.0.0.1:$GP/healthz" "muster gateway" "${CURL_TLS[@]}"
+wait_http "$SCHEME://127.0.0.1:$GP/" "muster gateway's route" "${CURL_TLS[@]}"
 
 # --- nginx --------------------------------------------------------------------
 NP=$(free_port)
@@ -111,7 +140,7 @@ http {
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$NP;
+        listen 127.0.0.1:$NP $NGINX_LISTEN;
         location / {
             proxy_pass http://bench;
             proxy_http_version 1.1;
@@ -122,14 +151,19 @@ http {
 EOF
 nginx -p "$WORK/nginx" -c "$WORK/nginx.conf" >"$WORK/nginx.out" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:$NP/" nginx
+wait_http "$SCHEME://127.0.0.1:$NP/" nginx "${CURL_TLS[@]}"
 
 declare -A URL=(
     [direct]="http://${ADDRS[0]}/"
-    [gateway]="http://127.0.0.1:$GP/"
-    [nginx]="http://127.0.0.1:$NP/"
+    [gateway]="$SCHEME://127.0.0.1:$GP/"
+    [nginx]="$SCHEME://127.0.0.1:$NP/"
 )
 TARGETS=(direct gateway nginx)
+LOADS=(sat light)
+if [[ -n "$TLS" ]]; then
+    TARGETS=(gateway nginx)
+    LOADS=(sat close)
+fi
 
 # wrk's latency figures in ms.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v=v/1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v=v*1000 } printf "%.3f", v }'; }
@@ -138,18 +172,32 @@ rps() { awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$1"; }
 errors() { awk '/Non-2xx|Socket errors/ {print}' "$1" | tr '\n' ' '; }
 
 echo "# machine: $(nproc) cores, $(uptime | sed 's/.*load average/load average/')"
-echo "# wrk ${CONNS}c/${THREADS}t for ${DURATION} (saturation) and ${LIGHT_CONNS}c/1t (light), ${ROUNDS} rounds"
+if [[ -n "$TLS" ]]; then
+    echo "# wrk over HTTPS: ${CONNS}c/${THREADS}t (saturation, keep-alive) and ${CLOSE_CONNS}c/${THREADS}t Connection: close, ${DURATION} each, ${ROUNDS} rounds"
+    for t in "${TARGETS[@]}"; do
+        # What wrk's OpenSSL negotiates (curl uses the same library).
+        curl -sS -o /dev/null "${CURL_TLS[@]}" --http1.1 -v "${URL[$t]}" 2>&1 |
+            sed -n "s|^\* SSL connection using \(.*\)|# $t: \1|p"
+    done
+else
+    echo "# wrk ${CONNS}c/${THREADS}t for ${DURATION} (saturation) and ${LIGHT_CONNS}c/1t (light), ${ROUNDS} rounds"
+fi
 for t in "${TARGETS[@]}"; do wrk -t1 -c8 -d2s "${URL[$t]}" >/dev/null; done # warm up
 
 for round in $(seq 1 "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
         wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${URL[$t]}" >"$WORK/sat.$t.$round" 2>&1
-        wrk -t1 -c"$LIGHT_CONNS" -d"$DURATION" --latency "${URL[$t]}" >"$WORK/light.$t.$round" 2>&1
+        if [[ -n "$TLS" ]]; then
+            wrk -t"$THREADS" -c"$CLOSE_CONNS" -d"$DURATION" --latency -H "Connection: close" "${URL[$t]}" \
+                >"$WORK/close.$t.$round" 2>&1
+        else
+            wrk -t1 -c"$LIGHT_CONNS" -d"$DURATION" --latency "${URL[$t]}" >"$WORK/light.$t.$round" 2>&1
+        fi
     done
 done
 
 printf '\n| load | target | round | req/s | p50 ms | p90 ms | p99 ms | errors |\n|---|---|---|---|---|---|---|---|\n'
-for load in sat light; do
+for load in "${LOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         for round in $(seq 1 "$ROUNDS"); do
             f="$WORK/$load.$t.$round"
@@ -163,7 +211,7 @@ done
 median() { sort -n | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f", (a[NR/2]+a[NR/2+1])/2 }'; }
 printf '\n| load | target | median req/s | median p50 ms | median p99 ms |\n|---|---|---|---|---|\n'
 declare -A MRPS MP99
-for load in sat light; do
+for load in "${LOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         r=$(for round in $(seq 1 "$ROUNDS"); do rps "$WORK/$load.$t.$round"; echo; done | median)
         p50=$(for round in $(seq 1 "$ROUNDS"); do pct 50 "$WORK/$load.$t.$round"; echo; done | median)
@@ -174,5 +222,9 @@ for load in sat light; do
 done
 echo
 awk -v g="${MRPS[sat.gateway]}" -v n="${MRPS[sat.nginx]}" 'BEGIN { printf "gateway/nginx throughput (saturation): %.2fx (target >= 0.9x)\n", g/n }'
+if [[ -n "$TLS" ]]; then
+    awk -v g="${MRPS[close.gateway]}" -v n="${MRPS[close.nginx]}" 'BEGIN { printf "gateway/nginx throughput (a TLS handshake per request): %.2fx\n", g/n }'
+    exit 0
+fi
 awk -v g="${MP99[light.gateway]}" -v d="${MP99[light.direct]}" 'BEGIN { printf "added p99 over direct (light load): %.3f ms (target <= 1 ms)\n", g-d }'
 awk -v g="${MP99[sat.gateway]}" -v d="${MP99[sat.direct]}" 'BEGIN { printf "added p99 over direct (saturation): %.3f ms\n", g-d }'
