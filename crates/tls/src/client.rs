@@ -447,6 +447,48 @@ fn explain(e: &io::Error, ca: Option<&str>, cert: Option<&str>, names: SettingNa
     }
 }
 
+/// `AsyncWrite` for a wrapper, forwarding every call to its `inner`
+/// stream; with a second argument, errors pass through that method of the
+/// wrapper (`fn(&Self, io::Error) -> io::Error`) on their way out.
+macro_rules! forward_write {
+    ($ty:ty) => {
+        forward_write!($ty, |_: &$ty, e: io::Error| e);
+    };
+    ($ty:ty, $map:expr) => {
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+                polled.map_err(|e| $map(&*self, e))
+            }
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                let polled = Pin::new(&mut self.inner).poll_flush(cx);
+                polled.map_err(|e| $map(&*self, e))
+            }
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+                polled.map_err(|e| $map(&*self, e))
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+        }
+    };
+}
+
 /// A client TLS stream; the bytes read while waiting for the server's
 /// first message are replayed before the rest.
 #[derive(Debug)]
@@ -489,31 +531,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+forward_write!(TlsStream);
 
 /// Dials the URI's host and port (its scheme is not looked at: tonic is
 /// given `http://` URIs so that it leaves TLS to us). For tonic's
@@ -677,40 +695,7 @@ impl AsyncRead for Sniffed {
     }
 }
 
-impl AsyncWrite for Sniffed {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
-            other => other,
-        }
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
-            other => other,
-        }
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Err(e)) => Poll::Ready(Err(self.unanswered(e))),
-            other => other,
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+forward_write!(Sniffed, Sniffed::unanswered);
 
 /// `--insecure-skip-tls-verify`: any certificate passes, signatures are
 /// still checked (the handshake must be with the key of the certificate
