@@ -333,6 +333,30 @@ async fn answer(shared: Arc<UpstreamShared>, mut req: Request<Incoming>) -> Resp
 }
 
 /// Accepts a WebSocket upgrade and echoes messages on it.
+/// Text messages and a 1 MiB binary one sent over `ws` come back as they
+/// went (the upstream of [`websocket`] echoes); then the socket is closed.
+pub async fn assert_echoes<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, texts: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::Message;
+    let mut echo = async |message| {
+        ws.send(message).await.unwrap();
+        tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("an echo in time")
+            .expect("an echo")
+            .unwrap()
+    };
+    for i in 0..texts {
+        let text = format!("hello {i}");
+        assert_eq!(echo(Message::text(text.clone())).await, Message::text(text));
+    }
+    let big = vec![7u8; 1 << 20];
+    assert_eq!(echo(Message::binary(big.clone())).await.into_data(), big);
+    ws.close(None).await.unwrap();
+}
+
 pub fn websocket(req: &mut Request<Incoming>) -> Response<TestBody> {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;

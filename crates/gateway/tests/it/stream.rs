@@ -6,7 +6,6 @@ use crate::common;
 
 use bytes::Bytes;
 use common::*;
-use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
@@ -15,7 +14,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use muster_gateway::Route;
 use muster_testkit::Registry;
-use tokio_tungstenite::tungstenite::Message;
 
 const SIZE: u64 = 50 * 1024 * 1024;
 
@@ -132,22 +130,7 @@ async fn websocket_echo_through_the_gateway(registry: Box<dyn Registry>) {
     .unwrap()
     .expect("websocket handshake through the gateway");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    // Sends `message`; the next message that comes back.
-    let mut echo = async |message| {
-        ws.send(message).await.unwrap();
-        tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("an echo in time")
-            .expect("an echo")
-            .unwrap()
-    };
-    for i in 0..20 {
-        let text = format!("hello {i}");
-        assert_eq!(echo(Message::text(text.clone())).await, Message::text(text));
-    }
-    let big = vec![7u8; 1 << 20];
-    assert_eq!(echo(Message::binary(big.clone())).await.into_data(), big);
-    ws.close(None).await.unwrap();
+    common::assert_echoes(&mut ws, 20).await;
     gw.shutdown().await;
 }
 

@@ -345,21 +345,7 @@ async fn websocket_over_tls(registry: Box<dyn Registry>) {
     .expect("handshake in time")
     .expect("websocket handshake over TLS through the gateway");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let mut echo = async |message| {
-        ws.send(message).await.unwrap();
-        tokio::time::timeout(DEADLINE, ws.next())
-            .await
-            .expect("an echo in time")
-            .expect("an echo")
-            .unwrap()
-    };
-    for i in 0..10 {
-        let text = format!("hello {i}");
-        assert_eq!(echo(Message::text(text.clone())).await, Message::text(text));
-    }
-    let big = vec![7u8; 1 << 20];
-    assert_eq!(echo(Message::binary(big.clone())).await.into_data(), big);
-    ws.close(None).await.unwrap();
+    common::assert_echoes(&mut ws, 10).await;
     gw.shutdown().await;
 }
 
