@@ -11,6 +11,13 @@
 //! timeout = "30s"
 //! # upstream_ca = "/etc/muster/ca.pem"   # for https:// instances
 //!
+//! # Optional: HTTPS on the listener, as --tls-cert/--tls-key (which win
+//! # when both are given). Read at start; the files' contents are re-read
+//! # as they change, the paths only on restart.
+//! [tls]
+//! cert = "/etc/muster/gateway.pem"
+//! key = "/etc/muster/gateway-key.pem"
+//!
 //! [[route]]
 //! prefix = "/api/users"     # longest matching prefix wins
 //! service = "user"
@@ -445,6 +452,21 @@ pub struct RoutesFile {
     /// The routes.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    /// The listener's certificate and key (HTTPS), unless the
+    /// configuration names them ([`GatewayConfig::tls_cert`]).
+    #[serde(default)]
+    pub tls: Option<FileTls>,
+}
+
+/// `[tls]` of a routes file: the listener's certificate, as `--tls-cert`
+/// and `--tls-key`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 /// `[defaults]` of a routes file: each field optional.

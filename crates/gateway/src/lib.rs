@@ -149,6 +149,18 @@ impl Gateway {
             None => None,
         };
 
+        // The routes file's [tls], unless the configuration names files.
+        let mut config = config;
+        if let Some((path, _, parsed)) = &file
+            && let Some(tls) = &parsed.tls
+        {
+            if config.tls_cert.is_none() && config.tls_key.is_none() {
+                config.tls_cert = Some(tls.cert.clone());
+                config.tls_key = Some(tls.key.clone());
+            } else {
+                tracing::info!(path = %path.display(), "the [tls] of the routes file is overridden by --tls-cert/--tls-key");
+            }
+        }
         let listener = server::bind(config.listen).await?;
         let admin = match config.admin_listen {
             Some(addr) => Some(server::bind(addr).await?),
@@ -183,6 +195,7 @@ impl Gateway {
                     interval: config.reload_interval,
                     fixed: config.routes.clone(),
                     defaults: config.defaults.clone(),
+                    tls: parsed.tls.clone(),
                     last: Some(text),
                 };
                 let table = reloader.table(&parsed, &proxy)?;

@@ -22,6 +22,8 @@ pub(crate) struct Reloader {
     /// Routes given directly; they come before the file's.
     pub(crate) fixed: Vec<Route>,
     pub(crate) defaults: RouteDefaults,
+    /// The file's `[tls]` at start: the listener's files are chosen then.
+    pub(crate) tls: Option<crate::config::FileTls>,
     /// The contents the current table was built from (or last rejected).
     pub(crate) last: Option<Vec<u8>>,
 }
@@ -77,7 +79,12 @@ impl Reloader {
             let table = std::str::from_utf8(&contents)
                 .map_err(|e| e.to_string())
                 .and_then(RoutesFile::parse)
-                .and_then(|file| self.table(&file, &proxy).map_err(|e| e.to_string()));
+                .and_then(|file| {
+                    if file.tls != self.tls {
+                        tracing::warn!(path = %self.path.display(), "the [tls] section changed: the listener keeps the files it started with until a restart (their contents are re-read as they change)");
+                    }
+                    self.table(&file, &proxy).map_err(|e| e.to_string())
+                });
             match table {
                 Ok(table) => {
                     let routes = table.describe();

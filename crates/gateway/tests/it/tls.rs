@@ -695,6 +695,28 @@ async fn routes_file_upstream_ca(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// The routes file's `[tls]` turns the listener into HTTPS, as
+/// --tls-cert/--tls-key do.
+async fn routes_file_tls(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _up = env.upstream("web", "w-1").await;
+    let pki = Listener::new();
+    let routes = pki.dir.write(
+        "routes.toml",
+        &format!(
+            "[tls]\ncert = {cert:?}\nkey = {key:?}\n\n[[route]]\nprefix = \"/\"\nservice = \"web\"\n",
+            cert = pki.cert.display().to_string(),
+            key = pki.key.display().to_string()
+        ),
+    );
+    let mut config = gateway_config(vec![]);
+    config.routes_file = Some(routes);
+    let gw = Gateway::start(config, env.discovery.clone()).await.unwrap();
+    assert!(gw.is_tls(), "the file's [tls] is used");
+    wait_routed_tls(&pki.client(), gw.local_addr().port(), "/").await;
+    gw.shutdown().await;
+}
+
 /// TLS on both sides at once: an HTTPS client, an `https://` instance.
 async fn tls_end_to_end(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
@@ -746,5 +768,6 @@ muster_testkit::on_both!(
     tls_settings_are_checked,
     https_instances_are_dialled_over_tls,
     routes_file_upstream_ca,
+    routes_file_tls,
     tls_end_to_end,
 );
