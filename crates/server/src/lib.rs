@@ -178,11 +178,7 @@ impl Server {
                 // Handshakes happen in TlsServer's accept loop (which sets
                 // TCP_NODELAY); tonic sees the peer certificates.
                 let incoming = tls.incoming(listener);
-                tokio::spawn(async move {
-                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                        tracing::error!(error = %e, "gRPC server failed");
-                    }
-                })
+                tokio::spawn(logged(router.serve_with_incoming_shutdown(incoming, stop)))
             }
             None => {
                 // The builder's tcp_nodelay does not apply to a custom
@@ -190,11 +186,7 @@ impl Server {
                 // ~40 ms for the client's delayed ACK.
                 let incoming =
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                tokio::spawn(async move {
-                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                        tracing::error!(error = %e, "gRPC server failed");
-                    }
-                })
+                tokio::spawn(logged(router.serve_with_incoming_shutdown(incoming, stop)))
             }
         };
         tracing::info!(
@@ -258,6 +250,13 @@ impl Drop for Server {
         if let Some(serve) = self.serve.take() {
             serve.abort();
         }
+    }
+}
+
+/// Serves until `serve` ends, logging why if it failed.
+async fn logged(serve: impl std::future::Future<Output = Result<(), tonic::transport::Error>>) {
+    if let Err(e) = serve.await {
+        tracing::error!(error = %e, "gRPC server failed");
     }
 }
 

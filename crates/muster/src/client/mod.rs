@@ -533,24 +533,24 @@ impl Etcd {
                 .insert(REQUIRE_LEADER_KEY, AsciiMetadataValue::from_static("true"));
             match tokio::time::timeout(timeout, f(channel, req)).await {
                 Ok(Ok(resp)) => return Ok((tx, resp.into_inner())),
-                Ok(Err(status)) if self.explain(index, &status).is_some() => {
-                    self.mark_failed(index);
-                    last = self.explain(index, &status);
-                }
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                    self.mark_failed(index);
-                    last = Some(Error::from_status(status));
-                }
-                Ok(Err(status))
-                    if !reauthed
+                Ok(Err(status)) => {
+                    if let Some(e) = self.explain(index, &status) {
+                        self.mark_failed(index);
+                        last = Some(e);
+                    } else if status.code() == tonic::Code::Unavailable {
+                        self.mark_failed(index);
+                        last = Some(Error::from_status(status));
+                    } else if !reauthed
                         && self.inner.config.credentials.is_some()
-                        && is_invalid_token(&status) =>
-                {
-                    reauthed = true;
-                    self.authenticate(token).await?;
-                    continue;
+                        && is_invalid_token(&status)
+                    {
+                        reauthed = true;
+                        self.authenticate(token).await?;
+                        continue;
+                    } else {
+                        return Err(Error::from_status(status));
+                    }
                 }
-                Ok(Err(status)) => return Err(Error::from_status(status)),
                 Err(_) => {
                     self.mark_failed(index);
                     last = Some(Error::Timeout(timeout));
