@@ -149,30 +149,16 @@ fn curl(url: &str, ca: &Path, client: Option<(&Path, &Path)>) -> Result<String, 
 }
 
 fn have_etcdctl() -> bool {
-    require_tool("etcdctl", "version")
+    muster_testkit::require_tool(
+        "etcdctl",
+        "version",
+        "the etcdctl test",
+        "apt-get install etcd-client",
+    )
 }
 
 fn have_curl() -> bool {
-    require_tool("curl", "--version")
-}
-
-/// Whether `program` runs; loudly skipped otherwise (failing with
-/// MUSTER_REQUIRE_ETCD=1).
-fn require_tool(program: &str, arg: &str) -> bool {
-    let ok = Command::new(program)
-        .arg(arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("MUSTER_REQUIRE_ETCD").as_deref() != Ok("1"),
-            "{program} is required"
-        );
-        eprintln!("SKIPPED: {program} is not installed");
-    }
-    ok
+    muster_testkit::require_tool("curl", "--version", "the curl test", "apt-get install curl")
 }
 
 #[test]

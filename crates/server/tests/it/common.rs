@@ -1,10 +1,11 @@
-//! Helpers the areas share: a client channel to a server, and the loud skip
-//! of a test whose tool (etcd, etcdctl) is not installed.
+//! Helpers the areas share: a client channel to a server and a watch on
+//! it.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
+use muster_proto as pb;
 use muster_server::Server;
+use pb::watch_client::WatchClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 /// A connected channel to `server`.
@@ -16,29 +17,35 @@ pub async fn channel(server: &Server) -> Channel {
         .expect("connect to the embedded server")
 }
 
-/// Whether `program` runs (`program version_arg` succeeds). Without it,
-/// what needs it (`what`) is skipped loudly, or fails when
-/// `MUSTER_REQUIRE_ETCD=1`; `install` says how to get it.
-pub fn require_tool(program: &str, version_arg: &str, what: &str, install: &str) -> bool {
-    let runs = Command::new(program)
-        .arg(version_arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if runs {
-        return true;
-    }
-    assert!(
-        std::env::var("MUSTER_REQUIRE_ETCD").as_deref() != Ok("1"),
-        "{program} is required for {what} ({install})"
-    );
-    // Straight to stderr: the test harness captures eprintln! of passing
-    // tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED: {program} not on PATH; {what} did not run \
-         ({install}, or set MUSTER_REQUIRE_ETCD=1 to fail instead)"
-    );
-    false
+/// A watch on `[key, range_end)` (`range_end` empty: the key alone),
+/// created: the request sender (dropping it ends the stream) and the
+/// stream, its `created` answer already read.
+pub async fn watch(
+    channel: Channel,
+    key: &[u8],
+    range_end: &[u8],
+) -> (
+    mpsc::Sender<pb::WatchRequest>,
+    tonic::Streaming<pb::WatchResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::WatchRequest {
+        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+            pb::WatchCreateRequest {
+                key: key.to_vec(),
+                range_end: range_end.to_vec(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let mut stream = WatchClient::new(channel)
+        .watch(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let created = stream.message().await.unwrap().unwrap();
+    assert!(created.created, "{created:?}");
+    (tx, stream)
 }

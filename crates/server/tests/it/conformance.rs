@@ -10,7 +10,8 @@ use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
 use tonic::transport::Channel;
 
-use crate::common::{channel, require_tool};
+use crate::common::channel;
+use muster_testkit::require_tool;
 
 /// Loudly skipped without etcdctl, unless MUSTER_REQUIRE_ETCD=1.
 fn require_etcdctl() -> bool {

@@ -41,7 +41,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use crate::common::require_tool;
+use muster_testkit::require_tool;
 
 /// How long one answer (unary or streamed) may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,10 +11,9 @@ use muster_testkit::TestPki;
 use muster_tls::ClientTls;
 use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;
-use pb::watch_client::WatchClient;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::common;
 
 /// `--cert-file`, `--key-file`, `--trusted-ca-file`, `--client-cert-auth`.
 fn mtls(pki: &TestPki) -> ServerTls {
@@ -69,34 +68,6 @@ fn put(key: &str, value: &str) -> pb::PutRequest {
     }
 }
 
-async fn watch(
-    channel: Channel,
-    key: &str,
-) -> (
-    mpsc::Sender<pb::WatchRequest>,
-    tonic::Streaming<pb::WatchResponse>,
-) {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: key.into(),
-                ..Default::default()
-            },
-        )),
-    })
-    .await
-    .unwrap();
-    let mut stream = WatchClient::new(channel)
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let created = stream.message().await.unwrap().unwrap();
-    assert!(created.created, "{created:?}");
-    (tx, stream)
-}
-
 /// The value of the next put event on `stream`.
 async fn next_value(stream: &mut tonic::Streaming<pb::WatchResponse>) -> String {
     loop {
@@ -120,7 +91,7 @@ async fn mutual_tls_serves_put_range_watch_and_advertises_https() {
     assert!(server.tls().is_some());
 
     let channel = connect(&server, &client(&pki)).await.unwrap();
-    let (_tx, mut events) = watch(channel.clone(), "/tls/k").await;
+    let (_tx, mut events) = common::watch(channel.clone(), b"/tls/k", b"").await;
     let mut kv = KvClient::new(channel.clone());
     kv.put(put("/tls/k", "v1")).await.unwrap();
     let range = kv
@@ -220,7 +191,7 @@ async fn a_rotated_certificate_serves_new_connections_while_watches_go_on() {
     let tls = server.tls().unwrap().clone();
     let old = tls.certificate()[0].clone();
     let channel = connect(&server, &client(&pki)).await.unwrap();
-    let (_tx, mut events) = watch(channel.clone(), "/rotate").await;
+    let (_tx, mut events) = common::watch(channel.clone(), b"/rotate", b"").await;
     let mut kv = KvClient::new(channel);
     kv.put(put("/rotate", "before")).await.unwrap();
     assert_eq!(next_value(&mut events).await, "before");

@@ -6,9 +6,7 @@ use std::time::Duration;
 use muster_proto as pb;
 use muster_server::{Server, ServerConfig};
 use pb::kv_client::KvClient;
-use pb::watch_client::WatchClient;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::common::channel;
@@ -20,28 +18,9 @@ async fn watch(
     mpsc::Sender<pb::WatchRequest>,
     tonic::Streaming<pb::WatchResponse>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
     let mut range_end = prefix.to_vec();
     *range_end.last_mut().unwrap() += 1;
-    tx.send(pb::WatchRequest {
-        request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-            pb::WatchCreateRequest {
-                key: prefix.to_vec(),
-                range_end,
-                ..Default::default()
-            },
-        )),
-    })
-    .await
-    .unwrap();
-    let mut stream = WatchClient::new(channel)
-        .watch(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let created = stream.message().await.unwrap().unwrap();
-    assert!(created.created);
-    (tx, stream)
+    crate::common::watch(channel, prefix, &range_end).await
 }
 
 /// Reads `n` put events from `stream`; returns their values in order.
