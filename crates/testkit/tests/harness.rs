@@ -1,21 +1,12 @@
 //! Tests of the etcd harness against a real etcd (skipped if etcd is absent).
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use muster_testkit::{EtcdCluster, EtcdNode, EtcdOptions, require_etcd};
 
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "etcdctl failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{eventually, ok};
 
 fn get(node: &EtcdNode, key: &str) -> String {
     ok(node.etcdctl(&["get", key, "--print-value-only"]).unwrap())
@@ -35,15 +26,6 @@ fn cluster_id(node: &EtcdNode) -> String {
 fn accepts(port: u16) -> bool {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
-/// Polls until `cond` holds, panicking after `timeout`.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use muster_testkit::{
     EtcdCluster, EtcdNode, EtcdOptions, EtcdTls, TestPki, http_get, metric_value, require_etcd,
@@ -11,20 +11,12 @@ use muster_testkit::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+mod common;
+use common::{eventually, ok};
+
 /// etcdctl flags for calls expected to fail: etcdctl retries until these
 /// expire.
 const SHORT: [&str; 2] = ["--dial-timeout=1s", "--command-timeout=2s"];
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "etcdctl failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn failed(out: Output) -> String {
     assert!(
@@ -37,15 +29,6 @@ fn failed(out: Output) -> String {
 
 fn flag(name: &str, path: &Path) -> String {
     format!("--{name}={}", path.display())
-}
-
-/// Polls until `cond` holds, panicking after `timeout`.
-fn eventually(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // --- a minimal DER reader, enough for a certificate's serial and validity ---
