@@ -3,7 +3,7 @@
 //! embedded registry, both given the same test PKI.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use muster::discovery::{Change, Update};
 use muster::{ClientTls, Config, Error, Etcd, Instance};
@@ -38,6 +38,12 @@ fn tls_client(pki: &TestPki) -> ClientTls {
 
 fn connect(node: &dyn Registry, tls: ClientTls) -> Etcd {
     Etcd::connect(config(vec![node.endpoint()]).with_tls(tls)).expect("client")
+}
+
+/// A client whose requests may take a minute: a refusal that is not
+/// reported at once would end as [`Error::Timeout`], not as the refusal.
+fn patient(endpoint: String) -> Config {
+    config(vec![endpoint]).with_request_timeout(Duration::from_secs(60))
 }
 
 async fn register_discover_and_watch_over_mtls(node: Box<dyn Registry>, pki: &TestPki) {
@@ -84,17 +90,11 @@ async fn fails_over_across_tls_endpoints(node: Box<dyn Registry>, pki: &TestPki)
     assert_eq!(etcd.current_endpoint(), node.endpoint());
 }
 
-/// A refused connection fails at once (well inside the request timeout),
-/// with a sentence naming what to fix.
+/// A refused connection is reported as such (not waited out until the
+/// request timeout), with a sentence naming what to fix.
 async fn refused(node: &dyn Registry, tls: ClientTls, expect: &[&str]) {
-    let etcd = connect(node, tls);
-    let started = Instant::now();
+    let etcd = Etcd::connect(patient(node.endpoint()).with_tls(tls)).unwrap();
     let err = etcd.status().await.expect_err("refused");
-    assert!(
-        started.elapsed() < Duration::from_millis(1900),
-        "refusals fail fast, not at the 2 s request timeout: {:?} ({err})",
-        started.elapsed()
-    );
     assert!(matches!(err, Error::Tls(_)), "{err:?}");
     let text = err.to_string();
     for part in expect {
@@ -132,13 +132,11 @@ async fn clients_without_a_good_certificate_are_refused(node: Box<dyn Registry>,
 
 async fn plaintext_to_a_tls_port_fails_fast(node: Box<dyn Registry>, _pki: &TestPki) {
     let plain = node.endpoint().replacen("https://", "http://", 1);
-    let etcd = Etcd::connect(config(vec![plain])).unwrap();
-    let started = Instant::now();
+    let etcd = Etcd::connect(patient(plain)).unwrap();
     let err = etcd.status().await.expect_err("plaintext to TLS");
     assert!(
-        started.elapsed() < Duration::from_millis(1900),
-        "{:?} ({err})",
-        started.elapsed()
+        !matches!(err, Error::Timeout(_)),
+        "reported, not waited out: {err}"
     );
     assert!(
         err.to_string().contains("TLS"),
@@ -192,17 +190,10 @@ async fn rotating_the_server_certificate_keeps_open_watches_and_serves_the_new_o
     let (cert, key) = pki.issue_server("rotated").unwrap();
     std::fs::copy(&key, pki.server_key()).unwrap();
     std::fs::copy(&cert, pki.server_cert()).unwrap();
-    let started = Instant::now();
-    loop {
-        if served_certificate(&pki, port).await != before {
-            break;
-        }
-        assert!(
-            started.elapsed() < muster_testkit::DEADLINE,
-            "the new certificate is served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    muster_testkit::eventually("the new certificate is served", || async {
+        served_certificate(&pki, port).await != before
+    })
+    .await;
     // The watch opened before the rotation still delivers.
     let b = Instance::new("user", "b", "http://127.0.0.1:8081");
     registrar.register(b.clone()).await.unwrap();
