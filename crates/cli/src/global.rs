@@ -87,8 +87,13 @@ impl GlobalArgs {
     /// The TLS settings the flags describe, when the endpoints are TLS.
     pub fn tls(&self) -> anyhow::Result<Option<muster::ClientTls>> {
         let urls = self.endpoint_urls()?;
+        Ok(self.tls_for(&urls))
+    }
+
+    /// [`GlobalArgs::tls`] for endpoints already turned into `urls`.
+    fn tls_for(&self, urls: &[String]) -> Option<muster::ClientTls> {
         if !urls.iter().any(|u| u.starts_with("https://")) {
-            return Ok(None);
+            return None;
         }
         let mut tls =
             muster::ClientTls::new().with_insecure_skip_verify(self.insecure_skip_tls_verify);
@@ -98,13 +103,14 @@ impl GlobalArgs {
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
             tls = tls.with_identity(cert.as_path(), key.as_path());
         }
-        Ok(Some(tls))
+        Some(tls)
     }
 
     /// The client configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<Config> {
-        let mut config = Config::new(self.endpoint_urls()?).with_request_timeout(self.timeout);
-        config.tls = self.tls()?;
+        let urls = self.endpoint_urls()?;
+        let mut config = Config::new(&urls).with_request_timeout(self.timeout);
+        config.tls = self.tls_for(&urls);
         config.connect_timeout = self.timeout.min(config.connect_timeout);
         if let Some(user) = &self.user {
             let (name, password) = match user.split_once(':') {
@@ -151,39 +157,23 @@ pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>
 /// every flag and the gateway's routes file.
 pub use muster::parse_duration;
 
-/// Endpoints as URLs: bare `host:port` becomes `https://` when `tls`,
-/// else `http://`. Mixing plaintext and TLS endpoints is an error.
+/// Endpoints as URLs, the library's way ([`Config::urls`]): bare
+/// `host:port` becomes `https://` when `tls`, else `http://`; mixing
+/// plaintext and TLS endpoints is an error. Empty entries are skipped.
 pub fn normalize_endpoints(endpoints: &[String], tls: bool) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for endpoint in endpoints {
-        let endpoint = endpoint.trim();
-        if endpoint.is_empty() {
-            continue;
-        }
-        let url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-            endpoint.trim_end_matches('/').to_string()
-        } else if endpoint.contains("://") {
-            bail!("endpoint {endpoint:?}: the scheme must be http:// or https://");
-        } else if tls {
-            format!("https://{endpoint}")
-        } else {
-            format!("http://{endpoint}")
-        };
-        tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid endpoint {endpoint:?}"))?;
-        out.push(url);
-    }
-    if out.is_empty() {
+    let given: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if given.is_empty() {
         bail!("no endpoint given (--endpoints host:port)");
     }
-    let secure = out.iter().filter(|u| u.starts_with("https://")).count();
-    if secure != 0 && secure != out.len() {
-        bail!(
-            "--endpoints mixes https:// and http:// ({}): use TLS for all of them or for none",
-            out.join(",")
-        );
-    }
-    Ok(out)
+    let mut config = Config::new(given);
+    config.tls = tls.then(muster::ClientTls::new);
+    config
+        .urls()
+        .map_err(|e| anyhow::anyhow!("--endpoints: {e}"))
 }
 
 #[cfg(test)]

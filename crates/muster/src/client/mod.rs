@@ -137,6 +137,44 @@ impl Config {
         self
     }
 
+    /// The endpoints as URLs: a bare `host:port` gets `https://` when
+    /// [`Config::tls`] is set, else `http://`; a trailing `/` goes. Fails
+    /// on another scheme, an endpoint that is not a URL, or a mix of
+    /// `http://` and `https://` (a client speaks TLS to all its endpoints
+    /// or to none).
+    pub fn urls(&self) -> Result<Vec<String>> {
+        let mut urls = Vec::with_capacity(self.endpoints.len());
+        for endpoint in &self.endpoints {
+            let endpoint = endpoint.trim().trim_end_matches('/');
+            let url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+                endpoint.to_string()
+            } else if endpoint.contains("://") {
+                return Err(Error::invalid(
+                    "endpoint",
+                    format!("{endpoint:?}: the scheme must be http:// or https://"),
+                ));
+            } else if self.tls.is_some() {
+                format!("https://{endpoint}")
+            } else {
+                format!("http://{endpoint}")
+            };
+            Endpoint::from_shared(url.clone())
+                .map_err(|e| Error::invalid("endpoint", format!("{endpoint:?}: {e}")))?;
+            urls.push(url);
+        }
+        let secure = urls.iter().find(|u| u.starts_with("https://"));
+        let plain = urls.iter().find(|u| u.starts_with("http://"));
+        if let (Some(s), Some(p)) = (secure, plain) {
+            return Err(Error::invalid(
+                "endpoints",
+                format!(
+                    "the list mixes {s} (TLS) and {p} (plaintext): a client speaks TLS to all its endpoints or to none"
+                ),
+            ));
+        }
+        Ok(urls)
+    }
+
     /// Sets the TLS settings (see [`Config::tls`]).
     pub fn with_tls(mut self, tls: muster_tls::ClientTls) -> Self {
         self.tls = Some(tls);
@@ -184,42 +222,6 @@ enum Retry {
     Idempotent,
     /// Writes: only when the request never reached a server.
     IfNotSent,
-}
-
-fn normalize(endpoint: &str, tls: bool) -> String {
-    if endpoint.contains("://") {
-        endpoint.to_string()
-    } else if tls {
-        format!("https://{endpoint}")
-    } else {
-        format!("http://{endpoint}")
-    }
-}
-
-/// The URLs of `endpoints`, and whether they are TLS: all or none.
-fn endpoint_urls(endpoints: &[String], tls: bool) -> Result<(Vec<String>, bool)> {
-    let urls: Vec<String> = endpoints.iter().map(|e| normalize(e.trim(), tls)).collect();
-    let secure: Vec<&String> = urls.iter().filter(|u| u.starts_with("https://")).collect();
-    let plain: Vec<&String> = urls.iter().filter(|u| u.starts_with("http://")).collect();
-    if let Some(other) = urls
-        .iter()
-        .find(|u| !u.starts_with("https://") && !u.starts_with("http://"))
-    {
-        return Err(Error::invalid(
-            "endpoint",
-            format!("{other:?}: the scheme must be http:// or https://"),
-        ));
-    }
-    if let (Some(s), Some(p)) = (secure.first(), plain.first()) {
-        return Err(Error::invalid(
-            "endpoints",
-            format!(
-                "{s} is TLS but {p} is plaintext: a client speaks TLS to all its endpoints or to none"
-            ),
-        ));
-    }
-    let is_tls = !secure.is_empty();
-    Ok((urls, is_tls))
 }
 
 /// A channel to `url` (`https://...`) that dials through muster's TLS
@@ -272,8 +274,8 @@ impl Etcd {
                 "keep-alive interval is below etcd's default --grpc-keepalive-min-time (5s); etcd will close the connection with too_many_pings unless it was lowered"
             );
         }
-        let (urls, is_tls) = endpoint_urls(&config.endpoints, config.tls.is_some())?;
-        let connector = if is_tls {
+        let urls = config.urls()?;
+        let connector = if urls[0].starts_with("https://") {
             let tls = config.tls.clone().unwrap_or_default();
             let connector = tls
                 .connector(&[muster_tls::ALPN_H2])
