@@ -254,10 +254,13 @@ fn register_watch_gateway_and_deregister_over_mutual_tls() {
 
     let mut watch = with_tls(&["watch", "-o", "json"]);
     watch
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::process::Stdio::piped());
     let mut watch = KillOnDrop(watch.spawn().unwrap());
     let events = Lines::stdout(&mut watch.0);
+    // Changes made after the "watching" line are seen.
+    Lines::stderr(&mut watch.0).find("watching", |l| l.contains("watching"));
 
     let mut register = with_tls(&[
         "register",
