@@ -99,12 +99,13 @@ impl ClientTls {
         };
         let mut config = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
-                let certified =
-                    pem::certified_key(cert, &cert.read()?, key, &key.read()?, "client")?;
+                let (cert_pem, key_pem) = (cert.read()?, key.read()?);
+                // Checks that the key belongs to the certificate.
+                let certified = pem::certified_key(cert, &cert_pem, key, &key_pem, "client")?;
                 builder
                     .with_client_auth_cert(
                         certified.cert.clone(),
-                        pem::load_key(key, "client key")?,
+                        pem::parse_key(&key_pem, "client key", key)?,
                     )
                     .map_err(|e| Error::material(format!("client key {key}"), e.to_string()))?
             }

@@ -56,11 +56,4 @@ impl Error {
             reason: reason.into(),
         }
     }
-
-    /// Whether this is a handshake failure (the peer was reached but the
-    /// TLS session could not be set up): not transient, retrying the same
-    /// configuration fails the same way.
-    pub fn is_handshake(&self) -> bool {
-        matches!(self, Error::Handshake { .. })
-    }
 }

@@ -154,11 +154,6 @@ pub fn load_certs(source: &Pem, role: &str) -> Result<Vec<CertificateDer<'static
     parse_certs(&source.read()?, role, source)
 }
 
-/// The private key read from `source`.
-pub fn load_key(source: &Pem, role: &str) -> Result<PrivateKeyDer<'static>, Error> {
-    parse_key(&source.read()?, role, source)
-}
-
 /// A trust store holding every certificate of a CA bundle.
 pub fn load_roots(source: &Pem, role: &str) -> Result<RootCertStore, Error> {
     roots_from(&load_certs(source, role)?, role, source)

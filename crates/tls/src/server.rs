@@ -218,11 +218,6 @@ impl std::fmt::Debug for TlsServer {
 }
 
 impl TlsServer {
-    /// What this server was built from.
-    pub fn spec(&self) -> &ServerTls {
-        &self.shared.spec
-    }
-
     /// The certificate chain new connections get.
     pub fn certificate(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
         self.shared.resolver.key.load().cert.clone()
