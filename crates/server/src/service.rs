@@ -334,10 +334,138 @@ impl pb::cluster_server::Cluster for Services {
 
 #[tonic::async_trait]
 impl pb::auth_server::Auth for Services {
+    async fn auth_enable(
+        &self,
+        _req: Request<pb::AuthEnableRequest>,
+    ) -> Result<Response<pb::AuthEnableResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn auth_disable(
+        &self,
+        _req: Request<pb::AuthDisableRequest>,
+    ) -> Result<Response<pb::AuthDisableResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn auth_status(
+        &self,
+        _req: Request<pb::AuthStatusRequest>,
+    ) -> Result<Response<pb::AuthStatusResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
     async fn authenticate(
         &self,
         _req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_add(
+        &self,
+        _req: Request<pb::AuthUserAddRequest>,
+    ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_get(
+        &self,
+        _req: Request<pb::AuthUserGetRequest>,
+    ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_list(
+        &self,
+        _req: Request<pb::AuthUserListRequest>,
+    ) -> Result<Response<pb::AuthUserListResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_delete(
+        &self,
+        _req: Request<pb::AuthUserDeleteRequest>,
+    ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_change_password(
+        &self,
+        _req: Request<pb::AuthUserChangePasswordRequest>,
+    ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_grant_role(
+        &self,
+        _req: Request<pb::AuthUserGrantRoleRequest>,
+    ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn user_revoke_role(
+        &self,
+        _req: Request<pb::AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_add(
+        &self,
+        _req: Request<pb::AuthRoleAddRequest>,
+    ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_get(
+        &self,
+        _req: Request<pb::AuthRoleGetRequest>,
+    ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_list(
+        &self,
+        _req: Request<pb::AuthRoleListRequest>,
+    ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_delete(
+        &self,
+        _req: Request<pb::AuthRoleDeleteRequest>,
+    ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_grant_permission(
+        &self,
+        _req: Request<pb::AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
+        Err(Status::failed_precondition(
+            "etcdserver: authentication is not enabled",
+        ))
+    }
+    async fn role_revoke_permission(
+        &self,
+        _req: Request<pb::AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
         Err(Status::failed_precondition(
             "etcdserver: authentication is not enabled",
         ))
