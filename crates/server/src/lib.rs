@@ -24,6 +24,7 @@
 //! connections while open ones (watch streams) keep theirs.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod core;
 pub mod lease;
 pub mod metrics;
@@ -42,6 +43,7 @@ pub use muster_tls::{ServerTls, TlsServer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use crate::auth::AuthConfig;
 pub use crate::core::{AutoCompaction, Core, CoreConfig};
 use crate::service::Services;
 use crate::storage::Storage;
@@ -65,6 +67,8 @@ pub struct ServerConfig {
     /// TLS for the gRPC port; `None` serves plaintext. Its ALPN list is
     /// replaced by `h2` alone (gRPC needs HTTP/2).
     pub tls: Option<ServerTls>,
+    /// Token lifetime and password hashing of the auth store.
+    pub auth: AuthConfig,
 }
 
 impl ServerConfig {
@@ -76,6 +80,7 @@ impl ServerConfig {
             core: CoreConfig::default(),
             progress_notify_interval: Duration::from_secs(600),
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 
@@ -96,6 +101,12 @@ impl ServerConfig {
     /// Serves gRPC over TLS.
     pub fn with_tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Sets the auth store's token lifetime and bcrypt cost.
+    pub fn with_auth(mut self, auth: AuthConfig) -> Self {
+        self.auth = auth;
         self
     }
 

@@ -16,6 +16,7 @@ pub struct EmbeddedNode {
     port: u16,
     min_lease_ttl: i64,
     tls: Option<muster_tls::ServerTls>,
+    auth: muster_server::AuthConfig,
     running: Option<(tokio::runtime::Runtime, Server)>,
 }
 
@@ -42,6 +43,25 @@ impl EmbeddedNode {
             port,
             min_lease_ttl: 1,
             tls: None,
+            auth: crate::test_auth_config(None),
+            running: None,
+        };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// [`EmbeddedNode::start`] with simple tokens that live `token_ttl`
+    /// (`--auth-token-ttl`); passwords are hashed at bcrypt's lowest cost,
+    /// as for every test registry (see [`RegistryOptions`](crate::RegistryOptions)).
+    pub fn start_with_token_ttl(token_ttl: Duration) -> io::Result<EmbeddedNode> {
+        let mut node = EmbeddedNode {
+            dir: tempfile::Builder::new()
+                .prefix("muster-embedded-")
+                .tempdir()?,
+            port: crate::free_port(),
+            min_lease_ttl: 1,
+            tls: None,
+            auth: crate::test_auth_config(Some(token_ttl)),
             running: None,
         };
         node.restart()?;
@@ -67,6 +87,7 @@ impl EmbeddedNode {
             port: crate::free_port(),
             min_lease_ttl: 1,
             tls: Some(tls),
+            auth: crate::test_auth_config(None),
             running: None,
         };
         node.restart()?;
@@ -100,7 +121,8 @@ impl EmbeddedNode {
         loop {
             let mut config = ServerConfig::persistent(self.dir.path().join("data"))
                 .with_listen(SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
-                .with_min_lease_ttl(self.min_lease_ttl);
+                .with_min_lease_ttl(self.min_lease_ttl)
+                .with_auth(self.auth);
             if let Some(tls) = &self.tls {
                 config = config.with_tls(tls.clone());
             }

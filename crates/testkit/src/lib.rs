@@ -59,7 +59,25 @@ mod registry;
 pub use embedded::EmbeddedNode;
 pub use pki::{OTHER_CA_NAME, SERVER_SANS, TEST_CA_NAME, TestPki};
 pub use proxy::TcpProxy;
-pub use registry::{Backend, DEADLINE, Registry, eventually, registry};
+pub use registry::{
+    Backend, DEADLINE, Registry, RegistryOptions, eventually, registry, registry_with,
+};
+
+/// The auth settings of every test registry: bcrypt's lowest cost (see
+/// [`RegistryOptions`]) and `token_ttl` (default 300 s).
+fn test_auth_config(token_ttl: Option<Duration>) -> muster_server::AuthConfig {
+    let mut auth = muster_server::AuthConfig {
+        bcrypt_cost: TEST_BCRYPT_COST,
+        ..Default::default()
+    };
+    if let Some(ttl) = token_ttl {
+        auth.token_ttl = ttl;
+    }
+    auth
+}
+
+/// bcrypt cost of every test registry (etcd's `--bcrypt-cost`).
+pub const TEST_BCRYPT_COST: u32 = 4;
 
 /// Interval between readiness probes.
 const POLL: Duration = Duration::from_millis(20);
@@ -379,7 +397,8 @@ impl Member {
             .arg(format!("--heartbeat-interval={}", opts.heartbeat_ms))
             .arg(format!("--election-timeout={}", opts.election_ms))
             .arg("--logger=zap")
-            .arg("--log-outputs=stderr");
+            .arg("--log-outputs=stderr")
+            .arg(format!("--bcrypt-cost={TEST_BCRYPT_COST}"));
         if let Some(mode) = &opts.auto_compaction_mode {
             cmd.arg(format!("--auto-compaction-mode={mode}"));
         }

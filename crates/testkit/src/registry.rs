@@ -84,18 +84,44 @@ pub enum Backend {
     Embedded,
 }
 
+/// How a test registry is started, beyond the defaults.
+///
+/// Every test registry hashes passwords at bcrypt's lowest cost (4, etcd's
+/// `--bcrypt-cost=4`): at the default 10 each user add and login costs
+/// ~80 ms of CPU, which auth tests would spend hundreds of times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryOptions {
+    /// Simple tokens' lifetime (`--auth-token-ttl`); `None`: the default
+    /// 300 s.
+    pub auth_token_ttl: Option<std::time::Duration>,
+}
+
 /// A fresh registry of that kind, with test logging installed; `None`
 /// (skipped loudly, see [`require_etcd`](crate::require_etcd)) for etcd
 /// when it is not installed.
 pub fn registry(backend: Backend) -> Option<Box<dyn Registry>> {
+    registry_with(backend, RegistryOptions::default())
+}
+
+/// [`registry`] started with `options`.
+pub fn registry_with(backend: Backend, options: RegistryOptions) -> Option<Box<dyn Registry>> {
     crate::init_tracing();
     match backend {
         Backend::Etcd => {
             crate::require_etcd()?;
-            Some(Box::new(EtcdNode::start().expect("start etcd")))
+            let mut opts = crate::EtcdOptions::default();
+            if let Some(ttl) = options.auth_token_ttl {
+                opts.extra_args
+                    .push(format!("--auth-token-ttl={}", ttl.as_secs().max(1)));
+            }
+            Some(Box::new(EtcdNode::start_with(opts).expect("start etcd")))
         }
         Backend::Embedded => Some(Box::new(
-            EmbeddedNode::start().expect("start the embedded registry"),
+            match options.auth_token_ttl {
+                Some(ttl) => EmbeddedNode::start_with_token_ttl(ttl),
+                None => EmbeddedNode::start(),
+            }
+            .expect("start the embedded registry"),
         )),
     }
 }
@@ -103,9 +129,28 @@ pub fn registry(backend: Backend) -> Option<Box<dyn Registry>> {
 /// Runs each named `async fn(Box<dyn Registry>)` as two tests,
 /// `<name>::etcd` and `<name>::embedded`: the same body against real etcd
 /// and the embedded registry. The calling crate needs tokio (with the
-/// `macros` and `rt-multi-thread` features).
+/// `macros` and `rt-multi-thread` features). `on_both!(options = EXPR;
+/// names...)` starts both with [`RegistryOptions`] `EXPR`.
 #[macro_export]
 macro_rules! on_both {
+    (options = $opts:expr; $($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn etcd() {
+                    if let Some(r) = $crate::registry_with($crate::Backend::Etcd, $opts) {
+                        super::$name(r).await
+                    }
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    if let Some(r) = $crate::registry_with($crate::Backend::Embedded, $opts) {
+                        super::$name(r).await
+                    }
+                }
+            }
+        )*
+    };
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
