@@ -158,13 +158,7 @@ impl Server {
             cluster_id: random_id(),
             member_id: random_id(),
         };
-        let core = Core::new(
-            storage,
-            recovered,
-            header,
-            config.core.clone(),
-            config.auth,
-        );
+        let core = Core::new(storage, recovered, header, config.core.clone(), config.auth);
         let mut tasks = core.spawn_tasks();
         let endpoint = endpoint_url(addr, tls.is_some());
         let services = Services::new(core.clone(), endpoint, config.progress_notify_interval);

@@ -240,7 +240,8 @@ fn watch_permitted(
     metadata: &tonic::metadata::MetadataMap,
     create: &pb::WatchCreateRequest,
 ) -> Result<(), String> {
-    let caller = caller_of(core, metadata).map_err(|s| s.message().to_string())?;
+    let caller =
+        caller_of(core, metadata).map_err(|_| go_status_text(AuthError::InvalidAuthToken))?;
     // etcd reads an empty key as "\0", the smallest key.
     let key: &[u8] = if create.key.is_empty() {
         &[0]
@@ -249,9 +250,23 @@ fn watch_permitted(
     };
     core.check_access(&caller, Access::Read, key, &create.range_end)
         .map_err(|e| match e {
-            AuthError::InvalidAuthToken | AuthError::UserEmpty => e.to_string(),
-            _ => AuthError::PermissionDenied.to_string(),
+            AuthError::InvalidAuthToken | AuthError::UserEmpty => go_status_text(e),
+            _ => go_status_text(AuthError::PermissionDenied),
         })
+}
+
+/// A gRPC status as Go's `status.Error` prints it, which is what etcd puts
+/// in a refused watch's `cancel_reason`: `rpc error: code = PermissionDenied
+/// desc = etcdserver: permission denied`.
+fn go_status_text(e: AuthError) -> String {
+    let code = match e.status().code() {
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        _ => "Unknown",
+    };
+    format!("rpc error: code = {code} desc = {e}")
 }
 
 async fn serve_watch_stream(

@@ -67,7 +67,9 @@ fn role_name(r: &authpb::Role) -> String {
 }
 
 fn has_root_role(u: &authpb::User) -> bool {
-    u.roles.binary_search_by(|r| r.as_str().cmp(ROOT_ROLE)).is_ok()
+    u.roles
+        .binary_search_by(|r| r.as_str().cmp(ROOT_ROLE))
+        .is_ok()
 }
 
 impl AuthStore {
@@ -231,7 +233,10 @@ impl AuthStore {
         if self.enabled {
             return Ok(((), Vec::new()));
         }
-        let root = self.users.get(ROOT_USER).ok_or(AuthError::RootUserNotExist)?;
+        let root = self
+            .users
+            .get(ROOT_USER)
+            .ok_or(AuthError::RootUserNotExist)?;
         if !has_root_role(root) {
             return Err(AuthError::RootRoleNotExist);
         }

@@ -143,7 +143,10 @@ mod tests {
         assert_eq!(t.reserve(peer), Duration::ZERO);
         // Other peers are never slowed by one peer's failures.
         t.failed(peer);
-        assert_eq!(t.reserve(Some(IpAddr::from([127, 0, 0, 2]))), Duration::ZERO);
+        assert_eq!(
+            t.reserve(Some(IpAddr::from([127, 0, 0, 2]))),
+            Duration::ZERO
+        );
     }
 
     #[test]

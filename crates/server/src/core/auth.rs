@@ -61,7 +61,8 @@ impl Core {
 
     /// `Auth.AuthEnable`.
     pub async fn auth_enable(&self, caller: &Caller) -> Result<pb::AuthEnableResponse, Status> {
-        self.auth_change(caller, true, |st| st.auth.enable()).await?;
+        self.auth_change(caller, true, |st| st.auth.enable())
+            .await?;
         tracing::info!("authentication enabled");
         Ok(pb::AuthEnableResponse {
             header: self.auth_header(),
@@ -70,7 +71,8 @@ impl Core {
 
     /// `Auth.AuthDisable`: every token is dropped.
     pub async fn auth_disable(&self, caller: &Caller) -> Result<pb::AuthDisableResponse, Status> {
-        self.auth_change(caller, true, |st| st.auth.disable()).await?;
+        self.auth_change(caller, true, |st| st.auth.disable())
+            .await?;
         self.tokens().clear();
         tracing::info!("authentication disabled");
         Ok(pb::AuthDisableResponse {
@@ -126,10 +128,9 @@ impl Core {
             }
             // Assigned under the read lock: a user deleted or a password
             // changed after this drops the token with the others.
-            let token = self
-                .tokens()
-                .assign(name)
-                .map_err(|e| Status::internal(format!("etcdserver: no randomness for a token: {e}")))?;
+            let token = self.tokens().assign(name).map_err(|e| {
+                Status::internal(format!("etcdserver: no randomness for a token: {e}"))
+            })?;
             drop(st);
             self.throttle().succeeded(peer);
             tracing::debug!(user = name, "authenticated");

@@ -403,7 +403,11 @@ impl Core {
     }
 
     /// `KV.Put`.
-    pub async fn put(&self, req: pb::PutRequest, caller: &Caller) -> Result<pb::PutResponse, Status> {
+    pub async fn put(
+        &self,
+        req: pb::PutRequest,
+        caller: &Caller,
+    ) -> Result<pb::PutResponse, Status> {
         let check = |st: &State| {
             crate::mvcc::check_put_request(&req).map_err(mvcc_status)?;
             Ok(st.guard(caller).put(&req)?)
@@ -431,7 +435,11 @@ impl Core {
     }
 
     /// `KV.Txn`.
-    pub async fn txn(&self, req: pb::TxnRequest, caller: &Caller) -> Result<pb::TxnResponse, Status> {
+    pub async fn txn(
+        &self,
+        req: pb::TxnRequest,
+        caller: &Caller,
+    ) -> Result<pb::TxnResponse, Status> {
         let max_ops = self.config.max_txn_ops;
         let check = |st: &State| {
             crate::mvcc::check_txn(&req, max_ops).map_err(mvcc_status)?;
