@@ -748,6 +748,13 @@ fn restart_one(
     }
 }
 
+/// Runs etcdctl (API v3) with `args` against any plaintext registry at
+/// `endpoint` (`http://host:port` or `host:port`): etcd or the embedded
+/// one.
+pub fn etcdctl_at(endpoint: &str, args: &[&str]) -> io::Result<Output> {
+    run_etcdctl(endpoint.trim_start_matches("http://"), None, args)
+}
+
 /// Runs etcdctl; with `tls`, its `--cacert`/`--cert`/`--key` flags come
 /// before `args`.
 fn run_etcdctl(endpoints: &str, tls: Option<&EtcdTls>, args: &[&str]) -> io::Result<Output> {
