@@ -31,6 +31,7 @@ pub struct Services {
     core: Arc<Core>,
     endpoint: String,
     progress_interval: Duration,
+    cert_identity: bool,
 }
 
 impl Services {
@@ -40,7 +41,27 @@ impl Services {
             core,
             endpoint,
             progress_interval,
+            cert_identity: false,
         }
+    }
+
+    /// With `on`, a request without a token is the user named by its
+    /// verified client certificate's Common Name (etcd's
+    /// `--client-cert-auth` with auth enabled).
+    pub fn with_cert_identity(mut self, on: bool) -> Services {
+        self.cert_identity = on;
+        self
+    }
+
+    /// The user the request's client certificate names, when certificates
+    /// name users.
+    fn cert_user<T>(&self, req: &Request<T>) -> Option<Arc<str>> {
+        if !self.cert_identity {
+            return None;
+        }
+        let certs = req.peer_certs()?;
+        let cn = muster_tls::common_name(certs.first()?.as_ref())?;
+        Some(Arc::from(cn))
     }
 
     /// Who sends `req`: the user of its token (gRPC metadata `token`, or
@@ -49,7 +70,7 @@ impl Services {
     /// nobody. An unknown or expired token is etcd's "invalid auth token",
     /// whether auth is on or not (as etcd's).
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        caller_of(&self.core, req.metadata())
+        caller_of(&self.core, req.metadata(), self.cert_user(req))
     }
 
     /// The request's message, or etcd's two answers to a large request:
@@ -85,13 +106,17 @@ fn token_of(metadata: &tonic::metadata::MetadataMap) -> Option<Result<&str, Stat
     )
 }
 
-fn caller_of(core: &Core, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+fn caller_of(
+    core: &Core,
+    metadata: &tonic::metadata::MetadataMap,
+    cert_user: Option<Arc<str>>,
+) -> Result<Caller, Status> {
     match token_of(metadata) {
         Some(token) => match core.tokens().resolve(token?) {
             Some(user) => Ok(Caller::User(user)),
             None => Err(AuthError::InvalidAuthToken.status()),
         },
-        None => Ok(Caller::Anonymous),
+        None => Ok(cert_user.map_or(Caller::Anonymous, Caller::User)),
     }
 }
 
@@ -216,6 +241,7 @@ impl pb::watch_server::Watch for Services {
     ) -> Result<Response<Self::WatchStream>, Status> {
         // etcd reads the stream's token at every create.
         let metadata = req.metadata().clone();
+        let cert_user = self.cert_user(&req);
         let inbound = req.into_inner();
         self.core
             .counters
@@ -224,7 +250,7 @@ impl pb::watch_server::Watch for Services {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
         tokio::spawn(serve_watch_stream(
             self.core.clone(),
-            metadata,
+            (metadata, cert_user),
             inbound,
             tx,
             self.progress_interval,
@@ -237,11 +263,11 @@ impl pb::watch_server::Watch for Services {
 /// reason if not.
 fn watch_permitted(
     core: &Core,
-    metadata: &tonic::metadata::MetadataMap,
+    (metadata, cert_user): &StreamIdentity,
     create: &pb::WatchCreateRequest,
 ) -> Result<(), String> {
-    let caller =
-        caller_of(core, metadata).map_err(|_| go_status_text(AuthError::InvalidAuthToken))?;
+    let caller = caller_of(core, metadata, cert_user.clone())
+        .map_err(|_| go_status_text(AuthError::InvalidAuthToken))?;
     // etcd reads an empty key as "\0", the smallest key.
     let key: &[u8] = if create.key.is_empty() {
         &[0]
@@ -269,9 +295,13 @@ fn go_status_text(e: AuthError) -> String {
     format!("rpc error: code = {code} desc = {e}")
 }
 
+/// What names a watch stream's caller: its metadata (the token) and its
+/// client certificate's user.
+type StreamIdentity = (tonic::metadata::MetadataMap, Option<Arc<str>>);
+
 async fn serve_watch_stream(
     core: Arc<Core>,
-    metadata: tonic::metadata::MetadataMap,
+    metadata: StreamIdentity,
     mut inbound: Streaming<pb::WatchRequest>,
     tx: mpsc::Sender<pb::WatchResponse>,
     progress_interval: Duration,

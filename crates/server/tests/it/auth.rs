@@ -1198,3 +1198,70 @@ async fn etcdctl_sets_up_auth_as_against_etcd() {
         );
     }
 }
+
+/// Failed logins from one peer are counted and slow that peer's next
+/// attempts down; successful logins are not counted, and a success ends
+/// the slowdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_counted_and_throttled() {
+    muster_testkit::init_tracing();
+    let server = muster_server::Server::start(muster_server::ServerConfig::in_memory().with_auth(
+        muster_server::AuthConfig {
+            bcrypt_cost: muster_testkit::TEST_BCRYPT_COST,
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let ch = Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut auth = AuthClient::new(ch);
+    auth.user_add(pb::AuthUserAddRequest {
+        name: "root".into(),
+        password: "rootpw".into(),
+        options: None,
+    })
+    .await
+    .unwrap();
+    auth.user_grant_role(pb::AuthUserGrantRoleRequest {
+        user: "root".into(),
+        role: "root".into(),
+    })
+    .await
+    .unwrap();
+    auth.auth_enable(pb::AuthEnableRequest {}).await.unwrap();
+    let metric = |name: &str| {
+        muster_testkit::metric_value(&muster_server::metrics::render(server.core()), name, &[])
+            .unwrap_or_else(|| panic!("{name} exported"))
+    };
+    let login = |password: &str| pb::AuthenticateRequest {
+        name: "root".into(),
+        password: password.into(),
+    };
+    auth.authenticate(login("rootpw")).await.unwrap();
+    assert_eq!(metric("muster_auth_failures_total"), 0.0);
+    for _ in 0..4 {
+        let err = auth.authenticate(login("guess")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    assert_eq!(metric("muster_auth_failures_total"), 4.0);
+    assert!(
+        metric("muster_auth_throttled_total") >= 3.0,
+        "every attempt after the first failure waited"
+    );
+    assert_eq!(metric("muster_auth_throttled_peers"), 1.0);
+    auth.authenticate(login("rootpw")).await.unwrap();
+    assert_eq!(
+        metric("muster_auth_failures_total"),
+        4.0,
+        "successes are not counted"
+    );
+    assert_eq!(
+        metric("muster_auth_throttled_peers"),
+        0.0,
+        "a success ends the slowdown"
+    );
+}
