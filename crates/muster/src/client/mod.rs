@@ -66,6 +66,11 @@ pub struct Config {
     pub tls: Option<muster_tls::ClientTls>,
     /// Username and password, when etcd has auth enabled.
     pub credentials: Option<(String, String)>,
+    /// A token to send from the start (gRPC metadata `token`), for a
+    /// caller that authenticated elsewhere, such as the dashboard acting
+    /// for a logged-in user. Without [`Config::credentials`] it is never
+    /// refreshed: when it expires, calls fail with [`Error::AuthFailed`].
+    pub token: Option<String>,
     /// How long to wait for a TCP connection.
     pub connect_timeout: Duration,
     /// How long one unary call may take.
@@ -86,6 +91,7 @@ impl Default for Config {
             endpoints: vec![DEFAULT_ENDPOINT.into()],
             tls: None,
             credentials: None,
+            token: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(10),
@@ -134,6 +140,12 @@ impl Config {
         password: impl Into<String>,
     ) -> Self {
         self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Sends `token` from the start (see [`Config::token`]).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -275,6 +287,13 @@ impl Etcd {
             );
         }
         let urls = config.urls()?;
+        let token = match &config.token {
+            Some(t) => Some(Arc::new(
+                AsciiMetadataValue::try_from(t.as_str())
+                    .map_err(|_| Error::invalid("token", "a token is printable ASCII"))?,
+            )),
+            None => None,
+        };
         let connector = if urls[0].starts_with("https://") {
             let tls = config.tls.clone().unwrap_or_default();
             let connector = tls
@@ -322,7 +341,7 @@ impl Etcd {
                 plain,
                 current: AtomicUsize::new(0),
                 config,
-                token: ArcSwapOption::empty(),
+                token: ArcSwapOption::new(token),
                 auth_lock: tokio::sync::Mutex::new(()),
                 watch_hub: OnceLock::new(),
             }),
