@@ -315,10 +315,10 @@ impl Etcd {
         }
         let urls = config.urls()?;
         let token = match &config.token {
-            Some(t) => Some(Arc::new(
+            Some(t) => Some(
                 AsciiMetadataValue::try_from(t.as_str())
                     .map_err(|_| Error::invalid("token", "a token is printable ASCII"))?,
-            )),
+            ),
             None => None,
         };
         let connector = if urls[0].starts_with("https://") {
