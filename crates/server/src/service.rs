@@ -112,6 +112,7 @@ fn caller_of(
     cert_user: Option<Arc<str>>,
 ) -> Result<Caller, Status> {
     match token_of(metadata) {
+        Some(Ok(token)) if core.is_internal_token(token) => Ok(Caller::System),
         Some(token) => match core.tokens().resolve(token?) {
             Some(user) => Ok(Caller::User(user)),
             None => Err(AuthError::InvalidAuthToken.status()),

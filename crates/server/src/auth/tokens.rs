@@ -12,6 +12,25 @@ const TOKEN_LETTERS: usize = 16;
 /// How often expired tokens are swept out (etcd's resolution: 1 s).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A random token for the server's own in-process clients (see
+/// `Core::internal_token`): 32 random letters and `.internal`, so it never
+/// collides with a simple token. Falls back to a time-derived value only
+/// when the OS has no randomness, which also fails every login.
+pub fn internal_token() -> String {
+    let mut random = [0u8; 32];
+    if getrandom::fill(&mut random).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        random[..16].copy_from_slice(&nanos.to_le_bytes());
+    }
+    let letters: String = random
+        .iter()
+        .map(|b| LETTERS[usize::from(*b) % LETTERS.len()] as char)
+        .collect();
+    format!("{letters}.internal")
+}
+
 struct Entry {
     user: Arc<str>,
     expires: Instant,

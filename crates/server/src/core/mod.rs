@@ -109,6 +109,7 @@ pub struct Core {
     config: CoreConfig,
     started: Instant,
     tokens: Tokens,
+    internal_token: String,
     auth_config: AuthConfig,
     throttle: Throttle,
     /// Request counters.
@@ -210,6 +211,7 @@ impl Core {
             config,
             started: Instant::now(),
             tokens: Tokens::new(auth_config.token_ttl),
+            internal_token: crate::auth::tokens::internal_token(),
             auth_config,
             throttle: Throttle::default(),
             counters: Counters::default(),
@@ -564,6 +566,23 @@ impl Core {
             header: self.header(self.committed()),
             leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
         }
+    }
+
+    /// A token that makes requests the server's own (never checked): for
+    /// in-process clients of the server, such as `muster serve`'s
+    /// dashboard, which must see every service whatever the roles. Random
+    /// per start, never logged or sent anywhere but loopback calls to this
+    /// process.
+    pub fn internal_token(&self) -> &str {
+        &self.internal_token
+    }
+
+    /// Whether `token` is [`Core::internal_token`] (compared in constant
+    /// time).
+    pub fn is_internal_token(&self, token: &str) -> bool {
+        let a = token.as_bytes();
+        let b = self.internal_token.as_bytes();
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// The simple tokens.
