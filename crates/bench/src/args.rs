@@ -1,9 +1,12 @@
 //! The flags of `muster bench`, and the plan a workload runs from them.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use muster::parse_duration;
 
+use crate::auth::Credentials;
 use crate::connect::Channels;
 use crate::error::Error;
 use crate::keys::{KeySpace, Seed};
@@ -137,6 +140,10 @@ pub(crate) struct Plan<'a> {
     pub(crate) seed: Seed,
     /// The dialer for `https://` endpoints.
     pub(crate) tls: Option<muster_tls::TlsConnector>,
+    /// Who to log in as, on servers with auth enabled.
+    pub(crate) credentials: Option<Credentials>,
+    /// How many times the run logged in again (a token was refused).
+    pub(crate) relogins: Arc<AtomicU64>,
 }
 
 impl<'a> Plan<'a> {
@@ -151,13 +158,15 @@ impl<'a> Plan<'a> {
             keys: KeySpace::new(&args.key_prefix, args.key_size, args.keys)?,
             seed: Seed::given_or_clock(args.seed),
             tls: None,
+            credentials: None,
+            relogins: Arc::default(),
         })
     }
 
     /// Opens the connections of `clients` clients.
     pub(crate) async fn open(&self, clients: usize) -> Result<(Load, Channels), Error> {
         let load = self.args.load(clients);
-        let channels = Channels::open(self.endpoints, load.connections, self.tls.as_ref()).await?;
+        let channels = Channels::open(self, load.connections).await?;
         Ok((load, channels))
     }
 }

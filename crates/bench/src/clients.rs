@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use muster_proto::kv_client::KvClient;
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 
 use crate::args::{Load, Plan};
+use crate::auth::{Intercepted, TokenInterceptor};
 use crate::connect::Channels;
 use crate::error::Error;
 use crate::keys::{KeySpace, Rng, Seed, random_value};
@@ -69,10 +69,12 @@ pub(crate) async fn closed_loop(
     rec
 }
 
-/// What a client of the keyspace holds: a KV client on its connection, its
-/// own random numbers, the value it writes, and the keys.
+/// What a client of the keyspace holds: a KV client on its connection (and
+/// the connection's token), its own random numbers, the value it writes,
+/// and the keys.
 pub(crate) struct KvWorker {
-    pub(crate) kv: KvClient<Channel>,
+    pub(crate) kv: KvClient<Intercepted>,
+    pub(crate) auth: TokenInterceptor,
     pub(crate) rng: Rng,
     pub(crate) value: Vec<u8>,
     pub(crate) keys: KeySpace,
@@ -85,15 +87,16 @@ impl KvWorker {
         let mut rng = plan.seed.client(client);
         KvWorker {
             kv: KvClient::new(channels.get(client)),
+            auth: channels.auth(client),
             value: random_value(&mut rng, plan.args.value_size),
             rng,
             keys: plan.keys.clone(),
         }
     }
 
-    /// The next key, picked at random.
-    pub(crate) fn random_key(&mut self) -> Vec<u8> {
-        self.keys.random_key(&mut self.rng)
+    /// The index of the next key, picked at random.
+    pub(crate) fn random_index(&mut self) -> u64 {
+        self.keys.random_index(&mut self.rng)
     }
 }
 
@@ -158,5 +161,6 @@ pub(crate) fn closed_loop_report<E>(
             extra: fields,
         },
         seed,
+        relogins: 0,
     }
 }

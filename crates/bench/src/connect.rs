@@ -1,5 +1,6 @@
-//! Connections to the endpoints, the probe that checks they speak etcd's
-//! KV API, and gRPC failures as one line of text.
+//! Connections to the endpoints (logged in, with credentials), the probe
+//! that checks they speak etcd's KV API, and gRPC failures as one line of
+//! text.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -9,21 +10,29 @@ use pb::kv_client::KvClient;
 use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::args::Plan;
+use crate::auth::{Intercepted, TokenInterceptor, log_in, not_allowed};
 use crate::error::Error;
 
-/// HTTP/2 connections, spread over the endpoints; client `c` uses
-/// connection `c` modulo their number.
-#[derive(Debug, Clone)]
-pub(crate) struct Channels(Vec<Channel>);
+/// HTTP/2 connections, spread over the endpoints, each with its endpoint's
+/// token; client `c` uses connection `c` modulo their number.
+#[derive(Clone)]
+pub(crate) struct Channels(Vec<(Channel, TokenInterceptor)>);
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels")
+            .field("connections", &self.0.len())
+            .finish()
+    }
+}
 
 impl Channels {
-    /// Opens `n` connections (at least one), spread over the endpoints, and
-    /// checks that each endpoint answers a Range.
-    pub(crate) async fn open(
-        endpoints: &[String],
-        n: usize,
-        tls: Option<&muster_tls::TlsConnector>,
-    ) -> Result<Channels, Error> {
+    /// Opens `n` connections (at least one), spread over the plan's
+    /// endpoints, logs in once per endpoint (with the plan's credentials),
+    /// and checks that each endpoint answers a Range.
+    pub(crate) async fn open(plan: &Plan<'_>, n: usize) -> Result<Channels, Error> {
+        let endpoints = plan.endpoints;
         if endpoints.is_empty() {
             return Err(Error::NoEndpoints);
         }
@@ -31,7 +40,7 @@ impl Channels {
         let mut set = JoinSet::new();
         for i in 0..n {
             let url = endpoints[i % endpoints.len()].clone();
-            let tls = tls.cloned();
+            let tls = plan.tls.clone();
             set.spawn(async move { (i, connect_one(&url, tls.as_ref()).await) });
         }
         let mut channels: Vec<Option<Channel>> = vec![None; n];
@@ -43,15 +52,31 @@ impl Channels {
             channels[i] = Some(channel?);
         }
         let channels: Vec<Channel> = channels.into_iter().flatten().collect();
+        // Connection i goes to endpoint i modulo their number: the first
+        // connection to each logs in for all of that endpoint's.
+        let mut logins = Vec::with_capacity(endpoints.len().min(n));
         for (channel, url) in channels.iter().zip(endpoints) {
-            probe(channel.clone(), url).await?;
+            let auth = log_in(url, channel, plan.credentials.as_ref(), &plan.relogins).await?;
+            probe(auth.wrap(channel.clone()), url, plan).await?;
+            logins.push(auth);
         }
+        let channels = channels
+            .into_iter()
+            .enumerate()
+            .map(|(i, channel)| (channel, logins[i % logins.len()].clone()))
+            .collect();
         Ok(Channels(channels))
     }
 
     /// The connection of client `client`.
-    pub(crate) fn get(&self, client: usize) -> Channel {
-        self.0[client % self.0.len()].clone()
+    pub(crate) fn get(&self, client: usize) -> Intercepted {
+        let (channel, auth) = &self.0[client % self.0.len()];
+        auth.wrap(channel.clone())
+    }
+
+    /// The token of client `client`'s connection (for logging in again).
+    pub(crate) fn auth(&self, client: usize) -> TokenInterceptor {
+        self.0[client % self.0.len()].1.clone()
     }
 }
 
@@ -92,10 +117,18 @@ pub(crate) async fn connect_one(
     })
 }
 
+/// The key the probe reads: under the bench's prefix, so that a user
+/// allowed the bench's keys may read it (and outside the keyspace's
+/// indexes and the watched key).
+pub(crate) fn probe_key(plan: &Plan<'_>) -> Vec<u8> {
+    format!("{}probe", plan.args.key_prefix).into_bytes()
+}
+
 /// Fails unless `url` answers a Range within a few seconds.
-async fn probe(channel: Channel, url: &str) -> Result<(), Error> {
+async fn probe(channel: Intercepted, url: &str, plan: &Plan<'_>) -> Result<(), Error> {
+    let key = probe_key(plan);
     let request = pb::RangeRequest {
-        key: b"muster-bench-probe".to_vec(),
+        key: key.clone(),
         count_only: true,
         ..Default::default()
     };
@@ -106,6 +139,16 @@ async fn probe(channel: Channel, url: &str) -> Result<(), Error> {
     .await
     {
         Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) if not_allowed(&status) => Err(Error::NotAllowed {
+            url: url.to_string(),
+            key: String::from_utf8_lossy(&key).into_owned(),
+            status: status_text(&status),
+            hint: if plan.credentials.is_none() {
+                "the server has auth enabled: log in with --user name:password"
+            } else {
+                "the user needs read and write permission on the bench's keys, --key-prefix"
+            },
+        }),
         Ok(Err(status)) => Err(Error::NotEtcd {
             url: url.to_string(),
             status: status_text(&status),

@@ -38,6 +38,29 @@ pub enum Error {
         /// The gRPC status it answered.
         status: String,
     },
+    /// Logging in failed: wrong user or password, or the server refused.
+    #[error("cannot log in to {url} as {user}: {cause}")]
+    Auth {
+        /// The endpoint.
+        url: String,
+        /// The user name.
+        user: String,
+        /// The gRPC status (etcd's message), on one line.
+        cause: String,
+    },
+    /// An endpoint has auth enabled and refused the bench's Range: no
+    /// credentials were given, or the user may not read the bench's keys.
+    #[error("{url} refused a Range of {key}: {status} ({hint})")]
+    NotAllowed {
+        /// The endpoint.
+        url: String,
+        /// The key asked for.
+        key: String,
+        /// The gRPC status it answered.
+        status: String,
+        /// What to do about it.
+        hint: &'static str,
+    },
     /// An endpoint accepted the connection but did not answer a Range.
     #[error("{url} did not answer a Range within 10 s")]
     Unresponsive {

@@ -26,14 +26,23 @@
 //! `--conns` says otherwise), since one connection serializes its streams
 //! on one TCP stream.
 //!
+//! With [`Credentials`] (servers with etcd's auth enabled), the bench logs
+//! in once per endpoint before measuring and sends the token with every
+//! request (gRPC metadata `token`, as etcd's client); a wrong password
+//! fails the run at once. Should a server refuse the token later (simple
+//! tokens expire some time after their last use, 300 s by default), the
+//! clients of that endpoint log in again once and send the refused request
+//! again; the report says how many times that happened.
+//!
 //! Modules: `args` (the flags, and the plan a workload runs from them),
-//! `keys` (keyspace, values, seed), `connect` (channels, probe, errors as
-//! text), `recorder` (latencies and failures), `clients` (spawning
+//! `keys` (keyspace, values, seed), `auth` (login, token, new logins),
+//! `connect` (channels, probe, errors as text), `recorder` (latencies and failures), `clients` (spawning
 //! clients, their closed loop, its report), `report` (text and JSON),
 //! `units`, `error`, and `workload/*`; [`run`] puts them together.
 #![forbid(unsafe_code)]
 
 mod args;
+mod auth;
 mod clients;
 mod connect;
 mod error;
@@ -44,6 +53,7 @@ mod units;
 mod workload;
 
 pub use args::{BenchArgs, Workload};
+pub use auth::Credentials;
 pub use error::Error;
 pub use recorder::{Latencies, Summary};
 pub use report::Format;
@@ -52,16 +62,20 @@ use args::Plan;
 
 /// Runs the workload against `endpoints` (`http://host:port` or
 /// `https://host:port` URLs, the latter with `tls`: the system's roots when
-/// `None`) and writes its report to `out` as `format`. Fails (after
-/// writing the report) with [`Error::Failed`] if any request failed.
+/// `None`), logged in as `credentials` where auth is enabled, and writes
+/// its report to `out` as `format`. Fails before measuring with
+/// [`Error::Auth`] if a login fails (a wrong password), and (after writing
+/// the report) with [`Error::Failed`] if any request failed.
 pub async fn run(
     args: &BenchArgs,
     endpoints: &[String],
     tls: Option<&muster_tls::ClientTls>,
+    credentials: Option<&Credentials>,
     format: Format,
     out: impl std::io::Write,
 ) -> Result<(), Error> {
     let mut plan = Plan::new(args, endpoints)?;
+    plan.credentials = credentials.cloned();
     if endpoints.iter().any(|e| e.starts_with("https://")) {
         let connector = tls
             .cloned()
@@ -72,12 +86,23 @@ pub async fn run(
     }
     use workload::*;
     match args.workload() {
-        Workload::Put => put::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Range => range::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Txn => txn::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Keepalive => keepalive::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Watch => watch::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Populate => populate::run(&plan).await?.finish(endpoints, format, out),
-        Workload::Ready => ready::run(&plan).await?.finish(endpoints, format, out),
+        Workload::Put => finish(put::run(&plan).await?, &plan, format, out),
+        Workload::Range => finish(range::run(&plan).await?, &plan, format, out),
+        Workload::Txn => finish(txn::run(&plan).await?, &plan, format, out),
+        Workload::Keepalive => finish(keepalive::run(&plan).await?, &plan, format, out),
+        Workload::Watch => finish(watch::run(&plan).await?, &plan, format, out),
+        Workload::Populate => finish(populate::run(&plan).await?, &plan, format, out),
+        Workload::Ready => finish(ready::run(&plan).await?, &plan, format, out),
     }
+}
+
+/// Writes `report`, with how many times the run logged in again.
+fn finish<F: serde::Serialize>(
+    mut report: report::Report<F>,
+    plan: &Plan<'_>,
+    format: Format,
+    out: impl std::io::Write,
+) -> Result<(), Error> {
+    report.relogins = plan.relogins.load(std::sync::atomic::Ordering::Relaxed);
+    report.finish(plan.endpoints, format, out)
 }

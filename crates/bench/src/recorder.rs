@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use muster_proto as pb;
+use pb::kv_client::KvClient;
+
+use crate::auth::{Intercepted, Renewal, TokenInterceptor};
 use crate::connect::status_text;
 use crate::units::{ms, nanos, nanos_as_ms};
 
@@ -132,6 +136,50 @@ impl Summary {
     }
 }
 
+/// A KV request: how it is sent.
+pub(crate) trait KvRequest: Sized {
+    /// What it is answered with.
+    type Response;
+    /// Sends it on `kv`.
+    fn send(
+        self,
+        kv: &mut KvClient<Intercepted>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send + '_;
+}
+
+impl KvRequest for pb::PutRequest {
+    type Response = pb::PutResponse;
+    fn send(
+        self,
+        kv: &mut KvClient<Intercepted>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send + '_
+    {
+        kv.put(self)
+    }
+}
+
+impl KvRequest for pb::RangeRequest {
+    type Response = pb::RangeResponse;
+    fn send(
+        self,
+        kv: &mut KvClient<Intercepted>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send + '_
+    {
+        kv.range(self)
+    }
+}
+
+impl KvRequest for pb::TxnRequest {
+    type Response = pb::TxnResponse;
+    fn send(
+        self,
+        kv: &mut KvClient<Intercepted>,
+    ) -> impl Future<Output = Result<tonic::Response<Self::Response>, tonic::Status>> + Send + '_
+    {
+        kv.txn(self)
+    }
+}
+
 /// Latencies and failures of one or more clients.
 #[derive(Debug, Default)]
 pub(crate) struct Recorder {
@@ -157,14 +205,34 @@ impl Recorder {
         self.first_error.get_or_insert(error);
     }
 
-    /// Sends a request and records how it went; its response if it
-    /// succeeded.
-    pub(crate) async fn time<T>(
+    /// Sends the KV request `make` builds (before the clock starts) on
+    /// `kv` and records how it went; its response if it succeeded. If the
+    /// server refused the token it went
+    /// out with (expired, say), logs in again (once for every client of the
+    /// endpoint: see [`TokenInterceptor::renew`]) and sends it once more,
+    /// built anew. Its latency counts from the first attempt, login
+    /// included.
+    pub(crate) async fn time_kv<R: KvRequest>(
         &mut self,
-        request: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Option<T> {
+        kv: &mut KvClient<Intercepted>,
+        auth: &TokenInterceptor,
+        mut make: impl FnMut() -> R,
+    ) -> Option<R::Response> {
+        let request = make();
+        let sent_with = auth.token();
         let started = Instant::now();
-        match request.await {
+        let mut result = request.send(kv).await;
+        if let Err(status) = &result {
+            match auth.renew(sent_with, status).await {
+                Renewal::NotNeeded => {}
+                Renewal::Renewed => result = make().send(kv).await,
+                Renewal::Failed(failure) => {
+                    self.err(failure);
+                    return None;
+                }
+            }
+        }
+        match result {
             Ok(response) => {
                 self.ok(started);
                 Some(response.into_inner())

@@ -31,6 +31,9 @@ pub(crate) struct Report<F> {
     pub(crate) seed: Option<Seed>,
     /// Set when requests failed: written, then the run fails.
     pub(crate) failure: Option<String>,
+    /// How many times the run logged in again because a server refused
+    /// its token (expired, or older than the server's users and roles).
+    pub(crate) relogins: u64,
 }
 
 /// The JSON object: what every report has around the workload's fields.
@@ -42,8 +45,14 @@ struct Envelope<'a, F> {
     seed: Option<u64>,
     #[serde(flatten)]
     fields: &'a F,
+    #[serde(skip_serializing_if = "is_zero")]
+    relogins: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     failure: Option<&'a str>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl<F: Serialize> Report<F> {
@@ -55,6 +64,12 @@ impl<F: Serialize> Report<F> {
                 for line in &self.text {
                     out.push_str(line);
                     out.push('\n');
+                }
+                if self.relogins > 0 {
+                    out.push_str(&format!(
+                        "{}: logged in again {} times (a server refused the token)\n",
+                        self.workload, self.relogins
+                    ));
                 }
                 if let Some(Seed(seed)) = self.seed {
                     out.push_str(&format!(
@@ -70,6 +85,7 @@ impl<F: Serialize> Report<F> {
                     endpoints,
                     seed: self.seed.map(|Seed(s)| s),
                     fields: &self.fields,
+                    relogins: self.relogins,
                     failure: self.failure.as_deref(),
                 };
                 let mut line = serde_json::to_string(&envelope)
@@ -120,6 +136,7 @@ mod tests {
             fields: Fields { b: 1, a: "x\"y\n" },
             seed: Some(Seed(42)),
             failure: failure.map(str::to_string),
+            relogins: 0,
         }
     }
 
@@ -141,6 +158,18 @@ mod tests {
             report(None).render(&[], Format::Text).unwrap(),
             "put: one\nput: two\nput: seed 42 (repeat with --seed 42)\n"
         );
+    }
+
+    #[test]
+    fn logins_again_are_reported_when_there_were_any() {
+        let mut again = report(None);
+        again.relogins = 2;
+        let text = again.render(&[], Format::Text).unwrap();
+        assert!(text.contains("put: logged in again 2 times"), "{text}");
+        let json = again.render(&[], Format::Json).unwrap();
+        assert!(json.contains("\"relogins\":2"), "{json}");
+        let json = report(None).render(&[], Format::Json).unwrap();
+        assert!(!json.contains("relogins"), "{json}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `muster bench`: the load generator of `muster-bench`, with the global
-//! flags' endpoints and output format.
+//! flags' endpoints, TLS settings, `--user` and output format.
 
 use crate::global::{GlobalArgs, Output};
 
@@ -14,6 +14,17 @@ pub async fn run(global: &GlobalArgs, args: BenchArgs) -> anyhow::Result<()> {
         Output::Json => muster_bench::Format::Json,
     };
     let tls = global.tls()?;
-    muster_bench::run(&args, &endpoints, tls.as_ref(), format, std::io::stdout()).await?;
+    let credentials = global
+        .credentials()?
+        .map(|(user, password)| muster_bench::Credentials::new(user, password));
+    muster_bench::run(
+        &args,
+        &endpoints,
+        tls.as_ref(),
+        credentials.as_ref(),
+        format,
+        std::io::stdout(),
+    )
+    .await?;
     Ok(())
 }

@@ -106,25 +106,34 @@ impl GlobalArgs {
         Some(tls)
     }
 
+    /// `--user` as (name, password): `name:password`, or `name` with the
+    /// password in MUSTER_PASSWORD; `None` without `--user`.
+    pub fn credentials(&self) -> anyhow::Result<Option<(String, String)>> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        let (name, password) = match user.split_once(':') {
+            Some((name, password)) => (name.to_string(), password.to_string()),
+            None => (
+                user.clone(),
+                std::env::var("MUSTER_PASSWORD").with_context(|| {
+                    format!("--user {user:?} has no password: write name:password or set MUSTER_PASSWORD")
+                })?,
+            ),
+        };
+        if name.is_empty() {
+            bail!("--user: the user name is empty");
+        }
+        Ok(Some((name, password)))
+    }
+
     /// The client configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<Config> {
         let urls = self.endpoint_urls()?;
         let mut config = Config::new(&urls).with_request_timeout(self.timeout);
         config.tls = self.tls_for(&urls);
         config.connect_timeout = self.timeout.min(config.connect_timeout);
-        if let Some(user) = &self.user {
-            let (name, password) = match user.split_once(':') {
-                Some((name, password)) => (name.to_string(), password.to_string()),
-                None => (
-                    user.clone(),
-                    std::env::var("MUSTER_PASSWORD").with_context(|| {
-                        format!("--user {user:?} has no password: write name:password or set MUSTER_PASSWORD")
-                    })?,
-                ),
-            };
-            if name.is_empty() {
-                bail!("--user: the user name is empty");
-            }
+        if let Some((name, password)) = self.credentials()? {
             config = config.with_credentials(name, password);
         }
         muster::instance::validate_prefix(&self.prefix)

@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Interval, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::args::Plan;
+use crate::auth::Intercepted;
 use crate::clients::{ClosedLoop, closed_loop_report, run_clients};
 use crate::connect::{Channels, setup_failed, status_text};
 use crate::error::Error;
@@ -144,7 +144,7 @@ enum Step {
 /// One keep-alive stream renewing `ids` in turn until the deadline, then
 /// collecting the responses still due.
 async fn keepalive_stream(
-    mut client: LeaseClient<Channel>,
+    mut client: LeaseClient<Intercepted>,
     ids: Vec<i64>,
     deadline: Option<Instant>,
     period: Option<Duration>,

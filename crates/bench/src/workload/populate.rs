@@ -80,6 +80,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
             txn_latency_ms: recorder.latencies.summary(),
         },
         seed: Some(plan.seed),
+        relogins: 0,
     })
 }
 
@@ -107,21 +108,27 @@ pub(crate) async fn fill(
                 }
                 let first = batch * BATCH;
                 let last = (first + BATCH).min(w.keys.count);
-                let success = (first..last)
-                    .map(|i| pb::RequestOp {
-                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
-                            key: w.keys.key(i),
-                            value: w.value.clone(),
-                            ..Default::default()
-                        })),
-                    })
-                    .collect();
-                let txn = pb::TxnRequest {
+                let KvWorker {
+                    kv,
+                    keys,
+                    value,
+                    auth,
+                    ..
+                } = &mut w;
+                let request = || pb::TxnRequest {
                     compare: Vec::new(),
-                    success,
+                    success: (first..last)
+                        .map(|i| pb::RequestOp {
+                            request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                                key: keys.key(i),
+                                value: value.clone(),
+                                ..Default::default()
+                            })),
+                        })
+                        .collect(),
                     failure: Vec::new(),
                 };
-                rec.time(w.kv.txn(txn)).await;
+                rec.time_kv(kv, auth, request).await;
             }
             rec
         }

@@ -16,12 +16,20 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<NoFields>>,
     let run = run_clients(load.clients, Some(args.duration), |c, deadline| {
         let mut w = KvWorker::new(c, &channels, plan);
         closed_loop(deadline, async move |rec| {
-            let request = pb::PutRequest {
-                key: w.random_key(),
-                value: w.value.clone(),
+            let index = w.random_index();
+            let KvWorker {
+                kv,
+                auth,
+                value,
+                keys,
+                ..
+            } = &mut w;
+            let request = || pb::PutRequest {
+                key: keys.key(index),
+                value: value.clone(),
                 ..Default::default()
             };
-            rec.time(w.kv.put(request)).await;
+            rec.time_kv(kv, auth, request).await;
         })
     })
     .await?;

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use muster_proto as pb;
 use pb::kv_client::KvClient;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use super::populate;
 use crate::args::Plan;
+use crate::auth::Intercepted;
 use crate::clients::{ClosedLoop, KvWorker, closed_loop, closed_loop_report, run_clients};
 use crate::connect::setup_failed;
 use crate::error::Error;
@@ -70,13 +70,15 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<Fields>>, E
         let mut w = KvWorker::new(c, &channels, plan);
         let misses = misses.clone();
         closed_loop(deadline, async move |rec| {
-            let request = pb::RangeRequest {
-                key: w.random_key(),
+            let index = w.random_index();
+            let KvWorker { kv, auth, keys, .. } = &mut w;
+            let request = || pb::RangeRequest {
+                key: keys.key(index),
                 serializable,
                 ..Default::default()
             };
             if rec
-                .time(w.kv.range(request))
+                .time_kv(kv, auth, request)
                 .await
                 .is_some_and(|resp| resp.kvs.is_empty())
             {
@@ -114,7 +116,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<Fields>>, E
 }
 
 /// How many of the keyspace's keys exist.
-async fn count_keys(channel: Channel, keys: &KeySpace) -> Result<u64, Error> {
+async fn count_keys(channel: Intercepted, keys: &KeySpace) -> Result<u64, Error> {
     let resp = KvClient::new(channel)
         .range(pb::RangeRequest {
             key: keys.key(0),

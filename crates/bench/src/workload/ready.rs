@@ -1,6 +1,6 @@
 //! `ready`: waits for the first successful Range on the first endpoint,
-//! connecting again and again (restart measurements: `ready_unix_ns` is
-//! when it answered).
+//! connecting (and, with credentials, logging in) again and again (restart
+//! measurements: `ready_unix_ns` is when it answered).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -9,6 +9,7 @@ use pb::kv_client::KvClient;
 use serde::Serialize;
 
 use crate::args::Plan;
+use crate::auth::log_in;
 use crate::connect::{connect_one, error_chain, status_text};
 use crate::error::Error;
 use crate::report::Report;
@@ -42,20 +43,28 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
             let channel = connect_one(url, plan.tls.as_ref())
                 .await
                 .map_err(|e| error_chain(&e))?;
-            let resp = KvClient::new(channel)
+            let auth = match log_in(url, &channel, plan.credentials.as_ref(), &plan.relogins).await
+            {
+                Ok(auth) => auth,
+                // A wrong password stays wrong: no point waiting.
+                Err(failed) if failed.refused => return Ok(Err(failed.error)),
+                Err(failed) => return Err(failed.error.to_string()),
+            };
+            let resp = KvClient::new(auth.wrap(channel))
                 .range(pb::RangeRequest {
                     key: keys.key(0),
                     ..Default::default()
                 })
                 .await
                 .map_err(|s| status_text(&s))?;
-            Ok::<_, String>(!resp.get_ref().kvs.is_empty())
+            Ok::<_, String>(Ok(!resp.get_ref().kvs.is_empty()))
         };
         let left = deadline.map_or(Duration::MAX, |d| {
             d.saturating_duration_since(Instant::now())
         });
         match tokio::time::timeout(left, attempt).await {
-            Ok(Ok(found)) => break found,
+            Ok(Ok(Ok(found))) => break found,
+            Ok(Ok(Err(refused))) => return Err(refused),
             Ok(Err(e)) => last_error = e,
             Err(_) => {}
         }
@@ -89,5 +98,6 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
         },
         failure: None,
         seed: None,
+        relogins: 0,
     })
 }

@@ -11,9 +11,9 @@ use muster_proto as pb;
 use pb::kv_client::KvClient;
 use rand::RngExt as _;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::args::Plan;
+use crate::auth::Intercepted;
 use crate::clients::{ClosedLoop, KvWorker, closed_loop, closed_loop_report, run_clients};
 use crate::connect::setup_failed;
 use crate::error::Error;
@@ -53,8 +53,15 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<Fields>>, E
         closed_loop(deadline, async move |rec| {
             let index = mine + stride * w.rng.random_range(0..owned.max(1));
             let version = versions.get(&index).copied().unwrap_or(0);
-            let request = compare_and_put(w.keys.key(index), version, w.value.clone());
-            let Some(resp) = rec.time(w.kv.txn(request)).await else {
+            let KvWorker {
+                kv,
+                auth,
+                value,
+                keys,
+                ..
+            } = &mut w;
+            let request = || compare_and_put(keys.key(index), version, value.clone());
+            let Some(resp) = rec.time_kv(kv, auth, request).await else {
                 return;
             };
             if resp.succeeded {
@@ -129,7 +136,7 @@ fn seen_version(resp: &pb::TxnResponse) -> i64 {
 }
 
 /// The version of every existing key of the keyspace, read page by page.
-async fn key_versions(channel: Channel, keys: &KeySpace) -> Result<HashMap<u64, i64>, Error> {
+async fn key_versions(channel: Intercepted, keys: &KeySpace) -> Result<HashMap<u64, i64>, Error> {
     let mut kv = KvClient::new(channel);
     let mut versions = HashMap::new();
     let mut from = keys.key(0);

@@ -57,7 +57,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     let conns = args.conns.map_or(streams, |c| c as usize).clamp(1, streams);
     let puts = args.puts as usize;
     // One more connection for the puts.
-    let channels = Channels::open(plan.endpoints, conns + 1, plan.tls.as_ref()).await?;
+    let channels = Channels::open(plan, conns + 1).await?;
     let key = format!("{}watch", args.key_prefix).into_bytes();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::with_capacity(streams);
@@ -110,6 +110,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     }
 
     let mut kv = KvClient::new(channels.get(conns));
+    let auth = channels.auth(conns);
     let value = random_value(&mut plan.seed.client(0), args.value_size);
     let mut sent: HashMap<i64, Instant> = HashMap::with_capacity(puts);
     let mut acks = Recorder::default();
@@ -118,12 +119,12 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
     for _ in 0..puts {
         ticker.tick().await;
         let started = Instant::now();
-        let put = pb::PutRequest {
+        let request = || pb::PutRequest {
             key: key.clone(),
             value: value.clone(),
             ..Default::default()
         };
-        if let Some(resp) = acks.time(kv.put(put)).await {
+        if let Some(resp) = acks.time_kv(&mut kv, &auth, request).await {
             sent.insert(resp.header.map_or(0, |h| h.revision), started);
         }
         if acks.gave_up() {
@@ -207,6 +208,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<Fields>, Error> {
             put_latency_ms: acks.latencies.summary(),
         },
         seed: Some(plan.seed),
+        relogins: 0,
     })
 }
 

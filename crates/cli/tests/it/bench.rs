@@ -150,3 +150,101 @@ fn a_dead_endpoint_is_one_readable_error() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no unit"));
 }
+
+/// Runs etcdctl against `endpoint`; panics unless it succeeds.
+fn etcdctl(endpoint: &str, args: &[&str]) {
+    let out = muster_testkit::etcdctl_at(endpoint, args).expect("etcdctl runs");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `muster bench` with `--user` against a registry with auth enabled
+/// (set up with etcdctl, as `bench-compare.sh AUTH=1` does): it logs in
+/// and measures; a wrong password, or none, fails before measuring, in
+/// the server's words.
+fn bench_with_auth(backend: muster_testkit::Backend) {
+    let Some(registry) = muster_testkit::registry(backend) else {
+        return;
+    };
+    let endpoint = registry.endpoint();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "bench"],
+        &[
+            "role",
+            "grant-permission",
+            "bench",
+            "--prefix=true",
+            "readwrite",
+            "bench/",
+        ],
+        &["user", "add", "bench:benchpw"],
+        &["user", "grant-role", "bench", "bench"],
+        &["auth", "enable"],
+    ] {
+        etcdctl(&endpoint, args);
+    }
+    let port = registry.client_port();
+    let user = ["--user", "bench:benchpw"];
+
+    let put = [
+        "put",
+        "--clients",
+        "4",
+        "--duration",
+        "500ms",
+        "--keys",
+        "300",
+    ];
+    let report = json(port, &[&user[..], &put].concat());
+    assert!(field(&report, "ops") > 0, "{report}");
+    assert_eq!(field(&report, "errors"), 0, "{report}");
+    assert!(report.get("relogins").is_none(), "{report}");
+    // The watched key and the restart probe are in the keyspace too.
+    let watch = [
+        "watch",
+        "--watchers",
+        "10",
+        "--puts",
+        "3",
+        "--put-interval",
+        "5ms",
+    ];
+    let report = json(port, &[&user[..], &watch].concat());
+    assert_eq!(field(&report, "notifications"), 30, "{report}");
+    let report = json(
+        port,
+        &[&user[..], &["ready", "--ready-timeout", "5s"]].concat(),
+    );
+    assert!(report["found"].is_boolean(), "{report}");
+
+    for workload in [&put[..], &["ready", "--ready-timeout", "20s"]] {
+        let out = bench(port, &[&["--user", "bench:wrong"][..], workload].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{workload:?} {stderr}");
+        assert!(
+            stderr.contains("cannot log in") && stderr.contains("authentication failed"),
+            "{workload:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "no report: nothing was measured");
+    }
+    let out = bench(port, &put);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--user name:password"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no report: nothing was measured");
+}
+
+#[test]
+fn bench_logs_in_to_the_embedded_registry() {
+    bench_with_auth(muster_testkit::Backend::Embedded);
+}
+
+#[test]
+fn bench_logs_in_to_etcd() {
+    bench_with_auth(muster_testkit::Backend::Etcd);
+}
