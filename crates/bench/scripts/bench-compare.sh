@@ -37,7 +37,17 @@
 #                    `muster certs`; etcd's --cert-file/--key-file/
 #                    --trusted-ca-file/--client-cert-auth and the same flags
 #                    for muster serve), the clients with --cacert/--cert/--key
-# Needs: cargo, etcd, bash, sed, awk, sort; Linux (/proc).
+#   AUTH=1           both servers with etcd's auth enabled (simple tokens),
+#                    set up with etcdctl once both are up: a `root` user
+#                    with the root role, a `bench` user whose role may read
+#                    and write the bench's keys (prefix bench/: keyspace,
+#                    watched key, probe); every `muster bench` then runs
+#                    with --user bench:PASSWORD (one login per endpoint and
+#                    run, the token on every request). The restart time
+#                    then includes that login (bcrypt, cost 10 on both).
+#                    Combines with TLS=1.
+#   ETCDCTL=etcdctl  the etcdctl binary (3.4+), for AUTH=1
+# Needs: cargo, etcd, bash, sed, awk, sort; Linux (/proc); etcdctl for AUTH=1.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -48,6 +58,7 @@ WATCHERS=${WATCHERS:-1000}
 PUTS=${PUTS:-200}
 PUT_INTERVAL=${PUT_INTERVAL:-20ms}
 ETCD=${ETCD:-etcd}
+ETCDCTL=${ETCDCTL:-etcdctl}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 
@@ -58,6 +69,9 @@ die() {
 log() { echo "== $*" >&2; }
 
 command -v "$ETCD" >/dev/null || die "no etcd binary ($ETCD) on PATH; set ETCD=/path/to/etcd"
+if [[ -n ${AUTH:-} ]]; then
+    command -v "$ETCDCTL" >/dev/null || die "AUTH=1 needs etcdctl ($ETCDCTL) on PATH; set ETCDCTL=/path/to/etcdctl"
+fi
 if [[ -z ${MUSTER:-} ]]; then
     MUSTER=$ROOT/target/release/muster
     if [[ -z ${SKIP_BUILD:-} ]]; then
@@ -78,6 +92,14 @@ if [[ -n ${TLS:-} ]]; then
         --trusted-ca-file "$WORK/certs/ca.pem" --client-cert-auth)
     CLIENT_TLS=(--cacert "$WORK/certs/ca.pem" --cert "$WORK/certs/client.pem"
         --key "$WORK/certs/client-key.pem")
+fi
+# AUTH=1: the bench's login (the key prefix is muster bench's default).
+CLIENT_AUTH=()
+BENCH_PREFIX=bench/
+if [[ -n ${AUTH:-} ]]; then
+    ROOT_PASSWORD=root-$RANDOM$RANDOM
+    BENCH_PASSWORD=bench-$RANDOM$RANDOM
+    CLIENT_AUTH=(--user "bench:$BENCH_PASSWORD")
 fi
 declare -A PID=([muster]="" [etcd]="")
 stop() {
@@ -141,11 +163,40 @@ start() {
     PID[$s]=$!
 }
 
-# bench SERVER ARGS...: muster bench against SERVER.
+# bench SERVER ARGS...: muster bench against SERVER (logged in, with
+# AUTH=1, once auth is enabled: before, the login finds auth disabled and
+# the bench runs without a token, as etcd's client does).
 bench() {
     local s=$1
     shift
-    "$MUSTER" bench --endpoints "$SCHEME://127.0.0.1:${PORT[$s]}" "${CLIENT_TLS[@]}" "$@"
+    "$MUSTER" bench --endpoints "$SCHEME://127.0.0.1:${PORT[$s]}" "${CLIENT_TLS[@]}" \
+        "${CLIENT_AUTH[@]}" "$@"
+}
+
+# ctl SERVER ARGS...: etcdctl against SERVER (etcd or muster serve alike).
+ctl() {
+    local s=$1
+    shift
+    ETCDCTL_API=3 "$ETCDCTL" --endpoints "$SCHEME://127.0.0.1:${PORT[$s]}" "${CLIENT_TLS[@]}" "$@" \
+        >>"$WORK/etcdctl.log" 2>&1 || die "etcdctl $* against $s failed: $(tail -3 "$WORK/etcdctl.log")"
+}
+
+# enable_auth SERVER: the root and bench users, then auth on.
+enable_auth() {
+    local s=$1
+    ctl "$s" user add "root:$ROOT_PASSWORD"
+    ctl "$s" user grant-role root root
+    ctl "$s" role add bench
+    ctl "$s" role grant-permission bench --prefix=true readwrite "$BENCH_PREFIX"
+    ctl "$s" user add "bench:$BENCH_PASSWORD"
+    ctl "$s" user grant-role bench bench
+    ctl "$s" auth enable
+    # Auth is on: a request without a login is refused (with TLS=1 the
+    # client certificate's name is a login).
+    if [[ -z ${TLS:-} ]] && ETCDCTL_API=3 "$ETCDCTL" --endpoints "$SCHEME://127.0.0.1:${PORT[$s]}" \
+        get "${BENCH_PREFIX}probe" >/dev/null 2>&1; then
+        die "$s still answers without a login after auth enable"
+    fi
 }
 
 # jnum FILE KEY [OBJECT]: the number under KEY (inside OBJECT if given) in
@@ -186,6 +237,12 @@ for s in muster etcd; do
     start "$s"
     bench "$s" ready --ready-timeout 60s -o json >"$WORK/$s.ready.json"
 done
+if [[ -n ${AUTH:-} ]]; then
+    for s in muster etcd; do
+        log "$s: users root and bench, auth enable"
+        enable_auth "$s"
+    done
+fi
 for s in muster etcd; do
     log "$s: populate $KEYS keys, then resident memory"
     bench "$s" populate --keys "$KEYS" --clients "$CLIENTS" -o json >"$WORK/$s.populate.json"
@@ -294,6 +351,7 @@ ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
 echo
 TRANSPORT="plaintext"
 [[ -n ${TLS:-} ]] && TRANSPORT="mutual TLS (client certificates required, ECDSA P-256)"
+[[ -n ${AUTH:-} ]] && TRANSPORT+=", auth enabled (simple tokens; bench user with readwrite on $BENCH_PREFIX)"
 echo "muster serve (release, data in /tmp, fsync per commit) vs etcd $ETCD_VERSION (defaults), $TRANSPORT."
 echo "$(nproc) cores, load generator on the same machine; $CLIENTS clients; $ROUNDS rounds of $DURATION per"
 echo "workload and server (medians; throughput range over rounds in parentheses); $KEYS keys of 32 B / 256 B."
