@@ -13,6 +13,7 @@
 //! All watches of one handle share a single gRPC watch stream: see
 //! [`watch`].
 
+mod auth;
 pub mod watch;
 
 use std::future::Future;
