@@ -131,7 +131,30 @@ pub fn registry_error(etcd: &Etcd, error: muster::Error) -> anyhow::Error {
             "cannot reach the registry at {}: {error}",
             etcd.endpoints().join(", ")
         ),
-        other => other.into(),
+        other => match auth_hint(&other) {
+            Some(hint) => anyhow::anyhow!("{other}; {hint}"),
+            None => other.into(),
+        },
+    }
+}
+
+/// What to do about an error of etcd's auth, if `error` is one: no
+/// credentials while auth is on, wrong ones, or a user whose roles do not
+/// allow the request.
+pub fn auth_hint(error: &muster::Error) -> Option<String> {
+    let text = error.to_string();
+    if text.contains("user name is empty") || text.contains("without credentials") {
+        Some("etcd has authentication enabled: give --user NAME:PASSWORD".into())
+    } else if text.contains("permission denied") {
+        Some(
+            "the user's roles do not allow this: see muster user get NAME --detail, and grant \
+             a role with muster role grant-permission or muster role grant-service"
+                .into(),
+        )
+    } else if matches!(error, muster::Error::AuthFailed(_)) {
+        Some("check the name and password given with --user".into())
+    } else {
+        None
     }
 }
 
