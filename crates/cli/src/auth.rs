@@ -16,7 +16,7 @@ use muster::auth::{AuthError, Permission, PermissionKind, Role};
 use muster::{Error, Etcd};
 
 use crate::global::{GlobalArgs, Output};
-use crate::output::{auth_hint, print, print_json, registry_error};
+use crate::output::{Needs, auth_message, print, print_json, registry_error};
 
 /// The environment variable a new password is read from.
 pub const NEW_PASSWORD_ENV: &str = "MUSTER_NEW_PASSWORD";
@@ -195,40 +195,30 @@ fn parse_kind(s: &str) -> Result<PermissionKind, String> {
 
 /// A failed call `what`, worded for the terminal: etcd's words, then what
 /// to do about them.
-fn failed(global: &GlobalArgs, etcd: &Etcd, what: &str, error: Error) -> anyhow::Error {
+fn failed(etcd: &Etcd, what: &str, error: Error) -> anyhow::Error {
     if matches!(error, Error::Unavailable(_) | Error::Timeout(_)) {
         return registry_error(etcd, error).context(what.to_string());
     }
-    let user = global.user_name();
-    let mut message = format!("{what}: {error}");
+    if let Some(message) = auth_message(&error, Needs::Root) {
+        return anyhow::anyhow!("{what}: {message}");
+    }
     let hint = match &error {
-        Error::Auth(AuthError::RootUserMissing) => {
-            Some("add it first: muster user add root".to_string())
-        }
+        Error::Auth(AuthError::RootUserMissing) => Some("add it first: muster user add root"),
         Error::Auth(AuthError::RootRoleNotGranted) => {
-            Some("grant it: muster user grant-role root root".to_string())
+            Some("grant it: muster user grant-role root root")
         }
-        Error::Auth(AuthError::UserNotFound) => Some("see muster user list".to_string()),
-        Error::Auth(AuthError::RoleNotFound) => Some("see muster role list".to_string()),
+        Error::Auth(AuthError::UserNotFound) => Some("see muster user list"),
+        Error::Auth(AuthError::RoleNotFound) => Some("see muster role list"),
         Error::Auth(AuthError::InvalidManagement) => Some(
             "etcd keeps the root user and its root role while auth is enabled \
-             (muster auth disable first)"
-                .to_string(),
+             (muster auth disable first)",
         ),
-        _ if error.to_string().contains("permission denied") => Some(match user.as_deref() {
-            Some(name) => format!(
-                "user {name} lacks the root role, which managing users, roles and auth \
-                 needs: use --user root:PASSWORD"
-            ),
-            None => "use --user root:PASSWORD".to_string(),
-        }),
-        _ => auth_hint(&error),
+        _ => None,
     };
-    if let Some(hint) = hint {
-        message.push_str("; ");
-        message.push_str(&hint);
+    match hint {
+        Some(hint) => anyhow::anyhow!("{what}: {error}; {hint}"),
+        None => anyhow::anyhow!("{what}: {error}"),
     }
-    anyhow::anyhow!(message)
 }
 
 /// A user name or role name given on the command line: not empty.
@@ -314,7 +304,7 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             } else {
                 etcd.user_add(&name, &new_password(given)?).await
             }
-            .map_err(|e| failed(global, &etcd, &what, e))?;
+            .map_err(|e| failed(&etcd, &what, e))?;
             done(
                 global,
                 &format!("user {name} added"),
@@ -325,7 +315,7 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             check_name("user", &name)?;
             etcd.user_delete(&name)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("user delete {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("user delete {name}"), e))?;
             done(
                 global,
                 &format!("user {name} deleted"),
@@ -337,17 +327,12 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             let user = etcd
                 .user_get(&name)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("user get {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("user get {name}"), e))?;
             let mut roles = Vec::new();
             if detail {
                 for role in &user.roles {
                     roles.push(etcd.role_get(role).await.map_err(|e| {
-                        failed(
-                            global,
-                            &etcd,
-                            &format!("user get {name}: role get {role}"),
-                            e,
-                        )
+                        failed(&etcd, &format!("user get {name}: role get {role}"), e)
                     })?);
                 }
             }
@@ -372,7 +357,7 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             let users = etcd
                 .user_list()
                 .await
-                .map_err(|e| failed(global, &etcd, "user list", e))?;
+                .map_err(|e| failed(&etcd, "user list", e))?;
             list(global, "users", users)
         }
         UserCommand::Passwd { name } => {
@@ -380,7 +365,7 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             let password = new_password(None)?;
             etcd.user_change_password(&name, &password)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("user passwd {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("user passwd {name}"), e))?;
             done(
                 global,
                 &format!("password of user {name} changed"),
@@ -392,7 +377,7 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
             check_name("role", &role)?;
             etcd.user_grant_role(&name, &role)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("user grant-role {name} {role}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("user grant-role {name} {role}"), e))?;
             done(
                 global,
                 &format!("role {role} granted to user {name}"),
@@ -402,9 +387,9 @@ pub async fn run_user(global: &GlobalArgs, command: UserCommand) -> anyhow::Resu
         UserCommand::RevokeRole { name, role } => {
             check_name("user", &name)?;
             check_name("role", &role)?;
-            etcd.user_revoke_role(&name, &role).await.map_err(|e| {
-                failed(global, &etcd, &format!("user revoke-role {name} {role}"), e)
-            })?;
+            etcd.user_revoke_role(&name, &role)
+                .await
+                .map_err(|e| failed(&etcd, &format!("user revoke-role {name} {role}"), e))?;
             done(
                 global,
                 &format!("role {role} revoked from user {name}"),
@@ -436,7 +421,7 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
             check_name("role", &name)?;
             etcd.role_add(&name)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("role add {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("role add {name}"), e))?;
             done(
                 global,
                 &format!("role {name} added"),
@@ -447,7 +432,7 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
             check_name("role", &name)?;
             etcd.role_delete(&name)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("role delete {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("role delete {name}"), e))?;
             done(
                 global,
                 &format!("role {name} deleted"),
@@ -459,7 +444,7 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
             let role = etcd
                 .role_get(&name)
                 .await
-                .map_err(|e| failed(global, &etcd, &format!("role get {name}"), e))?;
+                .map_err(|e| failed(&etcd, &format!("role get {name}"), e))?;
             match global.output {
                 Output::Json => print_json(&role_json(&role)),
                 Output::Table => print(&format!("{role}\n")),
@@ -469,7 +454,7 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
             let roles = etcd
                 .role_list()
                 .await
-                .map_err(|e| failed(global, &etcd, "role list", e))?;
+                .map_err(|e| failed(&etcd, "role list", e))?;
             list(global, "roles", roles)
         }
         RoleCommand::GrantPermission { name, kind, range } => {
@@ -484,7 +469,6 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
                 .await
                 .map_err(|e| {
                     failed(
-                        global,
                         &etcd,
                         &format!("role revoke-permission {name} {}", permission.keys()),
                         e,
@@ -519,7 +503,7 @@ async fn grant(
     for p in permissions {
         etcd.role_grant_permission(role, p.clone())
             .await
-            .map_err(|e| failed(global, etcd, &format!("role {role}: grant {p}"), e))?;
+            .map_err(|e| failed(etcd, &format!("role {role}: grant {p}"), e))?;
     }
     done(
         global,
@@ -540,7 +524,7 @@ pub async fn run_auth(global: &GlobalArgs, command: AuthCommand) -> anyhow::Resu
     let etcd = global.connect()?;
     match command {
         AuthCommand::Enable => {
-            let granted_root_role = enable(global, &etcd).await?;
+            let granted_root_role = enable(&etcd).await?;
             done(
                 global,
                 "authentication enabled",
@@ -550,7 +534,7 @@ pub async fn run_auth(global: &GlobalArgs, command: AuthCommand) -> anyhow::Resu
         AuthCommand::Disable => {
             etcd.auth_disable()
                 .await
-                .map_err(|e| failed(global, &etcd, "auth disable", e))?;
+                .map_err(|e| failed(&etcd, "auth disable", e))?;
             done(
                 global,
                 "authentication disabled",
@@ -561,7 +545,7 @@ pub async fn run_auth(global: &GlobalArgs, command: AuthCommand) -> anyhow::Resu
             let status = etcd
                 .auth_status()
                 .await
-                .map_err(|e| failed(global, &etcd, "auth status", e))?;
+                .map_err(|e| failed(&etcd, "auth status", e))?;
             match global.output {
                 Output::Json => print_json(&serde_json::json!({
                     "enabled": status.enabled,
@@ -582,23 +566,23 @@ pub async fn run_auth(global: &GlobalArgs, command: AuthCommand) -> anyhow::Resu
 /// Enables auth as etcdctl 3.4 does: when etcd says the root user lacks
 /// the root role, adds the role (if missing), grants it and tries again.
 /// Whether it granted the role.
-async fn enable(global: &GlobalArgs, etcd: &Etcd) -> anyhow::Result<bool> {
+async fn enable(etcd: &Etcd) -> anyhow::Result<bool> {
     match etcd.auth_enable().await {
         Ok(()) => return Ok(false),
         Err(Error::Auth(AuthError::RootRoleNotGranted)) => {}
-        Err(e) => return Err(failed(global, etcd, "auth enable", e)),
+        Err(e) => return Err(failed(etcd, "auth enable", e)),
     }
     tracing::info!("user root lacks the root role: adding it");
     match etcd.role_add("root").await {
         Ok(()) | Err(Error::Auth(AuthError::RoleExists)) => {}
-        Err(e) => return Err(failed(global, etcd, "auth enable: role add root", e)),
+        Err(e) => return Err(failed(etcd, "auth enable: role add root", e)),
     }
     etcd.user_grant_role("root", "root")
         .await
-        .map_err(|e| failed(global, etcd, "auth enable: user grant-role root root", e))?;
+        .map_err(|e| failed(etcd, "auth enable: user grant-role root root", e))?;
     etcd.auth_enable()
         .await
-        .map_err(|e| failed(global, etcd, "auth enable", e))?;
+        .map_err(|e| failed(etcd, "auth enable", e))?;
     Ok(true)
 }
 

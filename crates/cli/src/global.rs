@@ -106,16 +106,6 @@ impl GlobalArgs {
         Some(tls)
     }
 
-    /// The user name of `--user`, if given.
-    pub fn user_name(&self) -> Option<String> {
-        let user = self.user.as_deref()?;
-        Some(
-            user.split_once(':')
-                .map_or(user, |(name, _)| name)
-                .to_string(),
-        )
-    }
-
     /// The client configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<Config> {
         let urls = self.endpoint_urls()?;

@@ -131,30 +131,59 @@ pub fn registry_error(etcd: &Etcd, error: muster::Error) -> anyhow::Error {
             "cannot reach the registry at {}: {error}",
             etcd.endpoints().join(", ")
         ),
-        other => match auth_hint(&other) {
-            Some(hint) => anyhow::anyhow!("{other}; {hint}"),
+        other => match auth_message(&other, Needs::Keys) {
+            Some(message) => anyhow::anyhow!(message),
             None => other.into(),
         },
     }
 }
 
-/// What to do about an error of etcd's auth, if `error` is one: no
-/// credentials while auth is on, wrong ones, or a user whose roles do not
-/// allow the request.
-pub fn auth_hint(error: &muster::Error) -> Option<String> {
-    let text = error.to_string();
-    if text.contains("user name is empty") || text.contains("without credentials") {
-        Some("etcd has authentication enabled: give --user NAME:PASSWORD".into())
-    } else if text.contains("permission denied") {
-        Some(
-            "the user's roles do not allow this: see muster user get NAME --detail, and grant \
-             a role with muster role grant-permission or muster role grant-service"
-                .into(),
-        )
-    } else if matches!(error, muster::Error::AuthFailed(_)) {
-        Some("check the name and password given with --user".into())
-    } else {
-        None
+/// What a refused request needed, for the advice on a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Permissions on keys: a role granting them.
+    Keys,
+    /// Managing users, roles or auth: the root role.
+    Root,
+}
+
+/// A refusal of etcd's auth worded for the command line, with what to do
+/// about it in muster's commands: no credentials while auth is on, wrong
+/// ones, or a user whose roles do not allow the request. `None` for any
+/// other error.
+pub fn auth_message(error: &muster::Error, needs: Needs) -> Option<String> {
+    match error {
+        muster::Error::PermissionDenied { user, request } => {
+            let what = if request.is_empty() {
+                "do this"
+            } else {
+                request
+            };
+            Some(match (user, needs) {
+                (None, Needs::Keys) => format!(
+                    "etcdserver: permission denied: etcd has authentication enabled and no --user \
+                     was given, so it may not {what}; give --user NAME:PASSWORD"
+                ),
+                (None, Needs::Root) => format!(
+                    "etcdserver: permission denied: etcd has authentication enabled and no --user \
+                     was given, so it may not {what}; use --user root:PASSWORD"
+                ),
+                (Some(user), Needs::Keys) => format!(
+                    "etcdserver: permission denied: user {user:?} may not {what}; grant one of its \
+                     roles that permission (muster role grant-permission, or muster role \
+                     grant-service ROLE SERVICE; see muster user get {user} --detail), or use \
+                     another --user"
+                ),
+                (Some(user), Needs::Root) => format!(
+                    "etcdserver: permission denied: user {user:?} may not {what}: managing users, \
+                     roles and auth needs the root role; use --user root:PASSWORD"
+                ),
+            })
+        }
+        muster::Error::AuthFailed(_) => Some(format!(
+            "{error}; check the name and password given with --user"
+        )),
+        _ => None,
     }
 }
 

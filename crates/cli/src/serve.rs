@@ -323,7 +323,9 @@ fn dashboard_config(server: &Server, tls: Option<ClientTls>) -> muster::Config {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut config = muster::Config::new([format!("{scheme}://{addr}")]);
     config.tls = tls;
-    config
+    // The registry's own view: every service, whatever the roles (the
+    // dashboard shows each logged-in user what that user may read).
+    config.with_token(server.core().internal_token())
 }
 
 #[cfg(test)]

@@ -46,9 +46,24 @@ pub enum Error {
     /// certificates fail the same way until they are fixed.
     #[error("{0}")]
     Tls(String),
-    /// Authentication failed or the token could not be refreshed.
+    /// Authentication failed or the token could not be refreshed: wrong
+    /// user or password (or the user was deleted). Not transient: the same
+    /// credentials fail the same way until they are fixed.
     #[error("authentication failed: {0}")]
     AuthFailed(String),
+    /// etcd has auth enabled and refused the request: the user (or, for a
+    /// client without credentials, the anonymous client) has no role
+    /// granting it. Not transient: grant a role, or use another user.
+    #[error("{}", permission_denied(.user.as_deref(), .request))]
+    PermissionDenied {
+        /// The etcd user the client authenticates as; `None` for a client
+        /// without credentials.
+        user: Option<String>,
+        /// What was refused, naming its key range when known (`watch
+        /// prefix /muster/services/web/`, `read key /a`); empty when etcd
+        /// did not say.
+        request: String,
+    },
     /// A request did not complete within its timeout.
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
@@ -131,11 +146,15 @@ impl Error {
             {
                 Error::Unavailable(msg.to_string())
             }
-            Code::Unauthenticated | Code::PermissionDenied
-                if msg.contains("auth") || msg.contains("token") || msg.contains("permission") =>
-            {
-                Error::AuthFailed(msg.to_string())
-            }
+            Code::PermissionDenied => Error::PermissionDenied {
+                user: None,
+                request: String::new(),
+            },
+            // etcd's answer to a request without a token while auth is on.
+            Code::InvalidArgument if msg.contains(USER_EMPTY) => Error::PermissionDenied {
+                user: None,
+                request: String::new(),
+            },
             Code::Unauthenticated => Error::AuthFailed(msg.to_string()),
             _ => Error::Grpc(status),
         }
@@ -144,6 +163,99 @@ impl Error {
     /// Whether retrying the same call later (or on another endpoint) may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Error::Unavailable(_) | Error::Timeout(_))
+    }
+}
+
+/// etcd's words (`rpctypes`) for a request its auth store refused; the
+/// same words are a watch create's `cancel_reason`.
+const INVALID_TOKEN: &str = "invalid auth token";
+const OLD_REVISION: &str = "revision of auth store is old";
+const USER_EMPTY: &str = "user name is empty";
+const DENIED: &str = "permission denied";
+const NOT_ENABLED: &str = "authentication is not enabled";
+
+/// Why etcd's auth store refused a request (the cases clientv3's
+/// `shouldRefreshToken` and `shouldRetryWatch` tell apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthRefusal {
+    /// The token is unknown: it expired (`--auth-token-ttl` of idleness),
+    /// was dropped (user deleted, password changed, auth disabled) or the
+    /// member restarted (simple tokens live in memory).
+    InvalidToken,
+    /// The token predates a change of the auth store (users, roles).
+    OldRevision,
+    /// The request carried no token while auth is enabled.
+    UserEmpty,
+    /// The user lacks the permission.
+    Denied,
+}
+
+impl AuthRefusal {
+    /// The refusal a watch create's `cancel_reason` states, if any.
+    pub(crate) fn from_reason(reason: &str) -> Option<AuthRefusal> {
+        if reason.contains(INVALID_TOKEN) {
+            Some(AuthRefusal::InvalidToken)
+        } else if reason.contains(OLD_REVISION) {
+            Some(AuthRefusal::OldRevision)
+        } else if reason.contains(USER_EMPTY) {
+            Some(AuthRefusal::UserEmpty)
+        } else if reason.contains(DENIED) {
+            Some(AuthRefusal::Denied)
+        } else {
+            None
+        }
+    }
+
+    /// The refusal a unary call's status states, if any.
+    pub(crate) fn from_status(status: &tonic::Status) -> Option<AuthRefusal> {
+        use tonic::Code;
+        match status.code() {
+            Code::Unauthenticated => Some(AuthRefusal::InvalidToken),
+            Code::PermissionDenied => Some(AuthRefusal::Denied),
+            Code::InvalidArgument => match AuthRefusal::from_reason(status.message()) {
+                Some(AuthRefusal::Denied) => None,
+                other => other,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// Whether `status` is etcd saying auth is off (an `Authenticate` answer).
+pub(crate) fn is_auth_not_enabled(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.message().contains(NOT_ENABLED)
+}
+
+/// A key range in words: `key /a`, `prefix /a/`, `keys from /a`, or
+/// `range [/a, /b)`.
+pub(crate) fn describe_range(key: &[u8], range_end: &[u8]) -> String {
+    let k = String::from_utf8_lossy(key);
+    if range_end.is_empty() {
+        format!("key {k}")
+    } else if range_end == [0] {
+        format!("keys from {k}")
+    } else if range_end == crate::instance::prefix_range_end(key).as_slice() {
+        format!("prefix {k}")
+    } else {
+        format!("range [{k}, {})", String::from_utf8_lossy(range_end))
+    }
+}
+
+fn permission_denied(user: Option<&str>, request: &str) -> String {
+    let what = if request.is_empty() {
+        "do this".to_string()
+    } else {
+        request.to_string()
+    };
+    match user {
+        Some(user) => format!(
+            "etcdserver: permission denied: user {user:?} may not {what}; grant one of its roles \
+             that permission (etcdctl role grant-permission), or use another user"
+        ),
+        None => format!(
+            "etcdserver: permission denied: etcd has authentication enabled and this client, \
+             without credentials, may not {what}; configure a user and password"
+        ),
     }
 }
 

@@ -6,7 +6,11 @@
 //! last revision delivered, so nothing is missed; after compaction, a
 //! registry that went back in time (wiped or restored) or a cancelled
 //! watch, the prefix is listed again and the owner is handed the new list;
-//! a failing list is retried with capped, jittered backoff, forever. During
+//! a failing list is retried with capped, jittered backoff, forever. A watch
+//! etcd refuses (`permission denied`, after the hub re-authenticated) is
+//! logged as an error naming the user and range, kept as the owner's
+//! staleness error, and tried again (list and watch) only after backoff, so
+//! that granting the permission later heals it without a restart. During
 //! all of it the owner keeps what it has and is told it is stale.
 
 use std::future::Future;
@@ -175,6 +179,8 @@ pub(crate) async fn follow<T: Follower>(
 ) {
     let mut from = Some(listed);
     let mut attempt = 0u32;
+    // Watches refused in a row; reset once a watch delivers.
+    let mut denials = 0u32;
     loop {
         let revision = match from.take() {
             Some(rev) => rev,
@@ -188,6 +194,11 @@ pub(crate) async fn follow<T: Follower>(
                 }
                 Err(e) => {
                     let Some(owner) = weak.upgrade() else { return };
+                    if attempt == 0 && !e.is_transient() {
+                        // Not an outage (a refused permission, bad
+                        // credentials): say so once; retries stay quiet.
+                        tracing::error!(error = %e, "{}: cannot list; retrying", owner.label());
+                    }
                     owner.staleness().stale(e.to_string());
                     drop(owner);
                     tokio::time::sleep(backoff(attempt, config.backoff_base, config.backoff_cap))
@@ -210,15 +221,30 @@ pub(crate) async fn follow<T: Follower>(
             let Some(owner) = weak.upgrade() else { return };
             match event {
                 WatchEvent::Events { revision, events } => {
+                    denials = 0;
                     owner.apply_events(revision, events, &etcd).await;
                     owner.staleness().fresh();
                 }
                 WatchEvent::Progress { revision } => {
+                    denials = 0;
                     owner.progress(revision);
                     owner.staleness().fresh();
                 }
                 WatchEvent::Disconnected { error } => owner.staleness().stale(error),
-                WatchEvent::Resumed => owner.staleness().fresh(),
+                WatchEvent::Resumed => {
+                    denials = 0;
+                    owner.staleness().fresh();
+                }
+                event @ WatchEvent::PermissionDenied { .. } => {
+                    let error = event.error().map(|e| e.to_string()).unwrap_or_default();
+                    let wait = backoff(denials, config.backoff_base, config.backoff_cap);
+                    denials = denials.saturating_add(1);
+                    tracing::error!(%error, retry_in = ?wait, "{}: cannot watch", owner.label());
+                    owner.staleness().stale(error);
+                    drop(owner);
+                    tokio::time::sleep(wait).await;
+                    break;
+                }
                 WatchEvent::Compacted { compact_revision } => {
                     tracing::info!(
                         compact_revision,

@@ -124,6 +124,14 @@ impl Lessor {
         Ok(lease.ttl)
     }
 
+    /// The keys attached to a lease (none for an unknown lease).
+    pub fn keys(&self, id: i64) -> impl Iterator<Item = &[u8]> + '_ {
+        self.leases
+            .get(&id)
+            .into_iter()
+            .flat_map(|l| l.keys.iter().map(Vec::as_slice))
+    }
+
     /// A lease's remaining time and keys.
     pub fn time_to_live(&self, id: i64, now: Instant) -> Option<TimeToLive> {
         let lease = self.leases.get(&id)?;

@@ -158,10 +158,15 @@ impl Server {
             cluster_id: random_id(),
             member_id: random_id(),
         };
-        let core = Core::new(storage, recovered, header, config.core.clone());
+        let core = Core::new(storage, recovered, header, config.core.clone(), config.auth);
         let mut tasks = core.spawn_tasks();
         let endpoint = endpoint_url(addr, tls.is_some());
-        let services = Services::new(core.clone(), endpoint, config.progress_notify_interval);
+        let cert_identity = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_cert_auth && t.client_ca.is_some());
+        let services = Services::new(core.clone(), endpoint, config.progress_notify_interval)
+            .with_cert_identity(cert_identity);
         let max = service::TRANSPORT_LIMIT_BYTES;
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()

@@ -94,6 +94,46 @@ pub fn render(core: &Core) -> String {
         "Seconds since the server started.",
         core.uptime().as_secs_f64(),
     );
+    let (auth_enabled, auth_revision, users, roles) = core.auth_summary();
+    m.single(
+        "muster_auth_enabled",
+        "gauge",
+        "1 when authentication is on.",
+        f64::from(u8::from(auth_enabled)),
+    );
+    m.single(
+        "muster_auth_revision",
+        "gauge",
+        "The auth store's revision (raised by every user, role or permission change).",
+        auth_revision as f64,
+    );
+    m.single("muster_auth_users", "gauge", "Users.", users as f64);
+    m.single("muster_auth_roles", "gauge", "Roles.", roles as f64);
+    m.single(
+        "muster_auth_tokens",
+        "gauge",
+        "Live simple tokens (expired ones until swept, within a second).",
+        core.tokens().len() as f64,
+    );
+    let throttle = core.throttle();
+    m.single(
+        "muster_auth_failures_total",
+        "counter",
+        "Failed Authenticate calls (wrong user or password). Successful ones are not counted.",
+        throttle.failures() as f64,
+    );
+    m.single(
+        "muster_auth_throttled_total",
+        "counter",
+        "Authenticate calls made to wait because their peer failed before.",
+        throttle.delayed() as f64,
+    );
+    m.single(
+        "muster_auth_throttled_peers",
+        "gauge",
+        "Peers whose logins are currently slowed down after failures.",
+        throttle.peers() as f64,
+    );
     // etcd's names, so that etcd dashboards and tests read both backends.
     let c = &core.counters;
     m.family(

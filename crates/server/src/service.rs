@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Access, AuthError, Caller};
 use crate::core::Core;
 
 /// The slack etcd gives gRPC above `--max-request-bytes`.
@@ -30,6 +31,7 @@ pub struct Services {
     core: Arc<Core>,
     endpoint: String,
     progress_interval: Duration,
+    cert_identity: bool,
 }
 
 impl Services {
@@ -39,7 +41,36 @@ impl Services {
             core,
             endpoint,
             progress_interval,
+            cert_identity: false,
         }
+    }
+
+    /// With `on`, a request without a token is the user named by its
+    /// verified client certificate's Common Name (etcd's
+    /// `--client-cert-auth` with auth enabled).
+    pub fn with_cert_identity(mut self, on: bool) -> Services {
+        self.cert_identity = on;
+        self
+    }
+
+    /// The user the request's client certificate names, when certificates
+    /// name users.
+    fn cert_user<T>(&self, req: &Request<T>) -> Option<Arc<str>> {
+        if !self.cert_identity {
+            return None;
+        }
+        let certs = req.peer_certs()?;
+        let cn = muster_tls::common_name(certs.first()?.as_ref())?;
+        Some(Arc::from(cn))
+    }
+
+    /// Who sends `req`: the user of its token (gRPC metadata `token`, or
+    /// `authorization` with or without `Bearer `), else, when client
+    /// certificates name users, the certificate's common name, else
+    /// nobody. An unknown or expired token is etcd's "invalid auth token",
+    /// whether auth is on or not (as etcd's).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        caller_of(&self.core, req.metadata(), self.cert_user(req))
     }
 
     /// The request's message, or etcd's two answers to a large request:
@@ -62,6 +93,34 @@ impl Services {
     }
 }
 
+/// The token in `metadata`, if any (see [`Services::caller`]).
+fn token_of(metadata: &tonic::metadata::MetadataMap) -> Option<Result<&str, Status>> {
+    let value = metadata
+        .get("token")
+        .or_else(|| metadata.get("authorization"))?;
+    Some(
+        value
+            .to_str()
+            .map(|t| t.strip_prefix("Bearer ").unwrap_or(t).trim())
+            .map_err(|_| AuthError::InvalidAuthToken.status()),
+    )
+}
+
+fn caller_of(
+    core: &Core,
+    metadata: &tonic::metadata::MetadataMap,
+    cert_user: Option<Arc<str>>,
+) -> Result<Caller, Status> {
+    match token_of(metadata) {
+        Some(Ok(token)) if core.is_internal_token(token) => Ok(Caller::System),
+        Some(token) => match core.tokens().resolve(token?) {
+            Some(user) => Ok(Caller::User(user)),
+            None => Err(AuthError::InvalidAuthToken.status()),
+        },
+        None => Ok(cert_user.map_or(Caller::Anonymous, Caller::User)),
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -70,26 +129,33 @@ impl pb::kv_server::Kv for Services {
         &self,
         req: Request<pb::RangeRequest>,
     ) -> Result<Response<pb::RangeResponse>, Status> {
+        let caller = self.caller(&req)?;
         let req = self.sized(req)?;
-        self.core.range(&req).map(Response::new)
+        self.core.range(&req, &caller).map(Response::new)
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let caller = self.caller(&req)?;
         let req = self.sized(req)?;
-        self.core.put(req).await.map(Response::new)
+        self.core.put(req, &caller).await.map(Response::new)
     }
 
     async fn delete_range(
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let caller = self.caller(&req)?;
         let req = self.sized(req)?;
-        self.core.delete_range(req).await.map(Response::new)
+        self.core
+            .delete_range(req, &caller)
+            .await
+            .map(Response::new)
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let caller = self.caller(&req)?;
         let req = self.sized(req)?;
-        self.core.txn(req).await.map(Response::new)
+        self.core.txn(req, &caller).await.map(Response::new)
     }
 
     async fn compact(
@@ -120,8 +186,9 @@ impl pb::lease_server::Lease for Services {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
+        let caller = self.caller(&req)?;
         self.core
-            .lease_revoke(req.into_inner().id)
+            .lease_revoke(req.into_inner().id, &caller)
             .await
             .map(Response::new)
     }
@@ -173,6 +240,9 @@ impl pb::watch_server::Watch for Services {
         &self,
         req: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        // etcd reads the stream's token at every create.
+        let metadata = req.metadata().clone();
+        let cert_user = self.cert_user(&req);
         let inbound = req.into_inner();
         self.core
             .counters
@@ -181,6 +251,7 @@ impl pb::watch_server::Watch for Services {
         let (tx, rx) = mpsc::channel(WATCH_STREAM_BUFFER);
         tokio::spawn(serve_watch_stream(
             self.core.clone(),
+            (metadata, cert_user),
             inbound,
             tx,
             self.progress_interval,
@@ -189,8 +260,49 @@ impl pb::watch_server::Watch for Services {
     }
 }
 
+/// Whether the stream's caller may watch `create`'s range; etcd's cancel
+/// reason if not.
+fn watch_permitted(
+    core: &Core,
+    (metadata, cert_user): &StreamIdentity,
+    create: &pb::WatchCreateRequest,
+) -> Result<(), String> {
+    let caller = caller_of(core, metadata, cert_user.clone())
+        .map_err(|_| go_status_text(AuthError::InvalidAuthToken))?;
+    // etcd reads an empty key as "\0", the smallest key.
+    let key: &[u8] = if create.key.is_empty() {
+        &[0]
+    } else {
+        &create.key
+    };
+    core.check_access(&caller, Access::Read, key, &create.range_end)
+        .map_err(|e| match e {
+            AuthError::InvalidAuthToken | AuthError::UserEmpty => go_status_text(e),
+            _ => go_status_text(AuthError::PermissionDenied),
+        })
+}
+
+/// A gRPC status as Go's `status.Error` prints it, which is what etcd puts
+/// in a refused watch's `cancel_reason`: `rpc error: code = PermissionDenied
+/// desc = etcdserver: permission denied`.
+fn go_status_text(e: AuthError) -> String {
+    let code = match e.status().code() {
+        tonic::Code::InvalidArgument => "InvalidArgument",
+        tonic::Code::PermissionDenied => "PermissionDenied",
+        tonic::Code::Unauthenticated => "Unauthenticated",
+        tonic::Code::FailedPrecondition => "FailedPrecondition",
+        _ => "Unknown",
+    };
+    format!("rpc error: code = {code} desc = {e}")
+}
+
+/// What names a watch stream's caller: its metadata (the token) and its
+/// client certificate's user.
+type StreamIdentity = (tonic::metadata::MetadataMap, Option<Arc<str>>);
+
 async fn serve_watch_stream(
     core: Arc<Core>,
+    metadata: StreamIdentity,
     mut inbound: Streaming<pb::WatchRequest>,
     tx: mpsc::Sender<pb::WatchResponse>,
     progress_interval: Duration,
@@ -207,6 +319,20 @@ async fn serve_watch_stream(
                 let Ok(Some(req)) = msg else { break };
                 match req.request_union {
                     Some(RequestUnion::CreateRequest(create)) => {
+                        if let Err(reason) = watch_permitted(&core, &metadata, &create) {
+                            let refused = pb::WatchResponse {
+                                header: core.header(core.committed()),
+                                watch_id: -1,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: reason,
+                                ..Default::default()
+                            };
+                            if tx.send(refused).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
                         let mut id = create.watch_id;
                         if id == 0 && crate::watch::check_range(&create).is_ok() {
                             // etcd's AutoWatchID: the next id not in use.
@@ -336,138 +462,172 @@ impl pb::cluster_server::Cluster for Services {
 impl pb::auth_server::Auth for Services {
     async fn auth_enable(
         &self,
-        _req: Request<pb::AuthEnableRequest>,
+        req: Request<pb::AuthEnableRequest>,
     ) -> Result<Response<pb::AuthEnableResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core.auth_enable(&caller).await.map(Response::new)
     }
+
     async fn auth_disable(
         &self,
-        _req: Request<pb::AuthDisableRequest>,
+        req: Request<pb::AuthDisableRequest>,
     ) -> Result<Response<pb::AuthDisableResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core.auth_disable(&caller).await.map(Response::new)
     }
+
     async fn auth_status(
         &self,
-        _req: Request<pb::AuthStatusRequest>,
+        req: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        self.caller(&req)?;
+        Ok(Response::new(self.core.auth_status()))
     }
+
     async fn authenticate(
         &self,
-        _req: Request<pb::AuthenticateRequest>,
+        req: Request<pb::AuthenticateRequest>,
     ) -> Result<Response<pb::AuthenticateResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let peer = req.remote_addr().map(|a| a.ip());
+        let req = req.into_inner();
+        self.core
+            .authenticate(&req.name, &req.password, peer)
+            .await
+            .map(Response::new)
     }
+
     async fn user_add(
         &self,
-        _req: Request<pb::AuthUserAddRequest>,
+        req: Request<pb::AuthUserAddRequest>,
     ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_add(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn user_get(
         &self,
-        _req: Request<pb::AuthUserGetRequest>,
+        req: Request<pb::AuthUserGetRequest>,
     ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_get(&caller, req.get_ref())
+            .map(Response::new)
     }
+
     async fn user_list(
         &self,
-        _req: Request<pb::AuthUserListRequest>,
+        req: Request<pb::AuthUserListRequest>,
     ) -> Result<Response<pb::AuthUserListResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core.user_list(&caller).map(Response::new)
     }
+
     async fn user_delete(
         &self,
-        _req: Request<pb::AuthUserDeleteRequest>,
+        req: Request<pb::AuthUserDeleteRequest>,
     ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_delete(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn user_change_password(
         &self,
-        _req: Request<pb::AuthUserChangePasswordRequest>,
+        req: Request<pb::AuthUserChangePasswordRequest>,
     ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_change_password(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn user_grant_role(
         &self,
-        _req: Request<pb::AuthUserGrantRoleRequest>,
+        req: Request<pb::AuthUserGrantRoleRequest>,
     ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_grant_role(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn user_revoke_role(
         &self,
-        _req: Request<pb::AuthUserRevokeRoleRequest>,
+        req: Request<pb::AuthUserRevokeRoleRequest>,
     ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .user_revoke_role(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn role_add(
         &self,
-        _req: Request<pb::AuthRoleAddRequest>,
+        req: Request<pb::AuthRoleAddRequest>,
     ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .role_add(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn role_get(
         &self,
-        _req: Request<pb::AuthRoleGetRequest>,
+        req: Request<pb::AuthRoleGetRequest>,
     ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .role_get(&caller, req.get_ref())
+            .map(Response::new)
     }
+
     async fn role_list(
         &self,
-        _req: Request<pb::AuthRoleListRequest>,
+        req: Request<pb::AuthRoleListRequest>,
     ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core.role_list(&caller).map(Response::new)
     }
+
     async fn role_delete(
         &self,
-        _req: Request<pb::AuthRoleDeleteRequest>,
+        req: Request<pb::AuthRoleDeleteRequest>,
     ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .role_delete(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn role_grant_permission(
         &self,
-        _req: Request<pb::AuthRoleGrantPermissionRequest>,
+        req: Request<pb::AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .role_grant_permission(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
+
     async fn role_revoke_permission(
         &self,
-        _req: Request<pb::AuthRoleRevokePermissionRequest>,
+        req: Request<pb::AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
-        Err(Status::failed_precondition(
-            "etcdserver: authentication is not enabled",
-        ))
+        let caller = self.caller(&req)?;
+        self.core
+            .role_revoke_permission(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -30,8 +30,11 @@
 //! - `events`: `(revision, sub revision)` to a prost-encoded
 //!   [`muster_proto::Event`];
 //! - `leases`: lease id to TTL in seconds;
-//! - `meta`: `format_version`, `revision` (highest revision) and
-//!   `compact_revision`.
+//! - `meta`: `format_version`, `revision` (highest revision),
+//!   `compact_revision`, `auth_enabled` (0 or 1) and `auth_revision`;
+//! - `auth_users` and `auth_roles`: name to a prost-encoded
+//!   [`authpb::User`] (with its bcrypt hash, never the password) or
+//!   [`authpb::Role`], as etcd's `authUsers` and `authRoles` buckets.
 
 use std::fmt;
 use std::future::Future;
@@ -43,6 +46,7 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use muster_proto::Event;
+use muster_proto::authpb;
 use prost::Message;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -74,10 +78,14 @@ const CACHE_BYTES: usize = 4 << 20;
 const EVENTS: TableDefinition<'static, (i64, i64), &[u8]> = TableDefinition::new("events");
 const LEASES: TableDefinition<'static, i64, i64> = TableDefinition::new("leases");
 const META: TableDefinition<'static, &str, i64> = TableDefinition::new("meta");
+const AUTH_USERS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("auth_users");
+const AUTH_ROLES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("auth_roles");
 
 const META_FORMAT_VERSION: &str = "format_version";
 const META_REVISION: &str = "revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
+const META_AUTH_ENABLED: &str = "auth_enabled";
+const META_AUTH_REVISION: &str = "auth_revision";
 
 /// Errors of the storage layer. Cheap to clone: one failed commit fails every
 /// batch of its group with the same error.
@@ -98,6 +106,16 @@ pub enum StorageError {
         rev: i64,
         /// Sub revision of the record.
         sub: i64,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A stored user or role record could not be decoded.
+    #[error("corrupt {table} record {name:?}: {reason}")]
+    CorruptAuth {
+        /// `auth_users` or `auth_roles`.
+        table: &'static str,
+        /// The user or role name.
+        name: String,
         /// Why decoding failed.
         reason: String,
     },
@@ -168,6 +186,27 @@ pub enum Change {
         /// The `(rev, sub)` keys of the event records to delete.
         removed: Vec<(i64, i64)>,
     },
+    /// A user was written (`Some`) or deleted (`None`).
+    AuthUser {
+        /// The user's name.
+        name: String,
+        /// The user, with its password's bcrypt hash.
+        user: Option<authpb::User>,
+    },
+    /// A role was written (`Some`) or deleted (`None`).
+    AuthRole {
+        /// The role's name.
+        name: String,
+        /// The role and its permissions.
+        role: Option<authpb::Role>,
+    },
+    /// The auth store's enabled flag and revision.
+    AuthState {
+        /// Whether authentication is on.
+        enabled: bool,
+        /// The auth revision.
+        revision: u64,
+    },
 }
 
 impl Change {
@@ -176,7 +215,16 @@ impl Change {
         match self {
             Change::Event { event, .. } => 16 + event.encoded_len(),
             Change::Compact { removed, .. } => 16 + 16 * removed.len(),
-            Change::Revision(_) | Change::LeaseGrant(_) | Change::LeaseRevoke(_) => 16,
+            Change::AuthUser { name, user } => {
+                16 + name.len() + user.as_ref().map_or(0, Message::encoded_len)
+            }
+            Change::AuthRole { name, role } => {
+                16 + name.len() + role.as_ref().map_or(0, Message::encoded_len)
+            }
+            Change::Revision(_)
+            | Change::LeaseGrant(_)
+            | Change::LeaseRevoke(_)
+            | Change::AuthState { .. } => 16,
         }
     }
 }
@@ -197,6 +245,21 @@ pub struct Recovered {
     /// The highest revision stored: at least the revision of every stored
     /// event and the compact revision (0 for a new store).
     pub revision: i64,
+    /// The auth store as stored.
+    pub auth: RecoveredAuth,
+}
+
+/// The auth store as read back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RecoveredAuth {
+    /// Whether authentication was on.
+    pub enabled: bool,
+    /// The auth revision (0 for a new store).
+    pub revision: u64,
+    /// Every user, in name order.
+    pub users: Vec<authpb::User>,
+    /// Every role, in name order.
+    pub roles: Vec<authpb::Role>,
 }
 
 /// Counters of the storage, for metrics and tests.
@@ -465,6 +528,8 @@ fn init(db: &Database) -> Result<(), StorageError> {
     {
         txn.open_table(EVENTS).map_err(db_error)?;
         txn.open_table(LEASES).map_err(db_error)?;
+        txn.open_table(AUTH_USERS).map_err(db_error)?;
+        txn.open_table(AUTH_ROLES).map_err(db_error)?;
         let mut meta = txn.open_table(META).map_err(db_error)?;
         let version = meta
             .get(META_FORMAT_VERSION)
@@ -526,12 +591,40 @@ fn recover(db: &Database) -> Result<Recovered, StorageError> {
         });
     }
 
+    let auth = RecoveredAuth {
+        enabled: read_meta(META_AUTH_ENABLED)? == 1,
+        revision: u64::try_from(read_meta(META_AUTH_REVISION)?).unwrap_or(0),
+        users: read_records(&txn, AUTH_USERS, "auth_users")?,
+        roles: read_records(&txn, AUTH_ROLES, "auth_roles")?,
+    };
+
     Ok(Recovered {
         events,
         compact_revision,
         leases,
         revision,
+        auth,
     })
+}
+
+/// Every record of a name-keyed auth table, decoded, in name order.
+fn read_records<M: Message + Default>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<'static, &str, &[u8]>,
+    table: &'static str,
+) -> Result<Vec<M>, StorageError> {
+    let records = txn.open_table(def).map_err(db_error)?;
+    let mut out = Vec::new();
+    for entry in records.iter().map_err(db_error)? {
+        let (name, value) = entry.map_err(db_error)?;
+        let record = M::decode(value.value()).map_err(|error| StorageError::CorruptAuth {
+            table,
+            name: name.value().to_string(),
+            reason: error.to_string(),
+        })?;
+        out.push(record);
+    }
+    Ok(out)
 }
 
 /// The storage thread: commits queued batches in groups until every
@@ -609,6 +702,8 @@ fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(
         let mut events = txn.open_table(EVENTS).map_err(db_error)?;
         let mut leases = txn.open_table(LEASES).map_err(db_error)?;
         let mut meta = txn.open_table(META).map_err(db_error)?;
+        let mut users = txn.open_table(AUTH_USERS).map_err(db_error)?;
+        let mut roles = txn.open_table(AUTH_ROLES).map_err(db_error)?;
         for change in group.iter().flat_map(|request| &request.changes) {
             match change {
                 Change::Event { rev, sub, event } => {
@@ -632,6 +727,37 @@ fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(
                         events.remove(*key).map_err(db_error)?;
                     }
                     high = high.max(*revision);
+                }
+                Change::AuthUser { name, user } => match user {
+                    Some(user) => {
+                        let bytes = user.encode_to_vec();
+                        users
+                            .insert(name.as_str(), bytes.as_slice())
+                            .map_err(db_error)?;
+                    }
+                    None => {
+                        users.remove(name.as_str()).map_err(db_error)?;
+                    }
+                },
+                Change::AuthRole { name, role } => match role {
+                    Some(role) => {
+                        let bytes = role.encode_to_vec();
+                        roles
+                            .insert(name.as_str(), bytes.as_slice())
+                            .map_err(db_error)?;
+                    }
+                    None => {
+                        roles.remove(name.as_str()).map_err(db_error)?;
+                    }
+                },
+                Change::AuthState { enabled, revision } => {
+                    meta.insert(META_AUTH_ENABLED, i64::from(*enabled))
+                        .map_err(db_error)?;
+                    meta.insert(
+                        META_AUTH_REVISION,
+                        i64::try_from(*revision).unwrap_or(i64::MAX),
+                    )
+                    .map_err(db_error)?;
                 }
             }
         }

@@ -748,6 +748,21 @@ fn restart_one(
     }
 }
 
+/// Runs etcdctl (API v3) with `args` against any plaintext registry at
+/// `endpoint` (`http://host:port` or `host:port`): etcd or the embedded
+/// one.
+pub fn etcdctl_at(endpoint: &str, args: &[&str]) -> io::Result<Output> {
+    run_etcdctl(endpoint.trim_start_matches("http://"), None, args)
+}
+
+/// Runs etcdctl (API v3) with `args` against any TLS registry at
+/// `endpoint` (`https://host:port`), trusting `pki`'s CA and presenting
+/// its client certificate (CN `root`), as [`EtcdTls::from_pki`]'s.
+pub fn etcdctl_tls_at(endpoint: &str, pki: &TestPki, args: &[&str]) -> io::Result<Output> {
+    let tls = EtcdTls::from_pki(pki, true);
+    run_etcdctl(endpoint, Some(&tls), args)
+}
+
 /// Runs etcdctl; with `tls`, its `--cacert`/`--cert`/`--key` flags come
 /// before `args`.
 fn run_etcdctl(endpoints: &str, tls: Option<&EtcdTls>, args: &[&str]) -> io::Result<Output> {

@@ -35,6 +35,15 @@ use rustls::crypto::CryptoProvider;
 pub use client::{ClientTls, PlainConnector, ServerSpeaksTls, TlsConnector, TlsStream};
 pub use error::Error;
 pub use pem::Pem;
+
+/// The subject Common Name of a DER certificate (the user name etcd takes
+/// from a client certificate under `--client-cert-auth`); `None` when the
+/// certificate does not parse or has no CN.
+pub fn common_name(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
 pub use server::{ServerTls, TlsServer};
 
 /// The crypto provider every muster TLS configuration is built with:

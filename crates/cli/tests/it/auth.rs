@@ -218,7 +218,9 @@ fn users_roles_and_auth_enable(backend: &Backend) {
     );
     assert!(err.contains("etcdserver: permission denied"), "{err}");
     assert!(
-        err.contains("user alice lacks the root role") && err.contains("--user root:"),
+        err.contains("user \"alice\" may not")
+            && err.contains("needs the root role")
+            && err.contains("--user root:"),
         "{err}"
     );
 

@@ -5,23 +5,40 @@
 //! fails over to the next one (always for reads and lease calls, and for
 //! writes only when the request provably never left: the connection could
 //! not be made). With credentials it authenticates, attaches the token to
-//! every call and refreshes it when etcd says it is invalid. Long-lived
+//! every call and, as etcd's Go client does, re-authenticates and retries
+//! once when etcd refuses the token (see [Authentication](#authentication)).
+//! Long-lived
 //! streams (lease keep-alive, watch) are opened through the same failover and
 //! carry etcd's require-leader metadata, so a member cut off from its cluster
 //! ends the stream instead of silently going quiet.
 //!
 //! All watches of one handle share a single gRPC watch stream: see
 //! [`watch`].
+//!
+//! # Authentication
+//!
+//! etcd's simple tokens die after `--auth-token-ttl` (300 s) without use,
+//! when their user is deleted or changes password, when auth is disabled,
+//! and when the member restarts (they live in its memory). A call refused
+//! with `invalid auth token`, `revision of auth store is old` or (holding
+//! credentials) `user name is empty` authenticates again and is sent once
+//! more: the refusal comes before the request is applied, so this is safe
+//! for writes too. `Authenticate` itself goes without a token (etcd would
+//! refuse it for carrying the stale one). When etcd answers that
+//! authentication is not enabled, the handle drops its token and calls
+//! without one until etcd asks for a user again. A stream carries the token
+//! it was opened with: the watch hub opens a new stream when etcd refuses a
+//! watch for its token (see [`watch`]).
 
 mod auth;
 pub mod watch;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use muster_proto as pb;
 use muster_proto::auth_client::AuthClient;
 use muster_proto::cluster_client::ClusterClient;
@@ -35,7 +52,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::error::{Error, Result};
+use crate::error::{AuthRefusal, Error, Result, describe_range, is_auth_not_enabled};
 
 pub use watch::{WatchEvent, WatchOptions, Watcher};
 
@@ -67,6 +84,11 @@ pub struct Config {
     pub tls: Option<muster_tls::ClientTls>,
     /// Username and password, when etcd has auth enabled.
     pub credentials: Option<(String, String)>,
+    /// A token to send from the start (gRPC metadata `token`), for a
+    /// caller that authenticated elsewhere, such as the dashboard acting
+    /// for a logged-in user. Without [`Config::credentials`] it is never
+    /// refreshed: when it expires, calls fail with [`Error::AuthFailed`].
+    pub token: Option<String>,
     /// How long to wait for a TCP connection.
     pub connect_timeout: Duration,
     /// How long one unary call may take.
@@ -87,6 +109,7 @@ impl Default for Config {
             endpoints: vec![DEFAULT_ENDPOINT.into()],
             tls: None,
             credentials: None,
+            token: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(10),
@@ -135,6 +158,12 @@ impl Config {
         password: impl Into<String>,
     ) -> Self {
         self.credentials = Some((user.into(), password.into()));
+        self
+    }
+
+    /// Sends `token` from the start (see [`Config::token`]).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
         self
     }
 
@@ -211,10 +240,26 @@ struct Inner {
     plain: Vec<Option<muster_tls::PlainConnector>>,
     current: AtomicUsize,
     config: Config,
-    token: ArcSwapOption<AsciiMetadataValue>,
+    /// Replaced as a whole on every change, so that the `Arc` a request was
+    /// sent with tells whether someone refreshed it since.
+    auth: ArcSwap<AuthState>,
     auth_lock: tokio::sync::Mutex<()>,
+    authentications: AtomicU64,
     watch_hub: OnceLock<watch::Hub>,
 }
+
+/// What a handle with credentials knows about its authentication.
+#[derive(Debug, Default)]
+pub(crate) struct AuthState {
+    /// The token sent with every request.
+    token: Option<AsciiMetadataValue>,
+    /// etcd said authentication is not enabled: requests go without a token
+    /// until etcd asks for a user (`user name is empty`).
+    disabled: bool,
+}
+
+/// The auth state one request or stream was sent with.
+pub(crate) type Auth = Arc<AuthState>;
 
 /// Whether a failed call may be sent again to another endpoint.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -253,12 +298,6 @@ fn is_connect_error(status: &Status) -> bool {
         || msg.contains("tls handshake")
 }
 
-fn is_invalid_token(status: &Status) -> bool {
-    status.code() == tonic::Code::Unauthenticated
-        || (status.code() == tonic::Code::InvalidArgument
-            && status.message().contains("invalid auth token"))
-}
-
 impl Etcd {
     /// Creates a handle. Connections are made lazily, so this fails only on
     /// a malformed configuration, never because etcd is down.
@@ -276,6 +315,13 @@ impl Etcd {
             );
         }
         let urls = config.urls()?;
+        let token = match &config.token {
+            Some(t) => Some(
+                AsciiMetadataValue::try_from(t.as_str())
+                    .map_err(|_| Error::invalid("token", "a token is printable ASCII"))?,
+            ),
+            None => None,
+        };
         let connector = if urls[0].starts_with("https://") {
             let tls = config.tls.clone().unwrap_or_default();
             let connector = tls
@@ -323,8 +369,12 @@ impl Etcd {
                 plain,
                 current: AtomicUsize::new(0),
                 config,
-                token: ArcSwapOption::empty(),
+                auth: ArcSwap::from_pointee(AuthState {
+                    token,
+                    disabled: false,
+                }),
                 auth_lock: tokio::sync::Mutex::new(()),
+                authentications: AtomicU64::new(0),
                 watch_hub: OnceLock::new(),
             }),
         })
@@ -391,50 +441,130 @@ impl Etcd {
         }
     }
 
-    fn request<M>(&self, msg: M, timeout: Option<Duration>) -> Request<M> {
+    fn request<M>(
+        &self,
+        msg: M,
+        timeout: Option<Duration>,
+        token: Option<&AsciiMetadataValue>,
+    ) -> Request<M> {
         let mut req = Request::new(msg);
         if let Some(t) = timeout {
             req.set_timeout(t);
         }
-        if let Some(token) = self.inner.token.load_full() {
-            req.metadata_mut().insert("token", (*token).clone());
+        if let Some(token) = token {
+            req.metadata_mut().insert("token", token.clone());
         }
         req
     }
 
-    async fn authenticate(&self, stale: Option<Arc<AsciiMetadataValue>>) -> Result<()> {
+    /// The configured user name, if any.
+    pub(crate) fn user(&self) -> Option<String> {
+        self.inner
+            .config
+            .credentials
+            .as_ref()
+            .map(|(u, _)| u.clone())
+    }
+
+    /// The auth state to send the next request with: authenticates first
+    /// when there are credentials and no token yet (unless etcd said auth
+    /// is off).
+    async fn ensure_auth(&self) -> Result<Auth> {
+        let state = self.inner.auth.load_full();
+        if self.inner.config.credentials.is_none() || state.token.is_some() || state.disabled {
+            return Ok(state);
+        }
+        self.authenticate(None).await?;
+        Ok(self.inner.auth.load_full())
+    }
+
+    /// Whether a request refused with `refusal` is worth sending again
+    /// (clientv3's `shouldRefreshToken`, plus an old auth revision without
+    /// credentials, which clientv3 also retries).
+    fn retries_after(&self, refusal: AuthRefusal) -> bool {
+        match refusal {
+            AuthRefusal::InvalidToken | AuthRefusal::UserEmpty => {
+                self.inner.config.credentials.is_some()
+            }
+            AuthRefusal::OldRevision => true,
+            AuthRefusal::Denied => false,
+        }
+    }
+
+    /// Replaces the token that `stale` held, which etcd refused, unless
+    /// someone already did. Without credentials there is nothing to do.
+    pub(crate) async fn refresh_auth(&self, stale: &Auth) -> Result<()> {
+        self.authenticate(Some(stale)).await
+    }
+
+    /// Authenticates, once for all the callers that found the same token
+    /// (`stale`; `None`: there was none) refused. On `authentication is not
+    /// enabled` it drops the token and succeeds: calls go without one.
+    async fn authenticate(&self, stale: Option<&Auth>) -> Result<()> {
         let Some((user, password)) = self.inner.config.credentials.clone() else {
             return Ok(());
         };
         let _guard = self.inner.auth_lock.lock().await;
-        let current = self.inner.token.load_full();
-        if current.is_some() && current.as_ref().map(Arc::as_ptr) != stale.as_ref().map(Arc::as_ptr)
-        {
-            return Ok(()); // someone refreshed it while we waited
+        let current = self.inner.auth.load_full();
+        match stale {
+            Some(stale) if !Arc::ptr_eq(&current, stale) => return Ok(()),
+            None if current.token.is_some() || current.disabled => return Ok(()),
+            _ => {}
         }
         let msg = pb::AuthenticateRequest {
             name: user,
             password,
         };
-        let timeout = self.inner.config.request_timeout;
-        let resp = self
-            .call_unchecked(Retry::Idempotent, msg, |ch, req| async move {
+        self.inner.authentications.fetch_add(1, Ordering::Relaxed);
+        // Without a token: etcd checks one on every request, Authenticate
+        // included, and would refuse the stale one.
+        let result = self
+            .call_unchecked(Retry::Idempotent, msg, None, |ch, req| async move {
                 AuthClient::new(ch).authenticate(req).await
             })
-            .await
-            .map_err(|e| match e {
-                Error::Unavailable(_) | Error::Timeout(_) => e,
-                other => Error::AuthFailed(other.to_string()),
-            })?;
+            .await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(Error::Grpc(status)) if is_auth_not_enabled(&status) => {
+                if !current.disabled {
+                    tracing::info!(
+                        "etcd has authentication disabled; calling without a token until it asks for one"
+                    );
+                }
+                self.inner.auth.store(Arc::new(AuthState {
+                    token: None,
+                    disabled: true,
+                }));
+                return Ok(());
+            }
+            Err(e @ (Error::Unavailable(_) | Error::Timeout(_) | Error::Tls(_))) => return Err(e),
+            Err(e) => {
+                // The old token is dead anyway; the next call tries afresh.
+                self.inner.auth.store(Arc::new(AuthState::default()));
+                return Err(Error::AuthFailed(match e {
+                    Error::Grpc(status) => status.message().to_string(),
+                    other => other.to_string(),
+                }));
+            }
+        };
         let token = AsciiMetadataValue::try_from(resp.token.as_str())
             .map_err(|_| Error::AuthFailed("etcd returned an unusable token".into()))?;
-        self.inner.token.store(Some(Arc::new(token)));
-        tracing::debug!(timeout = ?timeout, "authenticated to etcd");
+        self.inner.auth.store(Arc::new(AuthState {
+            token: Some(token),
+            disabled: false,
+        }));
+        tracing::debug!(refreshed = stale.is_some(), "authenticated to etcd");
         Ok(())
     }
 
     /// One unary call with timeout and endpoint failover, no auth handling.
-    async fn call_unchecked<M, R, F, Fut>(&self, retry: Retry, msg: M, f: F) -> Result<R>
+    async fn call_unchecked<M, R, F, Fut>(
+        &self,
+        retry: Retry,
+        msg: M,
+        token: Option<&AsciiMetadataValue>,
+        f: F,
+    ) -> Result<R>
     where
         M: Clone,
         F: Fn(Channel, Request<M>) -> Fut,
@@ -446,7 +576,7 @@ impl Etcd {
         let start = self.first_endpoint();
         for attempt in 0..attempts {
             let (index, channel) = self.channel(start, attempt);
-            let req = self.request(msg.clone(), Some(timeout));
+            let req = self.request(msg.clone(), Some(timeout), token);
             let status = match tokio::time::timeout(timeout, f(channel, req)).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => match self.explain(index, &status) {
@@ -480,43 +610,57 @@ impl Etcd {
     }
 
     /// One unary call: authentication, timeout, failover, error mapping.
+    /// A call etcd refused for its token is sent once more with a fresh one.
     async fn call<M, R, F, Fut>(&self, retry: Retry, msg: M, f: F) -> Result<R>
     where
         M: Clone,
         F: Fn(Channel, Request<M>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<R>, Status>>,
     {
-        if self.inner.config.credentials.is_some() && self.inner.token.load().is_none() {
-            self.authenticate(None).await?;
-        }
-        let token = self.inner.token.load_full();
-        match self.call_unchecked(retry, msg.clone(), &f).await {
+        let auth = self.ensure_auth().await?;
+        match self
+            .call_unchecked(retry, msg.clone(), auth.token.as_ref(), &f)
+            .await
+        {
             Err(Error::Grpc(status))
-                if self.inner.config.credentials.is_some() && is_invalid_token(&status) =>
+                if AuthRefusal::from_status(&status).is_some_and(|r| self.retries_after(r)) =>
             {
-                self.authenticate(token).await?;
-                self.call_unchecked(retry, msg, &f).await.map_err(map_grpc)
+                tracing::debug!(error = %status.message(), "etcd refused the token; re-authenticating and retrying");
+                self.refresh_auth(&auth).await?;
+                let auth = self.inner.auth.load_full();
+                self.call_unchecked(retry, msg, auth.token.as_ref(), &f)
+                    .await
+                    .map_err(|e| self.map_error(e))
             }
-            other => other.map_err(map_grpc),
+            other => other.map_err(|e| self.map_error(e)),
+        }
+    }
+
+    /// A gRPC status as muster's error; a refusal names the user.
+    fn map_error(&self, e: Error) -> Error {
+        match map_grpc(e) {
+            Error::PermissionDenied { request, .. } => Error::PermissionDenied {
+                user: self.user(),
+                request,
+            },
+            other => other,
         }
     }
 
     /// Opens a bidirectional stream with failover, sending `first` before
     /// waiting for the server's answer (etcd sends no headers until the
-    /// first request arrives).
+    /// first request arrives). Returns the auth state the stream carries.
     async fn open_stream<M, R, F, Fut>(
         &self,
         first: Vec<M>,
         f: F,
-    ) -> Result<(mpsc::Sender<M>, tonic::Streaming<R>)>
+    ) -> Result<(mpsc::Sender<M>, tonic::Streaming<R>, Auth)>
     where
         M: Clone + Send + 'static,
         F: Fn(Channel, Request<ReceiverStream<M>>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<tonic::Streaming<R>>, Status>>,
     {
-        if self.inner.config.credentials.is_some() && self.inner.token.load().is_none() {
-            self.authenticate(None).await?;
-        }
+        let mut auth = self.ensure_auth().await?;
         let timeout = self.inner.config.request_timeout;
         let attempts = self.inner.channels.len();
         let mut last = None;
@@ -530,12 +674,11 @@ impl Etcd {
                 // A fresh channel with room for all of `first`.
                 let _ = tx.try_send(m.clone());
             }
-            let token = self.inner.token.load_full();
-            let mut req = self.request(ReceiverStream::new(rx), None);
+            let mut req = self.request(ReceiverStream::new(rx), None, auth.token.as_ref());
             req.metadata_mut()
                 .insert(REQUIRE_LEADER_KEY, AsciiMetadataValue::from_static("true"));
             match tokio::time::timeout(timeout, f(channel, req)).await {
-                Ok(Ok(resp)) => return Ok((tx, resp.into_inner())),
+                Ok(Ok(resp)) => return Ok((tx, resp.into_inner(), auth)),
                 Ok(Err(status)) => {
                     if let Some(e) = self.explain(index, &status) {
                         self.mark_failed(index);
@@ -544,14 +687,14 @@ impl Etcd {
                         self.mark_failed(index);
                         last = Some(Error::from_status(status));
                     } else if !reauthed
-                        && self.inner.config.credentials.is_some()
-                        && is_invalid_token(&status)
+                        && AuthRefusal::from_status(&status).is_some_and(|r| self.retries_after(r))
                     {
                         reauthed = true;
-                        self.authenticate(token).await?;
+                        self.refresh_auth(&auth).await?;
+                        auth = self.inner.auth.load_full();
                         continue;
                     } else {
-                        return Err(Error::from_status(status));
+                        return Err(self.map_error(Error::Grpc(status)));
                     }
                 }
                 Err(_) => {
@@ -566,6 +709,8 @@ impl Etcd {
 
     /// Reads keys.
     pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse> {
+        let (key, end) = (req.key.clone(), req.range_end.clone());
+        let what = || format!("read {}", describe_range(&key, &end));
         self.call(Retry::Idempotent, req, |ch, r| async move {
             KvClient::new(ch)
                 .max_decoding_message_size(usize::MAX)
@@ -573,14 +718,18 @@ impl Etcd {
                 .await
         })
         .await
+        .map_err(|e| denied(e, what))
     }
 
     /// Writes one key.
     pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse> {
+        let key = req.key.clone();
+        let what = || format!("write {}", describe_range(&key, &[]));
         self.call(Retry::IfNotSent, req, |ch, r| async move {
             KvClient::new(ch).put(r).await
         })
         .await
+        .map_err(|e| denied(e, what))
     }
 
     /// Deletes a key or range.
@@ -588,10 +737,13 @@ impl Etcd {
         &self,
         req: pb::DeleteRangeRequest,
     ) -> Result<pb::DeleteRangeResponse> {
+        let (key, end) = (req.key.clone(), req.range_end.clone());
+        let what = || format!("delete {}", describe_range(&key, &end));
         self.call(Retry::IfNotSent, req, |ch, r| async move {
             KvClient::new(ch).delete_range(r).await
         })
         .await
+        .map_err(|e| denied(e, what))
     }
 
     /// Runs a transaction.
@@ -671,21 +823,40 @@ impl Etcd {
         mpsc::Sender<pb::LeaseKeepAliveRequest>,
         tonic::Streaming<pb::LeaseKeepAliveResponse>,
     )> {
-        self.open_stream(
-            vec![pb::LeaseKeepAliveRequest { id: first_id }],
-            |ch, r| async move { LeaseClient::new(ch).lease_keep_alive(r).await },
-        )
-        .await
+        let (tx, stream, _) = self
+            .open_stream(
+                vec![pb::LeaseKeepAliveRequest { id: first_id }],
+                |ch, r| async move { LeaseClient::new(ch).lease_keep_alive(r).await },
+            )
+            .await?;
+        Ok((tx, stream))
     }
 
     /// Opens a raw watch stream with these first requests. Most callers
     /// want [`Etcd::watch`], which shares one stream per handle.
+    ///
+    /// etcd checks the stream's token (the one it was opened with) at each
+    /// watch create: a refused create answers `created` and `canceled`
+    /// with the reason, watch id -1, and the stream stays open.
     pub async fn watch_stream(
         &self,
         first: Vec<pb::WatchRequest>,
     ) -> Result<(
         mpsc::Sender<pb::WatchRequest>,
         tonic::Streaming<pb::WatchResponse>,
+    )> {
+        let (tx, stream, _) = self.watch_stream_auth(first).await?;
+        Ok((tx, stream))
+    }
+
+    /// [`Etcd::watch_stream`], with the auth state the stream carries.
+    pub(crate) async fn watch_stream_auth(
+        &self,
+        first: Vec<pb::WatchRequest>,
+    ) -> Result<(
+        mpsc::Sender<pb::WatchRequest>,
+        tonic::Streaming<pb::WatchResponse>,
+        Auth,
     )> {
         self.open_stream(first, |ch, r| async move {
             WatchClient::new(ch)
@@ -733,6 +904,12 @@ impl Etcd {
         .await
     }
 
+    /// Number of `Authenticate` calls this handle has made so far (the first
+    /// one and every refresh). For tests and metrics.
+    pub fn authentications(&self) -> u64 {
+        self.inner.authentications.load(Ordering::Relaxed)
+    }
+
     /// Number of gRPC watch streams this handle has opened so far (one at a
     /// time; reconnects count again). For tests and metrics.
     pub fn watch_streams_opened(&self) -> u64 {
@@ -741,6 +918,19 @@ impl Etcd {
             .get()
             .map(watch::Hub::streams_opened)
             .unwrap_or(0)
+    }
+}
+
+/// A refusal of a request described by `what` ("read key /a") says so.
+fn denied(e: Error, what: impl FnOnce() -> String) -> Error {
+    match e {
+        Error::PermissionDenied { user, request } if request.is_empty() => {
+            Error::PermissionDenied {
+                user,
+                request: what(),
+            }
+        }
+        other => other,
     }
 }
 

@@ -14,9 +14,21 @@
 //! - history lost to compaction ends the watcher with
 //!   [`WatchEvent::Compacted`], and a registry whose revision went backwards
 //!   (wiped, or restored from an old backup) ends it with
-//!   [`WatchEvent::Reset`]: the owner re-lists and watches again.
+//!   [`WatchEvent::Reset`]: the owner re-lists and watches again;
+//! - etcd checks the stream's token (the one it was opened with) at each
+//!   watch create, and refuses a create with a dead token (`created` and
+//!   `canceled`, watch id -1, the reason in `cancel_reason`; the stream and
+//!   its other watches carry on). Creates are answered in the order they
+//!   were sent, so the hub knows which watcher was refused. For an invalid
+//!   token or an old auth revision (and, holding credentials, an empty user)
+//!   it re-authenticates and moves every watch to a new stream, which
+//!   carries the new token, from each watcher's next revision: nothing is
+//!   missed and the watchers see no disconnect. A `permission denied` is
+//!   retried once the same way (some servers said so for an expired token,
+//!   etcd issue 12385); refused again, it ends the watcher with
+//!   [`WatchEvent::PermissionDenied`], naming the key range.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -25,7 +37,7 @@ use muster_proto as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Etcd, Inner, backoff};
-use crate::error::{Error, Result};
+use crate::error::{AuthRefusal, Error, Result, describe_range};
 
 /// How many responses a watcher may have waiting before it is paused.
 const WATCHER_BUFFER: usize = 256;
@@ -123,6 +135,17 @@ pub enum WatchEvent {
         /// etcd's reason.
         reason: String,
     },
+    /// etcd refused to create the watch: the user lacks read permission on
+    /// the range (refused again after re-authenticating), or the client has
+    /// no credentials while auth is enabled. Terminal: see
+    /// [`WatchEvent::error`].
+    PermissionDenied {
+        /// The etcd user the client authenticates as; `None` without
+        /// credentials.
+        user: Option<String>,
+        /// What was refused: `watch prefix /muster/services/web/`.
+        request: String,
+    },
 }
 
 impl WatchEvent {
@@ -130,8 +153,30 @@ impl WatchEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            WatchEvent::Compacted { .. } | WatchEvent::Reset { .. } | WatchEvent::Canceled { .. }
+            WatchEvent::Compacted { .. }
+                | WatchEvent::Reset { .. }
+                | WatchEvent::Canceled { .. }
+                | WatchEvent::PermissionDenied { .. }
         )
+    }
+
+    /// The error a terminal event reports: compacted history, a watch
+    /// etcd cancelled or refused. `None` for the others ([`WatchEvent::Reset`]
+    /// is no failure: re-list).
+    pub fn error(&self) -> Option<Error> {
+        match self {
+            WatchEvent::Compacted { compact_revision } => Some(Error::Compacted {
+                compact_revision: *compact_revision,
+            }),
+            WatchEvent::Canceled { reason } => {
+                Some(Error::Grpc(tonic::Status::cancelled(reason.clone())))
+            }
+            WatchEvent::PermissionDenied { user, request } => Some(Error::PermissionDenied {
+                user: user.clone(),
+                request: request.clone(),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -212,12 +257,16 @@ impl Hub {
         let (conn_tx, connection) = watch::channel(Connection::Idle);
         let opened = Arc::new(AtomicU64::new(0));
         let task = Task {
+            user: etcd.user(),
             etcd: Arc::downgrade(&etcd.inner),
             cmd_rx,
             connection: conn_tx,
             opened: opened.clone(),
             subs: HashMap::new(),
             by_watch: HashMap::new(),
+            pending: VecDeque::new(),
+            confirmed: false,
+            auth_retries: 0,
             next_sub: 0,
             next_watch: 0,
         };
@@ -260,21 +309,37 @@ struct Sub {
     created: bool,
     paused: bool,
     disconnected: bool,
+    /// etcd said `permission denied` to its last create: once more (on a
+    /// stream with a fresh token) and it ends.
+    denied_once: bool,
 }
 
 struct Task {
     etcd: std::sync::Weak<Inner>,
+    /// The configured user (`None`: no credentials).
+    user: Option<String>,
     cmd_rx: mpsc::UnboundedReceiver<Cmd>,
     connection: watch::Sender<Connection>,
     opened: Arc<AtomicU64>,
     subs: HashMap<u64, Sub>,
     by_watch: HashMap<i64, u64>,
+    /// Watch ids of the creates sent on the current stream and not answered
+    /// yet, in order: etcd answers them in that order, and a refused one
+    /// carries watch id -1.
+    pending: VecDeque<i64>,
+    /// Whether etcd created a watch on the current stream (it works).
+    confirmed: bool,
+    /// Token refreshes for the watch stream since a create last succeeded.
+    auth_retries: u32,
     next_sub: u64,
     next_watch: i64,
 }
 
 enum StreamEnd {
     Broken(String),
+    /// etcd refused a create for the stream's token: re-authenticate and
+    /// move the watches to a new stream.
+    Reauth(String),
     Exit,
 }
 
@@ -296,28 +361,73 @@ impl Task {
             let etcd = Etcd { inner };
             let creates: Vec<pb::WatchRequest> = {
                 self.by_watch.clear();
+                self.pending.clear();
                 let ids: Vec<u64> = self.subs.keys().copied().collect();
                 ids.into_iter()
                     .filter_map(|id| self.create_request(id))
                     .collect()
             };
-            let opened = etcd.watch_stream(creates).await;
+            let opened = etcd.watch_stream_auth(creates).await;
             drop(etcd);
-            let reason = match opened {
-                Ok((tx, stream)) => {
-                    attempt = 0;
+            let end = match opened {
+                Ok((tx, stream, auth)) => {
                     self.opened.fetch_add(1, Ordering::Relaxed);
                     self.connection.send_replace(Connection::Connected);
-                    match self.drive(tx, stream).await {
+                    self.confirmed = false;
+                    let end = self.drive(tx, stream).await;
+                    if self.confirmed {
+                        attempt = 0;
+                    }
+                    match end {
                         StreamEnd::Exit => return,
-                        StreamEnd::Broken(reason) => reason,
+                        StreamEnd::Broken(reason) => Err(reason),
+                        StreamEnd::Reauth(reason) => Ok((reason, auth)),
                     }
                 }
-                Err(e) => e.to_string(),
+                Err(e) => Err(e.to_string()),
             };
-            self.disconnected(&reason);
-            let wait = backoff(attempt, Duration::from_millis(50), Duration::from_secs(2));
-            attempt = attempt.saturating_add(1);
+            let wait = match end {
+                Ok((reason, stale)) => {
+                    let Some(inner) = self.etcd.upgrade() else {
+                        self.end_all("the etcd client was dropped");
+                        return;
+                    };
+                    let refreshed = Etcd { inner }.refresh_auth(&stale).await;
+                    match refreshed {
+                        Ok(()) => {
+                            tracing::info!(%reason, "etcd refused a watch for the stream's token; moving the watches to a new stream with a fresh one");
+                            self.reset_watches();
+                            self.auth_retries = self.auth_retries.saturating_add(1);
+                            match self.auth_retries {
+                                1 => Duration::ZERO,
+                                n => backoff(
+                                    n - 2,
+                                    Duration::from_millis(50),
+                                    Duration::from_secs(2),
+                                ),
+                            }
+                        }
+                        Err(e) => {
+                            self.disconnected(&format!(
+                                "cannot re-authenticate for the watch stream ({reason}): {e}"
+                            ));
+                            let wait =
+                                backoff(attempt, Duration::from_millis(50), Duration::from_secs(2));
+                            attempt = attempt.saturating_add(1);
+                            wait
+                        }
+                    }
+                }
+                Err(reason) => {
+                    self.disconnected(&reason);
+                    let wait = backoff(attempt, Duration::from_millis(50), Duration::from_secs(2));
+                    attempt = attempt.saturating_add(1);
+                    wait
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
             let sleep = tokio::time::sleep(wait);
             tokio::pin!(sleep);
             loop {
@@ -362,6 +472,7 @@ impl Task {
                 created: false,
                 paused: false,
                 disconnected: false,
+                denied_once: false,
             },
         );
         id
@@ -376,6 +487,7 @@ impl Task {
         sub.created = false;
         sub.paused = false;
         self.by_watch.insert(watch_id, sub_id);
+        self.pending.push_back(watch_id);
         Some(pb::WatchRequest {
             request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
                 pb::WatchCreateRequest {
@@ -430,7 +542,11 @@ impl Task {
                     }
                 },
                 msg = stream.message() => match msg {
-                    Ok(Some(resp)) => self.handle(resp, &mut outgoing),
+                    Ok(Some(resp)) => {
+                        if let Some(end) = self.handle(resp, &mut outgoing) {
+                            return end;
+                        }
+                    }
                     Ok(None) => return StreamEnd::Broken("watch stream closed by the server".into()),
                     Err(status) => return StreamEnd::Broken(Error::from_status(status).to_string()),
                 },
@@ -462,9 +578,33 @@ impl Task {
         }
     }
 
-    fn handle(&mut self, resp: pb::WatchResponse, outgoing: &mut Vec<pb::WatchRequest>) {
+    /// Handles one response; `Some` when the stream has to be replaced.
+    fn handle(
+        &mut self,
+        resp: pb::WatchResponse,
+        outgoing: &mut Vec<pb::WatchRequest>,
+    ) -> Option<StreamEnd> {
         let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-        if resp.watch_id == -1 && !resp.created && !resp.canceled && resp.events.is_empty() {
+        // The watch a create answer is for: creates are answered in order,
+        // and a refused one says -1.
+        let watch_id = if resp.created {
+            let position = self.pending.iter().position(|&w| w == resp.watch_id);
+            match position {
+                Some(i) => self.pending.remove(i),
+                None if resp.watch_id == -1 => self.pending.pop_front(),
+                None => Some(resp.watch_id),
+            }
+            .unwrap_or(resp.watch_id)
+        } else {
+            resp.watch_id
+        };
+        if resp.created
+            && resp.canceled
+            && let Some(refusal) = AuthRefusal::from_reason(&resp.cancel_reason)
+        {
+            return self.refused(watch_id, refusal, &resp.cancel_reason);
+        }
+        if watch_id == -1 && !resp.created && !resp.canceled && resp.events.is_empty() {
             // Answer to a progress request: every synced watcher is current.
             for sub in self.subs.values_mut().filter(|s| s.created && !s.paused) {
                 if revision + 1 > sub.next_rev {
@@ -472,14 +612,12 @@ impl Task {
                     let _ = sub.tx.try_send(WatchEvent::Progress { revision });
                 }
             }
-            return;
+            return None;
         }
-        let Some(&sub_id) = self.by_watch.get(&resp.watch_id) else {
-            return; // a watch we cancelled; its last responses are still arriving
+        let Some(&sub_id) = self.by_watch.get(&watch_id) else {
+            return None; // a watch we cancelled; its last responses are still arriving
         };
-        let Some(sub) = self.subs.get_mut(&sub_id) else {
-            return;
-        };
+        let sub = self.subs.get_mut(&sub_id)?;
         let terminal = if resp.compact_revision > 0 {
             Some(WatchEvent::Compacted {
                 compact_revision: resp.compact_revision,
@@ -493,27 +631,20 @@ impl Task {
                 },
             })
         } else if resp.created && sub.next_rev > 0 && revision + 1 < sub.next_rev {
-            outgoing.push(Self::cancel_request(resp.watch_id));
+            outgoing.push(Self::cancel_request(watch_id));
             Some(WatchEvent::Reset { revision })
         } else {
             None
         };
         if let Some(event) = terminal {
-            tracing::debug!(?event, "watch ended");
-            // try_send: the receiver may be full; a terminal event must
-            // still arrive, so spawn the send if needed.
-            if let Err(mpsc::error::TrySendError::Full(event)) = sub.tx.try_send(event) {
-                let tx = sub.tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(event).await;
-                });
-            }
-            self.by_watch.remove(&resp.watch_id);
-            self.subs.remove(&sub_id);
-            return;
+            self.end_sub(sub_id, watch_id, event);
+            return None;
         }
         if resp.created {
             sub.created = true;
+            sub.denied_once = false;
+            self.confirmed = true;
+            self.auth_retries = 0;
             if sub.next_rev == 0 {
                 sub.next_rev = revision + 1;
             }
@@ -521,14 +652,14 @@ impl Task {
                 sub.disconnected = false;
                 let _ = sub.tx.try_send(WatchEvent::Resumed);
             }
-            return;
+            return None;
         }
         if resp.events.is_empty() {
             if revision + 1 > sub.next_rev {
                 sub.next_rev = revision + 1;
                 let _ = sub.tx.try_send(WatchEvent::Progress { revision });
             }
-            return;
+            return None;
         }
         let first = resp
             .events
@@ -562,10 +693,70 @@ impl Task {
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.by_watch.remove(&resp.watch_id);
+                self.by_watch.remove(&watch_id);
                 self.subs.remove(&sub_id);
-                outgoing.push(Self::cancel_request(resp.watch_id));
+                outgoing.push(Self::cancel_request(watch_id));
             }
+        }
+        None
+    }
+
+    /// etcd refused to create watch `watch_id` for `refusal`: replace the
+    /// stream when a fresh token may help, else end the watcher.
+    fn refused(&mut self, watch_id: i64, refusal: AuthRefusal, reason: &str) -> Option<StreamEnd> {
+        let sub_id = self.by_watch.remove(&watch_id)?;
+        let credentials = self.user.is_some();
+        let sub = self.subs.get_mut(&sub_id)?;
+        sub.watch_id = None;
+        sub.created = false;
+        let retry = match refusal {
+            AuthRefusal::InvalidToken | AuthRefusal::OldRevision => true,
+            AuthRefusal::UserEmpty => credentials,
+            AuthRefusal::Denied => credentials && !std::mem::replace(&mut sub.denied_once, true),
+        };
+        if retry {
+            return Some(StreamEnd::Reauth(reason.to_string()));
+        }
+        let event = WatchEvent::PermissionDenied {
+            user: self.user.clone(),
+            request: format!(
+                "watch {}",
+                describe_range(&sub.options.key, &sub.options.range_end)
+            ),
+        };
+        if let Some(e) = event.error() {
+            tracing::error!(error = %e, "etcd refused a watch");
+        }
+        self.end_sub(sub_id, watch_id, event);
+        None
+    }
+
+    /// Ends watcher `sub_id` (on watch `watch_id`) with a terminal event.
+    fn end_sub(&mut self, sub_id: u64, watch_id: i64, event: WatchEvent) {
+        tracing::debug!(?event, "watch ended");
+        if let Some(sub) = self.subs.remove(&sub_id) {
+            // try_send: the receiver may be full; a terminal event must
+            // still arrive, so spawn the send if needed.
+            if let Err(mpsc::error::TrySendError::Full(event)) = sub.tx.try_send(event) {
+                let tx = sub.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(event).await;
+                });
+            }
+        }
+        self.by_watch.remove(&watch_id);
+    }
+
+    /// Forgets the current stream's watches: every watcher is created
+    /// again, from its next revision, on the next stream.
+    fn reset_watches(&mut self) {
+        self.by_watch.clear();
+        self.pending.clear();
+        self.subs.retain(|_, sub| !sub.tx.is_closed());
+        for sub in self.subs.values_mut() {
+            sub.watch_id = None;
+            sub.created = false;
+            sub.paused = false;
         }
     }
 
@@ -577,12 +768,8 @@ impl Task {
                 error: reason.to_string(),
             });
         }
-        self.by_watch.clear();
-        self.subs.retain(|_, sub| !sub.tx.is_closed());
+        self.reset_watches();
         for sub in self.subs.values_mut() {
-            sub.watch_id = None;
-            sub.created = false;
-            sub.paused = false;
             if !sub.disconnected {
                 sub.disconnected = true;
                 let _ = sub.tx.try_send(WatchEvent::Disconnected {

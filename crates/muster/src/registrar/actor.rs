@@ -384,6 +384,14 @@ impl Actor {
             // The watch ended (compaction, reset): check the key, watch again.
             self.watchers.remove(&key);
         }
+        if let WatchEvent::PermissionDenied { .. } = &event {
+            // Watching again would be refused again: the key is still
+            // registered and kept alive, just not guarded against changes
+            // from outside.
+            let error = event.error().map(|e| e.to_string()).unwrap_or_default();
+            tracing::error!(%key, %error, "cannot watch own registration; changes to it from outside will not be undone");
+            return;
+        }
         let Some(reg) = self.regs.get(&key) else {
             return;
         };

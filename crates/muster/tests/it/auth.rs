@@ -18,10 +18,10 @@ use muster_testkit::Registry;
 
 const ROOT_PASSWORD: &str = "root-pw";
 
-/// Whether `e` is etcd's "permission denied" (the library's variant for it
-/// is being reworked; its text carries etcd's words either way).
+/// Whether `e` is etcd's "permission denied", in etcd's words.
 fn denied(e: &Error) -> bool {
-    e.to_string().contains("etcdserver: permission denied")
+    matches!(e, Error::PermissionDenied { .. })
+        && e.to_string().contains("etcdserver: permission denied")
 }
 
 fn with_user(endpoint: &str, user: &str, password: &str) -> Etcd {
@@ -139,12 +139,17 @@ async fn manages_users_roles_and_permissions(r: Box<dyn Registry>) {
     root.auth_enable().await.unwrap(); // twice is no error
     // Without credentials nothing goes any more.
     let anonymous = client(&r.endpoint());
-    assert!(anonymous.user_list().await.is_err());
+    let err = anonymous.user_list().await.unwrap_err();
+    assert!(
+        matches!(err, Error::PermissionDenied { user: None, .. }),
+        "{err}"
+    );
     assert!(anonymous.auth_status().await.unwrap().enabled);
     // Management needs the root role: alice may read /app/ but not list users.
     let alice = with_user(&r.endpoint(), "alice", "pw-1");
     let err = alice.user_list().await.unwrap_err();
     assert!(denied(&err), "{err}");
+    assert!(err.to_string().contains("user \"alice\""), "{err}");
     alice
         .range(muster_proto::RangeRequest {
             key: b"/app/x".to_vec(),

@@ -6,6 +6,7 @@
 //! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
 
 mod auth;
+mod auth_refresh;
 mod catalog;
 mod client;
 mod common;

@@ -239,7 +239,64 @@ macro_rules! on_both_tls {
     };
 }
 
+/// With `--client-cert-auth` and auth enabled, a request without a token
+/// is the user its certificate's Common Name names; a token overrides it.
+async fn client_certificates_name_users(node: Box<dyn Registry>, pki: &TestPki) {
+    let ctl = |args: &[&str]| {
+        let out = muster_testkit::etcdctl_tls_at(&node.endpoint(), pki, args).unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctl(&["user", "add", "root:rootpw"]);
+    ctl(&["user", "grant-role", "root", "root"]);
+    ctl(&["user", "add", "svc:svcpw"]);
+    ctl(&["role", "add", "svc"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "svc",
+        "--prefix=true",
+        "readwrite",
+        "/svc/",
+    ]);
+    ctl(&["user", "grant-role", "svc", "svc"]);
+    ctl(&["auth", "enable"]);
+    // etcdctl's certificate (CN root) makes it root without --user.
+    assert_eq!(ctl(&["user", "list"]), "root\nsvc\n");
+
+    let (cert, key) = pki.issue_client("svc-client", "svc").unwrap();
+    let svc_tls = ClientTls::new().with_ca(pki.ca()).with_identity(cert, key);
+    let svc = connect(&*node, svc_tls.clone());
+    let put = |k: &str| muster_proto::PutRequest {
+        key: k.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        ..Default::default()
+    };
+    svc.put(put("/svc/a")).await.expect("svc writes its prefix");
+    let err = svc
+        .put(put("/other"))
+        .await
+        .expect_err("outside its prefix");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    // With credentials, the token's user acts, not the certificate's.
+    let as_root = Etcd::connect(
+        config(vec![node.endpoint()])
+            .with_tls(svc_tls)
+            .with_credentials("root", "rootpw"),
+    )
+    .unwrap();
+    as_root
+        .put(put("/other"))
+        .await
+        .expect("root writes anywhere");
+}
+
 on_both_tls!(
+    client_certificates_name_users,
     register_discover_and_watch_over_mtls,
     fails_over_across_tls_endpoints,
     clients_without_a_good_certificate_are_refused,

@@ -37,7 +37,7 @@ mod txn;
 
 pub use error::{ErrorKind, MvccError};
 pub use store::{Compacted, DEFAULT_MAX_TXN_OPS, RestoreRecord, Store};
-pub use txn::{WriteTxn, is_read_only};
+pub use txn::{WriteTxn, check_put_request, check_txn, is_read_only};
 
 #[cfg(test)]
 mod tests;

@@ -391,8 +391,18 @@ pub fn is_read_only(req: &TxnRequest) -> bool {
         .all(|op| matches!(op.request, Some(Request::RequestRange(_))))
 }
 
+/// The checks etcd makes of a txn before anything else (access control
+/// included): op counts, empty keys and ops, put flags, and overlapping
+/// puts and deletes in a branch.
+pub fn check_txn(r: &TxnRequest, max_txn_ops: usize) -> Result<(), MvccError> {
+    check_txn_request(r, max_txn_ops)?;
+    check_intervals(&r.success)?;
+    check_intervals(&r.failure)?;
+    Ok(())
+}
+
 /// etcd's `checkPutRequest`.
-fn check_put_request(p: &PutRequest) -> Result<(), MvccError> {
+pub fn check_put_request(p: &PutRequest) -> Result<(), MvccError> {
     if p.key.is_empty() {
         return Err(MvccError::EmptyKey);
     }

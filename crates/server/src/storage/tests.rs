@@ -159,6 +159,7 @@ async fn round_trip_across_reopen() {
         compact_revision: 2,
         leases: vec![LeaseRecord { id: 8, ttl: 60 }],
         revision: 5,
+        auth: Default::default(),
     };
     {
         let (_storage, recovered) = open(dir.path());
@@ -631,4 +632,84 @@ async fn recovery_of_100k_events() {
     println!("recovered 100k events in {:?}", started.elapsed());
     assert_eq!(recovered.events.len() as i64, EVENTS);
     assert_eq!(recovered.revision, EVENTS);
+}
+
+#[tokio::test]
+async fn users_roles_and_the_auth_flag_survive_reopening() {
+    use muster_proto::authpb;
+    let dir = tempfile::tempdir().unwrap();
+    let user = |name: &str, roles: &[&str]| authpb::User {
+        name: name.as_bytes().to_vec(),
+        password: b"$2b$04$hash".to_vec(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        options: Some(authpb::UserAddOptions::default()),
+    };
+    let role = authpb::Role {
+        name: b"svc".to_vec(),
+        key_permission: vec![authpb::Permission {
+            perm_type: authpb::permission::Type::Readwrite as i32,
+            key: b"/svc/".to_vec(),
+            range_end: b"/svc0".to_vec(),
+        }],
+    };
+    {
+        let (storage, _) = open(dir.path());
+        let batch = vec![
+            Change::AuthUser {
+                name: "root".into(),
+                user: Some(user("root", &["root"])),
+            },
+            Change::AuthUser {
+                name: "svc".into(),
+                user: Some(user("svc", &["svc"])),
+            },
+            Change::AuthUser {
+                name: "gone".into(),
+                user: Some(user("gone", &[])),
+            },
+            Change::AuthRole {
+                name: "svc".into(),
+                role: Some(role.clone()),
+            },
+            Change::AuthRole {
+                name: "old".into(),
+                role: Some(authpb::Role {
+                    name: b"old".to_vec(),
+                    key_permission: vec![],
+                }),
+            },
+            Change::AuthState {
+                enabled: true,
+                revision: 7,
+            },
+        ];
+        storage.commit(batch).await.unwrap();
+        storage
+            .commit(vec![
+                Change::AuthUser {
+                    name: "gone".into(),
+                    user: None,
+                },
+                Change::AuthRole {
+                    name: "old".into(),
+                    role: None,
+                },
+                Change::AuthState {
+                    enabled: true,
+                    revision: 9,
+                },
+            ])
+            .await
+            .unwrap();
+    }
+    let (_storage, recovered) = open(dir.path());
+    assert_eq!(
+        recovered.auth,
+        RecoveredAuth {
+            enabled: true,
+            revision: 9,
+            users: vec![user("root", &["root"]), user("svc", &["svc"])],
+            roles: vec![role],
+        }
+    );
 }

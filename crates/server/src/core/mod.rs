@@ -18,6 +18,8 @@ use muster_proto as pb;
 use tokio::sync::Notify;
 use tonic::Status;
 
+use crate::auth::guard::Guard;
+use crate::auth::{AuthConfig, AuthError, AuthStore, Caller, Throttle, Tokens};
 use crate::lease::{LeaseError, Lessor, TimeToLive};
 use crate::mvcc::{MvccError, Store};
 use crate::storage::{Change, LeaseRecord, Recovered, Storage};
@@ -80,6 +82,18 @@ pub struct Counters {
 pub(crate) struct State {
     pub(crate) store: Store,
     pub(crate) lessor: Lessor,
+    pub(crate) auth: AuthStore,
+}
+
+impl State {
+    /// The checks of `caller`'s requests against this state.
+    fn guard<'a>(&'a self, caller: &'a Caller) -> Guard<'a> {
+        Guard {
+            auth: &self.auth,
+            lessor: &self.lessor,
+            caller,
+        }
+    }
 }
 
 /// The server's state and write path.
@@ -94,6 +108,10 @@ pub struct Core {
     header: HeaderInfo,
     config: CoreConfig,
     started: Instant,
+    tokens: Tokens,
+    internal_token: String,
+    auth_config: AuthConfig,
+    throttle: Throttle,
     /// Request counters.
     pub counters: Counters,
 }
@@ -153,13 +171,16 @@ impl Core {
         recovered: Recovered,
         header: HeaderInfo,
         config: CoreConfig,
+        auth_config: AuthConfig,
     ) -> Arc<Core> {
         let Recovered {
             events,
             compact_revision,
             leases,
             revision,
+            auth,
         } = recovered;
+        let auth = AuthStore::restore(auth);
         let mut store =
             Store::restore(events, compact_revision).with_max_txn_ops(config.max_txn_ops);
         store.bump_revision(revision);
@@ -175,7 +196,11 @@ impl Core {
         let committed = store.revision();
         let hub = WatchHub::new(header, committed);
         let core = Arc::new(Core {
-            state: RwLock::new(State { store, lessor }),
+            state: RwLock::new(State {
+                store,
+                lessor,
+                auth,
+            }),
             committed: AtomicI64::new(committed),
             storage,
             hub,
@@ -185,6 +210,10 @@ impl Core {
             header,
             config,
             started: Instant::now(),
+            tokens: Tokens::new(auth_config.token_ttl),
+            internal_token: crate::auth::tokens::internal_token(),
+            auth_config,
+            throttle: Throttle::default(),
             counters: Counters::default(),
         });
         let history: Arc<dyn History> = core.clone();
@@ -328,7 +357,7 @@ impl Core {
         state: &mut State,
         f: impl FnOnce(&mut crate::mvcc::WriteTxn<'_>, &Lessor) -> Result<R, MvccError>,
     ) -> Result<Applied<R>, Status> {
-        let State { store, lessor } = state;
+        let State { store, lessor, .. } = state;
         let mut txn = store.write();
         let result = f(&mut txn, lessor).map_err(mvcc_status)?;
         let (revision, events) = txn.end();
@@ -341,31 +370,51 @@ impl Core {
     }
 
     /// A KV write (`Put`, `DeleteRange`, `Txn`) given the lessor's leases
-    /// as those that exist: its result and revision.
+    /// as those that exist, once `check` (request checks, then access
+    /// control, in etcd's order) passed on the state it applies to: its
+    /// result and revision.
     async fn kv<R>(
         &self,
+        check: impl FnOnce(&State) -> Result<(), Status>,
         f: impl FnOnce(&mut crate::mvcc::WriteTxn<'_>, &dyn Fn(i64) -> bool) -> Result<R, MvccError>,
     ) -> Result<(R, i64), Status> {
-        self.write(|st| Self::kv_write(st, |txn, lessor| f(txn, &|id| lessor.contains(id))))
-            .await
+        self.write(|st| {
+            check(st)?;
+            Self::kv_write(st, |txn, lessor| f(txn, &|id| lessor.contains(id)))
+        })
+        .await
     }
 
     /// `KV.Range`.
-    pub fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, Status> {
+    pub fn range(
+        &self,
+        req: &pb::RangeRequest,
+        caller: &Caller,
+    ) -> Result<pb::RangeResponse, Status> {
         self.check_alive()?;
+        if req.key.is_empty() {
+            return Err(mvcc_status(MvccError::EmptyKey));
+        }
         let committed = self.committed();
-        let mut resp = self
-            .read()
-            .store
-            .range(req, committed)
-            .map_err(mvcc_status)?;
+        let st = self.read();
+        st.guard(caller).range(req)?;
+        let mut resp = st.store.range(req, committed).map_err(mvcc_status)?;
+        drop(st);
         resp.header = self.header(committed);
         Ok(resp)
     }
 
     /// `KV.Put`.
-    pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse, Status> {
-        let (mut resp, rev) = self.kv(|txn, leases| txn.put(&req, leases)).await?;
+    pub async fn put(
+        &self,
+        req: pb::PutRequest,
+        caller: &Caller,
+    ) -> Result<pb::PutResponse, Status> {
+        let check = |st: &State| {
+            crate::mvcc::check_put_request(&req).map_err(mvcc_status)?;
+            Ok(st.guard(caller).put(&req)?)
+        };
+        let (mut resp, rev) = self.kv(check, |txn, leases| txn.put(&req, leases)).await?;
         resp.header = self.header(rev);
         Ok(resp)
     }
@@ -374,15 +423,31 @@ impl Core {
     pub async fn delete_range(
         &self,
         req: pb::DeleteRangeRequest,
+        caller: &Caller,
     ) -> Result<pb::DeleteRangeResponse, Status> {
-        let (mut resp, rev) = self.kv(|txn, _| txn.delete_range(&req)).await?;
+        let check = |st: &State| {
+            if req.key.is_empty() {
+                return Err(mvcc_status(MvccError::EmptyKey));
+            }
+            Ok(st.guard(caller).delete_range(&req)?)
+        };
+        let (mut resp, rev) = self.kv(check, |txn, _| txn.delete_range(&req)).await?;
         resp.header = self.header(rev);
         Ok(resp)
     }
 
     /// `KV.Txn`.
-    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
-        let (mut resp, rev) = self.kv(|txn, leases| txn.txn(&req, leases)).await?;
+    pub async fn txn(
+        &self,
+        req: pb::TxnRequest,
+        caller: &Caller,
+    ) -> Result<pb::TxnResponse, Status> {
+        let max_ops = self.config.max_txn_ops;
+        let check = |st: &State| {
+            crate::mvcc::check_txn(&req, max_ops).map_err(mvcc_status)?;
+            Ok(st.guard(caller).txn(&req)?)
+        };
+        let (mut resp, rev) = self.kv(check, |txn, leases| txn.txn(&req, leases)).await?;
         let header = self.header(rev);
         fill_txn_headers(&mut resp, &header);
         Ok(resp)
@@ -427,10 +492,19 @@ impl Core {
         })
     }
 
-    /// `Lease.LeaseRevoke`, and expiry: deletes the lease's keys in one revision.
-    pub async fn lease_revoke(&self, id: i64) -> Result<pb::LeaseRevokeResponse, Status> {
+    /// `Lease.LeaseRevoke`, and expiry ([`Caller::System`]): deletes the
+    /// lease's keys in one revision. A user needs WRITE on every key.
+    pub async fn lease_revoke(
+        &self,
+        id: i64,
+        caller: &Caller,
+    ) -> Result<pb::LeaseRevokeResponse, Status> {
         let (_, rev) = self
             .write(|st| {
+                if !st.lessor.contains(id) {
+                    return Err(lease_status(LeaseError::NotFound));
+                }
+                st.guard(caller).lease(id)?;
                 let keys = st.lessor.revoke(id).map_err(lease_status)?;
                 let mut applied = Self::kv_write(st, |txn, _| {
                     for key in keys {
@@ -494,6 +568,61 @@ impl Core {
         }
     }
 
+    /// A token that makes requests the server's own (never checked): for
+    /// in-process clients of the server, such as `muster serve`'s
+    /// dashboard, which must see every service whatever the roles. Random
+    /// per start, never logged or sent anywhere but loopback calls to this
+    /// process.
+    pub fn internal_token(&self) -> &str {
+        &self.internal_token
+    }
+
+    /// Whether `token` is [`Core::internal_token`] (compared in constant
+    /// time).
+    pub fn is_internal_token(&self, token: &str) -> bool {
+        let a = token.as_bytes();
+        let b = self.internal_token.as_bytes();
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// The simple tokens.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Login throttling and its counters.
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
+    }
+
+    /// Token lifetime and bcrypt cost.
+    pub fn auth_config(&self) -> &AuthConfig {
+        &self.auth_config
+    }
+
+    /// Whether authentication is on, the auth revision, and the numbers
+    /// of users and roles.
+    pub fn auth_summary(&self) -> (bool, u64, usize, usize) {
+        let st = self.read();
+        let (users, roles) = st.auth.counts();
+        (st.auth.is_enabled(), st.auth.revision(), users, roles)
+    }
+
+    /// Checks `caller` may `access` the key or range (watch creates).
+    pub fn check_access(
+        &self,
+        caller: &Caller,
+        access: crate::auth::Access,
+        key: &[u8],
+        range_end: &[u8],
+    ) -> Result<(), AuthError> {
+        let st = self.read();
+        if !st.auth.is_enabled() || *caller == Caller::System {
+            return Ok(());
+        }
+        st.auth.check(caller, access, key, range_end)
+    }
+
     /// Live keys, leases and the compact revision, for status and metrics.
     pub fn counts(&self) -> (usize, usize, i64) {
         let st = self.read();
@@ -515,6 +644,8 @@ impl History for Core {
             .map_err(|_| st.store.compact_revision())
     }
 }
+
+mod auth;
 
 /// Stamps `header` on a txn response. The responses nested in it keep
 /// what the store gave them: etcd's nested headers carry only a revision.
@@ -584,7 +715,7 @@ async fn expirer(core: Arc<Core>) {
     loop {
         let expired = core.read().lessor.expired(Instant::now());
         for id in expired {
-            match core.lease_revoke(id).await {
+            match core.lease_revoke(id, &Caller::System).await {
                 Ok(_) => tracing::debug!(lease = format_args!("{id:x}"), "lease expired"),
                 Err(e) => {
                     tracing::debug!(lease = format_args!("{id:x}"), error = %e, "lease expiry")
