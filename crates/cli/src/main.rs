@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod auth;
 mod bench;
 mod certs;
 mod completions;
@@ -54,6 +55,16 @@ enum Command {
     Register(register::RegisterArgs),
     /// Delete one instance from the registry.
     Deregister(deregister::DeregisterArgs),
+    /// Manage etcd's users: add, delete, get, list, passwd, grant-role, revoke-role.
+    #[command(subcommand)]
+    User(auth::UserCommand),
+    /// Manage etcd's roles and their key permissions (grant-service: a
+    /// service's least privilege).
+    #[command(subcommand)]
+    Role(auth::RoleCommand),
+    /// Turn etcd's authentication on or off, or show whether it is on.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
     /// HTTP reverse proxy routing to discovered instances.
     Gateway(gateway::GatewayArgs),
     /// Live web dashboard of the services in any etcd cluster.
@@ -102,6 +113,9 @@ fn main() -> std::process::ExitCode {
             Command::Watch(args) => done(watch::run(&cli.global, args).await),
             Command::Register(args) => register::run(&cli.global, args).await,
             Command::Deregister(args) => done(deregister::run(&cli.global, args).await),
+            Command::User(command) => done(auth::run_user(&cli.global, command).await),
+            Command::Role(command) => done(auth::run_role(&cli.global, command).await),
+            Command::Auth(command) => done(auth::run_auth(&cli.global, command).await),
             Command::Completions(args) => done(completions::run::<Cli>(args)),
             Command::Certs(args) => done(certs::run(args)),
             Command::Serve(args) => done(serve::run(&cli.global, args).await),

@@ -131,7 +131,59 @@ pub fn registry_error(etcd: &Etcd, error: muster::Error) -> anyhow::Error {
             "cannot reach the registry at {}: {error}",
             etcd.endpoints().join(", ")
         ),
-        other => other.into(),
+        other => match auth_message(&other, Needs::Keys) {
+            Some(message) => anyhow::anyhow!(message),
+            None => other.into(),
+        },
+    }
+}
+
+/// What a refused request needed, for the advice on a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Permissions on keys: a role granting them.
+    Keys,
+    /// Managing users, roles or auth: the root role.
+    Root,
+}
+
+/// A refusal of etcd's auth worded for the command line, with what to do
+/// about it in muster's commands: no credentials while auth is on, wrong
+/// ones, or a user whose roles do not allow the request. `None` for any
+/// other error.
+pub fn auth_message(error: &muster::Error, needs: Needs) -> Option<String> {
+    match error {
+        muster::Error::PermissionDenied { user, request } => {
+            let what = if request.is_empty() {
+                "do this"
+            } else {
+                request
+            };
+            Some(match (user, needs) {
+                (None, Needs::Keys) => format!(
+                    "etcdserver: permission denied: etcd has authentication enabled and no --user \
+                     was given, so it may not {what}; give --user NAME:PASSWORD"
+                ),
+                (None, Needs::Root) => format!(
+                    "etcdserver: permission denied: etcd has authentication enabled and no --user \
+                     was given, so it may not {what}; use --user root:PASSWORD"
+                ),
+                (Some(user), Needs::Keys) => format!(
+                    "etcdserver: permission denied: user {user:?} may not {what}; grant one of its \
+                     roles that permission (muster role grant-permission, or muster role \
+                     grant-service ROLE SERVICE; see muster user get {user} --detail), or use \
+                     another --user"
+                ),
+                (Some(user), Needs::Root) => format!(
+                    "etcdserver: permission denied: user {user:?} may not {what}: managing users, \
+                     roles and auth needs the root role; use --user root:PASSWORD"
+                ),
+            })
+        }
+        muster::Error::AuthFailed(_) => Some(format!(
+            "{error}; check the name and password given with --user"
+        )),
+        _ => None,
     }
 }
 

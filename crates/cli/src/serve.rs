@@ -14,7 +14,7 @@ use anyhow::Context;
 use std::time::Duration;
 
 use muster_dashboard::Dashboard;
-use muster_server::{AutoCompaction, Server, ServerConfig};
+use muster_server::{AuthConfig, AutoCompaction, Server, ServerConfig};
 use muster_tls::{ClientTls, ServerTls};
 
 use crate::global::GlobalArgs;
@@ -88,6 +88,17 @@ pub struct ServeArgs {
     /// CA it connects without verifying: it dials its own listener).
     #[arg(long, requires = "trusted_ca_file", help_heading = "TLS")]
     client_cert_auth: bool,
+    /// How long an auth token lives without use, in seconds (etcd's
+    /// --auth-token-ttl); every use starts it again.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300,
+          value_parser = parse_token_ttl, help_heading = "Auth")]
+    auth_token_ttl: u64,
+    /// bcrypt cost of stored password hashes, 4 to 31 (etcd's
+    /// --bcrypt-cost). Each step doubles the CPU time of every user add and
+    /// login: 10 takes about 80 ms.
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(4..=31), help_heading = "Auth")]
+    bcrypt_cost: u32,
     /// How often the certificate files are checked for changes.
     #[arg(long, hide = true, default_value = "5s", value_parser = crate::global::parse_duration)]
     tls_reload_interval: Duration,
@@ -110,6 +121,15 @@ impl ServeArgs {
         Some(tls)
     }
 
+    /// The auth store's settings from --auth-token-ttl and --bcrypt-cost
+    /// (both range-checked by clap).
+    fn auth_config(&self) -> AuthConfig {
+        AuthConfig {
+            token_ttl: Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost: self.bcrypt_cost,
+        }
+    }
+
     /// How the in-process dashboard reaches the registry over TLS: trusting
     /// --trusted-ca-file (or, without one, not verifying our own server,
     /// which it dials on an address this process holds), presenting the
@@ -123,6 +143,15 @@ impl ServeArgs {
             None => ClientTls::new().with_insecure_skip_verify(true),
         };
         Some(client)
+    }
+}
+
+/// `--auth-token-ttl`: a whole number of seconds, at least 1.
+fn parse_token_ttl(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("a token must live at least 1 second".into()),
+        Ok(secs) => Ok(secs),
+        Err(_) => Err(format!("{s:?} is not a whole number of seconds (e.g. 300)")),
     }
 }
 
@@ -177,7 +206,8 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     };
     config = config
         .with_listen(args.listen)
-        .with_min_lease_ttl(args.min_lease_ttl);
+        .with_min_lease_ttl(args.min_lease_ttl)
+        .with_auth(args.auth_config());
     if args.max_request_bytes == 0 || args.max_txn_ops == 0 {
         anyhow::bail!("--max-request-bytes and --max-txn-ops must be positive");
     }
@@ -310,6 +340,8 @@ mod tests {
         assert_eq!(parse_window("0"), None);
         assert_eq!(parse_window("1x"), None);
         assert!(auto_compaction("revision", "-3").is_err());
+        assert_eq!(parse_token_ttl("300"), Ok(300));
+        assert!(parse_token_ttl("0").is_err() && parse_token_ttl("5m").is_err());
         assert!(matches!(
             auto_compaction("revision", "1000"),
             Ok(AutoCompaction::Revisions { keep: 1000, .. })

@@ -308,7 +308,7 @@ pub async fn lease_time_left(
 /// The prefix as a directory: always ends with `/`, so that service `a`
 /// never matches keys of `a_b` (etcd issue 15022).
 fn dir(prefix: &str) -> String {
-    format!("{}/", prefix.trim_end_matches('/'))
+    instance::prefix_dir(prefix)
 }
 
 fn build(

@@ -98,6 +98,11 @@ pub enum Error {
     /// The component was shut down and no longer accepts requests.
     #[error("{0} has shut down")]
     Closed(&'static str),
+    /// etcd refused an auth request: a user or role that exists or does
+    /// not, enabling auth without a `root` user that has the `root` role,
+    /// revoking what was not granted, ... Displayed in etcd's words.
+    #[error("{0}")]
+    Auth(crate::auth::AuthError),
     /// Any other gRPC status from the registry.
     #[error("etcd: {0}")]
     Grpc(#[from] tonic::Status),
@@ -122,6 +127,9 @@ impl Error {
             };
         }
         let msg = status.message();
+        if let Some(refused) = crate::auth::AuthError::from_message(msg) {
+            return Error::Auth(refused);
+        }
         match status.code() {
             Code::OutOfRange if msg.contains("compacted") => Error::Compacted {
                 compact_revision: 0,

@@ -371,6 +371,13 @@ pub fn service_prefix(prefix: &str, service: &str) -> String {
     format!("{prefix}/{service}/")
 }
 
+/// `{prefix}/`: every service's keys, as the catalog lists them (the
+/// trailing `/` keeps `/muster/services` from matching
+/// `/muster/services_old`).
+pub fn prefix_dir(prefix: &str) -> String {
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
 pub use muster_proto::prefix_range_end;
 
 /// Splits `{prefix}/{service}/{id}` into service and id.

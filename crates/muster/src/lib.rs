@@ -3,6 +3,7 @@
 //! Service registration and discovery for Rust microservices, on etcd.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod balance;
 pub mod catalog;
 pub mod client;

@@ -70,10 +70,12 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// `muster serve --in-memory` on a free port.
+    /// `muster serve --in-memory --bcrypt-cost 4` on a free port.
     pub fn embedded() -> Backend {
         let port = free_port();
-        let serve = serve(port, &[std::ffi::OsStr::new("--in-memory")]);
+        // bcrypt's lowest cost, as every test registry (etcd's too).
+        let flags = ["--in-memory", "--bcrypt-cost", "4"].map(std::ffi::OsStr::new);
+        let serve = serve(port, &flags);
         Backend::Embedded(format!("http://127.0.0.1:{port}"), serve)
     }
 
@@ -99,6 +101,8 @@ impl Backend {
         cmd.env("MUSTER_ENDPOINTS", self.endpoint())
             .env_remove("MUSTER_PREFIX")
             .env_remove("MUSTER_USER")
+            .env_remove("MUSTER_PASSWORD")
+            .env_remove("MUSTER_NEW_PASSWORD")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null());
         cmd

@@ -30,6 +30,7 @@
 //! it was opened with: the watch hub opens a new stream when etcd refuses a
 //! watch for its token (see [`watch`]).
 
+mod auth;
 pub mod watch;
 
 use std::future::Future;

@@ -5,6 +5,7 @@
 //! every binary links the whole dependency tree, so fewer binaries mean a
 //! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
 
+mod auth;
 mod auth_refresh;
 mod catalog;
 mod client;
