@@ -30,6 +30,7 @@
 //! it was opened with: the watch hub opens a new stream when etcd refuses a
 //! watch for its token (see [`watch`]).
 
+mod acting;
 mod auth;
 pub mod watch;
 
