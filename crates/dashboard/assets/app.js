@@ -421,6 +421,10 @@
     lastStatus = performance.now();
     try {
       const resp = await fetch("api/status", { cache: "no-store" });
+      if (resp.status === 401) {
+        loggedOut(ENDED);
+        return;
+      }
       const st = await resp.json();
       if (!resp.ok) throw new Error(st.error || resp.statusText);
       $("st-endpoint").textContent = st.endpoint.replace(/^https?:\/\//, "");
@@ -470,21 +474,167 @@
     };
   }
 
+  // The open stream and timers, while the dashboard is showing.
+  const live = { running: false, es: null, timers: [], retry: null };
+  const ENDED = "Your session has ended: log in again.";
+
   function connect() {
     const es = new EventSource("api/events");
+    live.es = es;
     es.addEventListener("open", () => setConn("live", "live"));
     es.addEventListener("snapshot", handler(onSnapshot));
     es.addEventListener("changes", handler(onChanges));
     es.addEventListener("leases", handler(onLeases));
     es.addEventListener("error", () => {
+      if (live.es !== es) return;
       if (es.readyState === EventSource.CLOSED) {
         setConn("down", "disconnected");
         es.close();
-        setTimeout(connect, 2000);
+        live.es = null;
+        // Refused: perhaps the session ended. Ask before reconnecting.
+        reconnectSoon();
       } else {
         setConn("connecting", "reconnecting");
       }
     });
+  }
+
+  function reconnectSoon() {
+    live.retry = setTimeout(async () => {
+      live.retry = null;
+      // Reconnects through showDashboard when the session is fine.
+      if ((await checkSession(ENDED)) === "error" && live.running) reconnectSoon();
+    }, 2000);
+  }
+
+  function start() {
+    if (live.running) {
+      if (!live.es && !live.retry) connect();
+      return;
+    }
+    live.running = true;
+    connect();
+    refreshStatus();
+    live.timers.push(setInterval(refreshStatus, STATUS_EVERY_MS));
+  }
+
+  function stop() {
+    live.running = false;
+    if (live.es) live.es.close();
+    live.es = null;
+    if (live.retry) clearTimeout(live.retry);
+    live.retry = null;
+    for (const t of live.timers) clearInterval(t);
+    live.timers = [];
+    if (statusTimer !== null) clearTimeout(statusTimer);
+    statusTimer = null;
+    state.services.clear();
+    state.events = [];
+    state.leases.clear();
+    render();
+  }
+
+  // ---- login ------------------------------------------------------------
+
+  function showUser(user) {
+    $("whoami").hidden = !user;
+    $("logout").hidden = !user;
+    $("user").textContent = user || "";
+  }
+
+  function showLogin(message) {
+    stop();
+    showUser(null);
+    setConn("down", "logged out");
+    $("dashboard").hidden = true;
+    $("login").hidden = false;
+    const error = $("login-error");
+    error.hidden = !message;
+    error.textContent = message || "";
+    $("login-password").value = "";
+    $("login-name").focus();
+  }
+
+  function showDashboard(user) {
+    $("login").hidden = true;
+    $("dashboard").hidden = false;
+    showUser(user);
+    start();
+  }
+
+  function loggedOut(message) {
+    if (!$("login").hidden) return;
+    showLogin(message);
+  }
+
+  // "ok" (showing the dashboard), "login" (showing the form, with
+  // `message`) or "error".
+  async function checkSession(message) {
+    let resp;
+    try {
+      resp = await fetch("api/session", { cache: "no-store" });
+    } catch (e) {
+      return "error";
+    }
+    if (resp.status === 401) {
+      loggedOut(message);
+      return "login";
+    }
+    if (!resp.ok) return "error";
+    try {
+      const who = await resp.json();
+      showDashboard(who.auth ? who.user : null);
+      return "ok";
+    } catch (e) {
+      return "error";
+    }
+  }
+
+  async function login(e) {
+    e.preventDefault();
+    const name = $("login-name").value;
+    const password = $("login-password");
+    const error = $("login-error");
+    const submit = $("login-submit");
+    submit.disabled = true;
+    error.hidden = true;
+    try {
+      const resp = await fetch("api/login", {
+        method: "POST",
+        cache: "no-store",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ name: name, password: password.value }),
+      });
+      let body = {};
+      try {
+        body = await resp.json();
+      } catch (err) {
+        body = {};
+      }
+      if (!resp.ok) {
+        error.textContent = body.error || "Login failed (" + resp.status + ").";
+        error.hidden = false;
+        password.value = "";
+        password.focus();
+        return;
+      }
+      password.value = "";
+      showDashboard(body.user || name);
+    } catch (err) {
+      error.textContent = "Cannot reach the dashboard: " + err.message;
+      error.hidden = false;
+    } finally {
+      submit.disabled = false;
+    }
+  }
+
+  async function logout() {
+    try {
+      await fetch("api/logout", { method: "POST", cache: "no-store" });
+    } catch (e) {
+      // The session stays on the server until it times out.
+    }
+    showLogin(null);
   }
 
   // ---- wiring -----------------------------------------------------------
@@ -515,11 +665,20 @@
       readHash();
       render();
     });
+    $("login-form").addEventListener("submit", login);
+    $("logout").addEventListener("click", logout);
     render();
-    connect();
-    refreshStatus();
-    setInterval(refreshStatus, STATUS_EVERY_MS);
     setInterval(tick, 500);
+    firstSession();
+  }
+
+  // Until the dashboard answers whether a login is needed.
+  async function firstSession() {
+    if ((await checkSession(null)) === "error") {
+      $("st-error").hidden = false;
+      $("st-error").textContent = "The dashboard does not answer; retrying.";
+      setTimeout(firstSession, 2000);
+    }
   }
 
   init();

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use muster::catalog::{CatalogEvent, CatalogSnapshot, Entry};
 use serde::Serialize;
 
+use crate::auth::{Viewer, Visible};
 use crate::{Dashboard, Error};
 
 /// Milliseconds since the Unix epoch.
@@ -95,15 +96,17 @@ pub(crate) struct ServiceJson<'a> {
     instances: Vec<InstanceJson<'a>>,
 }
 
-/// Every service, sorted by name.
+/// Every service `visible` shows, sorted by name.
 pub(crate) fn services_json<'a>(
     snapshot: &'a CatalogSnapshot,
+    visible: &Visible,
     leases: &HashMap<i64, Option<Duration>>,
     now: SystemTime,
 ) -> Vec<ServiceJson<'a>> {
     snapshot
         .services()
         .iter()
+        .filter(|(name, _)| visible.shows(name))
         .map(|(name, instances)| {
             let (serving, draining) = snapshot.counts(name);
             ServiceJson {
@@ -119,13 +122,22 @@ pub(crate) fn services_json<'a>(
         .collect()
 }
 
-/// Every lease of the snapshot.
-pub(crate) fn leases_of(snapshot: &CatalogSnapshot) -> impl Iterator<Item = i64> + '_ {
+/// Every lease of the services `visible` shows.
+pub(crate) fn leases_of<'a>(
+    snapshot: &'a CatalogSnapshot,
+    visible: &'a Visible,
+) -> impl Iterator<Item = i64> + 'a {
     snapshot
         .services()
-        .values()
-        .flat_map(|instances| instances.values().map(|e| e.lease))
+        .iter()
+        .filter(|(name, _)| visible.shows(name))
+        .flat_map(|(_, instances)| instances.values().map(|e| e.lease))
         .filter(|lease| *lease != 0)
+}
+
+/// The names of the snapshot's services.
+pub(crate) fn service_names(snapshot: &CatalogSnapshot) -> impl Iterator<Item = &str> {
+    snapshot.services().keys().map(String::as_str)
 }
 
 /// One event of the log.
@@ -172,16 +184,20 @@ struct ServicesResponse<'a> {
     services: Vec<ServiceJson<'a>>,
 }
 
-pub(crate) async fn services(State(dashboard): State<Dashboard>) -> Response {
+pub(crate) async fn services(State(dashboard): State<Dashboard>, viewer: Viewer) -> Response {
     let snapshot = dashboard.catalog().snapshot();
-    let leases = dashboard.lease_left(leases_of(&snapshot)).await;
+    let Ok(visible) = dashboard.visible(&viewer, service_names(&snapshot)).await else {
+        return crate::auth::login_required();
+    };
+    let leases = dashboard.lease_left(leases_of(&snapshot, &visible)).await;
     let now = SystemTime::now();
+    let services = services_json(&snapshot, &visible, &leases, now);
     let body = ServicesResponse {
         prefix: dashboard.prefix(),
         revision: snapshot.revision(),
         now_ms: millis(now),
-        instances: snapshot.len(),
-        services: services_json(&snapshot, &leases, now),
+        instances: services.iter().map(|s| s.instances.len()).sum(),
+        services,
     };
     no_store(Json(body))
 }
@@ -197,10 +213,12 @@ pub struct RegistryStatus {
     pub prefix: String,
     /// The registry's current revision.
     pub revision: i64,
-    /// How many keys the registry holds in all.
-    pub keys: i64,
-    /// How many of them are under the prefix.
-    pub prefix_keys: i64,
+    /// How many keys the registry holds in all; `None` when the
+    /// dashboard's client may not read them all (auth on, not root).
+    pub keys: Option<i64>,
+    /// How many of them are under the prefix; `None` when the dashboard's
+    /// client may not read the prefix as a whole.
+    pub prefix_keys: Option<i64>,
     /// The backend database's size in bytes.
     pub db_size: i64,
     /// The part of it in use, in bytes.
@@ -239,14 +257,28 @@ fn count_range(key: Vec<u8>, range_end: Vec<u8>) -> muster_proto::RangeRequest {
     }
 }
 
+/// The number of keys in `[key, end)`; `None` when the client may not
+/// read them.
+async fn count_if_permitted(
+    etcd: &muster::Etcd,
+    key: Vec<u8>,
+    end: Vec<u8>,
+) -> Result<Option<i64>, Error> {
+    match etcd.range(count_range(key, end)).await {
+        Ok(resp) => Ok(Some(resp.count)),
+        Err(muster::Error::PermissionDenied { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) async fn registry_status(dashboard: &Dashboard) -> Result<RegistryStatus, Error> {
     let etcd = &dashboard.inner.etcd;
     let status = etcd.status().await?;
     // Every key: from "\0" to the end of the keyspace ("\0").
-    let keys = etcd.range(count_range(vec![0], vec![0])).await?.count;
+    let keys = count_if_permitted(etcd, vec![0], vec![0]).await?;
     let dir = format!("{}/", dashboard.prefix().trim_end_matches('/'));
     let end = muster::instance::prefix_range_end(dir.as_bytes());
-    let prefix_keys = etcd.range(count_range(dir.into_bytes(), end)).await?.count;
+    let prefix_keys = count_if_permitted(etcd, dir.into_bytes(), end).await?;
     let leader_name = match etcd.member_list().await {
         Ok(members) => members
             .members
@@ -288,9 +320,26 @@ pub(crate) async fn registry_status(dashboard: &Dashboard) -> Result<RegistrySta
     })
 }
 
-pub(crate) async fn status(State(dashboard): State<Dashboard>) -> Response {
+pub(crate) async fn status(State(dashboard): State<Dashboard>, viewer: Viewer) -> Response {
     match dashboard.status().await {
-        Ok(status) => no_store(Json(status)),
+        Ok(status) => {
+            if matches!(viewer, Viewer::Anyone) {
+                return no_store(Json(status));
+            }
+            // Key counts only for a user who may read those keys.
+            let whole = dashboard.may_read(&viewer, vec![0], vec![0]).await;
+            let dir = format!("{}/", dashboard.prefix().trim_end_matches('/'));
+            let end = muster::instance::prefix_range_end(dir.as_bytes());
+            let prefix = whole || dashboard.may_read(&viewer, dir.into_bytes(), end).await;
+            let mut body = serde_json::to_value(&status).unwrap_or_default();
+            if !whole {
+                body["keys"] = serde_json::Value::Null;
+            }
+            if !prefix {
+                body["prefix_keys"] = serde_json::Value::Null;
+            }
+            no_store(Json(body))
+        }
         Err(e) => {
             tracing::debug!(error = %e, "registry status unavailable");
             let body = serde_json::json!({ "error": e.to_string() });

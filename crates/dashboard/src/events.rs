@@ -9,6 +9,11 @@
 //!   the lease is gone), so the page's countdowns follow keep-alives.
 //!
 //! Keep-alive comments every 15 s keep proxies from closing an idle stream.
+//!
+//! With authentication on, a stream shows only the services its session's
+//! user may read (decisions re-checked every few seconds: one that flips
+//! brings a new `snapshot`), and ends when the session does; an anonymous
+//! stream ends when authentication comes on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -26,6 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Dashboard;
 use crate::api::{self, EventJson, InstanceJson, ServiceJson};
+use crate::auth::{Viewer, Visible};
 
 /// How often lease times are sent.
 const LEASE_EVERY: Duration = Duration::from_secs(2);
@@ -36,9 +42,12 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Messages queued per stream before the feeder waits for the client.
 const QUEUE: usize = 16;
 
-pub(crate) async fn stream(State(dashboard): State<Dashboard>) -> impl IntoResponse {
+pub(crate) async fn stream(
+    State(dashboard): State<Dashboard>,
+    viewer: Viewer,
+) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(feed(dashboard, tx));
+    tokio::spawn(feed(dashboard, viewer, tx));
     let sse =
         Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_EVERY));
     (
@@ -83,9 +92,9 @@ struct LeasesMessage {
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
 
-/// Feeds one client until it goes away, the catalog stops, or the
-/// dashboard closes.
-async fn feed(dashboard: Dashboard, tx: Tx) {
+/// Feeds one client until it goes away, the catalog stops, the dashboard
+/// closes, or the viewer may no longer look.
+async fn feed(dashboard: Dashboard, viewer: Viewer, tx: Tx) {
     let mut updates = dashboard.catalog().subscribe();
     let mut closed = dashboard.inner.closed.subscribe();
     let mut lease_tick = tokio::time::interval(LEASE_EVERY);
@@ -94,6 +103,8 @@ async fn feed(dashboard: Dashboard, tx: Tx) {
     // The revision the client has seen everything up to.
     let mut seen = 0;
     let mut first = true;
+    // What the client was last shown.
+    let mut shown = Visible::All;
     loop {
         if *closed.borrow_and_update() {
             return;
@@ -102,10 +113,14 @@ async fn feed(dashboard: Dashboard, tx: Tx) {
             update = updates.next() => match update {
                 None => return,
                 Some(CatalogUpdate::Reset(snapshot)) => {
+                    let Ok(visible) = visible_in(&dashboard, &viewer, &snapshot, &[]).await else {
+                        return;
+                    };
                     seen = snapshot.revision();
-                    let event = snapshot_event(&dashboard, &snapshot);
+                    let event = snapshot_event(&dashboard, &snapshot, &visible);
                     let event = if first { event.retry(RETRY) } else { event };
                     first = false;
+                    shown = visible;
                     // Lease times follow right away.
                     lease_tick.reset_immediately();
                     send(&tx, event).await
@@ -115,25 +130,56 @@ async fn feed(dashboard: Dashboard, tx: Tx) {
                     let fresh: Vec<&CatalogEvent> =
                         batch.iter().filter(|e| e.revision > seen).collect();
                     let Some(last) = fresh.last() else { continue };
-                    seen = seen.max(last.revision);
-                    let (event, unknown_lease) = changes_event(&dashboard, &snapshot, &fresh, seen);
-                    if unknown_lease {
+                    let Ok(visible) = visible_in(&dashboard, &viewer, &snapshot, &fresh).await else {
+                        return;
+                    };
+                    if visible.flipped_from(&shown) {
+                        // A permission changed: start the page over.
+                        seen = snapshot.revision().max(last.revision);
+                        shown = visible;
                         lease_tick.reset_immediately();
+                        send(&tx, snapshot_event(&dashboard, &snapshot, &shown)).await
+                    } else {
+                        seen = seen.max(last.revision);
+                        shown = visible;
+                        let shown_events: Vec<&CatalogEvent> =
+                            fresh.into_iter().filter(|e| shown.shows(&e.service)).collect();
+                        if shown_events.is_empty() {
+                            continue;
+                        }
+                        let (event, unknown_lease) =
+                            changes_event(&dashboard, &snapshot, &shown_events, seen);
+                        if unknown_lease {
+                            lease_tick.reset_immediately();
+                        }
+                        send(&tx, event).await
                     }
-                    send(&tx, event).await
                 }
             },
             _ = lease_tick.tick() => {
+                if !dashboard.still_valid(&viewer).await {
+                    return;
+                }
+                let snapshot = dashboard.catalog().snapshot();
+                let Ok(visible) = visible_in(&dashboard, &viewer, &snapshot, &[]).await else {
+                    return;
+                };
+                let mut sent = true;
+                if !first && visible.flipped_from(&shown) {
+                    seen = seen.max(snapshot.revision());
+                    sent = send(&tx, snapshot_event(&dashboard, &snapshot, &visible)).await;
+                }
+                shown = visible;
                 // Off this loop: a slow registry must not hold up changes.
                 if lease_read.as_ref().is_none_or(|t| t.0.is_finished()) {
-                    let (dashboard, tx) = (dashboard.clone(), tx.clone());
+                    let (dashboard, tx, visible) = (dashboard.clone(), tx.clone(), shown.clone());
                     lease_read = Some(AbortOnDrop(tokio::spawn(async move {
                         let snapshot = dashboard.catalog().snapshot();
-                        let leases = dashboard.lease_left(api::leases_of(&snapshot)).await;
+                        let leases = dashboard.lease_left(api::leases_of(&snapshot, &visible)).await;
                         send(&tx, leases_event(&leases)).await;
                     })));
                 }
-                true
+                sent
             }
             _ = tx.closed() => return,
             _ = closed.changed() => return,
@@ -142,6 +188,24 @@ async fn feed(dashboard: Dashboard, tx: Tx) {
             return;
         }
     }
+}
+
+/// What `viewer` may see of the snapshot's services, of the recent
+/// events' and of `events`'.
+async fn visible_in(
+    dashboard: &Dashboard,
+    viewer: &Viewer,
+    snapshot: &CatalogSnapshot,
+    events: &[&CatalogEvent],
+) -> Result<Visible, crate::auth::Ended> {
+    if matches!(viewer, Viewer::Anyone) {
+        return Ok(Visible::All);
+    }
+    let recent = dashboard.catalog().recent();
+    let names = api::service_names(snapshot)
+        .chain(recent.iter().map(|e| e.service.as_str()))
+        .chain(events.iter().map(|e| e.service.as_str()));
+    dashboard.visible(viewer, names).await
 }
 
 /// A task that ends with its owner.
@@ -168,18 +232,18 @@ fn json_event(name: &str, body: &impl Serialize) -> Event {
     }
 }
 
-fn snapshot_event(dashboard: &Dashboard, snapshot: &CatalogSnapshot) -> Event {
-    let leases = dashboard.cached_leases(api::leases_of(snapshot));
+fn snapshot_event(dashboard: &Dashboard, snapshot: &CatalogSnapshot, visible: &Visible) -> Event {
+    let leases = dashboard.cached_leases(api::leases_of(snapshot, visible));
     let recent = dashboard.catalog().recent();
     let now = SystemTime::now();
     let message = SnapshotMessage {
         prefix: dashboard.prefix(),
         revision: snapshot.revision(),
         now_ms: api::millis(now),
-        services: api::services_json(snapshot, &leases, now),
+        services: api::services_json(snapshot, visible, &leases, now),
         events: recent
             .iter()
-            .filter(|e| e.revision <= snapshot.revision())
+            .filter(|e| e.revision <= snapshot.revision() && visible.shows(&e.service))
             .map(EventJson::new)
             .collect(),
     };

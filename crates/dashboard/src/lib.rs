@@ -12,10 +12,55 @@
 //! | `/api/services` | every service and instance as JSON, with each lease's time left and each instance's age |
 //! | `/api/events` | server-sent events: a `snapshot` first, then a `changes` message per watch batch, and `leases` every 2 s |
 //! | `/api/status` | the registry's status (Maintenance.Status, key counts, leader) and how current the catalog is |
+//! | `/api/session` | whether the registry has authentication on, and who is logged in |
+//! | `POST /api/login` | logs in (`{"name", "password"}` as `application/json`) when the registry has authentication on |
+//! | `POST /api/logout` | ends the session |
 //!
-//! Nothing in it writes to the registry: every route answers `GET` (and
-//! `HEAD`) only. Values come from the network, so the page renders them as
-//! text, never as HTML, under a strict content security policy.
+//! Nothing in it writes to the registry: every route but login and logout
+//! answers `GET` (and `HEAD`) only. Values come from the network, so the
+//! page renders them as text, never as HTML, under a strict content
+//! security policy.
+//!
+//! # Logins
+//!
+//! The dashboard reads the registry with its own client, which may see more
+//! than a visitor should. When the registry has auth on, every `/api/`
+//! route but `POST /api/login` and `POST /api/logout` wants a session, and
+//! shows only the services its user may read:
+//!
+//! * **Is auth on?** Asked of the registry with a token-less count-only
+//!   Range (etcd refuses it with `user name is empty` when auth is on): no
+//!   login attempt, so nothing for the registry's brute-force throttling to
+//!   count. With a client certificate configured (etcd then takes the
+//!   certificate's user for a token-less request), an `Authenticate` of an
+//!   empty name settles it: `authentication is not enabled` or not. The
+//!   answer is cached for 5 s. `muster serve` asks its own
+//!   server in-process instead ([`Dashboard::set_auth_check`]).
+//! * **Login** (`POST /api/login`, `{"name", "password"}` as
+//!   `application/json`, which a cross-site form cannot send) authenticates
+//!   with the registry; a wrong password is the registry's 401, with its
+//!   words. The session keeps the user name and etcd's token, never the
+//!   password; its id (256 random bits from the OS) goes in the
+//!   `muster_session` cookie (`HttpOnly; SameSite=Strict; Path=/`, and
+//!   `Secure` over HTTPS). A session ends on logout, after 30 minutes
+//!   without a request (an open page keeps it alive), after 8 hours
+//!   in all, or when the registry stops knowing its token (etcd forgets
+//!   tokens unused for `--auth-token-ttl`, 300 s by default, and drops a
+//!   user's tokens when the user is deleted or its password changes;
+//!   muster's registry also forgets them all on a restart). At most 1024
+//!   live at once: the one used least recently goes first.
+//! * **What a user sees:** a service is shown when a count-only Range on
+//!   its key prefix (`{prefix}/{service}/`) with the user's token succeeds,
+//!   hidden when etcd says permission denied; one check of the whole
+//!   prefix first spares the per-service checks for users who may read it
+//!   all. Answers are cached per session for 5 s, so a
+//!   revoked permission hides the service within that window (the event
+//!   stream sends a new snapshot when a decision flips). Lease times and
+//!   events of hidden services are left out too, and `/api/status` gives
+//!   key counts only to a user who may read those keys.
+//!
+//! [`Dashboard::set_secure_cookies`] marks the cookie `Secure`; with
+//! authentication off the page needs no login, as before.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,6 +74,7 @@
 
 mod api;
 mod assets;
+mod auth;
 mod events;
 
 use std::collections::HashMap;
@@ -36,7 +82,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use muster::Etcd;
 use muster::catalog::Catalog;
 use tokio::sync::watch;
@@ -85,6 +132,7 @@ struct Inner {
     /// One lease read at a time, shared by every request that needs it.
     reading: tokio::sync::Mutex<()>,
     closed: watch::Sender<bool>,
+    auth: auth::Auth,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +159,7 @@ impl Dashboard {
     pub fn with_catalog(etcd: Etcd, catalog: Catalog) -> Dashboard {
         Dashboard {
             inner: Arc::new(Inner {
+                auth: auth::Auth::new(&etcd),
                 etcd,
                 catalog,
                 leases: Mutex::new(HashMap::new()),
@@ -140,6 +189,21 @@ impl Dashboard {
     /// the number of keys, the leader.
     pub async fn status(&self) -> Result<RegistryStatus, Error> {
         api::registry_status(self).await
+    }
+
+    /// Answers "does the registry have authentication enabled?" with
+    /// `check` instead of asking the registry (for a dashboard in the
+    /// registry's own process, such as `muster serve`'s, whose server knows
+    /// at no cost). Without it the dashboard asks the registry every few
+    /// seconds, with a token-less read that etcd refuses when auth is on.
+    pub fn set_auth_check(&self, check: impl Fn() -> bool + Send + Sync + 'static) {
+        self.inner.auth.set_check(Arc::new(check));
+    }
+
+    /// Marks the session cookie `Secure` (the browser then sends it over
+    /// HTTPS only): for a dashboard served over HTTPS.
+    pub fn set_secure_cookies(&self, secure: bool) {
+        self.inner.auth.set_secure_cookie(secure);
     }
 
     /// The router serving the page and its API.
@@ -335,6 +399,12 @@ fn routes(dashboard: Dashboard) -> Router {
         .route("/api/services", get(api::services))
         .route("/api/status", get(api::status))
         .route("/api/events", get(events::stream))
+        .route("/api/session", get(auth::session))
+        .route(
+            "/api/login",
+            post(auth::login).layer(DefaultBodyLimit::max(auth::MAX_LOGIN_BODY)),
+        )
+        .route("/api/logout", post(auth::logout))
         .with_state(dashboard)
 }
 

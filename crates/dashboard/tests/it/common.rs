@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -33,7 +33,12 @@ pub struct Served {
 
 impl Served {
     pub async fn start(endpoint: &str) -> Served {
-        let dashboard = Dashboard::start(client(endpoint), muster::instance::DEFAULT_PREFIX)
+        Served::with_client(client(endpoint)).await
+    }
+
+    /// The dashboard reading the registry with `etcd`.
+    pub async fn with_client(etcd: Etcd) -> Served {
+        let dashboard = Dashboard::start(etcd, muster::instance::DEFAULT_PREFIX)
             .await
             .expect("start the dashboard");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -67,13 +72,76 @@ pub fn http() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// An answer read in full.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {} {}", self.status, self.body))
+    }
+
+    /// Every `Set-Cookie` header.
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().expect("ASCII cookie").to_string())
+            .collect()
+    }
+}
+
+/// Sends `method url` with `headers` and `body`; the whole answer.
+pub async fn call(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("HTTP request timed out")
+        .expect("HTTP request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+        .await
+        .expect("body timed out")
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
+    }
+}
+
 /// Sends a request without a body; the response head.
 pub async fn request(method: Method, url: &str) -> Response<Incoming> {
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Empty::new())
-        .expect("request");
+    request_with(method, url, &[]).await
+}
+
+/// Sends a request with `headers` and without a body; the response head.
+pub async fn request_with(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Response<Incoming> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::new()).expect("request");
     tokio::time::timeout(DEADLINE, http().request(req))
         .await
         .expect("HTTP request timed out")
@@ -117,7 +185,12 @@ pub struct SseStream {
 
 impl SseStream {
     pub async fn open(url: &str) -> SseStream {
-        let resp = request(Method::GET, url).await;
+        SseStream::open_with(url, &[]).await
+    }
+
+    /// Opens the stream sending `headers` (a session cookie).
+    pub async fn open_with(url: &str, headers: &[(&str, &str)]) -> SseStream {
+        let resp = request_with(Method::GET, url, headers).await;
         assert_eq!(resp.status(), StatusCode::OK);
         let content_type = resp
             .headers()

@@ -6,5 +6,6 @@
 //! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
 
 mod api;
+mod auth;
 mod browser;
 mod common;
