@@ -18,8 +18,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Flags of `muster dashboard`.
 #[derive(Debug, clap::Args)]
 pub struct DashboardArgs {
-    /// Address to serve the dashboard on. Loopback by default: the page
-    /// shows the whole registry and has no authentication.
+    /// Address to serve the dashboard on. Loopback by default: when the
+    /// registry has authentication off, the page shows everything the
+    /// dashboard's client (--user) may read to anyone who can reach it.
+    /// With authentication on it asks for a login with the registry's own
+    /// users and shows each user what that user may read.
     #[arg(long, default_value = "127.0.0.1:2381")]
     pub listen: SocketAddr,
     /// Serve the dashboard over HTTPS with this certificate (PEM; leaf
@@ -57,10 +60,12 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
         .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
     let listener = HttpListener::bind(args.listen, args.server_tls().as_ref()).await?;
     let addr = listener.local_addr();
+    // Session cookies over HTTPS only, when served over HTTPS.
+    dashboard.set_secure_cookies(listener.tls().is_some());
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
-            "the dashboard is reachable from other machines and has no authentication"
+            "the dashboard is reachable from other machines: it asks for a login only while the registry has authentication enabled"
         );
     }
     let url = format!("{}/", listener.url());

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::response::IntoResponse;
 use std::time::Duration;
 
 use muster_dashboard::Dashboard;
@@ -102,6 +103,15 @@ pub struct ServeArgs {
     /// How often the certificate files are checked for changes.
     #[arg(long, hide = true, default_value = "5s", value_parser = crate::global::parse_duration)]
     tls_reload_interval: Duration,
+    /// While authentication is enabled, answer /metrics only to requests
+    /// with `Authorization: Bearer <token>`, a token of any user from
+    /// Authenticate (`etcdctl --user NAME auth ...` or any etcd client's
+    /// login), else 401. Like any simple token it dies after
+    /// --auth-token-ttl without use (a scraper's requests count as use)
+    /// and on a restart. Without this flag /metrics is open, as etcd's is;
+    /// /health always is.
+    #[arg(long)]
+    metrics_require_token: bool,
 }
 
 impl ServeArgs {
@@ -235,18 +245,22 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .chain(http.tls().map(|t| ("http", t.clone())))
         .collect();
+    let require_token = args.metrics_require_token;
     let mut app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let core = Arc::clone(&core);
                 let tls_listeners = tls_listeners.clone();
                 async move {
+                    if require_token && !metrics_allowed(&core, &headers) {
+                        return metrics_refused();
+                    }
                     let listeners: Vec<(&str, &muster_tls::TlsServer)> =
                         tls_listeners.iter().map(|(n, t)| (*n, t)).collect();
                     let mut text = muster_server::metrics::render(&core);
                     text.push_str(&muster_server::metrics::render_tls(&listeners));
-                    ([("content-type", "text/plain; version=0.0.4")], text)
+                    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
                 }
             }),
         )
@@ -258,6 +272,10 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     // client of our own registry like any other.
     let dashboard = match start_dashboard(&server, args.dashboard_tls(), &global.prefix).await {
         Ok(dashboard) => {
+            // Logins when auth is on, asked of our own server: no probe.
+            let core = server.core().clone();
+            dashboard.set_auth_check(move || core.auth_summary().0);
+            dashboard.set_secure_cookies(http.tls().is_some());
             // DNS rebinding protection for the dashboard's pages (not for
             // /metrics and /health, which scrapers reach by any name).
             let mut routes = dashboard.router();
@@ -296,6 +314,43 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     http_task.abort();
     server.shutdown().await;
     Ok(())
+}
+
+/// Whether a /metrics request may be answered under
+/// `--metrics-require-token`: always while auth is off, else only with
+/// `Authorization: Bearer <token>` naming a live token of any user (the
+/// metrics hold counts, no keys or values, so no role is needed).
+fn metrics_allowed(core: &muster_server::Core, headers: &axum::http::HeaderMap) -> bool {
+    if !core.auth_summary().0 {
+        return true;
+    }
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    token.and_then(|t| core.tokens().resolve(t)).is_some()
+}
+
+/// /metrics' answer to a request without a valid token.
+fn metrics_refused() -> axum::response::Response {
+    (
+        axum::http::StatusCode::UNAUTHORIZED,
+        [
+            (
+                axum::http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"muster metrics\"",
+            ),
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            ),
+        ],
+        "authentication is enabled and muster serve --metrics-require-token is set: \
+             send Authorization: Bearer <token> with a token from Authenticate\n",
+    )
+        .into_response()
 }
 
 /// The dashboard of the services under `prefix` in our own registry, over

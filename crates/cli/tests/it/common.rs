@@ -238,3 +238,148 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Runs etcdctl against `endpoint`, expecting success; its stdout.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
+    let out = muster_testkit::etcdctl_at(endpoint, args).expect("run etcdctl");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Turns auth on with `root` (password `rootpw`); `dash` (`dashpw`), who
+/// may read the whole default prefix; and `alice` (`alicepw`), who may
+/// read the `web` service only.
+pub fn enable_auth(endpoint: &str) {
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["role", "add", "dash"],
+        &[
+            "role",
+            "grant-permission",
+            "dash",
+            "read",
+            "/muster/services/",
+            "--prefix=true",
+        ],
+        &["user", "add", "dash:dashpw"],
+        &["user", "grant-role", "dash", "dash"],
+        &["role", "add", "web-reader"],
+        &[
+            "role",
+            "grant-permission",
+            "web-reader",
+            "read",
+            "/muster/services/web/",
+            "--prefix=true",
+        ],
+        &["user", "add", "alice:alicepw"],
+        &["user", "grant-role", "alice", "web-reader"],
+        &["auth", "enable"],
+    ] {
+        etcdctl(endpoint, args);
+    }
+}
+
+/// An HTTP/1.1 answer read in full.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// Header lines, lowercased names: `name: value`.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The values of header `name` (lowercase).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {} {}", self.status, self.body))
+    }
+
+    /// The `muster_session=...` pair of its `Set-Cookie`, if any.
+    pub fn session_cookie(&self) -> Option<String> {
+        self.header_values("set-cookie")
+            .into_iter()
+            .find(|c| c.starts_with("muster_session=") && !c.starts_with("muster_session=;"))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+    }
+}
+
+/// A raw HTTP/1.1 request to `addr` (`host:port`), `Connection: close`.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpAnswer {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {response}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    HttpAnswer {
+        status,
+        headers,
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    }
+}
+
+/// The body of a chunked response.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

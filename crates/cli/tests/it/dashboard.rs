@@ -113,3 +113,121 @@ fn get_with_host(port: u16, path: &str, host: &str) -> String {
     stream.read_to_string(&mut response).expect("read");
     response
 }
+
+/// Logs in on the dashboard at `addr`; the session's `Cookie` value.
+fn login(addr: &str, name: &str, password: &str) -> common::HttpAnswer {
+    let body = serde_json::json!({ "name": name, "password": password }).to_string();
+    common::http(
+        addr,
+        "POST",
+        "/api/login",
+        &[("Content-Type", "application/json")],
+        &body,
+    )
+}
+
+/// The service names `/api/services` lists with `cookie`.
+fn service_names(addr: &str, cookie: &str) -> Vec<String> {
+    let answer = common::http(addr, "GET", "/api/services", &[("Cookie", cookie)], "");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.json()["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(String::from))
+        .collect()
+}
+
+/// Registers `web/web-1` and `billing/billing-1` as root (no lease).
+fn register_as_root(endpoint: &str) {
+    for (service, id, addr) in [
+        ("web", "web-1", "http://127.0.0.1:8001"),
+        ("billing", "billing-1", "10.0.0.9:9000"),
+    ] {
+        let instance = muster::Instance::new(service, id, addr);
+        let key = instance.key(muster::instance::DEFAULT_PREFIX);
+        let value = String::from_utf8(instance.encode().unwrap()).unwrap();
+        common::etcdctl(endpoint, &["--user=root:rootpw", "put", &key, &value]);
+    }
+}
+
+/// The whole login flow over HTTP on `addr`, where `web` and `billing`
+/// are registered and alice may read `web` only.
+fn login_flow(addr: &str) {
+    let anonymous = common::http(addr, "GET", "/api/services", &[], "");
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    assert_eq!(common::http(addr, "GET", "/", &[], "").status, 200);
+    let wrong = login(addr, "alice", "wrong");
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    assert!(
+        wrong.body.contains("authentication failed"),
+        "{}",
+        wrong.body
+    );
+    assert_eq!(wrong.session_cookie(), None);
+
+    let ok = login(addr, "alice", "alicepw");
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    let set = ok.header_values("set-cookie").join(" | ");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let alice = ok.session_cookie().expect("a session cookie");
+    wait_for("web listed for alice", || {
+        (service_names(addr, &alice) == ["web"]).then_some(())
+    });
+    let root = login(addr, "root", "rootpw")
+        .session_cookie()
+        .expect("root's session");
+    wait_for("both listed for root", || {
+        (service_names(addr, &root) == ["billing", "web"]).then_some(())
+    });
+
+    let out = common::http(addr, "POST", "/api/logout", &[("Cookie", &alice)], "");
+    assert_eq!(out.status, 200);
+    let after = common::http(addr, "GET", "/api/services", &[("Cookie", &alice)], "");
+    assert_eq!(after.status, 401, "{}", after.body);
+}
+
+/// `muster serve` with auth on: its dashboard (reading with the server's
+/// internal token) asks for a login and shows each user what that user may
+/// read; /health stays open.
+#[test]
+fn serve_dashboard_asks_for_a_login_when_auth_is_on() {
+    let grpc = free_port();
+    let serve = common::serve(grpc, &[std::ffi::OsStr::new("--in-memory")]);
+    let endpoint = format!("127.0.0.1:{grpc}");
+    common::enable_auth(&endpoint);
+    register_as_root(&endpoint);
+    login_flow(&serve.1);
+    let health = common::http(&serve.1, "GET", "/health", &[], "");
+    assert_eq!(health.status, 200, "{}", health.body);
+}
+
+/// `muster --user dash:... dashboard` (a reader of the prefix) in front of
+/// a registry with auth on: the same login flow.
+fn dashboard_with_a_reader_user_asks_for_a_login(backend: &Backend) {
+    common::enable_auth(&backend.endpoint());
+    register_as_root(&backend.endpoint());
+    let port = free_port();
+    let mut dashboard = backend
+        .muster()
+        .args([
+            "--user",
+            "dash:dashpw",
+            "dashboard",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("muster dashboard starts");
+    let lines = Lines::stderr(&mut dashboard);
+    let _dashboard = KillOnDrop(dashboard);
+    lines.find("the ready line", |l| l.contains("muster dashboard ready"));
+    login_flow(&format!("127.0.0.1:{port}"));
+}
+
+on_both!(dashboard_with_a_reader_user_asks_for_a_login);

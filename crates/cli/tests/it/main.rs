@@ -7,6 +7,7 @@
 
 mod auth;
 mod bench;
+mod browser;
 mod client_tls;
 #[macro_use]
 mod common;

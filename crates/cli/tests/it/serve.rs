@@ -190,3 +190,121 @@ async fn serves_metrics_and_health_then_shuts_down_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A simple token for `name` from Authenticate.
+async fn token(port: u16, name: &str, password: &str) -> String {
+    pb::auth_client::AuthClient::new(channel(port).await)
+        .authenticate(pb::AuthenticateRequest {
+            name: name.into(),
+            password: password.into(),
+        })
+        .await
+        .expect("authenticate")
+        .into_inner()
+        .token
+}
+
+/// `--metrics-require-token`: /metrics is open while auth is off; once it
+/// is on, only a request with `Authorization: Bearer <token>` of a live
+/// token (any user's) gets it, else 401. /health stays open. Without the
+/// flag /metrics stays open with auth on, as etcd's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_require_a_token_when_asked() {
+    let port = free_port();
+    let serve = common::serve(
+        port,
+        &[
+            OsStr::new("--in-memory"),
+            OsStr::new("--metrics-require-token"),
+        ],
+    );
+    let addr = serve.1.clone();
+    let get = |headers: Vec<(String, String)>, path: &'static str| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            common::http(&addr, "GET", path, &headers, "")
+        })
+    };
+    let open = get(vec![], "/metrics").await.unwrap();
+    assert_eq!(open.status, 200, "auth is off: {}", open.body);
+    assert!(open.body.contains("# TYPE"));
+
+    let endpoint = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking(move || common::enable_auth(&endpoint))
+        .await
+        .unwrap();
+    let refused = get(vec![], "/metrics").await.unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert!(
+        refused.header_values("www-authenticate")[0].starts_with("Bearer"),
+        "{:?}",
+        refused.headers
+    );
+    assert!(!refused.body.contains("# TYPE"), "{}", refused.body);
+    let bearer = |t: &str| vec![("Authorization".to_string(), format!("Bearer {t}"))];
+    let forged = get(bearer("abcdefghijklmnop.1"), "/metrics").await.unwrap();
+    assert_eq!(forged.status, 401);
+    // Not a token but the password, or a token without "Bearer": no.
+    let basic = get(
+        vec![(
+            "Authorization".to_string(),
+            "Basic cm9vdDpyb290cHc=".to_string(),
+        )],
+        "/metrics",
+    )
+    .await
+    .unwrap();
+    assert_eq!(basic.status, 401);
+
+    // Any user's token will do: alice may read one service only.
+    let alice = token(port, "alice", "alicepw").await;
+    let answer = get(bearer(&alice), "/metrics").await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        answer
+            .body
+            .contains("# TYPE muster_registry_revision gauge"),
+        "{}",
+        answer.body
+    );
+    let no_prefix = get(
+        vec![("Authorization".to_string(), alice.clone())],
+        "/metrics",
+    )
+    .await
+    .unwrap();
+    assert_eq!(no_prefix.status, 401, "Bearer is required");
+    let health = get(vec![], "/health").await.unwrap();
+    assert_eq!(health.status, 200);
+
+    // A dead token (alice deleted) no longer opens it.
+    let endpoint = format!("127.0.0.1:{port}");
+    tokio::task::spawn_blocking(move || {
+        common::etcdctl(
+            &endpoint,
+            &["--user=root:rootpw", "user", "delete", "alice"],
+        )
+    })
+    .await
+    .unwrap();
+    let dead = get(bearer(&alice), "/metrics").await.unwrap();
+    assert_eq!(dead.status, 401);
+
+    // Without the flag, /metrics stays open with auth on.
+    let plain_port = free_port();
+    let plain = common::serve(plain_port, &[OsStr::new("--in-memory")]);
+    let endpoint = format!("127.0.0.1:{plain_port}");
+    tokio::task::spawn_blocking(move || common::enable_auth(&endpoint))
+        .await
+        .unwrap();
+    let plain_addr = plain.1.clone();
+    let open =
+        tokio::task::spawn_blocking(move || common::http(&plain_addr, "GET", "/metrics", &[], ""))
+            .await
+            .unwrap();
+    assert_eq!(open.status, 200, "{}", open.body);
+}

@@ -626,3 +626,45 @@ fn tls_flags_are_checked() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains(&broken.display().to_string()), "{err}");
 }
+
+/// Over HTTPS the dashboard's session cookie is `Secure` (the browser
+/// sends it over HTTPS only).
+#[test]
+fn the_dashboard_session_cookie_is_secure_over_https() {
+    if !have_etcdctl() || !have_curl() {
+        return;
+    }
+    let pki = TestPki::generate().unwrap();
+    let flags: Vec<OsString> = mtls_flags(&pki).into_iter().take(4).collect();
+    let serve = serve(&flags);
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "alice:alicepw"],
+        &["auth", "enable"],
+    ] {
+        let out = run(etcdctl(&serve.endpoint, &pki, None, args));
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-i", "--max-time", "10", "--cacert"])
+        .arg(pki.ca())
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            r#"{"name":"alice","password":"alicepw"}"#,
+        ])
+        .arg(format!("{}/api/login", serve.http));
+    let out = run(cmd);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let response = text(&out.stdout);
+    let cookie = response
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {response}"));
+    let attributes: Vec<&str> = cookie.split(';').map(str::trim).collect();
+    for wanted in ["Secure", "HttpOnly", "SameSite=Strict"] {
+        assert!(attributes.contains(&wanted), "{wanted} in {cookie}");
+    }
+}
