@@ -475,3 +475,67 @@ async fn permission_denied_is_a_typed_error_naming_the_range(registry: Box<dyn R
     );
     assert_eq!(anonymous.watch_streams_opened(), 1);
 }
+
+muster_testkit::on_both!(acting_for_a_user_over_the_same_connections);
+
+/// `authenticate_as`, `with_token` and `anonymous`: a front end checking a
+/// user's password and acting as that user (or as nobody) without touching
+/// its own handle's authentication.
+async fn acting_for_a_user_over_the_same_connections(registry: Box<dyn Registry>) {
+    let ep = registry.endpoint();
+    let base = client(&ep);
+    // Auth off: nobody needs to log in, anonymous reads work.
+    assert_eq!(base.authenticate_as("app", "apppw").await.unwrap(), None);
+    let count = |key: &str| muster_proto::RangeRequest {
+        key: key.as_bytes().to_vec(),
+        count_only: true,
+        ..Default::default()
+    };
+    base.anonymous().range(count("/muster/x")).await.unwrap();
+
+    enable_auth(&ep).await;
+    let err = base.authenticate_as("app", "wrong").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::AuthFailed(m) if m.contains("authentication failed")),
+        "{err:?}"
+    );
+    let token = base
+        .authenticate_as(APP, APP_PASSWORD)
+        .await
+        .unwrap()
+        .expect("a token");
+    assert_eq!(base.authentications(), 0, "the handle's own auth untouched");
+    let app = base.with_token(&token).unwrap();
+    app.range(count("/muster/services/web/")).await.unwrap();
+    let denied = app.range(count("/elsewhere")).await.unwrap_err();
+    assert!(
+        matches!(denied, Error::PermissionDenied { .. }),
+        "{denied:?}"
+    );
+    // Without a token etcd says "user name is empty": auth is on.
+    let anonymous = base
+        .anonymous()
+        .range(count("/muster/x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(anonymous, Error::PermissionDenied { .. }),
+        "{anonymous:?}"
+    );
+    // A token etcd does not know fails as AuthFailed, never retried. (Its
+    // index is one etcd has applied: etcd 3.4 waits for the raft index a
+    // simple token names before it looks the token up.)
+    let forged = base.with_token("abcdefghijklmnop.1").unwrap();
+    let refused = forged.range(count("/muster/x")).await.unwrap_err();
+    assert!(matches!(refused, Error::AuthFailed(_)), "{refused:?}");
+    assert!(base.with_token("not\nascii").is_err());
+    // The password changes: the token dies.
+    etcdctl_with_input(
+        &ep,
+        &[ROOT, "user", "passwd", APP, "--interactive=false"],
+        "newpw\n",
+    )
+    .await;
+    let dead = app.range(count("/muster/services/web/")).await.unwrap_err();
+    assert!(matches!(dead, Error::AuthFailed(_)), "{dead:?}");
+}
