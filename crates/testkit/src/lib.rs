@@ -52,6 +52,7 @@ use std::{env, thread};
 
 use tempfile::TempDir;
 
+pub mod browser;
 mod embedded;
 mod pki;
 mod proxy;

@@ -7,12 +7,9 @@
 
 use crate::common;
 
-use std::ffi::OsString;
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{DEADLINE, Served};
@@ -20,98 +17,12 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use futures_util::FutureExt;
 use muster::{Instance, Registrar, RegistrarConfig, Status};
 use muster_testkit::EmbeddedNode;
+use muster_testkit::browser::{ChromeDriver, browser_binaries};
 use serde_json::{Value, json};
 
 /// How soon a change must show on the page, from the registry call
 /// returning to the DOM changing.
 const LIVE_BOUND: Duration = Duration::from_secs(1);
-
-/// A binary from the environment variable or `PATH`.
-fn find_binary(var: &str, names: &[&str]) -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(var) {
-        return Some(PathBuf::from(path)).filter(|p| p.is_file());
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin"));
-    names.iter().find_map(|name| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|candidate| candidate.is_file())
-    })
-}
-
-/// Chromium and chromedriver, or `None` (skipped loudly) when either is
-/// missing and `MUSTER_REQUIRE_BROWSER` is not set.
-fn browser_binaries() -> Option<(PathBuf, PathBuf)> {
-    let chromium = find_binary("MUSTER_CHROMIUM", &["chromium", "chromium-browser"]);
-    let driver = find_binary("MUSTER_CHROMEDRIVER", &["chromedriver"]);
-    match (chromium, driver) {
-        (Some(chromium), Some(driver)) => Some((chromium, driver)),
-        (chromium, driver) => {
-            let msg = format!(
-                "headless browser test needs chromium and chromedriver \
-                 (apt-get install chromium chromium-driver); found chromium: {chromium:?}, \
-                 chromedriver: {driver:?}"
-            );
-            if std::env::var_os("MUSTER_REQUIRE_BROWSER").is_some_and(|v| v == "1") {
-                panic!("{msg}");
-            }
-            // Written to the real stderr (not `eprintln!`) so libtest's
-            // output capture does not hide it for a passing test.
-            let bar = "!".repeat(78);
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "\n{bar}\n!! SKIPPED: the headless browser test did NOT run.\n\
-                 !! {msg}\n\
-                 !! Set MUSTER_REQUIRE_BROWSER=1 to turn this skip into a failure.\n{bar}"
-            );
-            None
-        }
-    }
-}
-
-/// chromedriver on a free loopback port; killed when dropped.
-struct ChromeDriver {
-    child: Child,
-    port: u16,
-}
-
-impl ChromeDriver {
-    fn start(binary: &Path, log: &Path) -> ChromeDriver {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(binary)
-            .arg(format!("--port={port}"))
-            .arg(format!("--log-path={}", log.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
-        let driver = ChromeDriver { child, port };
-        let start = Instant::now();
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "chromedriver did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        driver
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for ChromeDriver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A headless Chromium session. The flags keep it off the network (this
 /// machine has none; without them Chromium waits on refused connections).
