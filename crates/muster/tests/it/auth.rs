@@ -244,6 +244,15 @@ async fn least_privilege_registrar_and_discovery(r: Box<dyn Registry>) {
         assert!(get(&root, &key).await.is_some(), "the registration lapsed");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Losing its lease (revoked by an operator) under this role: it
+    // notices and registers again under a new lease.
+    let lost = get(&root, &key).await.unwrap().lease;
+    root.lease_revoke(lost).await.unwrap();
+    eventually("re-registration under a new lease", || {
+        let (root, key) = (root.clone(), key.clone());
+        async move { get(&root, &key).await.is_some_and(|kv| kv.lease != lost) }
+    })
+    .await;
     // Changes of its own instances go through and are discovered.
     let b2 = Instance::new("billing", "b-2", "http://127.0.0.1:7102");
     registrar.register(b2).await.unwrap();
