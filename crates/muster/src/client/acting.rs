@@ -17,7 +17,7 @@ use muster_proto as pb;
 use muster_proto::auth_client::AuthClient;
 use tonic::metadata::AsciiMetadataValue;
 
-use super::{AuthState, Etcd, Inner, Retry};
+use super::{AuthState, Etcd, Inner, Retry, token_value};
 use crate::error::{Error, Result, is_auth_not_enabled};
 
 impl Etcd {
@@ -72,11 +72,10 @@ impl Etcd {
     /// any, go on a stream of their own. Fails only for a token that is
     /// not printable ASCII.
     pub fn with_token(&self, token: &str) -> Result<Etcd> {
-        let token = AsciiMetadataValue::try_from(token)
-            .map_err(|_| Error::invalid("token", "a token is printable ASCII"))?;
+        let value = token_value(token)?;
         let mut config = self.inner.config.clone();
-        config.token = token.to_str().ok().map(str::to_string);
-        Ok(self.acting(config, Some(token)))
+        config.token = Some(token.to_string());
+        Ok(self.acting(config, Some(value)))
     }
 
     /// A handle on this one's connections that sends no token and has no

@@ -12,7 +12,7 @@ use muster_proto as pb;
 use muster_proto::auth_client::AuthClient;
 
 use super::{Etcd, Retry};
-use crate::auth::{AuthError, AuthStatus, Permission, Role, User};
+use crate::auth::{AuthStatus, Permission, Role, User};
 use crate::error::{Error, Result};
 
 impl Etcd {
@@ -68,25 +68,18 @@ impl Etcd {
         }
     }
 
-    /// [`Etcd::auth_status`] on a server without `AuthStatus`.
+    /// [`Etcd::auth_status`] on a server without `AuthStatus`: a login
+    /// with an empty name, sent without this handle's token (etcd would
+    /// check, and refuse, a stale one).
     async fn auth_status_by_login(&self) -> Result<AuthStatus> {
-        let probe = pb::AuthenticateRequest {
-            name: String::new(),
-            password: String::new(),
-        };
-        let answer = self
-            .call(Retry::Idempotent, probe, |ch, r| async move {
-                AuthClient::new(ch).authenticate(r).await
-            })
-            .await;
-        let enabled = match answer {
-            Err(Error::Auth(AuthError::NotEnabled)) => false,
-            // "etcdserver: authentication failed, invalid user ID or
-            // password", however it is classified.
-            Err(e) if e.to_string().contains("authentication failed") => true,
+        let enabled = match self.authenticate_as("", "").await {
+            Ok(None) => false,
             // No user has an empty name: a token would be a surprise, but
             // it says auth is on.
-            Ok(_) => true,
+            Ok(Some(_)) => true,
+            // "etcdserver: authentication failed, invalid user ID or
+            // password".
+            Err(Error::AuthFailed(msg)) if msg.contains("authentication failed") => true,
             Err(e) => return Err(e),
         };
         Ok(AuthStatus {

@@ -287,6 +287,12 @@ fn tls_channel(
         .connect_with_connector_lazy(connector.clone()))
 }
 
+/// A token as request metadata; tokens are printable ASCII.
+fn token_value(token: &str) -> Result<AsciiMetadataValue> {
+    AsciiMetadataValue::try_from(token)
+        .map_err(|_| Error::invalid("token", "a token is printable ASCII"))
+}
+
 fn is_connect_error(status: &Status) -> bool {
     if status.code() != tonic::Code::Unavailable {
         return false;
@@ -316,13 +322,7 @@ impl Etcd {
             );
         }
         let urls = config.urls()?;
-        let token = match &config.token {
-            Some(t) => Some(
-                AsciiMetadataValue::try_from(t.as_str())
-                    .map_err(|_| Error::invalid("token", "a token is printable ASCII"))?,
-            ),
-            None => None,
-        };
+        let token = config.token.as_deref().map(token_value).transpose()?;
         let connector = if urls[0].starts_with("https://") {
             let tls = config.tls.clone().unwrap_or_default();
             let connector = tls

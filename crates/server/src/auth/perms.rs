@@ -46,14 +46,12 @@ impl Intervals {
         Intervals(merged)
     }
 
-    /// Whether `[start, end)` lies inside one merged interval.
-    fn covers(&self, start: &[u8], end: &End) -> bool {
-        // The last interval starting at or before `start`.
-        let i = self.0.partition_point(|(s, _)| s.as_slice() <= start);
-        let Some((_, e)) = i.checked_sub(1).map(|i| &self.0[i]) else {
-            return false;
-        };
-        e >= end
+    /// The end of the last merged interval starting at or before `key`
+    /// (which holds `key` only if it ends past it).
+    fn end_at(&self, key: &[u8]) -> Option<&End> {
+        let i = self.0.partition_point(|(s, _)| s.as_slice() <= key);
+        let (_, end) = &self.0[i.checked_sub(1)?];
+        Some(end)
     }
 }
 
@@ -113,16 +111,26 @@ impl UserPermissions {
 
     /// Whether the user may `access` the key or range. An empty or
     /// inverted range (`range_end <= key`) is judged by its first key.
+    /// Allocates nothing: it runs under the write lock of every checked
+    /// write.
     pub fn allows(&self, access: Access, key: &[u8], range_end: &[u8]) -> bool {
-        let (start, mut end) = interval(key, range_end);
-        if matches!(&end, End::Key(e) if *e <= start) {
-            end = interval(key, &[]).1;
-        }
         let set = match access {
             Access::Read => &self.read,
             Access::Write => &self.write,
         };
-        set.covers(&start, &end)
+        let Some(end) = set.end_at(key) else {
+            return false;
+        };
+        match (range_end, end) {
+            (_, End::Unbounded) => true,
+            // From `key` on: only an unbounded interval covers it.
+            ([0], End::Key(_)) => false,
+            // `key` alone is `[key, key\0)`: covered when the interval
+            // ends past `key` (`key\0` is the next key after it).
+            ([], End::Key(e)) => e.as_slice() > key,
+            (r, End::Key(e)) if r <= key => e.as_slice() > key,
+            (r, End::Key(e)) => e.as_slice() >= r,
+        }
     }
 }
 

@@ -34,6 +34,8 @@ impl Core {
                     st.auth.check_admin(caller)?;
                 }
                 let (result, extra) = f(st)?;
+                self.auth_enabled
+                    .store(st.auth.is_enabled(), std::sync::atomic::Ordering::Release);
                 Ok(Applied {
                     result,
                     revision: st.store.revision(),
