@@ -308,7 +308,7 @@ mod tests {
     use crate::connect::Channels;
     use crate::recorder::Recorder;
     use clap::Parser as _;
-    use muster_testkit::{Registry, etcdctl_at};
+    use muster_testkit::Registry;
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -318,13 +318,7 @@ mod tests {
 
     /// Runs etcdctl against `endpoint`; panics unless it succeeds.
     fn etcdctl(endpoint: &str, args: &[&str]) {
-        let out = etcdctl_at(endpoint, args).expect("etcdctl runs");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        muster_testkit::etcdctl_ok(endpoint, args, "");
     }
 
     /// A refused token (here: the user's password changed, which drops

@@ -756,6 +756,26 @@ pub fn etcdctl_at(endpoint: &str, args: &[&str]) -> io::Result<Output> {
     run_etcdctl(endpoint.trim_start_matches("http://"), None, args)
 }
 
+/// [`etcdctl_at`] feeding it `stdin`, expecting success: its stdout.
+/// Panics with etcdctl's stderr when it fails. For test setup (users,
+/// roles, `auth enable`) against either backend.
+pub fn etcdctl_ok(endpoint: &str, args: &[&str], stdin: &str) -> String {
+    let out = run_etcdctl_with(
+        endpoint.trim_start_matches("http://"),
+        None,
+        args,
+        Some(stdin),
+    )
+    .unwrap_or_else(|e| panic!("run etcdctl (is etcd-client installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs etcdctl (API v3) with `args` against any TLS registry at
 /// `endpoint` (`https://host:port`), trusting `pki`'s CA and presenting
 /// its client certificate (CN `root`), as [`EtcdTls::from_pki`]'s.
@@ -767,6 +787,16 @@ pub fn etcdctl_tls_at(endpoint: &str, pki: &TestPki, args: &[&str]) -> io::Resul
 /// Runs etcdctl; with `tls`, its `--cacert`/`--cert`/`--key` flags come
 /// before `args`.
 fn run_etcdctl(endpoints: &str, tls: Option<&EtcdTls>, args: &[&str]) -> io::Result<Output> {
+    run_etcdctl_with(endpoints, tls, args, None)
+}
+
+/// [`run_etcdctl`], with `stdin` as its input (none: no input).
+fn run_etcdctl_with(
+    endpoints: &str,
+    tls: Option<&EtcdTls>,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> io::Result<Output> {
     let mut cmd = Command::new(etcdctl_bin());
     for (key, _) in env::vars_os() {
         if key.to_string_lossy().starts_with("ETCDCTL_") {
@@ -777,8 +807,17 @@ fn run_etcdctl(endpoints: &str, tls: Option<&EtcdTls>, args: &[&str]) -> io::Res
         .arg(format!("--endpoints={endpoints}"))
         .args(tls.map(EtcdTls::etcdctl_args).unwrap_or_default())
         .args(args)
-        .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let Some(input) = stdin else {
+        return cmd.stdin(Stdio::null()).output();
+    };
+    let mut child = cmd.stdin(Stdio::piped()).spawn()?;
+    if let Some(mut pipe) = child.stdin.take() {
+        // etcdctl may exit before reading it all; its answer says why.
+        let _ = pipe.write_all(input.as_bytes());
+    }
+    child.wait_with_output()
 }
 
 /// A single-member etcd on loopback. Killed (and its temp dir removed) on drop.

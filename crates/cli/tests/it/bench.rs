@@ -153,13 +153,7 @@ fn a_dead_endpoint_is_one_readable_error() {
 
 /// Runs etcdctl against `endpoint`; panics unless it succeeds.
 fn etcdctl(endpoint: &str, args: &[&str]) {
-    let out = muster_testkit::etcdctl_at(endpoint, args).expect("etcdctl runs");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    muster_testkit::etcdctl_ok(endpoint, args, "");
 }
 
 /// `muster bench` with `--user` against a registry with auth enabled

@@ -241,13 +241,7 @@ impl Drop for KillOnDrop {
 
 /// Runs etcdctl against `endpoint`, expecting success; its stdout.
 pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
-    let out = muster_testkit::etcdctl_at(endpoint, args).expect("run etcdctl");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        text(&out.stderr)
-    );
-    text(&out.stdout)
+    muster_testkit::etcdctl_ok(endpoint, args, "")
 }
 
 /// Turns auth on with `root` (password `rootpw`); `dash` (`dashpw`), who

@@ -129,40 +129,12 @@ pub async fn delete(etcd: &Etcd, key: &str) {
 /// runtime; its stdout. Panics with its stderr when it fails. Works for
 /// either backend: it only needs the endpoint.
 pub async fn etcdctl_with_input(endpoint: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let endpoint = endpoint.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let stdin = stdin.to_string();
     tokio::task::spawn_blocking(move || {
-        let bin = std::env::var_os("MUSTER_ETCDCTL_BIN").unwrap_or_else(|| "etcdctl".into());
-        let mut cmd = Command::new(bin);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ETCDCTL_") {
-                cmd.env_remove(key);
-            }
-        }
-        let mut child = cmd
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run etcdctl (is etcd-client installed?)");
-        let mut input = child.stdin.take().expect("etcdctl stdin");
-        input
-            .write_all(stdin.as_bytes())
-            .expect("write etcdctl stdin");
-        drop(input);
-        let out = child.wait_with_output().expect("etcdctl output");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        muster_testkit::etcdctl_ok(&endpoint, &args, &stdin)
     })
     .await
     .expect("etcdctl task")
