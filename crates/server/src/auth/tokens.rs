@@ -14,21 +14,27 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A random token for the server's own in-process clients (see
 /// `Core::internal_token`): 32 random letters and `.internal`, so it never
-/// collides with a simple token. Falls back to a time-derived value only
-/// when the OS has no randomness, which also fails every login.
+/// collides with a simple token. Without randomness from the OS (which
+/// also fails every login) it is a value no request can carry (a newline
+/// is not allowed in gRPC metadata): never a guessable one.
 pub fn internal_token() -> String {
-    let mut random = [0u8; 32];
-    if getrandom::fill(&mut random).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        random[..16].copy_from_slice(&nanos.to_le_bytes());
+    match random_letters::<32>() {
+        Ok(letters) => format!("{letters}.internal"),
+        Err(e) => {
+            tracing::error!(error = %e, "no randomness for the internal token: in-process clients cannot act as the server");
+            "\n.internal-disabled".to_string()
+        }
     }
-    let letters: String = random
+}
+
+/// `N` random letters from the operating system.
+fn random_letters<const N: usize>() -> Result<String, getrandom::Error> {
+    let mut random = [0u8; N];
+    getrandom::fill(&mut random)?;
+    Ok(random
         .iter()
         .map(|b| LETTERS[usize::from(*b) % LETTERS.len()] as char)
-        .collect();
-    format!("{letters}.internal")
+        .collect())
 }
 
 struct Entry {
@@ -78,12 +84,7 @@ impl Tokens {
     /// number, as etcd's (`abcdefghijklmnop.42`). Fails only when the
     /// operating system has no randomness to give.
     pub fn assign(&self, user: &str) -> Result<String, getrandom::Error> {
-        let mut random = [0u8; TOKEN_LETTERS];
-        getrandom::fill(&mut random)?;
-        let letters: String = random
-            .iter()
-            .map(|b| LETTERS[usize::from(*b) % LETTERS.len()] as char)
-            .collect();
+        let letters = random_letters::<TOKEN_LETTERS>()?;
         let now = Instant::now();
         let mut st = self.lock();
         if now.duration_since(st.last_sweep) >= SWEEP_INTERVAL {
