@@ -28,6 +28,7 @@ use crate::discovery::Health;
 use crate::error::Result;
 use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance, Status};
+use crate::layout::{LayoutKind, Source};
 
 /// How many events [`Catalog::recent`] keeps.
 pub const RECENT_EVENTS: usize = 512;
@@ -179,7 +180,7 @@ pub struct Catalog {
 
 #[derive(Debug)]
 struct Shared {
-    prefix: String,
+    source: Source,
     snapshot: ArcSwap<CatalogSnapshot>,
     updates: broadcast::Sender<CatalogUpdate>,
     recent: Mutex<VecDeque<CatalogEvent>>,
@@ -192,9 +193,15 @@ impl Catalog {
     /// Lists every service under `prefix` once (at one revision).
     pub async fn list(etcd: &Etcd, prefix: &str) -> Result<CatalogSnapshot> {
         instance::validate_prefix(prefix)?;
-        let (revision, kvs) = list(etcd, &dir(prefix), PAGE_SIZE).await?;
+        Catalog::list_source(etcd, &Source::with_prefix(LayoutKind::Muster, prefix)).await
+    }
+
+    /// Lists every service in `source` (a prefix and its layout) once.
+    pub async fn list_source(etcd: &Etcd, source: &Source) -> Result<CatalogSnapshot> {
+        source.validate()?;
+        let (revision, kvs) = list(etcd, &source.dir(), PAGE_SIZE).await?;
         let mut malformed = 0;
-        let snapshot = build(prefix, revision, kvs, &mut malformed);
+        let snapshot = build(source, revision, kvs, &mut malformed);
         if malformed > 0 {
             tracing::warn!(malformed, "skipped malformed registry entries");
         }
@@ -205,10 +212,20 @@ impl Catalog {
     /// if the registry cannot be reached for the first list.
     pub async fn follow(etcd: Etcd, prefix: &str) -> Result<Catalog> {
         instance::validate_prefix(prefix)?;
-        let (revision, kvs) = list(&etcd, &dir(prefix), PAGE_SIZE).await?;
+        Catalog::follow_source(etcd, Source::with_prefix(LayoutKind::Muster, prefix)).await
+    }
+
+    /// Like [`Catalog::follow`], for any layout: every service in `source`.
+    /// With an empty prefix (go-zero's and etcd naming's default) that is
+    /// the whole keyspace, of which only the keys of the form
+    /// `{service}/{id}` are read.
+    pub async fn follow_source(etcd: Etcd, source: Source) -> Result<Catalog> {
+        source.validate()?;
+        let dir = source.dir();
+        let (revision, kvs) = list(&etcd, &dir, PAGE_SIZE).await?;
         let (updates, _) = broadcast::channel(SUBSCRIBER_BUFFER);
         let shared = Arc::new(Shared {
-            prefix: prefix.to_string(),
+            source,
             snapshot: ArcSwap::from_pointee(CatalogSnapshot::default()),
             updates,
             recent: Mutex::new(VecDeque::new()),
@@ -220,7 +237,7 @@ impl Catalog {
         let task = tokio::spawn(follow(
             Arc::downgrade(&shared),
             etcd,
-            dir(prefix),
+            dir,
             revision,
             FollowConfig {
                 page_size: PAGE_SIZE,
@@ -232,9 +249,14 @@ impl Catalog {
         Ok(Catalog { shared })
     }
 
+    /// What it follows: the prefix and its layout.
+    pub fn source(&self) -> &Source {
+        &self.shared.source
+    }
+
     /// The key prefix.
     pub fn prefix(&self) -> &str {
-        &self.shared.prefix
+        &self.shared.source.prefix
     }
 
     /// The current catalog. Lock-free; never waits on the network.
@@ -305,44 +327,52 @@ pub async fn lease_time_left(
     Ok(out)
 }
 
-/// The prefix as a directory: always ends with `/`, so that service `a`
-/// never matches keys of `a_b` (etcd issue 15022).
-fn dir(prefix: &str) -> String {
-    instance::prefix_dir(prefix)
-}
-
 fn build(
-    prefix: &str,
+    source: &Source,
     revision: i64,
     kvs: Vec<pb::KeyValue>,
     malformed: &mut u64,
 ) -> CatalogSnapshot {
     let mut services: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
     for kv in kvs {
-        match decode(prefix, &kv) {
-            Some(entry) => {
+        match decode(source, &kv) {
+            Decoded::Entry(entry) => {
                 let service = entry.instance.service.clone();
                 let id = entry.instance.id.clone();
                 services.entry(service).or_default().insert(id, entry);
             }
-            None => *malformed += 1,
+            Decoded::Malformed => *malformed += 1,
+            Decoded::Outside => {}
         }
     }
     CatalogSnapshot { revision, services }
 }
 
-fn decode(prefix: &str, kv: &pb::KeyValue) -> Option<Entry> {
-    match Instance::decode(prefix, &kv.key, &kv.value) {
-        Ok(instance) => Some(Entry {
+enum Decoded {
+    Entry(Entry),
+    /// An entry of the layout's form whose value it cannot read.
+    Malformed,
+    /// A key not of the layout's form.
+    Outside,
+}
+
+fn decode(source: &Source, kv: &pb::KeyValue) -> Decoded {
+    match source.decode(&kv.key, &kv.value) {
+        Some(Ok(instance)) => Decoded::Entry(Entry {
             instance: Arc::new(instance),
             lease: kv.lease,
             create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
             registered_at: instance::registered_at(&kv.value),
         }),
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "skipping a malformed registry entry");
-            None
+            Decoded::Malformed
+        }
+        None if source.prefix.is_empty() => Decoded::Outside,
+        None => {
+            tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout");
+            Decoded::Malformed
         }
     }
 }
@@ -356,7 +386,7 @@ struct Removal {
 impl Shared {
     async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
         let mut malformed = 0;
-        let new = build(&self.prefix, revision, kvs, &mut malformed);
+        let new = build(&self.source, revision, kvs, &mut malformed);
         self.malformed.fetch_add(malformed, Ordering::Relaxed);
         let old = self.snapshot.load_full();
         let mut events = Vec::new();
@@ -396,19 +426,23 @@ impl Shared {
         for ev in batch {
             let Some(kv) = ev.kv else { continue };
             last = last.max(kv.mod_revision);
-            let Some((service, id)) = instance::parse_key(&self.prefix, &kv.key) else {
-                self.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the schema");
+            let Some((service, id)) = self.source.parse_key(&kv.key) else {
+                if !self.source.prefix.is_empty() {
+                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout");
+                }
                 continue;
             };
             let new = if ev.r#type == pb::EventType::Delete as i32 {
                 None
             } else {
-                let decoded = decode(&self.prefix, &kv);
-                if decoded.is_none() {
-                    self.malformed.fetch_add(1, Ordering::Relaxed);
+                match decode(&self.source, &kv) {
+                    Decoded::Entry(entry) => Some(entry),
+                    Decoded::Malformed | Decoded::Outside => {
+                        self.malformed.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
                 }
-                decoded
             };
             let service_map = next.services.entry(service.clone()).or_default();
             let old = service_map.remove(&id);
@@ -531,7 +565,7 @@ fn event(kind: EventKind, entry: &Entry, revision: i64, at: SystemTime) -> Catal
 
 impl Follower for Shared {
     fn label(&self) -> String {
-        format!("catalog of {}", self.prefix)
+        format!("catalog of {}", self.source)
     }
 
     async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
@@ -578,7 +612,9 @@ mod tests {
 
     #[test]
     fn prefix_dirs() {
+        let dir = |p: &str| Source::with_prefix(LayoutKind::Muster, p).dir();
         assert_eq!(dir("/muster/services"), "/muster/services/");
         assert_eq!(dir("/x/"), "/x/");
+        assert_eq!(dir(""), "");
     }
 }

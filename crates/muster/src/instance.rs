@@ -140,6 +140,10 @@ impl Instance {
     pub fn validate(&self) -> Result<()> {
         validate_name("service name", &self.service)?;
         validate_name("instance id", &self.id)?;
+        self.validate_fields()
+    }
+
+    fn validate_fields(&self) -> Result<()> {
         if self.addr.trim().is_empty() {
             return Err(Error::invalid("address", "must not be empty"));
         }
@@ -225,52 +229,90 @@ impl Instance {
                 value.len()
             )));
         }
-        let wire: WireValue =
-            serde_json::from_slice(value).map_err(|e| malformed(format!("not valid JSON: {e}")))?;
-        let instance = match wire {
-            WireValue::Muster(v) => {
-                if v.schema > SCHEMA_VERSION {
-                    return Err(malformed(format!(
-                        "schema {} is newer than this build understands ({SCHEMA_VERSION})",
-                        v.schema
-                    )));
-                }
-                Instance {
-                    service,
-                    id,
-                    addr: v.addr,
-                    version: v.version,
-                    zone: v.zone,
-                    weight: if v.weight == 0 {
-                        DEFAULT_WEIGHT
-                    } else {
-                        v.weight
-                    },
-                    tags: v.tags,
-                    metadata: v.metadata,
-                    status: v.status,
-                }
-            }
-            WireValue::GoNaming(g) => {
-                if g.op != 0 {
-                    return Err(malformed(format!("naming op {} is not an add", g.op)));
-                }
-                let mut instance = Instance::new(service, id, g.addr);
-                if let Some(serde_json::Value::Object(map)) = g.metadata {
-                    for (k, v) in map {
-                        let v = match v {
-                            serde_json::Value::String(s) => s,
-                            other => other.to_string(),
-                        };
-                        instance.metadata.insert(k, v);
-                    }
-                }
-                instance
-            }
-        };
+        let instance = decode_value(&service, &id, value).map_err(malformed)?;
         instance.validate().map_err(|e| malformed(e.to_string()))?;
         Ok(instance)
     }
+
+    /// Checks an instance read from the registry: like [`Instance::validate`]
+    /// but with the id as other registries spell it (an address, a UUID;
+    /// see [`crate::layout::parse_key`]).
+    pub fn validate_decoded(&self) -> Result<()> {
+        validate_name("service name", &self.service)?;
+        if self.id.is_empty() || self.id.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "instance id",
+                "empty or with control characters",
+            ));
+        }
+        self.validate_fields()
+    }
+}
+
+/// Reads muster's value (or the Go naming package's) for `service`/`id`.
+pub(crate) fn decode_value(
+    service: &str,
+    id: &str,
+    value: &[u8],
+) -> std::result::Result<Instance, String> {
+    let wire: WireValue =
+        serde_json::from_slice(value).map_err(|e| format!("not valid JSON: {e}"))?;
+    let instance = match wire {
+        WireValue::Muster(v) => {
+            if v.schema > SCHEMA_VERSION {
+                return Err(format!(
+                    "schema {} is newer than this build understands ({SCHEMA_VERSION})",
+                    v.schema
+                ));
+            }
+            Instance {
+                service: service.to_string(),
+                id: id.to_string(),
+                addr: v.addr,
+                version: v.version,
+                zone: v.zone,
+                weight: if v.weight == 0 {
+                    DEFAULT_WEIGHT
+                } else {
+                    v.weight
+                },
+                tags: v.tags,
+                metadata: v.metadata,
+                status: v.status,
+            }
+        }
+        WireValue::GoNaming(g) => {
+            if g.op != 0 {
+                return Err(format!("naming op {} is not an add", g.op));
+            }
+            let mut instance = Instance::new(service, id, g.addr);
+            instance.metadata = json_metadata(g.metadata);
+            instance
+        }
+    };
+    Ok(instance)
+}
+
+/// String metadata from any JSON value: an object's entries (non-strings
+/// as their JSON text); anything else, under `metadata`.
+pub(crate) fn json_metadata(value: Option<serde_json::Value>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    match value {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(map)) => {
+            for (k, v) in map {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                out.insert(k, v);
+            }
+        }
+        Some(other) => {
+            out.insert("metadata".to_string(), other.to_string());
+        }
+    }
+    out
 }
 
 #[derive(Serialize, Deserialize)]

@@ -13,6 +13,7 @@ pub mod error;
 mod follow;
 pub mod grpc;
 pub mod instance;
+pub mod layout;
 pub mod registrar;
 
 pub use catalog::{Catalog, CatalogSnapshot};
@@ -21,5 +22,6 @@ pub use discovery::{Discovery, DiscoveryConfig, Service};
 pub use duration::parse_duration;
 pub use error::{Error, Result};
 pub use instance::{Instance, Status};
+pub use layout::{LayoutKind, Source};
 pub use muster_tls::{ClientTls, Pem};
 pub use registrar::{Registrar, RegistrarConfig, RegistrarState};

@@ -35,12 +35,21 @@ use crate::client::Etcd;
 use crate::error::{Error, Result};
 use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance};
+use crate::layout::{LayoutKind, Source};
 
 /// How discovery behaves.
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
-    /// Key prefix (default [`instance::DEFAULT_PREFIX`]).
+    /// Key prefix (default [`instance::DEFAULT_PREFIX`]; may be empty for
+    /// layouts that use bare `service/id` keys).
     pub prefix: String,
+    /// How the values under `prefix` are spelled (default muster's).
+    pub layout: LayoutKind,
+    /// More prefixes to follow each service under, each with its layout: a
+    /// service's table is the union of its instances in every source (a
+    /// mixed fleet). An id found in two sources is kept twice, the later
+    /// one as `{id}@{layout}`.
+    pub also: Vec<Source>,
     /// Keys per page when listing a service.
     pub page_size: i64,
     /// First retry delay after a failed list; doubles up to `backoff_cap`.
@@ -56,6 +65,8 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             prefix: instance::DEFAULT_PREFIX.to_string(),
+            layout: LayoutKind::Muster,
+            also: Vec::new(),
             page_size: 500,
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
@@ -77,6 +88,26 @@ impl DiscoveryConfig {
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
+    }
+
+    /// Follows `source` (layout and prefix) as the primary source.
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.layout = source.layout;
+        self.prefix = source.prefix;
+        self
+    }
+
+    /// Follows each service in `source` too (see [`DiscoveryConfig::also`]).
+    pub fn also(mut self, source: Source) -> Self {
+        self.also.push(source);
+        self
+    }
+
+    /// Every source followed: the primary one first.
+    pub fn sources(&self) -> Vec<Source> {
+        let mut sources = vec![Source::with_prefix(self.layout, self.prefix.clone())];
+        sources.extend(self.also.iter().cloned());
+        sources
     }
 }
 
@@ -103,7 +134,9 @@ impl Discovery {
 
     /// Discovery with a configuration.
     pub fn with_config(etcd: Etcd, config: DiscoveryConfig) -> Result<Discovery> {
-        instance::validate_prefix(&config.prefix)?;
+        for source in config.sources() {
+            source.validate()?;
+        }
         if config.page_size <= 0 {
             return Err(Error::invalid("page size", "must be positive"));
         }
@@ -128,8 +161,12 @@ impl Discovery {
         if let Some(shared) = self.existing(name) {
             return Ok(Service { shared });
         }
-        let prefix = instance::service_prefix(&self.inner.config.prefix, name);
-        let (revision, kvs) = list(&self.inner.etcd, &prefix, self.inner.config.page_size).await?;
+        let sources = self.inner.config.sources();
+        let mut listed = Vec::with_capacity(sources.len());
+        for source in &sources {
+            let dir = source.service_dir(name);
+            listed.push(list(&self.inner.etcd, &dir, self.inner.config.page_size).await?);
+        }
         // Someone may have raced us; keep the first.
         let mut services = self.inner.services.lock().expect("services lock");
         if let Some(shared) = services.get(name).and_then(Weak::upgrade) {
@@ -137,25 +174,38 @@ impl Discovery {
         }
         let (version, _) = watch::channel(0);
         let (changes, _) = broadcast::channel(self.inner.config.subscriber_buffer.max(1));
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
             name: name.to_string(),
-            prefix: self.inner.config.prefix.clone(),
+            parts: sources
+                .iter()
+                .enumerate()
+                .map(|(index, source)| {
+                    Arc::new(Part {
+                        shared: weak.clone(),
+                        index,
+                        source: source.clone(),
+                        stale: Staleness::default(),
+                    })
+                })
+                .collect(),
+            ids: Mutex::new(vec![BTreeMap::new(); sources.len()]),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             version,
             changes,
-            stale: Staleness::default(),
             malformed: AtomicU64::new(0),
-            task: FollowTask::default(),
+            tasks: sources.iter().map(|_| FollowTask::default()).collect(),
         });
-        shared.apply_list(revision, kvs);
-        let task = tokio::spawn(follow(
-            Arc::downgrade(&shared),
-            self.inner.etcd.clone(),
-            prefix,
-            revision,
-            self.inner.config.follow_config(),
-        ));
-        shared.task.set(task.abort_handle());
+        for (part, (revision, kvs)) in shared.parts.iter().zip(listed) {
+            shared.apply_list(part.index, revision, kvs);
+            let task = tokio::spawn(follow(
+                Arc::downgrade(part),
+                self.inner.etcd.clone(),
+                part.source.service_dir(name),
+                revision,
+                self.inner.config.follow_config(),
+            ));
+            shared.tasks[part.index].set(task.abort_handle());
+        }
         services.insert(name.to_string(), Arc::downgrade(&shared));
         services.retain(|_, w| w.strong_count() > 0);
         Ok(Service { shared })
@@ -190,7 +240,19 @@ pub struct Health {
 
 impl Health {
     pub(crate) fn new(revision: i64, stale: &Staleness, malformed: &AtomicU64) -> Health {
-        let stale = stale.get();
+        Health::of_parts(revision, [stale], malformed)
+    }
+
+    /// Stale when any part is: for the longest, with that part's error.
+    pub(crate) fn of_parts<'a>(
+        revision: i64,
+        parts: impl IntoIterator<Item = &'a Staleness>,
+        malformed: &AtomicU64,
+    ) -> Health {
+        let stale = parts
+            .into_iter()
+            .filter_map(Staleness::get)
+            .max_by_key(|(for_, _)| *for_);
         Health {
             revision,
             stale_for: stale.as_ref().map(|(for_, _)| *for_),
@@ -203,13 +265,25 @@ impl Health {
 #[derive(Debug)]
 struct Shared {
     name: String,
-    prefix: String,
+    /// One per source followed.
+    parts: Vec<Arc<Part>>,
+    /// Per part: the ids in its keys, to the ids in the table (the same,
+    /// unless another part had it first).
+    ids: Mutex<Vec<BTreeMap<String, String>>>,
     snapshot: ArcSwap<Snapshot>,
     version: watch::Sender<u64>,
     changes: broadcast::Sender<Update>,
-    stale: Staleness,
     malformed: AtomicU64,
-    task: FollowTask,
+    tasks: Vec<FollowTask>,
+}
+
+/// One source of a service: what its follow task feeds.
+#[derive(Debug)]
+struct Part {
+    shared: Weak<Shared>,
+    index: usize,
+    source: Source,
+    stale: Staleness,
 }
 
 impl Service {
@@ -230,9 +304,9 @@ impl Service {
 
     /// How current the table is.
     pub fn health(&self) -> Health {
-        Health::new(
+        Health::of_parts(
             self.shared.snapshot.load().revision(),
-            &self.shared.stale,
+            self.shared.parts.iter().map(|p| &p.stale),
             &self.shared.malformed,
         )
     }
@@ -330,59 +404,115 @@ impl Updates {
 }
 
 impl Shared {
-    fn decode(&self, key: &[u8], value: &[u8]) -> Option<Instance> {
-        match Instance::decode(&self.prefix, key, value) {
-            Ok(i) if i.service == self.name => Some(i),
-            Ok(_) => None,
-            Err(e) => {
+    /// The instance at `kv`, if it is one of this service's: `None` for a
+    /// key outside the layout or a value it cannot read (logged, counted).
+    fn decode(&self, part: usize, key: &[u8], value: &[u8]) -> Option<Instance> {
+        let source = &self.parts[part].source;
+        match source.decode(key, value) {
+            Some(Ok(i)) if i.service == self.name => Some(i),
+            Some(Ok(_)) => None,
+            Some(Err(e)) => {
                 self.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(service = %self.name, error = %e, "skipping a malformed registry entry");
+                tracing::warn!(service = %self.name, layout = %source.layout, error = %e, "skipping a malformed registry entry");
+                None
+            }
+            None => {
+                self.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %self.name, key = %String::from_utf8_lossy(key), "skipping a key outside the layout");
                 None
             }
         }
     }
 
-    fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>) {
-        let new: BTreeMap<String, Arc<Instance>> = kvs
-            .iter()
-            .filter_map(|kv| self.decode(&kv.key, &kv.value))
-            .map(|i| (i.id.clone(), Arc::new(i)))
-            .collect();
-        let old = self.snapshot.load().to_map();
-        let changes = snapshot::diff(&old, &new);
+    /// The id in the table for `id` of `part`: `id`, unless the table has
+    /// it from another part, then `{id}@{layout}`.
+    fn table_id(
+        &self,
+        part: usize,
+        id: &str,
+        ids: &[BTreeMap<String, String>],
+        map: &BTreeMap<String, Arc<Instance>>,
+    ) -> String {
+        if let Some(known) = ids[part].get(id) {
+            return known.clone();
+        }
+        if !map.contains_key(id) {
+            return id.to_string();
+        }
+        format!("{id}@{}", self.parts[part].source.layout)
+    }
+
+    fn apply_list(&self, part: usize, revision: i64, kvs: Vec<pb::KeyValue>) {
+        let mut ids = self.ids.lock().expect("ids lock");
+        let current = self.snapshot.load_full();
+        let mut map = current.to_map();
+        for table_id in std::mem::take(&mut ids[part]).into_values() {
+            map.remove(&table_id);
+        }
+        for kv in &kvs {
+            let Some(mut i) = self.decode(part, &kv.key, &kv.value) else {
+                continue;
+            };
+            let table_id = self.table_id(part, &i.id, &ids, &map);
+            ids[part].insert(i.id.clone(), table_id.clone());
+            i.id = table_id.clone();
+            map.insert(table_id, Arc::new(i));
+        }
+        let old = current.to_map();
+        let changes = snapshot::diff(&old, &map);
+        // One source: the list's revision, even when lower (a registry
+        // wiped or restored); several: the latest of theirs.
+        let revision = if self.parts.len() == 1 {
+            revision
+        } else {
+            revision.max(current.revision())
+        };
         self.publish(
-            Snapshot::new(self.name.clone(), revision, new),
+            Snapshot::new(self.name.clone(), revision, map),
             revision,
             changes,
         );
     }
 
-    fn apply_events(&self, revision: i64, events: Vec<pb::Event>) {
+    fn apply_events(&self, part: usize, revision: i64, events: Vec<pb::Event>) {
+        let mut ids = self.ids.lock().expect("ids lock");
         let current = self.snapshot.load_full();
         let mut map = current.to_map();
         let mut changes = Vec::new();
         let mut last_rev = current.revision();
+        let source = &self.parts[part].source;
         for event in events {
             let Some(kv) = event.kv else { continue };
             last_rev = last_rev.max(kv.mod_revision);
-            let Some((_, id)) = instance::parse_key(&self.prefix, &kv.key) else {
+            let Some((_, id)) = source.parse_key(&kv.key) else {
                 self.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(service = %self.name, key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the schema");
+                tracing::warn!(service = %self.name, key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout");
                 continue;
             };
             let next = if event.r#type == pb::EventType::Delete as i32 {
                 None
             } else {
-                self.decode(&kv.key, &kv.value).map(Arc::new)
+                self.decode(part, &kv.key, &kv.value)
             };
-            let prev = map.remove(&id);
+            let prev = ids[part]
+                .remove(&id)
+                .and_then(|table_id| map.remove(&table_id));
+            let next = next.map(|mut i| {
+                let table_id = match &prev {
+                    Some(old) => old.id.clone(),
+                    None => self.table_id(part, &id, &ids, &map),
+                };
+                ids[part].insert(id.clone(), table_id.clone());
+                i.id = table_id;
+                Arc::new(i)
+            });
             match (prev, next) {
                 (None, Some(new)) => {
-                    map.insert(id, new.clone());
+                    map.insert(new.id.clone(), new.clone());
                     changes.push(Change::Added(new));
                 }
                 (Some(old), Some(new)) => {
-                    map.insert(id, new.clone());
+                    map.insert(new.id.clone(), new.clone());
                     if old != new {
                         changes.push(Change::Updated { old, new });
                     }
@@ -430,21 +560,36 @@ impl Shared {
     }
 }
 
-impl Follower for Shared {
+impl Follower for Part {
     fn label(&self) -> String {
-        format!("discovery of {}", self.name)
+        let name = self
+            .shared
+            .upgrade()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        if self.index == 0 {
+            format!("discovery of {name}")
+        } else {
+            format!("discovery of {name} in {}", self.source)
+        }
     }
 
     async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, _: &Etcd) {
-        Shared::apply_list(self, revision, kvs);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.apply_list(self.index, revision, kvs);
+        }
     }
 
     async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, _: &Etcd) {
-        Shared::apply_events(self, revision, events);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.apply_events(self.index, revision, events);
+        }
     }
 
     fn progress(&self, revision: i64) {
-        Shared::progress(self, revision);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.progress(revision);
+        }
     }
 
     fn staleness(&self) -> &Staleness {

@@ -10,12 +10,13 @@ use tokio::time::Instant;
 use tokio_stream::{StreamExt, StreamMap};
 
 use super::claim::{
-    Claim, MAX_TXN_OPS, claim_op, deregister_txn, parse_claim, restore_over_op, txn_of,
+    Claim, MAX_TXN_OPS, claim_op, delete_if_ours_op, deregister_txn, parse_claim, restore_over_op,
+    txn_of,
 };
 use super::{Cmd, RegistrarConfig, RegistrarState};
 use crate::client::{Etcd, WatchEvent, WatchOptions, Watcher, backoff};
 use crate::error::{Error, Result};
-use crate::instance::{self, Instance, Status};
+use crate::instance::{Instance, Status};
 
 pub(super) struct Lease {
     id: i64,
@@ -38,6 +39,9 @@ impl Lease {
 pub(super) struct Reg {
     instance: Instance,
     value: Vec<u8>,
+    /// Draining in a layout without a status: its key was removed, and is
+    /// neither restored nor re-registered until it serves again.
+    withdrawn: bool,
     /// When it was first registered: kept across updates and recoveries.
     since: SystemTime,
 }
@@ -258,7 +262,12 @@ impl Actor {
         let granted = self.etcd.lease_grant(self.config.ttl_secs()).await?;
         let new = granted.id;
         let accept = old_lease.unwrap_or(new);
-        let keys: Vec<String> = self.regs.keys().cloned().collect();
+        let keys: Vec<String> = self
+            .regs
+            .iter()
+            .filter(|(_, r)| !r.withdrawn)
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut lost = Vec::new();
         for chunk in keys.chunks(MAX_TXN_OPS) {
             let ops = chunk
@@ -294,12 +303,16 @@ impl Actor {
     }
 
     async fn register(&mut self, instance: Instance) -> Result<()> {
-        let key = instance.key(&self.config.prefix);
+        let key = crate::layout::key(&self.config.prefix, &instance.service, &instance.id);
         let since = self
             .regs
             .get(&key)
             .map_or_else(SystemTime::now, |r| r.since);
-        let value = instance.encode_registration(Some(since))?;
+        let layout = self.config.layout.layout();
+        if instance.status == Status::Draining && !layout.has_status() {
+            return self.withdraw(key, instance, since).await;
+        }
+        let value = layout.encode(&instance, Some(since))?;
         let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
             return Err(Error::Unavailable(format!(
                 "registrar is recovering: {}",
@@ -330,6 +343,7 @@ impl Actor {
                     Reg {
                         instance,
                         value,
+                        withdrawn: false,
                         since,
                     },
                 );
@@ -343,6 +357,33 @@ impl Actor {
             }),
             None => Err(Error::Unavailable("empty transaction response".into())),
         }
+    }
+
+    /// Drains `instance` in a layout without a status: removes its key
+    /// (if ours) and keeps the registration, so that serving again puts it
+    /// back.
+    async fn withdraw(&mut self, key: String, instance: Instance, since: SystemTime) -> Result<()> {
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return Err(Error::Unavailable("registrar is recovering".into()));
+        };
+        self.watchers.remove(&key);
+        self.etcd.txn(deregister_txn(&key, lease)).await?;
+        tracing::info!(%key, layout = %self.config.layout, "instance draining: key removed (the layout has no draining status)");
+        let value = self
+            .regs
+            .get(&key)
+            .map(|r| r.value.clone())
+            .unwrap_or_default();
+        self.regs.insert(
+            key,
+            Reg {
+                instance,
+                value,
+                withdrawn: true,
+                since,
+            },
+        );
+        Ok(())
     }
 
     async fn watch_key(&mut self, key: &str, from: i64) {
@@ -361,7 +402,7 @@ impl Actor {
     async fn deregister(&mut self, key: &str) -> Result<()> {
         let Some(reg) = self.regs.remove(key) else {
             let (service, id) =
-                instance::parse_key(&self.config.prefix, key.as_bytes()).unwrap_or_default();
+                crate::layout::parse_key(&self.config.prefix, key.as_bytes()).unwrap_or_default();
             return Err(Error::NotRegistered { service, id });
         };
         self.watchers.remove(key);
@@ -392,7 +433,7 @@ impl Actor {
             tracing::error!(%key, %error, "cannot watch own registration; changes to it from outside will not be undone");
             return;
         }
-        let Some(reg) = self.regs.get(&key) else {
+        let Some(reg) = self.regs.get(&key).filter(|r| !r.withdrawn) else {
             return;
         };
         let restore = match &event {
@@ -440,13 +481,25 @@ impl Actor {
         self.set_state(RegistrarState::Draining);
         self.watchers = StreamMap::new();
         if let Some(lease) = self.lease.as_ref().map(|l| l.id) {
+            let has_status = self.config.layout.layout().has_status();
             let ops: Vec<_> = self
                 .regs
                 .iter()
+                .filter(|(_, reg)| !reg.withdrawn)
                 .map(|(key, reg)| {
+                    if !has_status {
+                        // No status to mark: remove the key, so that Go
+                        // callers stop picking it now.
+                        return delete_if_ours_op(key, lease);
+                    }
                     let mut draining = reg.instance.clone();
                     draining.status = Status::Draining;
-                    let value = draining.encode().unwrap_or_else(|_| reg.value.clone());
+                    let value = self
+                        .config
+                        .layout
+                        .layout()
+                        .encode(&draining, Some(reg.since))
+                        .unwrap_or_else(|_| reg.value.clone());
                     claim_op(key, &value, lease, lease)
                 })
                 .collect();

@@ -106,6 +106,13 @@ pub(super) fn deregister_txn(key: &str, lease: i64) -> pb::TxnRequest {
     }
 }
 
+/// [`deregister_txn`] as one op of a larger transaction (a nested txn).
+pub(super) fn delete_if_ours_op(key: &str, lease: i64) -> pb::RequestOp {
+    pb::RequestOp {
+        request: Some(Op::RequestTxn(deregister_txn(key, lease))),
+    }
+}
+
 /// A transaction of `ops`, unconditionally.
 pub(super) fn txn_of(ops: Vec<pb::RequestOp>) -> pb::TxnRequest {
     pb::TxnRequest {

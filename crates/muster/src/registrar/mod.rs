@@ -86,13 +86,19 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::client::Etcd;
 use crate::error::{Error, Result};
 use crate::instance::{self, Instance, Status};
+use crate::layout::{LayoutKind, Source};
 use actor::{Actor, Lease};
 
 /// How a [`Registrar`] behaves.
 #[derive(Debug, Clone)]
 pub struct RegistrarConfig {
-    /// Key prefix (default [`instance::DEFAULT_PREFIX`]).
+    /// Key prefix (default [`instance::DEFAULT_PREFIX`]; may be empty for
+    /// layouts that use bare `service/id` keys).
     pub prefix: String,
+    /// The layout written (default muster's): with another, a Go client of
+    /// that registry finds the instance ([`crate::layout`]). Layouts with
+    /// no draining status get a draining instance's key removed instead.
+    pub layout: LayoutKind,
     /// Lease time-to-live: how long after a crash the instances vanish.
     /// Whole seconds, at least 1 (etcd rounds up to its minimum).
     pub ttl: Duration,
@@ -109,6 +115,7 @@ impl Default for RegistrarConfig {
     fn default() -> Self {
         RegistrarConfig {
             prefix: instance::DEFAULT_PREFIX.to_string(),
+            layout: LayoutKind::Muster,
             ttl: Duration::from_secs(10),
             grace: Duration::from_secs(2),
             backoff_base: Duration::from_millis(100),
@@ -133,6 +140,15 @@ impl RegistrarConfig {
     /// Sets the key prefix.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// Writes `source`'s layout under its prefix, with the TTL its library
+    /// uses by default.
+    pub fn with_source(mut self, source: Source) -> Self {
+        self.ttl = source.layout.layout().default_ttl();
+        self.layout = source.layout;
+        self.prefix = source.prefix;
         self
     }
 
@@ -166,6 +182,7 @@ pub struct Registrar {
     cmd: mpsc::Sender<Cmd>,
     state: watch::Receiver<RegistrarState>,
     prefix: String,
+    layout: LayoutKind,
 }
 
 /// What the handle asks of the actor; each carries the reply's sender.
@@ -179,7 +196,7 @@ impl Registrar {
     /// Grants the lease and starts keeping it alive. Fails if the registry
     /// cannot be reached now; after that, outages are survived.
     pub async fn start(etcd: Etcd, config: RegistrarConfig) -> Result<Registrar> {
-        instance::validate_prefix(&config.prefix)?;
+        Source::with_prefix(config.layout, config.prefix.clone()).validate()?;
         if config.ttl.is_zero() {
             return Err(Error::invalid("ttl", "must be at least one second"));
         }
@@ -192,16 +209,24 @@ impl Registrar {
         let (state_tx, state) = watch::channel(RegistrarState::Registered { lease: granted.id });
         let (cmd, cmd_rx) = mpsc::channel(64);
         let prefix = config.prefix.clone();
+        let layout = config.layout;
         let lease = Lease::new(granted.id, granted.ttl);
         tokio::spawn(Actor::new(etcd, config, state_tx, lease).run(cmd_rx));
-        Ok(Registrar { cmd, state, prefix })
+        Ok(Registrar {
+            cmd,
+            state,
+            prefix,
+            layout,
+        })
     }
 
     /// Registers (or re-registers) an instance under this process's lease.
     /// Fails with [`Error::AlreadyRegistered`] if another live instance holds
     /// the same service and id.
     pub async fn register(&self, instance: Instance) -> Result<()> {
-        instance.encode()?;
+        let mut serving = instance.clone();
+        serving.status = Status::Serving;
+        self.layout.layout().encode(&serving, None)?;
         self.ask(|reply| Cmd::Register(instance, reply)).await
     }
 
@@ -221,7 +246,7 @@ impl Registrar {
     pub async fn deregister(&self, service: &str, id: &str) -> Result<()> {
         instance::validate_name("service name", service)?;
         instance::validate_name("instance id", id)?;
-        let key = instance::instance_key(&self.prefix, service, id);
+        let key = crate::layout::key(&self.prefix, service, id);
         self.ask(|reply| Cmd::Deregister(key, reply)).await
     }
 
