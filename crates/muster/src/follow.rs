@@ -141,6 +141,10 @@ pub(crate) async fn list(
 ) -> Result<(i64, Vec<pb::KeyValue>)> {
     let range_end = instance::prefix_range_end(prefix.as_bytes());
     let mut key = prefix.as_bytes().to_vec();
+    if key.is_empty() {
+        // Every key (an empty prefix): etcd refuses an empty key.
+        key.push(0);
+    }
     let mut revision = 0;
     let mut kvs = Vec::new();
     loop {

@@ -71,8 +71,12 @@ impl WatchOptions {
     /// Watches every key starting with `prefix`. End prefixes with `/`, or
     /// `foo` also matches `foo_other` (etcd issue 15022).
     pub fn prefix(prefix: impl Into<Vec<u8>>) -> Self {
-        let key = prefix.into();
+        let mut key = prefix.into();
         let range_end = crate::instance::prefix_range_end(&key);
+        if key.is_empty() {
+            // Every key: etcd wants `\0` to `\0`, an empty key is refused.
+            key = vec![0];
+        }
         WatchOptions {
             key,
             range_end,

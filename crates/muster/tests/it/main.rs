@@ -12,6 +12,7 @@ mod client;
 mod common;
 mod examples;
 mod grpc;
+mod layouts;
 mod registry;
 mod tls;
 mod watch;
