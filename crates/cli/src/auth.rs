@@ -486,7 +486,7 @@ pub async fn run_role(global: &GlobalArgs, command: RoleCommand) -> anyhow::Resu
         }
         RoleCommand::GrantService { name, service } => {
             check_name("role", &name)?;
-            let permissions = muster::auth::service_permissions_under(&global.prefix, &service)
+            let permissions = muster::auth::service_permissions_under(global.prefix(), &service)
                 .with_context(|| format!("role grant-service {name} {service}"))?;
             grant(global, &etcd, &name, &permissions).await
         }

@@ -55,9 +55,10 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     // Before the ready line: a signal right after it must shut down cleanly.
     let signal = crate::global::shutdown_signal()?;
     let etcd = global.connect()?;
-    let dashboard = Dashboard::start(etcd, &global.prefix)
+    let catalog = muster::Catalog::follow_source(etcd.clone(), global.source())
         .await
         .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
+    let dashboard = Dashboard::with_catalog(etcd, catalog);
     let listener = HttpListener::bind(args.listen, args.server_tls().as_ref()).await?;
     let addr = listener.local_addr();
     // Session cookies over HTTPS only, when served over HTTPS.
@@ -72,7 +73,7 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     tracing::info!(
         url = %url,
         endpoints = %global.endpoints.join(","),
-        prefix = %global.prefix,
+        prefix = %global.prefix(),
         "muster dashboard ready at {url}"
     );
 

@@ -80,7 +80,7 @@ async fn run_instance(global: &GlobalArgs, id: &str) -> anyhow::Result<()> {
     let config = RegistrarConfig::default()
         .with_ttl(TTL)
         .with_grace(GRACE)
-        .with_prefix(global.prefix.clone());
+        .with_prefix(global.prefix().to_string());
     let registrar = Registrar::start(etcd, config).await?;
     let instance = Instance::new(SERVICE, id, format!("http://{addr}"))
         .with_version("1.0.0")

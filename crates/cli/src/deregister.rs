@@ -1,6 +1,6 @@
 //! `muster deregister <service> <id>`: delete one instance's key.
 
-use muster::instance::{instance_key, validate_name};
+use muster::instance::validate_name;
 use muster_proto as pb;
 
 use crate::global::{GlobalArgs, Output};
@@ -25,7 +25,7 @@ pub async fn run(global: &GlobalArgs, args: DeregisterArgs) -> anyhow::Result<()
     validate_name("service name", &args.service)?;
     validate_name("instance id", &args.id)?;
     let etcd = global.connect()?;
-    let key = instance_key(&global.prefix, &args.service, &args.id);
+    let key = global.source().key(&args.service, &args.id);
     let resp = etcd
         .delete_range(pb::DeleteRangeRequest {
             key: key.as_bytes().to_vec(),

@@ -70,6 +70,12 @@ pub struct GatewayArgs {
     /// (default: the system's roots).
     #[arg(long, value_name = "FILE")]
     pub upstream_cacert: Option<PathBuf>,
+    /// Also find each route's instances in this layout and prefix
+    /// (`LAYOUT` for its library's default prefix, or `LAYOUT:PREFIX`),
+    /// besides the global --layout/--prefix: one route over a mixed fleet,
+    /// e.g. `--also kratos`. Repeatable.
+    #[arg(long, value_name = "LAYOUT[:PREFIX]")]
+    pub also: Vec<muster::Source>,
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
@@ -91,11 +97,10 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
         anyhow::bail!("no routes: give --route /prefix=service or --routes FILE");
     }
     let etcd = global.connect()?;
-    let discovery = Discovery::with_config(
-        etcd,
-        DiscoveryConfig::default().with_prefix(global.prefix.clone()),
-    )
-    .with_context(|| format!("--prefix {:?}", global.prefix))?;
+    let mut discovery_config = DiscoveryConfig::default().with_source(global.source());
+    discovery_config.also = args.also.clone();
+    let discovery = Discovery::with_config(etcd, discovery_config)
+        .with_context(|| format!("--prefix {:?}", global.prefix()))?;
 
     let mut config = GatewayConfig::new(args.listen);
     config.routes = args.route;
@@ -121,7 +126,9 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
         admin = ?gateway.admin_addr(),
         routes = ?gateway.routes(),
         endpoints = %global.endpoints.join(","),
-        prefix = %global.prefix,
+        prefix = %global.prefix(),
+        layout = %global.layout,
+        also = ?args.also.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "muster gateway ready on {scheme}://{addr}/"
     );
     signal.await;

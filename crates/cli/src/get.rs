@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use muster::Instance;
-use muster::instance::{registered_at, service_prefix, validate_name};
+use muster::instance::{registered_at, validate_name};
 use muster_proto as pb;
 
 use crate::global::{GlobalArgs, Output};
@@ -32,7 +32,8 @@ pub async fn run(global: &GlobalArgs, args: GetArgs) -> anyhow::Result<()> {
     validate_name("service name", &args.service)?;
     let etcd = global.connect()?;
     // One range over this service only (not the whole catalog): one revision.
-    let dir = service_prefix(&global.prefix, &args.service);
+    let source = global.source();
+    let dir = source.service_dir(&args.service);
     let resp = etcd
         .range(pb::RangeRequest {
             key: dir.clone().into_bytes(),
@@ -44,8 +45,11 @@ pub async fn run(global: &GlobalArgs, args: GetArgs) -> anyhow::Result<()> {
     let revision = resp.header.as_ref().map_or(0, |h| h.revision);
     let mut rows = Vec::new();
     for kv in &resp.kvs {
-        match Instance::decode(&global.prefix, &kv.key, &kv.value) {
-            Ok(instance) => rows.push(Row {
+        match source.decode(&kv.key, &kv.value) {
+            None => {
+                tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout")
+            }
+            Some(Ok(instance)) => rows.push(Row {
                 instance,
                 lease: kv.lease,
                 lease_left: None,
@@ -53,7 +57,7 @@ pub async fn run(global: &GlobalArgs, args: GetArgs) -> anyhow::Result<()> {
                 create_revision: kv.create_revision,
                 mod_revision: kv.mod_revision,
             }),
-            Err(e) => tracing::warn!(error = %e, "skipping a malformed entry"),
+            Some(Err(e)) => tracing::warn!(error = %e, "skipping a malformed entry"),
         }
     }
     if rows.is_empty() {

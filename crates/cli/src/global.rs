@@ -52,9 +52,27 @@ pub struct GlobalArgs {
     /// authenticated. For first steps only.
     #[arg(long, global = true)]
     pub insecure_skip_tls_verify: bool,
-    /// Key prefix under which services live.
-    #[arg(long, global = true, env = "MUSTER_PREFIX", default_value = muster::instance::DEFAULT_PREFIX)]
-    pub prefix: String,
+    /// Key prefix under which services live [default: the layout's:
+    /// /muster/services, /microservices for kratos, /micro/registry for
+    /// go-micro, none for etcd-naming and go-zero].
+    #[arg(
+        long = "prefix",
+        global = true,
+        env = "MUSTER_PREFIX",
+        value_name = "PREFIX"
+    )]
+    pub prefix_flag: Option<String>,
+    /// How entries are spelled under the prefix: muster, etcd-naming,
+    /// kratos, go-zero, go-micro (what their Go libraries write), or auto
+    /// (read any of them, per key).
+    #[arg(
+        long,
+        global = true,
+        env = "MUSTER_LAYOUT",
+        default_value = "muster",
+        value_name = "LAYOUT"
+    )]
+    pub layout: muster::LayoutKind,
     /// How long one request to the registry may take (e.g. 5s, 500ms).
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -74,6 +92,18 @@ pub enum Output {
 }
 
 impl GlobalArgs {
+    /// The key prefix: `--prefix`, or the layout's default.
+    pub fn prefix(&self) -> &str {
+        self.prefix_flag
+            .as_deref()
+            .unwrap_or(self.layout.default_prefix())
+    }
+
+    /// The prefix and its layout.
+    pub fn source(&self) -> muster::Source {
+        muster::Source::with_prefix(self.layout, self.prefix())
+    }
+
     /// The endpoints as `http://host:port` or `https://host:port` URLs.
     pub fn endpoint_urls(&self) -> anyhow::Result<Vec<String>> {
         normalize_endpoints(&self.endpoints, self.tls_flags())
@@ -136,8 +166,9 @@ impl GlobalArgs {
         if let Some((name, password)) = self.credentials()? {
             config = config.with_credentials(name, password);
         }
-        muster::instance::validate_prefix(&self.prefix)
-            .with_context(|| format!("--prefix {:?}", self.prefix))?;
+        self.source()
+            .validate()
+            .with_context(|| format!("--prefix {:?}", self.prefix()))?;
         Ok(config)
     }
 

@@ -12,7 +12,7 @@ pub struct LsArgs {}
 /// Runs `muster ls`.
 pub async fn run(global: &GlobalArgs, _args: LsArgs) -> anyhow::Result<()> {
     let etcd = global.connect()?;
-    let snapshot = Catalog::list(&etcd, &global.prefix)
+    let snapshot = Catalog::list_source(&etcd, &global.source())
         .await
         .map_err(|e| registry_error(&etcd, e))?;
     let rows: Vec<(&String, usize, usize, usize)> = snapshot
@@ -35,7 +35,7 @@ pub async fn run(global: &GlobalArgs, _args: LsArgs) -> anyhow::Result<()> {
         })),
         Output::Table => {
             if rows.is_empty() {
-                eprintln!("no services under {}", global.prefix);
+                eprintln!("no services under {}", global.prefix());
                 return Ok(());
             }
             let mut table = Table::new(&["SERVICE", "INSTANCES", "SERVING", "DRAINING"]);

@@ -40,9 +40,10 @@ pub struct RegisterArgs {
     pub id: String,
     /// Where callers reach it: host:port or a URL.
     pub addr: String,
-    /// Lease time-to-live: how long the instance outlives a crash of this sidecar.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub ttl: Duration,
+    /// Lease time-to-live: how long the instance outlives a crash of this
+    /// sidecar [default: the layout's: 10s; kratos 15s, go-micro 90s].
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
     /// How long the instance stays visible as draining before it is removed
     /// at shutdown (without a command).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -303,7 +304,10 @@ pub async fn run(global: &GlobalArgs, args: RegisterArgs) -> anyhow::Result<Exit
     instance.tags = args.tags.clone();
     instance.metadata = args.meta.iter().cloned().collect();
     instance.validate()?;
-    if args.ttl < Duration::from_secs(1) {
+    let ttl = args
+        .ttl
+        .unwrap_or_else(|| global.layout.layout().default_ttl());
+    if ttl < Duration::from_secs(1) {
         bail!("--ttl must be at least 1s");
     }
 
@@ -315,8 +319,8 @@ pub async fn run(global: &GlobalArgs, args: RegisterArgs) -> anyhow::Result<Exit
 
     let etcd = global.connect()?;
     let config = RegistrarConfig::default()
-        .with_prefix(global.prefix.clone())
-        .with_ttl(args.ttl)
+        .with_source(global.source())
+        .with_ttl(ttl)
         .with_grace(args.grace);
     let registrar = Registrar::start(etcd.clone(), config)
         .await
@@ -438,7 +442,7 @@ pub async fn run(global: &GlobalArgs, args: RegisterArgs) -> anyhow::Result<Exit
             let shutdown = sidecar.registrar.shutdown();
             tokio::select! {
                 result = shutdown => result.map_err(|e| {
-                    anyhow::anyhow!("could not deregister ({e}); the instance expires with its lease within {:?}", args.ttl)
+                    anyhow::anyhow!("could not deregister ({e}); the instance expires with its lease within {ttl:?}")
                 })?,
                 _ = sigint.recv() => tracing::warn!("second signal: exiting without waiting out the grace period"),
                 _ = sigterm.recv() => tracing::warn!("second signal: exiting without waiting out the grace period"),

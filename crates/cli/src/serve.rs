@@ -270,7 +270,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         );
     // The dashboard (/, /api/...) next to /metrics and /health, through a
     // client of our own registry like any other.
-    let dashboard = match start_dashboard(&server, args.dashboard_tls(), &global.prefix).await {
+    let dashboard = match start_dashboard(&server, args.dashboard_tls(), global.prefix()).await {
         Ok(dashboard) => {
             // Logins when auth is on, asked of our own server: no probe.
             let core = server.core().clone();

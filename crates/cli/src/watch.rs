@@ -27,12 +27,12 @@ pub async fn run(global: &GlobalArgs, args: WatchArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let etcd = global.connect()?;
-    let catalog = Catalog::follow(etcd.clone(), &global.prefix)
+    let catalog = Catalog::follow_source(etcd.clone(), global.source())
         .await
         .map_err(|e| registry_error(&etcd, e))?;
     let mut updates = catalog.subscribe();
     tracing::info!(
-        prefix = %global.prefix,
+        prefix = %global.prefix(),
         revision = catalog.snapshot().revision(),
         "watching"
     );
