@@ -178,4 +178,113 @@ fn user_service_behind_the_gateway(backend: &Backend) {
     );
 }
 
-on_both!(user_service_behind_the_gateway);
+/// A plain HTTP server on a free port answering every request with
+/// `body` (keep-alive), standing in for a Go instance; its port.
+fn http_responder(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// One gateway route over a mixed fleet: a muster instance (the example,
+/// registering itself in muster's layout) and a "Go" instance registered
+/// in kratos's layout, found through `--also kratos`.
+fn a_gateway_route_over_a_mixed_fleet(backend: &Backend) {
+    let endpoint = backend.endpoint();
+    let _rust = start_instance(&endpoint, "user-a");
+    let go_port = http_responder("hello from kratos-1");
+    let mut go = Proc(
+        backend
+            .muster()
+            .args([
+                "--layout",
+                "kratos",
+                "register",
+                "user",
+                "kratos-1",
+                &format!("http://127.0.0.1:{go_port}"),
+                "--grace",
+                "200ms",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("muster register starts"),
+    );
+    let port = free_port();
+    let mut gateway = Proc(
+        backend
+            .muster()
+            .args([
+                "gateway",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--route",
+                "/=user",
+                "--also",
+                "kratos",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("muster gateway starts"),
+    );
+    let mut seen = BTreeSet::new();
+    wait_for("both layouts' instances answer through one route", || {
+        if let Ok(body) = get(port) {
+            seen.insert(body);
+        }
+        (seen.len() == 2).then_some(())
+    });
+    assert_eq!(
+        seen,
+        BTreeSet::from([
+            "hello from kratos-1".to_string(),
+            "hello from user-a".to_string()
+        ])
+    );
+    // The kratos instance leaves (its sidecar deregisters it): only the
+    // muster one answers.
+    go.term();
+    assert!(go.wait_exit().success());
+    wait_for("only user-a answers", || {
+        (get(port).ok()? == "hello from user-a").then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(get(port).unwrap(), "hello from user-a");
+    }
+    gateway.term();
+    assert!(gateway.wait_exit().success());
+}
+
+on_both!(
+    user_service_behind_the_gateway,
+    a_gateway_route_over_a_mixed_fleet
+);
