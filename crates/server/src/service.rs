@@ -308,6 +308,28 @@ fn go_status_text(e: AuthError) -> String {
 /// client certificate's user.
 type StreamIdentity = (tonic::metadata::MetadataMap, Option<Arc<str>>);
 
+/// Progress requests of a stream waiting for its watchers to be current
+/// (see [`crate::watch::WatchHub::progress`]).
+struct DeferredProgress {
+    /// How many requests to answer (etcd 3.4 answers each).
+    count: usize,
+    /// The revision the answer must reach: the committed one when the
+    /// last request came.
+    at_least: i64,
+    /// Changes when the answer may be ready.
+    signal: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Until `deferred`'s signal changes; forever without one.
+async fn progress_may_be_ready(deferred: &mut Option<DeferredProgress>) {
+    if let Some(d) = deferred
+        && d.signal.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
 async fn serve_watch_stream(
     core: Arc<Core>,
     metadata: StreamIdentity,
@@ -318,6 +340,7 @@ async fn serve_watch_stream(
     let hub = core.hub().clone();
     let stream = hub.new_stream();
     let mut next_auto_id: i64 = 0;
+    let mut deferred: Option<DeferredProgress> = None;
     let mut progress = tokio::time::interval(progress_interval);
     progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     progress.tick().await;
@@ -392,20 +415,27 @@ async fn serve_watch_stream(
                     }
                     Some(RequestUnion::CancelRequest(_)) => {}
                     Some(RequestUnion::ProgressRequest(_)) => {
-                        if let Some(rev) = hub.progress(stream) {
-                            let resp = pb::WatchResponse {
-                                header: core.header(rev),
-                                watch_id: -1,
-                                ..Default::default()
-                            };
-                            if tx.send(resp).await.is_err() {
-                                break;
+                        // Answered below once the stream's watchers are
+                        // current; subscribed before the first check.
+                        let at_least = core.committed();
+                        match &mut deferred {
+                            Some(d) => {
+                                d.count += 1;
+                                d.at_least = d.at_least.max(at_least);
+                            }
+                            None => {
+                                deferred = Some(DeferredProgress {
+                                    count: 1,
+                                    at_least,
+                                    signal: hub.progress_signal(),
+                                });
                             }
                         }
                     }
                     None => {}
                 }
             }
+            () = progress_may_be_ready(&mut deferred) => {}
             _ = progress.tick() => {
                 let (rev, ids) = hub.progress_notify_targets(stream);
                 for id in ids {
@@ -417,6 +447,24 @@ async fn serve_watch_stream(
                 }
             }
             _ = tx.closed() => break,
+        }
+        // Answers to progress requests: watch id -1 (clientv3 hands it to
+        // every watcher of the stream), header only.
+        if let Some(d) = &deferred
+            && let Some(rev) = hub.progress(stream, d.at_least)
+        {
+            let count = d.count;
+            deferred = None;
+            for _ in 0..count {
+                let resp = pb::WatchResponse {
+                    header: core.header(rev),
+                    watch_id: -1,
+                    ..Default::default()
+                };
+                if tx.send(resp).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     hub.remove_stream(stream);

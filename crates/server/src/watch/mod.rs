@@ -9,6 +9,11 @@
 //! between history and live events. A synced watcher whose stream is full
 //! drops back to unsynced at the revision it missed and catches up the same
 //! way: in order, nothing lost, nothing twice.
+//!
+//! A progress request is answered once every watcher of its stream is
+//! synced (see [`WatchHub::progress`]), so that the revision it reports
+//! never runs ahead of events a watcher has yet to get; a stream waiting
+//! for that listens to [`WatchHub::progress_signal`].
 
 mod index;
 
@@ -64,6 +69,9 @@ struct Watcher {
     no_put: bool,
     no_delete: bool,
     progress_notify: bool,
+    /// Events went out since the last progress notification tick (etcd
+    /// then skips the watcher's next notification).
+    sent_events: bool,
     tx: mpsc::Sender<WatchResponse>,
     synced: bool,
     /// Unsynced: the next revision to read from history. Synced: events
@@ -109,6 +117,9 @@ pub struct WatchHub {
     header: HeaderInfo,
     history: OnceLock<Weak<dyn History>>,
     fell_behind: std::sync::atomic::AtomicU64,
+    /// Bumped when a stream's watchers may have become current: a revision
+    /// dispatched, a watcher caught up or removed.
+    progress_signal: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for WatchHub {
@@ -160,6 +171,7 @@ impl WatchHub {
             header,
             history: OnceLock::new(),
             fell_behind: std::sync::atomic::AtomicU64::new(0),
+            progress_signal: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -170,6 +182,21 @@ impl WatchHub {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes whenever [`WatchHub::progress`] may have become `Some`;
+    /// subscribe before asking it, then wait for a change to ask again.
+    pub fn progress_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.progress_signal.subscribe()
+    }
+
+    /// Wakes the streams waiting to answer a progress request (none
+    /// usually: then this costs an atomic load). Call after the change,
+    /// with the hub unlocked.
+    fn signal_progress(&self) {
+        if self.progress_signal.receiver_count() > 0 {
+            self.progress_signal.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// An id for a new gRPC watch stream.
@@ -225,12 +252,18 @@ impl WatchHub {
         s.watchers.insert(
             id,
             Watcher {
-                key: req.key.clone(),
+                // As etcd: an empty key is "\0", the smallest key.
+                key: if req.key.is_empty() {
+                    vec![0]
+                } else {
+                    req.key.clone()
+                },
                 range_end: req.range_end.clone(),
                 prev_kv: req.prev_kv,
                 no_put: filters(muster_proto::watch_create_request::FilterType::Noput),
                 no_delete: filters(muster_proto::watch_create_request::FilterType::Nodelete),
                 progress_notify: req.progress_notify,
+                sent_events: false,
                 tx,
                 synced: false,
                 next: if req.start_revision <= 0 {
@@ -250,16 +283,22 @@ impl WatchHub {
 
     /// Removes a watcher; whether it existed.
     pub fn cancel(&self, id: WatcherKey) -> bool {
-        let mut s = self.lock();
-        match s.watchers.remove(&id) {
-            Some(w) => {
-                if w.synced {
-                    s.index.remove(id, &w.key, &w.range_end);
+        let existed = {
+            let mut s = self.lock();
+            match s.watchers.remove(&id) {
+                Some(w) => {
+                    if w.synced {
+                        s.index.remove(id, &w.key, &w.range_end);
+                    }
+                    true
                 }
-                true
+                None => false,
             }
-            None => false,
+        };
+        if existed {
+            self.signal_progress();
         }
+        existed
     }
 
     /// Removes every watcher of a stream.
@@ -280,27 +319,37 @@ impl WatchHub {
         }
     }
 
-    /// The revision every watcher of `stream` is current with, if all of
-    /// them are synced (the answer to a progress request); `None` otherwise.
-    pub fn progress(&self, stream: u64) -> Option<i64> {
+    /// The revision to answer a progress request on `stream` with: the
+    /// last dispatched one, once it is at least `at_least` (the revision
+    /// committed when the request came) and every watcher of the stream is
+    /// synced, so that it has been handed every event up to it; `None`
+    /// until then (wait on [`WatchHub::progress_signal`]). A stream
+    /// without watchers is answered too, as etcd 3.4 does.
+    pub fn progress(&self, stream: u64, at_least: i64) -> Option<i64> {
         let s = self.lock();
-        s.watchers
-            .iter()
-            .filter(|(k, _)| k.0 == stream)
-            .all(|(_, w)| w.synced)
-            .then_some(s.dispatched)
+        (s.dispatched >= at_least
+            && s.watchers
+                .iter()
+                .filter(|(k, _)| k.0 == stream)
+                .all(|(_, w)| w.synced))
+        .then_some(s.dispatched)
     }
 
-    /// Synced watchers of `stream` that asked for progress notifications,
-    /// and the revision they are current with.
+    /// The watchers of `stream` due a progress notification at this tick,
+    /// and the revision they are current with: as etcd's, those that asked
+    /// for them, are synced, and got no events since the previous tick.
     pub fn progress_notify_targets(&self, stream: u64) -> (i64, Vec<i64>) {
-        let s = self.lock();
-        let ids = s
-            .watchers
-            .iter()
-            .filter(|(k, w)| k.0 == stream && w.synced && w.progress_notify)
-            .map(|(k, _)| k.1)
-            .collect();
+        let mut s = self.lock();
+        let mut ids = Vec::new();
+        for (k, w) in s.watchers.iter_mut() {
+            if k.0 != stream || !w.progress_notify {
+                continue;
+            }
+            if w.synced && !w.sent_events {
+                ids.push(k.1);
+            }
+            w.sent_events = false;
+        }
         (s.dispatched, ids)
     }
 
@@ -339,7 +388,7 @@ impl WatchHub {
                     ..Default::default()
                 };
                 match w.tx.try_send(resp) {
-                    Ok(()) => {}
+                    Ok(()) => w.sent_events = true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         w.synced = false;
                         w.next = revision;
@@ -362,6 +411,7 @@ impl WatchHub {
                 }
             }
         }
+        self.signal_progress();
         self.fell_behind
             .fetch_add(behind.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for id in behind {
@@ -447,23 +497,36 @@ impl WatchHub {
                             self.cancel(id);
                             return;
                         }
+                        if let Some(w) = self.lock().watchers.get_mut(&id) {
+                            w.sent_events = true;
+                        }
                     }
                     start = stop;
                 }
             }
-            let mut s = self.lock();
-            let dispatched = s.dispatched;
-            let Some(w) = s.watchers.get_mut(&id) else {
-                return;
+            let caught_up = {
+                let mut s = self.lock();
+                let dispatched = s.dispatched;
+                let Some(w) = s.watchers.get_mut(&id) else {
+                    return;
+                };
+                w.next = w.next.max(upto + 1);
+                let caught_up = w.next > dispatched;
+                if caught_up {
+                    // Live events from here on.
+                    w.synced = true;
+                    let (key, end) = (w.key.clone(), w.range_end.clone());
+                    s.index.insert(id, &key, &end);
+                }
+                caught_up
             };
-            w.next = w.next.max(upto + 1);
-            if w.next > dispatched {
-                // Caught up: live events from here on.
-                w.synced = true;
-                let (key, end) = (w.key.clone(), w.range_end.clone());
-                s.index.insert(id, &key, &end);
+            if caught_up {
+                self.signal_progress();
                 return;
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
