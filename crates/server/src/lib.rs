@@ -165,7 +165,9 @@ impl Server {
             .tls
             .as_ref()
             .is_some_and(|t| t.client_cert_auth && t.client_ca.is_some());
-        let services = Services::new(core.clone(), endpoint, config.progress_notify_interval)
+        // At least 100 ms, as etcd enforces (and a zero interval is no timer).
+        let progress_every = config.progress_notify_interval.max(Duration::from_millis(100));
+        let services = Services::new(core.clone(), endpoint, progress_every)
             .with_cert_identity(cert_identity);
         let max = service::TRANSPORT_LIMIT_BYTES;
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
