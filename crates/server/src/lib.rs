@@ -166,9 +166,11 @@ impl Server {
             .as_ref()
             .is_some_and(|t| t.client_cert_auth && t.client_ca.is_some());
         // At least 100 ms, as etcd enforces (and a zero interval is no timer).
-        let progress_every = config.progress_notify_interval.max(Duration::from_millis(100));
-        let services = Services::new(core.clone(), endpoint, progress_every)
-            .with_cert_identity(cert_identity);
+        let progress_every = config
+            .progress_notify_interval
+            .max(Duration::from_millis(100));
+        let services =
+            Services::new(core.clone(), endpoint, progress_every).with_cert_identity(cert_identity);
         let max = service::TRANSPORT_LIMIT_BYTES;
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()

@@ -350,11 +350,67 @@ fn deregister_removes_and_fails_on_a_missing_instance(backend: &Backend) {
     assert_eq!(backend.status("user", "u-1").as_deref(), Some("serving"));
 }
 
+/// `--layout`: the Go registries' entries listed and shown, each layout
+/// under its library's default prefix, `auto` under any prefix, a value
+/// no layout reads skipped; deregister in a layout.
+fn ls_get_and_deregister_in_go_layouts(backend: &Backend) {
+    let lib = Lib::new(backend);
+    lib.put_raw("user.rpc/101", "10.0.0.1:8080");
+    lib.put_raw(
+        "/microservices/helloworld/6f2b",
+        r#"{"id":"6f2b","name":"helloworld","version":"v1","metadata":{"zone":"sh"},"endpoints":["grpc://10.0.0.5:9000"]}"#,
+    );
+    lib.put_raw("/fleet/user/a", "10.0.0.2:8080");
+    lib.put_raw(
+        "/fleet/user/b",
+        r#"{"Op":0,"Addr":"10.0.0.3:8080","Metadata":null}"#,
+    );
+    lib.put_raw("/fleet/user/c", "not an instance");
+
+    let gz = backend.json(&["--layout", "go-zero", "get", "user.rpc"]);
+    assert_eq!(gz["instances"][0]["addr"], "10.0.0.1:8080", "{gz}");
+    assert_eq!(gz["instances"][0]["id"], "101", "{gz}");
+    let kratos = stdout_ok(&backend.run(&["--layout", "kratos", "ls"]), "ls kratos");
+    assert_eq!(row(&kratos, "helloworld"), ["helloworld", "1", "1", "0"]);
+    let hw = backend.json(&["--layout", "kratos", "get", "helloworld"]);
+    assert_eq!(
+        (
+            hw["instances"][0]["addr"].as_str(),
+            hw["instances"][0]["zone"].as_str()
+        ),
+        (Some("grpc://10.0.0.5:9000"), Some("sh")),
+        "{hw}"
+    );
+    let auto = backend.json(&["--layout", "auto", "--prefix", "/fleet", "get", "user"]);
+    let mut addrs: Vec<&str> = auto["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["addr"].as_str().unwrap())
+        .collect();
+    addrs.sort();
+    assert_eq!(addrs, ["10.0.0.2:8080", "10.0.0.3:8080"], "{auto}");
+    stdout_ok(
+        &backend.run(&["--layout", "go-zero", "deregister", "user.rpc", "101"]),
+        "deregister go-zero",
+    );
+    let out = backend.run(&["--layout", "go-zero", "get", "user.rpc"]);
+    assert!(!out.status.success(), "gone after deregister");
+    let out = backend.run(&["--layout", "consul", "ls"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("etcd-naming"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 on_both!(
     ls_and_get_show_serving_and_draining,
     get_of_an_unknown_service_fails,
     watch_prints_registration_drain_and_removal,
     deregister_removes_and_fails_on_a_missing_instance,
+    ls_get_and_deregister_in_go_layouts,
 );
 
 /// `muster ARGS` pointed at `endpoint`, with the default log settings.
