@@ -28,10 +28,15 @@
 //! assert!(out.status.success());
 //! ```
 //!
+//! [`golang`] builds and runs Go programs (the real Go code of other
+//! registries' libraries) as test peers; [`require_go`] guards those tests.
+//!
 //! Environment variables:
 //! * `MUSTER_REQUIRE_ETCD=1` — make [`require_etcd`] panic instead of skipping.
 //! * `MUSTER_ETCD_BIN` / `MUSTER_ETCDCTL_BIN` — use these binaries instead of
 //!   `etcd` / `etcdctl` from `PATH`.
+//! * `MUSTER_REQUIRE_GO=1`, `MUSTER_GO_BIN`, `MUSTER_GOPATH`, `MUSTER_GO_CACHE`
+//!   — see [`golang`].
 //!
 //! `ETCD_*` / `ETCDCTL_*` variables of the test process are not passed on to
 //! the child processes (they would conflict with the command-line flags).
@@ -54,10 +59,12 @@ use tempfile::TempDir;
 
 pub mod browser;
 mod embedded;
+pub mod golang;
 mod pki;
 mod proxy;
 mod registry;
 pub use embedded::EmbeddedNode;
+pub use golang::{GoProcess, GoProgram, require_go};
 pub use pki::{OTHER_CA_NAME, SERVER_SANS, TEST_CA_NAME, TestPki};
 pub use proxy::TcpProxy;
 pub use registry::{
