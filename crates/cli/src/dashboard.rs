@@ -55,7 +55,7 @@ pub async fn run(global: &GlobalArgs, args: DashboardArgs) -> anyhow::Result<()>
     // Before the ready line: a signal right after it must shut down cleanly.
     let signal = crate::global::shutdown_signal()?;
     let etcd = global.connect()?;
-    let catalog = muster::Catalog::follow_source(etcd.clone(), global.source())
+    let catalog = muster::Catalog::follow_sources(etcd.clone(), global.sources())
         .await
         .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
     let dashboard = Dashboard::with_catalog(etcd, catalog);

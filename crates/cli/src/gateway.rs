@@ -70,12 +70,6 @@ pub struct GatewayArgs {
     /// (default: the system's roots).
     #[arg(long, value_name = "FILE")]
     pub upstream_cacert: Option<PathBuf>,
-    /// Also find each route's instances in this layout and prefix
-    /// (`LAYOUT` for its library's default prefix, or `LAYOUT:PREFIX`),
-    /// besides the global --layout/--prefix: one route over a mixed fleet,
-    /// e.g. `--also kratos`. Repeatable.
-    #[arg(long, value_name = "LAYOUT[:PREFIX]")]
-    pub also: Vec<muster::Source>,
 }
 
 fn parse_route(s: &str) -> Result<Route, String> {
@@ -98,7 +92,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
     }
     let etcd = global.connect()?;
     let mut discovery_config = DiscoveryConfig::default().with_source(global.source());
-    discovery_config.also = args.also.clone();
+    discovery_config.also = global.also.clone();
     let discovery = Discovery::with_config(etcd, discovery_config)
         .with_context(|| format!("--prefix {:?}", global.prefix()))?;
 
@@ -128,7 +122,7 @@ pub async fn run(global: &GlobalArgs, args: GatewayArgs) -> anyhow::Result<()> {
         endpoints = %global.endpoints.join(","),
         prefix = %global.prefix(),
         layout = %global.layout,
-        also = ?args.also.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        also = ?global.also.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "muster gateway ready on {scheme}://{addr}/"
     );
     signal.await;

@@ -73,6 +73,12 @@ pub struct GlobalArgs {
         value_name = "LAYOUT"
     )]
     pub layout: muster::LayoutKind,
+    /// Also follow services in this layout and prefix (`LAYOUT` for its
+    /// library's default prefix, or `LAYOUT:PREFIX`), besides --layout and
+    /// --prefix: ls, watch, dashboard, gateway and dns then show one table
+    /// over a mixed fleet, e.g. `--also kratos`. Repeatable.
+    #[arg(long, global = true, value_name = "LAYOUT[:PREFIX]")]
+    pub also: Vec<muster::Source>,
     /// How long one request to the registry may take (e.g. 5s, 500ms).
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
@@ -102,6 +108,13 @@ impl GlobalArgs {
     /// The prefix and its layout.
     pub fn source(&self) -> muster::Source {
         muster::Source::with_prefix(self.layout, self.prefix())
+    }
+
+    /// Every source to follow: [`GlobalArgs::source`], then `--also`.
+    pub fn sources(&self) -> Vec<muster::Source> {
+        let mut sources = vec![self.source()];
+        sources.extend(self.also.iter().cloned());
+        sources
     }
 
     /// The endpoints as `http://host:port` or `https://host:port` URLs.

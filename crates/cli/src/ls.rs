@@ -12,7 +12,7 @@ pub struct LsArgs {}
 /// Runs `muster ls`.
 pub async fn run(global: &GlobalArgs, _args: LsArgs) -> anyhow::Result<()> {
     let etcd = global.connect()?;
-    let snapshot = Catalog::list_source(&etcd, &global.source())
+    let snapshot = Catalog::list_sources(&etcd, global.sources())
         .await
         .map_err(|e| registry_error(&etcd, e))?;
     let rows: Vec<(&String, usize, usize, usize)> = snapshot

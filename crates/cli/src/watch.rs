@@ -27,7 +27,7 @@ pub async fn run(global: &GlobalArgs, args: WatchArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let etcd = global.connect()?;
-    let catalog = Catalog::follow_source(etcd.clone(), global.source())
+    let catalog = Catalog::follow_sources(etcd.clone(), global.sources())
         .await
         .map_err(|e| registry_error(&etcd, e))?;
     let mut updates = catalog.subscribe();

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -180,13 +180,35 @@ pub struct Catalog {
 
 #[derive(Debug)]
 struct Shared {
-    source: Source,
+    /// One per source followed.
+    parts: Vec<Arc<Part>>,
+    /// Held through each apply (which awaits lease lookups), so that the
+    /// parts' follow tasks change the snapshot one at a time.
+    apply: tokio::sync::Mutex<Parts>,
     snapshot: ArcSwap<CatalogSnapshot>,
     updates: broadcast::Sender<CatalogUpdate>,
     recent: Mutex<VecDeque<CatalogEvent>>,
-    stale: Staleness,
     malformed: AtomicU64,
-    task: FollowTask,
+    tasks: Vec<FollowTask>,
+}
+
+/// What each part holds of the snapshot.
+#[derive(Debug, Default)]
+struct Parts {
+    /// Per part: (service, id in its keys) to the id in the snapshot (the
+    /// same, unless another part had it first: `{id}@{layout}`).
+    ids: Vec<HashMap<(String, String), String>>,
+    /// Per part: whether its first list is in (it makes no events).
+    listed: Vec<bool>,
+}
+
+/// One source of the catalog: what its follow task feeds.
+#[derive(Debug)]
+struct Part {
+    shared: Weak<Shared>,
+    index: usize,
+    source: Source,
+    stale: Staleness,
 }
 
 impl Catalog {
@@ -208,6 +230,18 @@ impl Catalog {
         Ok(snapshot)
     }
 
+    /// Lists every service in each of `sources` once, as one catalog (see
+    /// [`Catalog::follow_sources`]).
+    pub async fn list_sources(etcd: &Etcd, sources: Vec<Source>) -> Result<CatalogSnapshot> {
+        match sources.as_slice() {
+            [one] => Catalog::list_source(etcd, one).await,
+            _ => Ok((*Catalog::follow_sources(etcd.clone(), sources)
+                .await?
+                .snapshot())
+            .clone()),
+        }
+    }
+
     /// Lists every service under `prefix`, then follows every change. Fails
     /// if the registry cannot be reached for the first list.
     pub async fn follow(etcd: Etcd, prefix: &str) -> Result<Catalog> {
@@ -220,43 +254,81 @@ impl Catalog {
     /// the whole keyspace, of which only the keys of the form
     /// `{service}/{id}` are read.
     pub async fn follow_source(etcd: Etcd, source: Source) -> Result<Catalog> {
-        source.validate()?;
-        let dir = source.dir();
-        let (revision, kvs) = list(&etcd, &dir, PAGE_SIZE).await?;
+        Catalog::follow_sources(etcd, vec![source]).await
+    }
+
+    /// Every service in every one of `sources`, as one catalog (a mixed
+    /// fleet): a service's instances are the union of its instances in each
+    /// source; an id found in two sources is kept twice, the later one as
+    /// `{id}@{layout}`.
+    pub async fn follow_sources(etcd: Etcd, sources: Vec<Source>) -> Result<Catalog> {
+        if sources.is_empty() {
+            return Err(crate::error::Error::invalid(
+                "catalog",
+                "no source to follow",
+            ));
+        }
+        let mut listed = Vec::with_capacity(sources.len());
+        for source in &sources {
+            source.validate()?;
+            listed.push(list(&etcd, &source.dir(), PAGE_SIZE).await?);
+        }
         let (updates, _) = broadcast::channel(SUBSCRIBER_BUFFER);
-        let shared = Arc::new(Shared {
-            source,
+        let n = sources.len();
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| Shared {
+            parts: sources
+                .into_iter()
+                .enumerate()
+                .map(|(index, source)| {
+                    Arc::new(Part {
+                        shared: weak.clone(),
+                        index,
+                        source,
+                        stale: Staleness::default(),
+                    })
+                })
+                .collect(),
+            apply: tokio::sync::Mutex::new(Parts {
+                ids: vec![HashMap::new(); n],
+                listed: vec![false; n],
+            }),
             snapshot: ArcSwap::from_pointee(CatalogSnapshot::default()),
             updates,
             recent: Mutex::new(VecDeque::new()),
-            stale: Staleness::default(),
             malformed: AtomicU64::new(0),
-            task: FollowTask::default(),
+            tasks: (0..n).map(|_| FollowTask::default()).collect(),
         });
-        shared.apply_list(revision, kvs, &etcd).await;
-        let task = tokio::spawn(follow(
-            Arc::downgrade(&shared),
-            etcd,
-            dir,
-            revision,
-            FollowConfig {
-                page_size: PAGE_SIZE,
-                backoff_base: Duration::from_millis(100),
-                backoff_cap: Duration::from_secs(5),
-            },
-        ));
-        shared.task.set(task.abort_handle());
+        for (part, (revision, kvs)) in shared.parts.iter().zip(listed) {
+            shared.apply_list(part.index, revision, kvs, &etcd).await;
+            let task = tokio::spawn(follow(
+                Arc::downgrade(part),
+                etcd.clone(),
+                part.source.dir(),
+                revision,
+                FollowConfig {
+                    page_size: PAGE_SIZE,
+                    backoff_base: Duration::from_millis(100),
+                    backoff_cap: Duration::from_secs(5),
+                },
+            ));
+            shared.tasks[part.index].set(task.abort_handle());
+        }
         Ok(Catalog { shared })
+    }
+
+    /// Every source it follows, the first one first.
+    pub fn sources(&self) -> Vec<Source> {
+        self.shared.parts.iter().map(|p| p.source.clone()).collect()
     }
 
     /// What it follows: the prefix and its layout.
     pub fn source(&self) -> &Source {
-        &self.shared.source
+        &self.shared.parts[0].source
     }
 
     /// The key prefix.
     pub fn prefix(&self) -> &str {
-        &self.shared.source.prefix
+        &self.shared.parts[0].source.prefix
     }
 
     /// The current catalog. Lock-free; never waits on the network.
@@ -282,9 +354,9 @@ impl Catalog {
 
     /// How current the catalog is.
     pub fn health(&self) -> Health {
-        Health::new(
+        Health::of_parts(
             self.shared.snapshot.load().revision(),
-            &self.shared.stale,
+            self.shared.parts.iter().map(|p| &p.stale),
             &self.shared.malformed,
         )
     }
@@ -384,11 +456,61 @@ struct Removal {
 }
 
 impl Shared {
-    async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
+    /// The id in the snapshot for `id` of `service` in `part`.
+    fn table_id(
+        &self,
+        part: usize,
+        service: &str,
+        id: &str,
+        parts: &Parts,
+        at: &CatalogSnapshot,
+    ) -> String {
+        if let Some(known) = parts.ids[part].get(&(service.to_string(), id.to_string())) {
+            return known.clone();
+        }
+        if at.get(service, id).is_none() {
+            return id.to_string();
+        }
+        format!("{id}@{}", self.parts[part].source.layout)
+    }
+
+    async fn apply_list(&self, part: usize, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
+        let mut parts = self.apply.lock().await;
+        let source = &self.parts[part].source;
         let mut malformed = 0;
-        let new = build(&self.source, revision, kvs, &mut malformed);
+        let listed = build(source, revision, kvs, &mut malformed);
         self.malformed.fetch_add(malformed, Ordering::Relaxed);
         let old = self.snapshot.load_full();
+        // The new catalog: the others' entries as they are, this part's as listed.
+        let mut new = (*old).clone();
+        for ((service, _), table_id) in std::mem::take(&mut parts.ids[part]) {
+            if let Some(instances) = new.services.get_mut(&service) {
+                instances.remove(&table_id);
+                if instances.is_empty() {
+                    new.services.remove(&service);
+                }
+            }
+        }
+        for (service, instances) in listed.services {
+            for (id, mut entry) in instances {
+                let table_id = self.table_id(part, &service, &id, &parts, &new);
+                parts.ids[part].insert((service.clone(), id), table_id.clone());
+                if entry.instance.id != table_id {
+                    let mut i = (*entry.instance).clone();
+                    i.id = table_id.clone();
+                    entry.instance = Arc::new(i);
+                }
+                new.services
+                    .entry(service.clone())
+                    .or_default()
+                    .insert(table_id, entry);
+            }
+        }
+        new.revision = if self.parts.len() == 1 {
+            revision
+        } else {
+            revision.max(old.revision)
+        };
         let mut events = Vec::new();
         let mut removals = Vec::new();
         let at = SystemTime::now();
@@ -412,11 +534,13 @@ impl Shared {
             }
         }
         self.classify(etcd, &mut events, removals).await;
-        let first = old.revision() == 0;
+        let first = !std::mem::replace(&mut parts.listed[part], true);
         self.publish(new, if first { Vec::new() } else { events });
     }
 
-    async fn apply_events(&self, revision: i64, batch: Vec<pb::Event>, etcd: &Etcd) {
+    async fn apply_events(&self, part: usize, revision: i64, batch: Vec<pb::Event>, etcd: &Etcd) {
+        let mut parts = self.apply.lock().await;
+        let source = &self.parts[part].source;
         let current = self.snapshot.load_full();
         let mut next = (*current).clone();
         let mut events = Vec::new();
@@ -426,8 +550,8 @@ impl Shared {
         for ev in batch {
             let Some(kv) = ev.kv else { continue };
             last = last.max(kv.mod_revision);
-            let Some((service, id)) = self.source.parse_key(&kv.key) else {
-                if !self.source.prefix.is_empty() {
+            let Some((service, key_id)) = source.parse_key(&kv.key) else {
+                if !source.prefix.is_empty() {
                     self.malformed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout");
                 }
@@ -436,7 +560,7 @@ impl Shared {
             let new = if ev.r#type == pb::EventType::Delete as i32 {
                 None
             } else {
-                match decode(&self.source, &kv) {
+                match decode(source, &kv) {
                     Decoded::Entry(entry) => Some(entry),
                     Decoded::Malformed | Decoded::Outside => {
                         self.malformed.fetch_add(1, Ordering::Relaxed);
@@ -444,10 +568,21 @@ impl Shared {
                     }
                 }
             };
+            let known = parts.ids[part].remove(&(service.clone(), key_id.clone()));
+            let id = match &known {
+                Some(table_id) => table_id.clone(),
+                None => self.table_id(part, &service, &key_id, &parts, &next),
+            };
             let service_map = next.services.entry(service.clone()).or_default();
-            let old = service_map.remove(&id);
+            let old = known.and_then(|table_id| service_map.remove(&table_id));
             match (old, new) {
-                (old, Some(entry)) => {
+                (old, Some(mut entry)) => {
+                    parts.ids[part].insert((service.clone(), key_id), id.clone());
+                    if entry.instance.id != id {
+                        let mut i = (*entry.instance).clone();
+                        i.id = id.clone();
+                        entry.instance = Arc::new(i);
+                    }
                     if let Some(kind) = put_kind(old.as_ref().map(|e| &e.instance), &entry.instance)
                     {
                         events.push(event(kind, &entry, kv.mod_revision, at));
@@ -563,21 +698,29 @@ fn event(kind: EventKind, entry: &Entry, revision: i64, at: SystemTime) -> Catal
     }
 }
 
-impl Follower for Shared {
+impl Follower for Part {
     fn label(&self) -> String {
         format!("catalog of {}", self.source)
     }
 
     async fn apply_list(&self, revision: i64, kvs: Vec<pb::KeyValue>, etcd: &Etcd) {
-        Shared::apply_list(self, revision, kvs, etcd).await;
+        if let Some(shared) = self.shared.upgrade() {
+            shared.apply_list(self.index, revision, kvs, etcd).await;
+        }
     }
 
     async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, etcd: &Etcd) {
-        Shared::apply_events(self, revision, events, etcd).await;
+        if let Some(shared) = self.shared.upgrade() {
+            shared
+                .apply_events(self.index, revision, events, etcd)
+                .await;
+        }
     }
 
     fn progress(&self, revision: i64) {
-        Shared::progress(self, revision);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.progress(revision);
+        }
     }
 
     fn staleness(&self) -> &Staleness {

@@ -239,10 +239,6 @@ pub struct Health {
 }
 
 impl Health {
-    pub(crate) fn new(revision: i64, stale: &Staleness, malformed: &AtomicU64) -> Health {
-        Health::of_parts(revision, [stale], malformed)
-    }
-
     /// Stale when any part is: for the longest, with that part's error.
     pub(crate) fn of_parts<'a>(
         revision: i64,

@@ -351,7 +351,66 @@ async fn catalog_of_an_unprefixed_layout_reads_only_its_keys(node: Box<dyn Regis
     .await;
 }
 
+async fn a_catalog_over_two_layouts(node: Box<dyn Registry>) {
+    let etcd = client(&node.endpoint());
+    let _muster = registered(&etcd, 30, [Instance::new("user", "a", "127.0.0.1:1")]).await;
+    put_leased(&etcd, "user/7", b"127.0.0.1:2", 30).await;
+    put_leased(&etcd, "user/a", b"127.0.0.1:3", 30).await;
+    let catalog = Catalog::follow_sources(
+        etcd.clone(),
+        vec![
+            Source::new(LayoutKind::Muster),
+            Source::new(LayoutKind::GoZero),
+        ],
+    )
+    .await
+    .unwrap();
+    let addrs = |c: &Catalog| -> Vec<(String, String)> {
+        c.snapshot()
+            .service("user")
+            .map(|s| {
+                s.iter()
+                    .map(|(id, e)| (id.clone(), e.instance.addr.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        addrs(&catalog),
+        [
+            ("7".to_string(), "127.0.0.1:2".to_string()),
+            ("a".to_string(), "127.0.0.1:1".to_string()),
+            ("a@go-zero".to_string(), "127.0.0.1:3".to_string()),
+        ]
+    );
+    // The first lists make no events; later changes in either do.
+    let mut events = catalog.subscribe();
+    assert!(matches!(
+        events.next().await,
+        Some(muster::catalog::CatalogUpdate::Reset(_))
+    ));
+    delete(&etcd, "user/a").await;
+    match events.next().await {
+        Some(muster::catalog::CatalogUpdate::Events(batch)) => {
+            assert_eq!(batch.len(), 1);
+            assert_eq!(
+                (batch[0].id.as_str(), batch[0].kind),
+                ("a@go-zero", muster::catalog::EventKind::Deregistered)
+            );
+        }
+        other => panic!("expected the go-zero removal, got {other:?}"),
+    }
+    put(&etcd, "user/8", b"127.0.0.1:4").await;
+    eventually("the go-zero addition reaches the catalog", || {
+        let n = addrs(&catalog).len();
+        async move { n == 3 }
+    })
+    .await;
+    assert!(catalog.recent().iter().all(|e| e.service == "user"));
+}
+
 muster_testkit::on_both!(
+    a_catalog_over_two_layouts,
     discovers_what_go_libraries_write,
     go_readers_parse_what_muster_writes,
     a_mixed_fleet_is_one_table,
