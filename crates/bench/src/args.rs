@@ -20,7 +20,8 @@ Examples:
   muster bench watch --watchers 1000 --puts 200 --put-interval 20ms
   muster bench keepalive --leases 1000 --clients 64 --rate 0
   muster bench populate --keys 100000 --key-size 32 --value-size 256
-  muster bench ready --ready-timeout 30s")]
+  muster bench ready --ready-timeout 30s
+  muster bench dns --dns-server 127.0.0.1:8600 --dns-name user.service.muster --dns-type srv --clients 16")]
 pub struct BenchArgs {
     /// The workload to run.
     #[arg(value_enum)]
@@ -82,6 +83,41 @@ pub struct BenchArgs {
     /// ready: give up after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) ready_timeout: Duration,
+    /// dns: the DNS server queried (UDP); `--clients` sockets, each with
+    /// one query in flight.
+    #[arg(long, default_value = "127.0.0.1:8600", help_heading = "dns")]
+    pub(crate) dns_server: std::net::SocketAddr,
+    /// dns: names asked, comma-separated; each query picks one at random.
+    #[arg(
+        long = "dns-name",
+        value_delimiter = ',',
+        default_value = "user.service.muster",
+        help_heading = "dns"
+    )]
+    pub(crate) dns_names: Vec<String>,
+    /// dns: the question type.
+    #[arg(long, value_enum, default_value_t = DnsType::A, help_heading = "dns")]
+    pub(crate) dns_type: DnsType,
+    /// dns: send EDNS offering answers of this many bytes [default: no
+    /// EDNS: answers of 512 bytes at most].
+    #[arg(long, value_name = "BYTES", help_heading = "dns")]
+    pub(crate) dns_edns: Option<u16>,
+    /// dns: a query unanswered this long counts as failed.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, help_heading = "dns")]
+    pub(crate) dns_timeout: Duration,
+}
+
+/// A DNS question type of `muster bench dns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DnsType {
+    /// IPv4 addresses.
+    A,
+    /// IPv6 addresses.
+    Aaaa,
+    /// Services: port and target.
+    Srv,
+    /// Anything.
+    Any,
 }
 
 /// What `muster bench` runs.
@@ -101,6 +137,8 @@ pub enum Workload {
     Populate,
     /// Waits for the first successful Range (for restart measurements).
     Ready,
+    /// DNS queries over UDP at a DNS server (`--dns-*` flags).
+    Dns,
 }
 
 impl BenchArgs {

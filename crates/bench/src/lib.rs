@@ -15,7 +15,9 @@
 //! - `watch`: many watchers on one key, then paced puts: latency from just
 //!   before sending each put to each watcher receiving its event;
 //! - `populate`: writes the keyspace once (memory and restart measurements);
-//! - `ready`: waits for the first successful Range (restart measurements).
+//! - `ready`: waits for the first successful Range (restart measurements);
+//! - `dns`: UDP queries at a DNS server (`muster dns`, `muster serve
+//!   --dns-listen`), one socket per client, one query in flight each.
 //!
 //! Latency percentiles are nearest-rank, from HDR histograms (nanoseconds,
 //! three significant figures: within 0.1% of the exact figure), one per
@@ -52,7 +54,7 @@ mod report;
 mod units;
 mod workload;
 
-pub use args::{BenchArgs, Workload};
+pub use args::{BenchArgs, DnsType, Workload};
 pub use auth::Credentials;
 pub use error::Error;
 pub use recorder::{Latencies, Summary};
@@ -93,6 +95,7 @@ pub async fn run(
         Workload::Watch => finish(watch::run(&plan).await?, &plan, format, out),
         Workload::Populate => finish(populate::run(&plan).await?, &plan, format, out),
         Workload::Ready => finish(ready::run(&plan).await?, &plan, format, out),
+        Workload::Dns => finish(dns::run(&plan).await?, &plan, format, out),
     }
 }
 

@@ -1,6 +1,7 @@
-//! The workloads, one module each. The propagation, DNS and robustness
+//! The workloads, one module each. The propagation and robustness
 //! workloads will join them here.
 
+pub(crate) mod dns;
 pub(crate) mod keepalive;
 pub(crate) mod populate;
 pub(crate) mod put;
