@@ -13,6 +13,7 @@ mod completions;
 mod dashboard;
 mod demo;
 mod deregister;
+mod dns;
 mod gateway;
 mod get;
 mod global;
@@ -69,9 +70,16 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Live web dashboard of the services in any etcd cluster.
     Dashboard(dashboard::DashboardArgs),
+    /// DNS server answering with the services in any etcd cluster (Consul's names).
+    ///
+    /// A, AAAA and SRV answers for `{service}.service.muster` and Consul's
+    /// other forms (tags, zones, RFC 2782), from a catalog kept current by
+    /// a watch: no registry round-trip per query, and answers keep coming
+    /// from the last known catalog while the registry is unreachable.
+    Dns(dns::DnsArgs),
     /// See it work: a registry, three instances and a gateway, with traffic.
     Demo(demo::DemoArgs),
-    /// Load-test any etcd v3 endpoint: put, range, txn, keepalive, watch, populate.
+    /// Load-test any etcd v3 endpoint (put, range, txn, keepalive, watch, populate) or a DNS server (dns).
     Bench(bench::BenchArgs),
     /// Write a CA, a server and a client certificate for first steps with TLS.
     Certs(certs::CertsArgs),
@@ -121,6 +129,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => done(serve::run(&cli.global, args).await),
             Command::Gateway(args) => done(gateway::run(&cli.global, args).await),
             Command::Dashboard(args) => done(dashboard::run(&cli.global, args).await),
+            Command::Dns(args) => done(dns::run(&cli.global, args).await),
             Command::Demo(args) => done(demo::run(&cli.global, args).await),
             Command::Bench(args) => done(bench::run(&cli.global, args).await),
         }

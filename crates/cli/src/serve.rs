@@ -112,6 +112,18 @@ pub struct ServeArgs {
     /// /health always is.
     #[arg(long)]
     metrics_require_token: bool,
+    /// Also answer DNS on this address (UDP and TCP), with Consul's names,
+    /// from the registry's own catalog of the services under --prefix: the
+    /// same server as `muster dns`. It reads every service whatever the
+    /// registry's users and roles. Its metrics join /metrics.
+    #[arg(long, value_name = "ADDR", help_heading = "DNS")]
+    dns_listen: Option<SocketAddr>,
+    /// The domain --dns-listen answers for.
+    #[arg(long, default_value = muster_dns::DEFAULT_DOMAIN, help_heading = "DNS")]
+    dns_domain: String,
+    /// TTL of --dns-listen's answers, in seconds.
+    #[arg(long, default_value_t = 0, help_heading = "DNS")]
+    dns_ttl: u32,
 }
 
 impl ServeArgs {
@@ -245,6 +257,18 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .chain(http.tls().map(|t| ("http", t.clone())))
         .collect();
+    // DNS from the registry's own catalog, before /metrics (which renders
+    // its metrics too).
+    let dns = match args.dns_listen {
+        Some(listen) => {
+            let config = muster_dns::DnsConfig::new(listen)
+                .with_domain(args.dns_domain.clone())
+                .with_ttl(args.dns_ttl);
+            Some(start_dns(&server, args.dashboard_tls(), &global.prefix, config).await?)
+        }
+        None => None,
+    };
+    let dns_metrics = dns.as_ref().map(muster_dns::DnsServer::metrics);
     let require_token = args.metrics_require_token;
     let mut app = axum::Router::new()
         .route(
@@ -252,6 +276,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let core = Arc::clone(&core);
                 let tls_listeners = tls_listeners.clone();
+                let dns_metrics = dns_metrics.clone();
                 async move {
                     if require_token && !metrics_allowed(&core, &headers) {
                         return metrics_refused();
@@ -260,6 +285,9 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
                         tls_listeners.iter().map(|(n, t)| (*n, t)).collect();
                     let mut text = muster_server::metrics::render(&core);
                     text.push_str(&muster_server::metrics::render_tls(&listeners));
+                    if let Some(dns) = &dns_metrics {
+                        text.push_str(&dns.render());
+                    }
                     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
                 }
             }),
@@ -312,6 +340,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         dashboard.close();
     }
     http_task.abort();
+    drop(dns);
     server.shutdown().await;
     Ok(())
 }
@@ -364,7 +393,23 @@ async fn start_dashboard(
     Ok(Dashboard::start(etcd, prefix).await?)
 }
 
-/// The client configuration of the in-process dashboard. A server
+/// The DNS server of `--dns-listen`, following the services under
+/// `prefix` in our own registry as the dashboard does (internal token: it
+/// works with auth on).
+async fn start_dns(
+    server: &Server,
+    tls: Option<ClientTls>,
+    prefix: &str,
+    config: muster_dns::DnsConfig,
+) -> anyhow::Result<muster_dns::DnsServer> {
+    let etcd = muster::Etcd::connect(dashboard_config(server, tls))?;
+    let catalog = muster::Catalog::follow(etcd, prefix)
+        .await
+        .context("cannot follow the registry's own catalog for DNS")?;
+    Ok(muster_dns::DnsServer::start(catalog, config).await?)
+}
+
+/// The client configuration of the in-process dashboard (and DNS server). A server
 /// listening on all addresses is dialed on loopback (a certificate is
 /// verified against the address dialed, and 0.0.0.0 is in none).
 fn dashboard_config(server: &Server, tls: Option<ClientTls>) -> muster::Config {

@@ -13,6 +13,7 @@ mod client_tls;
 mod common;
 mod dashboard;
 mod demo;
+mod dns;
 mod ops;
 mod register;
 mod seed;
