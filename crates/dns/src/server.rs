@@ -144,8 +144,10 @@ pub(crate) async fn serve_udp(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
             Ok(got) => got,
             Err(e) => {
                 // ICMP errors of earlier sends (ECONNREFUSED) and the like
-                // are the peer's problem, not the socket's.
+                // are the peer's problem, not the socket's; a pause keeps
+                // an error that repeats from spinning a core.
                 tracing::debug!(error = %e, "UDP receive error");
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
         };
