@@ -1,6 +1,7 @@
 //! `muster dns`: a DNS server in front of any etcd cluster (or muster's
 //! embedded registry) answering, with Consul's names, from the services
-//! under `--prefix` (see `muster-dns` for the names and answers).
+//! under `--prefix` in `--layout`, and those of every `--also` (see
+//! `muster-dns` for the names and answers).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -62,7 +63,7 @@ impl DnsArgs {
 pub async fn run(global: &GlobalArgs, args: DnsArgs) -> anyhow::Result<()> {
     let signal = crate::global::shutdown_signal()?;
     let etcd = global.connect()?;
-    let catalog = Catalog::follow(etcd, &global.prefix)
+    let catalog = Catalog::follow_sources(etcd, global.sources())
         .await
         .with_context(|| format!("cannot read the registry at {}", global.endpoints.join(",")))?;
     let server = DnsServer::start(catalog, args.config()).await?;
@@ -83,7 +84,12 @@ pub async fn run(global: &GlobalArgs, args: DnsArgs) -> anyhow::Result<()> {
         dns = %addr,
         metrics = metrics_url.as_deref().unwrap_or("off"),
         endpoints = %global.endpoints.join(","),
-        prefix = %global.prefix,
+        sources = %global
+            .sources()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         "muster dns ready on {addr}; try: dig @{} -p {} <service>.service.{} SRV",
         addr.ip(),
         addr.port(),

@@ -113,9 +113,10 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_require_token: bool,
     /// Also answer DNS on this address (UDP and TCP), with Consul's names,
-    /// from the registry's own catalog of the services under --prefix: the
-    /// same server as `muster dns`. It reads every service whatever the
-    /// registry's users and roles. Its metrics join /metrics.
+    /// from the registry's own catalog of the services under --prefix (and
+    /// every --also): the same server as `muster dns`. It reads every
+    /// service whatever the registry's users and roles. Its metrics join
+    /// /metrics.
     #[arg(long, value_name = "ADDR", help_heading = "DNS")]
     dns_listen: Option<SocketAddr>,
     /// The domain --dns-listen answers for.
@@ -264,7 +265,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             let config = muster_dns::DnsConfig::new(listen)
                 .with_domain(args.dns_domain.clone())
                 .with_ttl(args.dns_ttl);
-            Some(start_dns(&server, args.dashboard_tls(), &global.prefix, config).await?)
+            Some(start_dns(&server, args.dashboard_tls(), global.sources(), config).await?)
         }
         None => None,
     };
@@ -393,17 +394,17 @@ async fn start_dashboard(
     Ok(Dashboard::start(etcd, prefix).await?)
 }
 
-/// The DNS server of `--dns-listen`, following the services under
-/// `prefix` in our own registry as the dashboard does (internal token: it
-/// works with auth on).
+/// The DNS server of `--dns-listen`, following `sources` in our own
+/// registry as the dashboard does (internal token: it works with auth
+/// on).
 async fn start_dns(
     server: &Server,
     tls: Option<ClientTls>,
-    prefix: &str,
+    sources: Vec<muster::Source>,
     config: muster_dns::DnsConfig,
 ) -> anyhow::Result<muster_dns::DnsServer> {
     let etcd = muster::Etcd::connect(dashboard_config(server, tls))?;
-    let catalog = muster::Catalog::follow(etcd, prefix)
+    let catalog = muster::Catalog::follow_sources(etcd, sources)
         .await
         .context("cannot follow the registry's own catalog for DNS")?;
     Ok(muster_dns::DnsServer::start(catalog, config).await?)

@@ -227,7 +227,8 @@ pub struct DnsServer {
 
 impl DnsServer {
     /// Binds UDP and TCP on [`DnsConfig::listen`] and answers from
-    /// `catalog` (however it was built: any prefix, any key layout).
+    /// `catalog` (however it was built: any prefix, any key layout, several
+    /// sources).
     pub async fn start(catalog: Catalog, config: DnsConfig) -> Result<DnsServer, Error> {
         let domain = config.domain_name()?;
         if config.max_tcp_connections == 0 || config.udp_tasks == 0 {
@@ -259,10 +260,16 @@ impl DnsServer {
             },
         )));
         tasks.push(tokio::spawn(server::watchdog(shared.clone())));
+        let sources: Vec<String> = shared
+            .catalog
+            .sources()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         tracing::info!(
             %addr,
             domain = %shared.responder.domain(),
-            prefix = %shared.catalog.prefix(),
+            sources = %sources.join(","),
             "DNS server ready (UDP and TCP)"
         );
         Ok(DnsServer {

@@ -13,6 +13,7 @@ on_both!(
     consul_names_and_filters,
     large_answers_are_cut_over_udp_and_whole_over_tcp,
     answers_follow_registrations,
+    a_mixed_fleet_answers_under_one_name,
 );
 
 /// Documentation addresses (RFC 5737, RFC 3849): answered, never dialed.
@@ -354,4 +355,55 @@ async fn answers_follow_registrations(registry: Box<dyn Registry>) {
     })
     .await;
     registrar.shutdown().await.expect("shutdown");
+}
+
+/// The server answers from whatever catalog it is given: here one over
+/// muster's layout and kratos's, a service registered by both libraries
+/// answering as one name.
+async fn a_mixed_fleet_answers_under_one_name(registry: Box<dyn Registry>) {
+    use muster::{LayoutKind, Source};
+    let etcd = client(&*registry);
+    let kratos = Source::new(LayoutKind::Kratos);
+    let catalog = muster::Catalog::follow_sources(
+        etcd.clone(),
+        vec![Source::new(LayoutKind::Muster), kratos.clone()],
+    )
+    .await
+    .expect("catalog");
+    let server = muster_dns::DnsServer::start(
+        catalog,
+        muster_dns::DnsConfig::new(([127, 0, 0, 1], 0).into()),
+    )
+    .await
+    .expect("dns server");
+    put_instance(&etcd, &Instance::new("user", "u-1", "192.0.2.1:8080")).await;
+    let go = Instance::new("user", "k-1", "http://192.0.2.2:8000");
+    etcd.put(muster_proto::PutRequest {
+        key: kratos.key("user", "k-1").into_bytes(),
+        value: LayoutKind::Kratos
+            .layout()
+            .encode(&go, None)
+            .expect("kratos value"),
+        ..Default::default()
+    })
+    .await
+    .expect("put");
+    // (A catalog over several sources applies each part on its own: the
+    // answer is awaited, not the revision.)
+    let addr = server.local_addr();
+    eventually("both libraries' instances are answered", || async {
+        a_now(addr, "user.service.muster.").await == ["192.0.2.1", "192.0.2.2"]
+    })
+    .await;
+    let srv = tcp(addr, &query("user.service.muster.", RecordType::SRV, None)).await;
+    let mut ports: Vec<u16> = srv
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::SRV(s) => Some(s.port),
+            _ => None,
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [8000, 8080]);
 }

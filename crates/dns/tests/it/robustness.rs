@@ -56,8 +56,19 @@ async fn malformed_packets_change_nothing(registry: Box<dyn Registry>) {
     }
     // A valid query that claims more than it holds, and one that is
     // only a header.
+    // (Datagrams past the socket's buffer are the kernel's to drop while
+    // the flood is worked off: asked until answered.)
     let header_only = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    let formerr = udp_raw(addr, &header_only).await.expect("an answer");
+    let start = std::time::Instant::now();
+    let formerr = loop {
+        if let Some(answer) = udp_raw(addr, &header_only).await {
+            break answer;
+        }
+        assert!(
+            start.elapsed() < muster_testkit::DEADLINE,
+            "a query that is only a header is never answered"
+        );
+    };
     assert_eq!(formerr[..2], [0x12, 0x34], "same id");
     assert_eq!(formerr[3] & 0x0f, 1, "FORMERR");
     still_answers(addr).await;
