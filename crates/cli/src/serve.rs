@@ -217,7 +217,7 @@ fn parse_window(s: &str) -> Option<Duration> {
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully. The global
-/// `--prefix` is the one the dashboard shows.
+/// `--layout`, `--prefix` and `--also` are what the dashboard and DNS show.
 pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can announce readiness: a SIGTERM right after the
     // ready line must shut down gracefully, not kill the process.
@@ -299,7 +299,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         );
     // The dashboard (/, /api/...) next to /metrics and /health, through a
     // client of our own registry like any other.
-    let dashboard = match start_dashboard(&server, args.dashboard_tls(), global.prefix()).await {
+    let dashboard = match start_dashboard(&server, args.dashboard_tls(), global.sources()).await {
         Ok(dashboard) => {
             // Logins when auth is on, asked of our own server: no probe.
             let core = server.core().clone();
@@ -388,10 +388,11 @@ fn metrics_refused() -> axum::response::Response {
 async fn start_dashboard(
     server: &Server,
     tls: Option<ClientTls>,
-    prefix: &str,
+    sources: Vec<muster::Source>,
 ) -> anyhow::Result<Dashboard> {
     let etcd = muster::Etcd::connect(dashboard_config(server, tls))?;
-    Ok(Dashboard::start(etcd, prefix).await?)
+    let catalog = muster::Catalog::follow_sources(etcd.clone(), sources).await?;
+    Ok(Dashboard::with_catalog(etcd, catalog))
 }
 
 /// The DNS server of `--dns-listen`, following `sources` in our own
