@@ -103,11 +103,14 @@ impl Shared {
     pub(crate) fn render_metrics(&self) -> String {
         let health = self.catalog.health();
         let index = self.index();
-        self.metrics.render(CatalogFacts {
+        let mut out = self.metrics.render(CatalogFacts {
             stale_secs: health.stale_for.map_or(0.0, |d| d.as_secs_f64()),
             revision: health.revision,
             counts: index.counts,
-        })
+        });
+        // The catalog's entries skipped because their layout could not read them.
+        muster::layout::render_metrics(&mut out);
+        out
     }
 }
 
