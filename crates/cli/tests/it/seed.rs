@@ -111,22 +111,16 @@ fn get(port: u16) -> Result<String, String> {
     Ok(body.trim().to_string())
 }
 
-fn user_service_behind_the_gateway(backend: &Backend) {
-    let endpoint = backend.endpoint();
-    let mut a = start_instance(&endpoint, "user-a");
-    let _b = start_instance(&endpoint, "user-b");
-
+/// `muster gateway` routing `/` to `user` on a free port (with `extra`
+/// flags), once it answers /healthz; and its port.
+fn start_gateway(backend: &Backend, extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
-    let mut gateway = Proc(
+    let listen = format!("127.0.0.1:{port}");
+    let gateway = Proc(
         backend
             .muster()
-            .args([
-                "gateway",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--route",
-                "/=user",
-            ])
+            .args(["gateway", "--listen", &listen, "--route", "/=user"])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -135,6 +129,15 @@ fn user_service_behind_the_gateway(backend: &Backend) {
     wait_for("the gateway answers /healthz", || {
         http_get(port, "/healthz").filter(|r| r.starts_with("HTTP/1.1 200"))
     });
+    (gateway, port)
+}
+
+fn user_service_behind_the_gateway(backend: &Backend) {
+    let endpoint = backend.endpoint();
+    let mut a = start_instance(&endpoint, "user-a");
+    let _b = start_instance(&endpoint, "user-b");
+
+    let (mut gateway, port) = start_gateway(backend, &[]);
 
     // Traffic reaches both instances.
     let mut seen = BTreeSet::new();
@@ -238,24 +241,7 @@ fn a_gateway_route_over_a_mixed_fleet(backend: &Backend) {
             .spawn()
             .expect("muster register starts"),
     );
-    let port = free_port();
-    let mut gateway = Proc(
-        backend
-            .muster()
-            .args([
-                "gateway",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--route",
-                "/=user",
-                "--also",
-                "kratos",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("muster gateway starts"),
-    );
+    let (mut gateway, port) = start_gateway(backend, &["--also", "kratos"]);
     let mut seen = BTreeSet::new();
     wait_for("both layouts' instances answer through one route", || {
         if let Ok(body) = get(port) {
