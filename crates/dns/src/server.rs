@@ -108,8 +108,8 @@ impl Shared {
             revision: health.revision,
             counts: index.counts,
         });
-        // The catalog's entries skipped because their layout could not read them.
-        muster::layout::render_metrics(&mut out);
+        // How fast the catalog applies changes; entries it skipped.
+        self.catalog.render_metrics(&mut out);
         out
     }
 }

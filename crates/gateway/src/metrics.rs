@@ -387,8 +387,6 @@ impl Metrics {
                 );
             }
         }
-        // Entries discovery skipped because their layout could not read them.
-        muster::layout::render_metrics(&mut out);
         out
     }
 }

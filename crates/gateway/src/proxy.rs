@@ -68,7 +68,10 @@ impl Proxy {
 
     /// The Prometheus text.
     pub(crate) fn render_metrics(&self) -> String {
-        self.metrics.render(&self.upstreams.reports())
+        let mut out = self.metrics.render(&self.upstreams.reports());
+        // How fast discovery applies changes, per routed service.
+        self.upstreams.discovery().render_metrics(&mut out);
+        out
     }
 
     /// Answers the admin listener: health and metrics only.

@@ -25,6 +25,11 @@ pub(crate) struct Upstreams {
 }
 
 impl Upstreams {
+    /// The discovery the services are followed through.
+    pub(crate) fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
     pub(crate) fn new(discovery: Discovery, health: HealthConfig, metrics: Arc<Metrics>) -> Self {
         Upstreams {
             discovery,

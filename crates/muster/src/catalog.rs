@@ -13,11 +13,11 @@
 //! the instance was draining first: a graceful exit) or `expired` (the lease
 //! is gone: the process stopped renewing it).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use muster_proto as pb;
@@ -29,6 +29,7 @@ use crate::error::Result;
 use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance, Status};
 use crate::layout::{LayoutKind, Source};
+use crate::metrics::{ApplyStats, ServiceFigures};
 
 /// How many events [`Catalog::recent`] keeps.
 pub const RECENT_EVENTS: usize = 512;
@@ -189,6 +190,10 @@ struct Shared {
     updates: broadcast::Sender<CatalogUpdate>,
     recent: Mutex<VecDeque<CatalogEvent>>,
     malformed: AtomicU64,
+    /// Per service: watch response received to catalog visible.
+    apply_stats: Mutex<BTreeMap<String, Arc<ApplyStats>>>,
+    /// For the newest revision seen (the lag gauge).
+    etcd: Etcd,
     tasks: Vec<FollowTask>,
 }
 
@@ -296,6 +301,8 @@ impl Catalog {
             updates,
             recent: Mutex::new(VecDeque::new()),
             malformed: AtomicU64::new(0),
+            apply_stats: Mutex::new(BTreeMap::new()),
+            etcd: etcd.clone(),
             tasks: (0..n).map(|_| FollowTask::default()).collect(),
         });
         for (part, (revision, kvs)) in shared.parts.iter().zip(listed) {
@@ -350,6 +357,33 @@ impl Catalog {
     pub fn recent(&self) -> Vec<CatalogEvent> {
         let recent = self.shared.recent.lock().expect("recent lock");
         recent.iter().cloned().collect()
+    }
+
+    /// How long changes of `service` took from arriving to being visible
+    /// in the catalog; `None` before its first change.
+    pub fn apply_stats(&self, service: &str) -> Option<Arc<ApplyStats>> {
+        let stats = self.shared.apply_stats.lock().expect("stats lock");
+        stats.get(service).cloned()
+    }
+
+    /// The Prometheus text of the catalog's figures ([`crate::metrics`]):
+    /// apply latency and revision lag per service, and the layouts'
+    /// malformed counters.
+    pub fn render_metrics(&self, out: &mut String) {
+        let stats: Vec<(String, Arc<ApplyStats>)> = {
+            let stats = self.shared.apply_stats.lock().expect("stats lock");
+            stats.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let lag = self.shared.etcd.latest_watch_revision() - self.snapshot().revision();
+        let figures: Vec<ServiceFigures<'_>> = stats
+            .iter()
+            .map(|(service, apply)| ServiceFigures {
+                service,
+                apply,
+                lag,
+            })
+            .collect();
+        crate::metrics::render(out, &figures);
     }
 
     /// How current the catalog is.
@@ -538,7 +572,14 @@ impl Shared {
         self.publish(new, if first { Vec::new() } else { events });
     }
 
-    async fn apply_events(&self, part: usize, revision: i64, batch: Vec<pb::Event>, etcd: &Etcd) {
+    async fn apply_events(
+        &self,
+        part: usize,
+        revision: i64,
+        batch: Vec<pb::Event>,
+        received: Instant,
+        etcd: &Etcd,
+    ) {
         let mut parts = self.apply.lock().await;
         let source = &self.parts[part].source;
         let current = self.snapshot.load_full();
@@ -608,7 +649,13 @@ impl Shared {
         }
         next.revision = revision.max(last);
         self.classify(etcd, &mut events, removals).await;
+        let touched: BTreeSet<String> = events.iter().map(|e| e.service.clone()).collect();
         self.publish(next, events);
+        let took = received.elapsed();
+        let mut stats = self.apply_stats.lock().expect("stats lock");
+        for service in touched {
+            stats.entry(service).or_default().observe(took);
+        }
     }
 
     /// Tells expired instances from deregistered ones: a removal whose lease
@@ -709,10 +756,16 @@ impl Follower for Part {
         }
     }
 
-    async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, etcd: &Etcd) {
+    async fn apply_events(
+        &self,
+        revision: i64,
+        events: Vec<pb::Event>,
+        received: Instant,
+        etcd: &Etcd,
+    ) {
         if let Some(shared) = self.shared.upgrade() {
             shared
-                .apply_events(self.index, revision, events, etcd)
+                .apply_events(self.index, revision, events, received, etcd)
                 .await;
         }
     }

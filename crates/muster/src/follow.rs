@@ -36,11 +36,12 @@ pub(crate) trait Follower: Send + Sync + 'static {
         kvs: Vec<pb::KeyValue>,
         etcd: &Etcd,
     ) -> impl Future<Output = ()> + Send;
-    /// One watch batch.
+    /// One watch batch, which reached this process at `received`.
     fn apply_events(
         &self,
         revision: i64,
         events: Vec<pb::Event>,
+        received: Instant,
         etcd: &Etcd,
     ) -> impl Future<Output = ()> + Send;
     /// Every change up to `revision` has been delivered.
@@ -224,9 +225,13 @@ pub(crate) async fn follow<T: Follower>(
         while let Some(event) = watcher.next().await {
             let Some(owner) = weak.upgrade() else { return };
             match event {
-                WatchEvent::Events { revision, events } => {
+                WatchEvent::Events {
+                    revision,
+                    events,
+                    received,
+                } => {
                     denials = 0;
-                    owner.apply_events(revision, events, &etcd).await;
+                    owner.apply_events(revision, events, received, &etcd).await;
                     owner.staleness().fresh();
                 }
                 WatchEvent::Progress { revision } => {

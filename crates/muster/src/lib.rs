@@ -14,6 +14,7 @@ mod follow;
 pub mod grpc;
 pub mod instance;
 pub mod layout;
+pub mod metrics;
 pub mod registrar;
 
 pub use catalog::{Catalog, CatalogSnapshot};

@@ -64,6 +64,13 @@ async fn traffic_spreads_across_instances(registry: Box<dyn Registry>) {
         text.contains("muster_gateway_discovery_stale_seconds{service=\"web\"} 0"),
         "{text}"
     );
+    // Discovery's own figures for the routed service.
+    assert!(
+        text.contains("muster_discovery_apply_seconds_bucket{service=\"web\",le=\"+Inf\"}"),
+        "{text}"
+    );
+    assert!(text.contains("muster_discovery_revision_lag{service=\"web\"}"));
+    assert!(text.contains("muster_discovery_malformed_total{layout=\"kratos\"} "));
     // The admin listener serves metrics and health, and nothing else.
     let admin = gw.admin_addr().unwrap();
     let a = get(&client, admin, "/metrics").await;

@@ -911,6 +911,17 @@ impl Etcd {
         self.inner.authentications.load(Ordering::Relaxed)
     }
 
+    /// The newest registry revision seen in a watch response on this
+    /// handle's stream (0 before the first). Tables that follow a prefix
+    /// are current when their revision reaches it: progress notifications
+    /// move idle ones forward.
+    pub fn latest_watch_revision(&self) -> i64 {
+        self.inner
+            .watch_hub
+            .get()
+            .map_or(0, watch::Hub::latest_revision)
+    }
+
     /// Number of gRPC watch streams this handle has opened so far (one at a
     /// time; reconnects count again). For tests and metrics.
     pub fn watch_streams_opened(&self) -> u64 {

@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use muster_proto as pb;
@@ -107,6 +107,9 @@ pub enum WatchEvent {
         revision: i64,
         /// The events.
         events: Vec<pb::Event>,
+        /// When the response reached this process (what
+        /// `muster_discovery_apply_seconds` measures from).
+        received: Instant,
     },
     /// Every change up to `revision` has been delivered.
     Progress {
@@ -253,6 +256,7 @@ pub(crate) struct Hub {
     cmd: mpsc::UnboundedSender<Cmd>,
     connection: watch::Receiver<Connection>,
     opened: Arc<AtomicU64>,
+    latest: Arc<AtomicI64>,
 }
 
 impl Hub {
@@ -260,7 +264,9 @@ impl Hub {
         let (cmd, cmd_rx) = mpsc::unbounded_channel();
         let (conn_tx, connection) = watch::channel(Connection::Idle);
         let opened = Arc::new(AtomicU64::new(0));
+        let latest = Arc::new(AtomicI64::new(0));
         let task = Task {
+            latest: latest.clone(),
             user: etcd.user(),
             etcd: Arc::downgrade(&etcd.inner),
             cmd_rx,
@@ -280,6 +286,7 @@ impl Hub {
             cmd,
             connection,
             opened,
+            latest,
         }
     }
 
@@ -301,6 +308,10 @@ impl Hub {
     pub(crate) fn streams_opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn latest_revision(&self) -> i64 {
+        self.latest.load(Ordering::Relaxed)
+    }
 }
 
 struct Sub {
@@ -319,6 +330,8 @@ struct Sub {
 }
 
 struct Task {
+    /// The newest header revision seen on any stream.
+    latest: Arc<AtomicI64>,
     etcd: std::sync::Weak<Inner>,
     /// The configured user (`None`: no credentials).
     user: Option<String>,
@@ -588,7 +601,9 @@ impl Task {
         resp: pb::WatchResponse,
         outgoing: &mut Vec<pb::WatchRequest>,
     ) -> Option<StreamEnd> {
+        let received = Instant::now();
         let revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        self.latest.fetch_max(revision, Ordering::Relaxed);
         // The watch a create answer is for: creates are answered in order,
         // and a refused one says -1.
         let watch_id = if resp.created {
@@ -678,6 +693,7 @@ impl Task {
         match sub.tx.try_send(WatchEvent::Events {
             revision,
             events: resp.events,
+            received,
         }) {
             Ok(()) => sub.next_rev = sub.next_rev.max(last + 1),
             Err(mpsc::error::TrySendError::Full(_)) => {

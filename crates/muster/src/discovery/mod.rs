@@ -22,7 +22,7 @@ mod snapshot;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use muster_proto as pb;
@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::follow::{FollowConfig, FollowTask, Follower, Staleness, follow, list, next_update};
 use crate::instance::{self, Instance};
 use crate::layout::{LayoutKind, Source};
+use crate::metrics::{ApplyStats, ServiceFigures};
 
 /// How discovery behaves.
 #[derive(Debug, Clone)]
@@ -193,6 +194,7 @@ impl Discovery {
             version,
             changes,
             malformed: AtomicU64::new(0),
+            apply: ApplyStats::default(),
             tasks: sources.iter().map(|_| FollowTask::default()).collect(),
         });
         for (part, (revision, kvs)) in shared.parts.iter().zip(listed) {
@@ -209,6 +211,27 @@ impl Discovery {
         services.insert(name.to_string(), Arc::downgrade(&shared));
         services.retain(|_, w| w.strong_count() > 0);
         Ok(Service { shared })
+    }
+
+    /// The Prometheus text of every service followed through this
+    /// discovery ([`crate::metrics`]): apply latency and revision lag per
+    /// service, and the layouts' malformed counters.
+    pub fn render_metrics(&self, out: &mut String) {
+        let services: Vec<Arc<Shared>> = {
+            let services = self.inner.services.lock().expect("services lock");
+            services.values().filter_map(Weak::upgrade).collect()
+        };
+        let latest = self.inner.etcd.latest_watch_revision();
+        let mut figures: Vec<ServiceFigures<'_>> = services
+            .iter()
+            .map(|s| ServiceFigures {
+                service: &s.name,
+                apply: &s.apply,
+                lag: latest - s.snapshot.load().revision(),
+            })
+            .collect();
+        figures.sort_by(|a, b| a.service.cmp(b.service));
+        crate::metrics::render(out, &figures);
     }
 
     fn existing(&self, name: &str) -> Option<Arc<Shared>> {
@@ -270,6 +293,8 @@ struct Shared {
     version: watch::Sender<u64>,
     changes: broadcast::Sender<Update>,
     malformed: AtomicU64,
+    /// Watch response received to snapshot visible.
+    apply: ApplyStats,
     tasks: Vec<FollowTask>,
 }
 
@@ -296,6 +321,11 @@ impl Service {
     /// The current instances (serving and draining).
     pub fn instances(&self) -> Vec<Arc<Instance>> {
         self.shared.snapshot.load().instances().to_vec()
+    }
+
+    /// How long changes took from arriving to being visible in the table.
+    pub fn apply_stats(&self) -> &ApplyStats {
+        &self.shared.apply
     }
 
     /// How current the table is.
@@ -576,9 +606,16 @@ impl Follower for Part {
         }
     }
 
-    async fn apply_events(&self, revision: i64, events: Vec<pb::Event>, _: &Etcd) {
+    async fn apply_events(
+        &self,
+        revision: i64,
+        events: Vec<pb::Event>,
+        received: Instant,
+        _: &Etcd,
+    ) {
         if let Some(shared) = self.shared.upgrade() {
             shared.apply_events(self.index, revision, events);
+            shared.apply.observe(received.elapsed());
         }
     }
 

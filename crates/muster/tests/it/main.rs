@@ -15,6 +15,7 @@ mod examples;
 mod go_naming;
 mod grpc;
 mod layouts;
+mod metrics;
 mod registry;
 mod tls;
 mod watch;
