@@ -178,6 +178,12 @@
     for (const [lease, left] of Object.entries(msg.leases || {})) {
       state.leases.set(lease, { left: left, at: now });
     }
+    // Propagation to this dashboard, per service (watch event to table).
+    const apply = msg.apply || {};
+    for (const card of document.querySelectorAll("article.service")) {
+      showApply(card.querySelector(".badge-apply"), apply[card.dataset.service]);
+    }
+    state.apply = apply;
     tick();
   }
 
@@ -284,6 +290,21 @@
     return li;
   }
 
+  function showApply(node, a) {
+    if (!node) return;
+    if (!a) {
+      node.textContent = "";
+      node.hidden = true;
+      return;
+    }
+    node.hidden = false;
+    const ms = a.p99_ms < 0.1 ? a.p99_ms.toFixed(3) : a.p99_ms < 10 ? a.p99_ms.toFixed(2) : a.p99_ms.toFixed(0);
+    node.textContent = "p99 " + ms + " ms";
+    node.title =
+      "Propagation to this dashboard: watch event received to table updated, p99 over " +
+      a.count + (a.count === 1 ? " change" : " changes");
+  }
+
   function setBadge(node, n, word) {
     node.textContent = n + " " + word;
     node.classList.toggle("zero", n === 0);
@@ -342,6 +363,7 @@
       for (const i of visible) i.status === "serving" ? serving++ : draining++;
       setBadge(card.querySelector(".badge-serving"), nServing, "serving");
       setBadge(card.querySelector(".badge-draining"), nDraining, "draining");
+      showApply(card.querySelector(".badge-apply"), (state.apply || {})[name]);
 
       const tbody = card.querySelector("tbody");
       for (const inst of visible) tbody.appendChild(instanceRow(inst));

@@ -122,6 +122,40 @@ pub(crate) fn services_json<'a>(
         .collect()
 }
 
+/// How fast one service's changes reach the dashboard's table.
+#[derive(Debug, Serialize)]
+pub(crate) struct ApplyJson {
+    /// p99 of watch response received to visible, in milliseconds.
+    p99_ms: f64,
+    /// Changes measured.
+    count: u64,
+}
+
+/// [`ApplyJson`] of every service `visible` shows that changed since the
+/// dashboard started.
+pub(crate) fn apply_of(
+    dashboard: &crate::Dashboard,
+    snapshot: &CatalogSnapshot,
+    visible: &Visible,
+) -> BTreeMap<String, ApplyJson> {
+    snapshot
+        .services()
+        .keys()
+        .filter(|name| visible.shows(name))
+        .filter_map(|name| {
+            let stats = dashboard.catalog().apply_stats(name)?;
+            let p99 = stats.quantile(0.99)?;
+            Some((
+                name.clone(),
+                ApplyJson {
+                    p99_ms: p99.as_secs_f64() * 1e3,
+                    count: stats.count(),
+                },
+            ))
+        })
+        .collect()
+}
+
 /// Every lease of the services `visible` shows.
 pub(crate) fn leases_of<'a>(
     snapshot: &'a CatalogSnapshot,

@@ -88,6 +88,10 @@ struct Removed<'a> {
 struct LeasesMessage {
     now_ms: u64,
     leases: BTreeMap<String, Option<u64>>,
+    /// Per shown service: how fast its changes reached this dashboard's
+    /// table (watch response received to visible), p99 over every change
+    /// so far.
+    apply: BTreeMap<String, api::ApplyJson>,
 }
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
@@ -176,7 +180,8 @@ async fn feed(dashboard: Dashboard, viewer: Viewer, tx: Tx) {
                     lease_read = Some(AbortOnDrop(tokio::spawn(async move {
                         let snapshot = dashboard.catalog().snapshot();
                         let leases = dashboard.lease_left(api::leases_of(&snapshot, &visible)).await;
-                        send(&tx, leases_event(&leases)).await;
+                        let apply = api::apply_of(&dashboard, &snapshot, &visible);
+                        send(&tx, leases_event(&leases, apply)).await;
                     })));
                 }
                 sent
@@ -289,7 +294,10 @@ fn changes_event(
     (json_event("changes", &message), unknown_lease)
 }
 
-fn leases_event(leases: &HashMap<i64, Option<Duration>>) -> Event {
+fn leases_event(
+    leases: &HashMap<i64, Option<Duration>>,
+    apply: BTreeMap<String, api::ApplyJson>,
+) -> Event {
     let message = LeasesMessage {
         now_ms: api::millis(SystemTime::now()),
         leases: leases
@@ -301,6 +309,7 @@ fn leases_event(leases: &HashMap<i64, Option<Duration>>) -> Event {
                 ))
             })
             .collect(),
+        apply,
     };
     json_event("leases", &message)
 }

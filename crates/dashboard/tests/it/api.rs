@@ -153,6 +153,16 @@ async fn event_stream_delivers_registrations_and_removals(registry: Box<dyn Regi
         .as_u64()
         .expect("a live lease");
     assert!(left > 0 && left <= 5_000, "lease left {left} ms");
+    // And how fast the registration reached the dashboard's table.
+    let apply = stream
+        .until("propagation figures", |e| {
+            e.event == "leases" && e.data["apply"].get("user").is_some()
+        })
+        .await;
+    let user_apply = &apply.data["apply"]["user"];
+    assert!(user_apply["count"].as_u64().unwrap() >= 1, "{user_apply}");
+    let p99 = user_apply["p99_ms"].as_f64().unwrap();
+    assert!(p99 > 0.0 && p99 <= 1_000.0, "p99 {p99} ms");
 
     registrar.deregister("user", "user-7").await.unwrap();
     let changes = stream
