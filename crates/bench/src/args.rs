@@ -18,6 +18,8 @@ Examples:
   muster bench put --clients 64 --duration 10s
   muster bench --endpoints 127.0.0.1:2379 range --keys 100000 -o json
   muster bench watch --watchers 1000 --puts 200 --put-interval 20ms
+  muster bench propagation --callers 1,10,100,1000 --rounds 200 --load-clients 8
+  muster bench propagation --callers 1000 --caller-processes 4 --callers-per-connection 10
   muster bench keepalive --leases 1000 --clients 64 --rate 0
   muster bench populate --keys 100000 --key-size 32 --value-size 256
   muster bench ready --ready-timeout 30s
@@ -80,6 +82,38 @@ pub struct BenchArgs {
     /// watch: pause between the starts of two puts.
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     pub(crate) put_interval: Duration,
+    /// propagation: watching callers, each following one service with its
+    /// own discovery (its own connection and watch stream unless
+    /// `--callers-per-connection` says otherwise); a comma-separated list
+    /// runs one row per value.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "100",
+        value_parser = clap::value_parser!(u32).range(1..=100_000),
+        help_heading = "propagation"
+    )]
+    pub(crate) callers: Vec<u32>,
+    /// propagation: callers sharing one connection (one `Etcd` handle, one
+    /// watch stream), each still with its own discovery and watch.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), help_heading = "propagation")]
+    pub(crate) callers_per_connection: u32,
+    /// propagation: host the callers in this many child processes (this
+    /// program run again) instead of this one; 0: in this process.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256), help_heading = "propagation")]
+    pub(crate) caller_processes: u32,
+    /// propagation: registrations, each followed by its deregistration, one
+    /// change at a time (after a warm-up pair that is not counted).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..), help_heading = "propagation")]
+    pub(crate) rounds: u32,
+    /// propagation: clients putting random keys of the keyspace meanwhile
+    /// (closed loop, over `--conns` connections).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000), help_heading = "propagation")]
+    pub(crate) load_clients: u32,
+    /// propagation, internal: run as a caller process of a parent bench
+    /// (`SERVICE,CALLERS,FIRST`).
+    #[arg(long, hide = true)]
+    pub(crate) caller_child: Option<String>,
     /// ready: give up after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) ready_timeout: Duration,
@@ -133,6 +167,9 @@ pub enum Workload {
     Keepalive,
     /// Watchers on one key, then paced puts: put-to-watcher latency.
     Watch,
+    /// Callers following one service, then registrations and
+    /// deregistrations: registrar's ack to every caller's table.
+    Propagation,
     /// Writes the whole keyspace once, in transactions of up to 128 puts.
     Populate,
     /// Waits for the first successful Range (for restart measurements).
@@ -180,6 +217,9 @@ pub(crate) struct Plan<'a> {
     pub(crate) tls: Option<muster_tls::TlsConnector>,
     /// Who to log in as, on servers with auth enabled.
     pub(crate) credentials: Option<Credentials>,
+    /// The TLS settings, for workloads that connect with the library
+    /// (`propagation`); `None`: the system's roots for `https://`.
+    pub(crate) client_tls: Option<muster_tls::ClientTls>,
     /// How many times the run logged in again (a token was refused).
     pub(crate) relogins: Arc<AtomicU64>,
 }
@@ -197,6 +237,7 @@ impl<'a> Plan<'a> {
             seed: Seed::given_or_clock(args.seed),
             tls: None,
             credentials: None,
+            client_tls: None,
             relogins: Arc::default(),
         })
     }

@@ -78,6 +78,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut plan = Plan::new(args, endpoints)?;
     plan.credentials = credentials.cloned();
+    plan.client_tls = tls.cloned();
     if endpoints.iter().any(|e| e.starts_with("https://")) {
         let connector = tls
             .cloned()
@@ -96,11 +97,12 @@ pub async fn run(
         Workload::Populate => finish(populate::run(&plan).await?, &plan, format, out),
         Workload::Ready => finish(ready::run(&plan).await?, &plan, format, out),
         Workload::Dns => finish(dns::run(&plan).await?, &plan, format, out),
+        Workload::Propagation => propagation::run(&plan, format, out).await,
     }
 }
 
 /// Writes `report`, with how many times the run logged in again.
-fn finish<F: serde::Serialize>(
+pub(crate) fn finish<F: serde::Serialize>(
     mut report: report::Report<F>,
     plan: &Plan<'_>,
     format: Format,

@@ -79,7 +79,7 @@ enum Command {
     Dns(dns::DnsArgs),
     /// See it work: a registry, three instances and a gateway, with traffic.
     Demo(demo::DemoArgs),
-    /// Load-test any etcd v3 endpoint (put, range, txn, keepalive, watch, populate) or a DNS server (dns).
+    /// Load-test any etcd v3 endpoint (put, range, txn, keepalive, watch, propagation, populate) or a DNS server (dns).
     Bench(bench::BenchArgs),
     /// Write a CA, a server and a client certificate for first steps with TLS.
     Certs(certs::CertsArgs),
@@ -93,6 +93,9 @@ fn main() -> std::process::ExitCode {
     // drown it (RUST_LOG=info brings them back).
     let default_level = match cli.command {
         Command::Demo(_) => "error",
+        // A bench measures: the library's info lines (one per change and
+        // caller in `bench propagation`) would be part of what it times.
+        Command::Bench(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()

@@ -1,9 +1,10 @@
-//! The workloads, one module each. The propagation and robustness
-//! workloads will join them here.
+//! The workloads, one module each. The robustness workloads will join
+//! them here.
 
 pub(crate) mod dns;
 pub(crate) mod keepalive;
 pub(crate) mod populate;
+pub(crate) mod propagation;
 pub(crate) mod put;
 pub(crate) mod range;
 pub(crate) mod ready;

@@ -242,3 +242,52 @@ fn bench_logs_in_to_the_embedded_registry() {
 fn bench_logs_in_to_etcd() {
     bench_with_auth(muster_testkit::Backend::Etcd);
 }
+
+/// `bench propagation --caller-processes`: the callers live in child
+/// processes (this binary run again with the hidden `--caller-child`),
+/// each printing its sightings on the wall clock; every change reaches
+/// every caller, and a sweep writes one report per value.
+fn propagation_callers_in_child_processes(backend: &common::Backend) {
+    let out = backend.run(&[
+        "bench",
+        "propagation",
+        "--callers",
+        "2,5",
+        "--rounds",
+        "3",
+        "--caller-processes",
+        "2",
+        "-o",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (report, callers) in rows.iter().zip([2, 5]) {
+        assert_eq!(field(report, "callers"), callers, "{report}");
+        assert_eq!(field(report, "caller_processes"), 2, "{report}");
+        assert_eq!(report["clock"], "wall", "{report}");
+        assert_eq!(field(report, "expected"), callers * 6, "{report}");
+        assert_eq!(field(report, "sightings"), callers * 6, "{report}");
+        assert_eq!(
+            field(&report["last_caller_latency_ms"], "samples"),
+            6,
+            "{report}"
+        );
+        assert!(
+            report["last_caller_latency_ms"]["p99"].is_number(),
+            "{report}"
+        );
+        assert!(report.get("failure").is_none(), "{report}");
+    }
+}
+
+crate::on_both!(propagation_callers_in_child_processes);

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# How long a change takes to reach every caller: `muster bench propagation`
+# against three registries in the same run, each on free loopback ports in
+# a temporary directory:
+#
+#   - muster-mem:  `muster serve --in-memory`
+#   - muster-disk: `muster serve --data-dir DIR` (fsync before every ack)
+#   - etcd:        etcd 3.4 (Debian's /usr/bin/etcd), its defaults
+#
+# For each registry, callers placement and load, one sweep over CALLERS
+# (1, 10, 100 and 1000 callers following one service, each with its own
+# discovery, connection and watch stream), ROUNDS registrations and
+# deregistrations, one change at a time; registries alternate within each
+# (placement, load) so that drifting background load hits all alike. The
+# table shows, per row, the time from the registrar's call returning to
+# the last caller's table showing the change (p50/p99/max over changes),
+# to each caller (p50/p99 over every (caller, change) pair), and from the
+# call's start to the last caller (p99: what a change costs end to end,
+# whichever way the registry orders its reply and its watch events).
+# Everything, registries and callers, shares this machine's cores.
+#
+# Usage (from anywhere in the repository):
+#   crates/bench/scripts/bench-propagation.sh
+# Environment:
+#   CALLERS=1,10,100,1000   the sweep
+#   ROUNDS=200              registrations (each followed by its deregistration)
+#   PLACEMENTS="0 4"        callers in this process (0) and/or in N child
+#                           processes (`--caller-processes N`)
+#   LOADS="0 8"             put clients on other keys meanwhile
+#   PER_CONNECTION=1        callers sharing one connection
+#   SERVERS="muster-mem muster-disk etcd"
+#   ETCD=/usr/bin/etcd      the etcd binary (3.4+)
+#   MUSTER=/path            the muster binary (default: build
+#                           target/release/muster first)
+#   SKIP_BUILD=1            use the existing target/release/muster
+#   KEEP=1                  keep the data directories, logs and JSON reports
+# Needs: cargo, etcd, bash, sed, awk.
+set -euo pipefail
+
+CALLERS=${CALLERS:-1,10,100,1000}
+ROUNDS=${ROUNDS:-200}
+PLACEMENTS=${PLACEMENTS:-0 4}
+LOADS=${LOADS:-0 8}
+PER_CONNECTION=${PER_CONNECTION:-1}
+SERVERS=${SERVERS:-muster-mem muster-disk etcd}
+ETCD=${ETCD:-/usr/bin/etcd}
+[[ -x $ETCD ]] || ETCD=$(command -v etcd || true)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+die() {
+    echo "bench-propagation: $*" >&2
+    exit 1
+}
+log() { echo "== $*" >&2; }
+
+[[ -n $ETCD && -x $ETCD ]] || die "no etcd binary; set ETCD=/path/to/etcd (apt-get install etcd-server)"
+if [[ -z ${MUSTER:-} ]]; then
+    MUSTER=$ROOT/target/release/muster
+    if [[ -z ${SKIP_BUILD:-} ]]; then
+        log "building muster (release)"
+        (cd "$ROOT" && cargo build --release -p muster-cli) >&2
+    fi
+fi
+[[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
+# 1000 callers in one process are 1000 sockets, and as many on the server.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+WORK=$(mktemp -d /tmp/muster-propagation.XXXXXX)
+declare -A PID=()
+cleanup() {
+    for s in "${!PID[@]}"; do
+        kill -KILL "${PID[$s]}" 2>/dev/null || true
+        wait "${PID[$s]}" 2>/dev/null || true
+    done
+    if [[ -z ${KEEP:-} ]]; then
+        rm -rf "$WORK"
+    else
+        echo "bench-propagation: data, logs and reports kept in $WORK" >&2
+    fi
+}
+trap cleanup EXIT
+
+USED_PORTS=" "
+free_port() {
+    local port
+    for _ in $(seq 1 200); do
+        port=$((20000 + RANDOM % 40000))
+        [[ $USED_PORTS == *" $port "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            USED_PORTS+="$port "
+            echo "$port"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+declare -A PORT=()
+start() {
+    local s=$1 port http peer
+    port=$(free_port)
+    http=$(free_port)
+    PORT[$s]=$port
+    case $s in
+    muster-mem)
+        "$MUSTER" serve --in-memory --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$http" \
+            2>>"$WORK/$s.log" &
+        ;;
+    muster-disk)
+        "$MUSTER" serve --data-dir "$WORK/$s-data" --listen "127.0.0.1:$port" \
+            --http-listen "127.0.0.1:$http" 2>>"$WORK/$s.log" &
+        ;;
+    etcd)
+        peer=$(free_port)
+        "$ETCD" --name bench --data-dir "$WORK/etcd-data" \
+            --listen-client-urls "http://127.0.0.1:$port" \
+            --advertise-client-urls "http://127.0.0.1:$port" \
+            --listen-peer-urls "http://127.0.0.1:$peer" \
+            --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+            --initial-cluster "bench=http://127.0.0.1:$peer" >>"$WORK/etcd.log" 2>&1 &
+        ;;
+    *) die "unknown server $s (muster-mem, muster-disk, etcd)" ;;
+    esac
+    PID[$s]=$!
+    "$MUSTER" bench --endpoints "127.0.0.1:$port" ready --ready-timeout 60s >/dev/null ||
+        die "$s did not come up: $(tail -5 "$WORK/$s.log" 2>/dev/null)"
+}
+
+for s in $SERVERS; do
+    log "starting $s"
+    start "$s"
+done
+ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
+
+# The reports: one JSON line per callers value.
+for placement in $PLACEMENTS; do
+    for load in $LOADS; do
+        for s in $SERVERS; do
+            log "$s: callers $CALLERS, processes $placement, load $load, $ROUNDS rounds"
+            out=$WORK/$s.p$placement.l$load.json
+            "$MUSTER" bench --endpoints "127.0.0.1:${PORT[$s]}" -o json propagation \
+                --callers "$CALLERS" --rounds "$ROUNDS" --caller-processes "$placement" \
+                --callers-per-connection "$PER_CONNECTION" --load-clients "$load" >"$out" ||
+                echo "bench-propagation: $s (processes $placement, load $load) failed; see $out" >&2
+        done
+    done
+done
+
+# jnum LINE KEY [OBJECT]: the number under KEY (inside OBJECT) in a JSON line.
+jnum() {
+    local line=$1 key=$2 object=${3:-}
+    if [[ -n $object ]]; then
+        sed -n "s/.*\"$object\":{[^}]*\"$key\":\([-0-9.e]*\).*/\1/p" <<<"$line"
+    else
+        sed -n "s/.*\"$key\":\([-0-9.e]*\).*/\1/p" <<<"$line"
+    fi
+}
+ms() { [[ -n $1 ]] && printf '%.2f' "$1" || printf -- '-'; }
+
+echo "# muster bench propagation: $ROUNDS registrations + $ROUNDS deregistrations per row,"
+echo "# one change at a time; $(nproc) cores shared by the registry and every caller;"
+echo "# etcd $ETCD_VERSION; $PER_CONNECTION caller(s) per connection; times in ms"
+echo "# ack: the registrar's call returned; call: it started; last: the last caller per change"
+printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %s\n' \
+    server callers placement load conns "ack→last" p99 max "ack→each" p99 "call→last" "reg.call" note
+printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s |\n' \
+    "" "" "" "" "" p50 "" "" p50 "" p99 p50
+for placement in $PLACEMENTS; do
+    for load in $LOADS; do
+        for s in $SERVERS; do
+            out=$WORK/$s.p$placement.l$load.json
+            [[ -s $out ]] || continue
+            while IFS= read -r line; do
+                callers=$(jnum "$line" callers)
+                conns=$(jnum "$line" caller_connections)
+                where=in-proc
+                ((placement > 0)) && where="${placement}-procs"
+                note=""
+                failure=$(sed -n 's/.*"failure":"\([^"]*\)".*/\1/p' <<<"$line")
+                [[ -n $failure ]] && note="FAILED: $failure"
+                seen=$(jnum "$line" sightings)
+                expected=$(jnum "$line" expected)
+                [[ $seen != "$expected" ]] && note="$note $seen/$expected seen"
+                printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %s\n' \
+                    "$s" "$callers" "$where" "$load" "$conns" \
+                    "$(ms "$(jnum "$line" p50 last_caller_latency_ms)")" \
+                    "$(ms "$(jnum "$line" p99 last_caller_latency_ms)")" \
+                    "$(ms "$(jnum "$line" max last_caller_latency_ms)")" \
+                    "$(ms "$(jnum "$line" p50 each_caller_latency_ms)")" \
+                    "$(ms "$(jnum "$line" p99 each_caller_latency_ms)")" \
+                    "$(ms "$(jnum "$line" p99 last_caller_since_call_ms)")" \
+                    "$(ms "$(jnum "$line" p50 registrar_latency_ms)")" \
+                    "$note"
+            done <"$out"
+        done
+    done
+done
