@@ -277,6 +277,7 @@ impl Hub {
             pending: VecDeque::new(),
             confirmed: false,
             auth_retries: 0,
+            maybe_paused: false,
             next_sub: 0,
             next_watch: 0,
         };
@@ -348,6 +349,11 @@ struct Task {
     confirmed: bool,
     /// Token refreshes for the watch stream since a create last succeeded.
     auth_retries: u32,
+    /// Whether a watcher may be paused: only then does the stream check
+    /// for room to resume every [`RESUME_INTERVAL`] (a process with many
+    /// handles would otherwise wake each one 20 times a second for
+    /// nothing).
+    maybe_paused: bool,
     next_sub: u64,
     next_watch: i64,
 }
@@ -567,7 +573,7 @@ impl Task {
                     Ok(None) => return StreamEnd::Broken("watch stream closed by the server".into()),
                     Err(status) => return StreamEnd::Broken(Error::from_status(status).to_string()),
                 },
-                _ = resume.tick() => {
+                _ = resume.tick(), if self.maybe_paused => {
                     let ready: Vec<u64> = self
                         .subs
                         .iter()
@@ -578,6 +584,7 @@ impl Task {
                         tracing::debug!(watcher = id, "resuming a slow watcher from history");
                         outgoing.extend(self.create_request(id));
                     }
+                    self.maybe_paused = self.subs.values().any(|s| s.paused);
                 }
                 _ = progress.tick() => {
                     outgoing.push(pb::WatchRequest {
@@ -706,6 +713,7 @@ impl Task {
                 );
                 sub.next_rev = first.max(sub.next_rev);
                 sub.paused = true;
+                self.maybe_paused = true;
                 sub.created = false;
                 if let Some(w) = sub.watch_id.take() {
                     self.by_watch.remove(&w);
