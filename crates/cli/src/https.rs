@@ -69,10 +69,15 @@ impl HttpListener {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
         match self.tls {
+            // The peer's address reaches handlers (the dashboard's login
+            // throttle).
             None => {
-                axum::serve(self.tcp, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
+                axum::serve(
+                    self.tcp,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .await
             }
             Some(tls) => {
                 let _reloader = AbortOnDrop(tls.spawn_reloader());
@@ -80,9 +85,14 @@ impl HttpListener {
                     incoming: tls.incoming(self.tcp).into_inner(),
                     addr: self.addr,
                 };
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
+                // tap_io: what gives axum's connect info a listener's
+                // own address type.
+                axum::serve(
+                    axum::serve::ListenerExt::tap_io(listener, |_| {}),
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .await
             }
         }
     }

@@ -3,16 +3,17 @@
 //! How it works is told in the crate's documentation (# Logins).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, State};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use muster::Etcd;
 use serde::Deserialize;
 
@@ -48,6 +49,10 @@ pub(crate) struct Auth {
     probing: tokio::sync::Mutex<()>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     secure_cookie: AtomicBool,
+    /// Failed logins slowed down per browser address: the registry sees
+    /// every dashboard login come from the dashboard, so its own throttle
+    /// cannot tell one browser from another.
+    throttle: muster_tls::Throttle,
 }
 
 impl std::fmt::Debug for Auth {
@@ -215,7 +220,12 @@ impl Auth {
             probing: tokio::sync::Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             secure_cookie: AtomicBool::new(false),
+            throttle: muster_tls::Throttle::default(),
         }
+    }
+
+    pub(crate) fn throttle(&self) -> &muster_tls::Throttle {
+        &self.throttle
     }
 
     pub(crate) fn set_check(&self, check: AuthCheck) {
@@ -567,12 +577,17 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// `POST /api/login`.
+/// `POST /api/login`. Failed logins from one browser address slow down
+/// that address's next ones (when the router is served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`, as `muster`
+/// serves it; without the address nobody is slowed down here).
 pub(crate) async fn login(
     State(dashboard): State<Dashboard>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(addr))| addr.ip());
     // A cross-site form cannot send this content type; a cross-site fetch
     // sending it needs a CORS preflight, which is never granted.
     if !is_json(&headers) {
@@ -606,8 +621,16 @@ pub(crate) async fn login(
     if name.is_empty() {
         return error(StatusCode::UNAUTHORIZED, "a user name is required");
     }
+    let throttle = &dashboard.auth().throttle;
+    let wait = throttle.reserve(peer);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
     let token = match dashboard.inner.etcd.authenticate_as(&name, &password).await {
-        Ok(Some(token)) => token,
+        Ok(Some(token)) => {
+            throttle.succeeded(peer);
+            token
+        }
         Ok(None) => {
             *lock(&dashboard.auth().known) = Some((false, Instant::now()));
             return error(
@@ -616,6 +639,7 @@ pub(crate) async fn login(
             );
         }
         Err(muster::Error::AuthFailed(reason)) => {
+            throttle.failed(peer);
             tracing::info!(user = %name, %reason, "dashboard login refused");
             return error(StatusCode::UNAUTHORIZED, &reason);
         }

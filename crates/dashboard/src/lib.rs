@@ -206,6 +206,14 @@ impl Dashboard {
         self.inner.auth.set_secure_cookie(secure);
     }
 
+    /// The throttle of failed logins, per browser address (its counters:
+    /// failures, attempts that waited, addresses slowed down now). It sees
+    /// addresses only when the router is served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`.
+    pub fn login_throttle(&self) -> &muster_tls::Throttle {
+        self.inner.auth.throttle()
+    }
+
     /// The router serving the page and its API.
     pub fn router(&self) -> Router {
         router(self.clone())

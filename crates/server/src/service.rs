@@ -170,6 +170,8 @@ impl pb::kv_server::Kv for Services {
         &self,
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
+        // etcd resolves the token of every request it applies.
+        self.caller(&req)?;
         self.core
             .compact(req.into_inner().revision)
             .await
@@ -183,6 +185,9 @@ impl pb::lease_server::Lease for Services {
         &self,
         req: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
+        // No permission is needed (as etcd 3.4's), but a token that is
+        // sent must be valid.
+        self.caller(&req)?;
         let req = req.into_inner();
         self.core
             .lease_grant(req.id, req.ttl)
@@ -536,8 +541,8 @@ impl pb::auth_server::Auth for Services {
         &self,
         req: Request<pb::AuthStatusRequest>,
     ) -> Result<Response<pb::AuthStatusResponse>, Status> {
-        self.caller(&req)?;
-        Ok(Response::new(self.core.auth_status()))
+        let caller = self.caller(&req)?;
+        self.core.auth_status(&caller).map(Response::new)
     }
 
     async fn authenticate(

@@ -1,4 +1,6 @@
-//! TLS for every part of muster, on rustls with the ring provider.
+//! Transport security for every part of muster: TLS on rustls with the
+//! ring provider, and the login throttle of the servers that check
+//! passwords.
 //!
 //! * [`pem`]: certificates, keys and CA bundles from PEM files or memory,
 //!   with errors that name the file and say what is wrong with it.
@@ -13,6 +15,8 @@
 //!   acceptor whose certificate follows the files on disk: a rotated pair is
 //!   used for new connections, open ones keep theirs, and a broken file is
 //!   logged while the old pair stays in use.
+//! * [`throttle`]: [`Throttle`], failed logins from one peer slowed down
+//!   (the embedded registry's and the dashboard's).
 //!
 //! Every configuration is built with [`provider()`] explicitly, never from
 //! rustls's process-wide default, so no combination of cargo features
@@ -27,6 +31,7 @@ pub mod error;
 pub mod generate;
 pub mod pem;
 pub mod server;
+pub mod throttle;
 
 use std::sync::{Arc, OnceLock};
 
@@ -35,6 +40,7 @@ use rustls::crypto::CryptoProvider;
 pub use client::{ClientTls, PlainConnector, ServerSpeaksTls, TlsConnector, TlsStream};
 pub use error::Error;
 pub use pem::Pem;
+pub use throttle::Throttle;
 
 /// The subject Common Name of a DER certificate (the user name etcd takes
 /// from a client certificate under `--client-cert-auth`); `None` when the

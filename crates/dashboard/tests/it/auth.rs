@@ -183,6 +183,12 @@ async fn login_shows_only_what_the_user_may_read(registry: Box<dyn Registry>) {
     assert!(!wrong.body.contains("nope"), "the password is never echoed");
     let unknown = login(&served, "mallory", "x").await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
+    // This browser's address is slowed down now: its second failure
+    // waited, whatever the registry's own throttle sees.
+    let throttle = served.dashboard.login_throttle();
+    assert_eq!(throttle.failures(), 2);
+    assert_eq!(throttle.delayed(), 1, "the attempt after a failure waited");
+    assert_eq!(throttle.peers(), 1);
     // Only JSON: a cross-site form cannot log anyone in.
     let form = call(
         Method::POST,
@@ -220,6 +226,7 @@ async fn login_shows_only_what_the_user_may_read(registry: Box<dyn Registry>) {
     assert!(id.len() >= 32, "a long random id: {id}");
     assert!(!set[0].contains("alicepw"));
     let alice = attributes[0].to_string();
+    assert_eq!(throttle.peers(), 0, "a success ends the slowdown");
 
     let me = get_as(&served, "/api/session", Some(&alice)).await;
     assert_eq!(me.status, StatusCode::OK);

@@ -47,7 +47,9 @@ impl Served {
         let addr = listener.local_addr().expect("local addr");
         let router = dashboard.router();
         let task = tokio::spawn(async move {
-            axum::serve(listener, router).await.expect("serve");
+            // With the peer's address, as `muster` serves it.
+            let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, app).await.expect("serve");
         });
         Served {
             addr,

@@ -48,6 +48,9 @@ impl Etcd {
     /// server refuses with "authentication is not enabled" when auth is off
     /// and with "authentication failed" when it is on (so it shows as one
     /// failed login in etcd's log). The revision is then `None`.
+    ///
+    /// While auth is on, etcd 3.5 answers `AuthStatus` to the root role
+    /// only: a refusal says that auth is on, again without the revision.
     pub async fn auth_status(&self) -> Result<AuthStatus> {
         let status = self
             .call(
@@ -64,6 +67,10 @@ impl Etcd {
             Err(Error::Grpc(status)) if status.code() == tonic::Code::Unimplemented => {
                 self.auth_status_by_login().await
             }
+            Err(Error::PermissionDenied { .. }) => Ok(AuthStatus {
+                enabled: true,
+                auth_revision: None,
+            }),
             Err(e) => Err(e),
         }
     }

@@ -70,8 +70,9 @@ pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
 /// etcd's default largest request (1.5 MiB) plus gRPC overhead.
 const MAX_MESSAGE: usize = 2 * 1024 * 1024 + 512 * 1024;
 
-/// How to reach etcd.
-#[derive(Debug, Clone)]
+/// How to reach etcd. Its `Debug` form shows the user name but never the
+/// password or the token.
+#[derive(Clone)]
 pub struct Config {
     /// `host:port`, `http://host:port` or `https://host:port`, tried in
     /// order with failover. All plaintext or all TLS: mixing `http://` and
@@ -102,6 +103,27 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long to wait for a keep-alive ping's answer.
     pub keepalive_timeout: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(user, _)| (user, "<redacted>")),
+            )
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -966,6 +988,20 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password_or_the_token() {
+        let config = Config {
+            credentials: Some(("alice".into(), "s3cret-pw".into())),
+            token: Some("abcdefghijklmnop.7".into()),
+            ..Config::new(["127.0.0.1:2379"])
+        };
+        let shown = format!("{config:?}");
+        assert!(shown.contains("alice"), "{shown}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(!shown.contains("abcdefghijklmnop"), "{shown}");
+        assert!(shown.contains("127.0.0.1:2379"), "{shown}");
+    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {

@@ -8,7 +8,8 @@
 //! - [`tokens`]: etcd's "simple" tokens, in memory, each living
 //!   [`AuthConfig::token_ttl`] after its last use;
 //! - [`guard`]: what each KV and lease request needs (etcd's auth
-//!   applier), and [`throttle`]: failed logins from one peer slowed down;
+//!   applier); failed logins from one peer are slowed down by
+//!   [`Throttle`] (muster-tls's, shared with the dashboard);
 //! - [`error`]: etcd's messages and codes.
 //!
 //! Passwords are kept only as bcrypt hashes ([`hash_password`]), persisted
@@ -18,15 +19,14 @@ pub mod error;
 pub mod guard;
 pub mod perms;
 pub mod store;
-pub mod throttle;
 pub mod tokens;
 
 use std::time::Duration;
 
 pub use error::AuthError;
+pub use muster_tls::Throttle;
 pub use perms::Access;
 pub use store::{AuthStore, Caller, ROOT_ROLE, ROOT_USER};
-pub use throttle::Throttle;
 pub use tokens::Tokens;
 
 /// How the auth store runs (etcd's `--auth-token-ttl` and `--bcrypt-cost`).

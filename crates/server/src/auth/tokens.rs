@@ -84,8 +84,11 @@ impl Tokens {
     /// number, as etcd's (`abcdefghijklmnop.42`). Fails only when the
     /// operating system has no randomness to give.
     pub fn assign(&self, user: &str) -> Result<String, getrandom::Error> {
+        self.assign_at(user, Instant::now())
+    }
+
+    fn assign_at(&self, user: &str, now: Instant) -> Result<String, getrandom::Error> {
         let letters = random_letters::<TOKEN_LETTERS>()?;
-        let now = Instant::now();
         let mut st = self.lock();
         if now.duration_since(st.last_sweep) >= SWEEP_INTERVAL {
             st.tokens.retain(|_, e| e.expires > now);
@@ -106,7 +109,10 @@ impl Tokens {
     /// The user `token` belongs to, starting its time to live again; `None`
     /// for an unknown or expired token.
     pub fn resolve(&self, token: &str) -> Option<Arc<str>> {
-        let now = Instant::now();
+        self.resolve_at(token, Instant::now())
+    }
+
+    fn resolve_at(&self, token: &str, now: Instant) -> Option<Arc<str>> {
         let mut st = self.lock();
         let entry = st.tokens.get_mut(token)?;
         if entry.expires <= now {
@@ -158,9 +164,25 @@ mod tests {
 
     #[test]
     fn an_unused_token_expires_and_a_used_one_lives_on() {
-        let t = Tokens::new(Duration::ZERO);
-        let a = t.assign("alice").unwrap();
-        assert_eq!(t.resolve(&a), None);
+        let s = Duration::from_secs;
+        let t = Tokens::new(s(10));
+        let t0 = Instant::now();
+        let unused = t.assign_at("alice", t0).unwrap();
+        let used = t.assign_at("bob", t0).unwrap();
+        // Each use starts the 10 s again: bob's token outlives its TTL
+        // three times over.
+        for at in [8, 16, 24, 32] {
+            assert_eq!(t.resolve_at(&used, t0 + s(at)).as_deref(), Some("bob"));
+        }
+        assert_eq!(
+            t.resolve_at(&unused, t0 + s(10)),
+            None,
+            "unused for its TTL"
+        );
+        assert_eq!(t.len(), 1, "an expired token is dropped when seen");
+        // Unused from 32 s on: gone at 42 s.
+        assert_eq!(t.resolve_at(&used, t0 + s(41)).as_deref(), Some("bob"));
+        assert_eq!(t.resolve_at(&used, t0 + s(52)), None);
         assert!(t.is_empty());
     }
 

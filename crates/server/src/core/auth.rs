@@ -82,14 +82,16 @@ impl Core {
         })
     }
 
-    /// `Auth.AuthStatus` (open to everyone, as etcd 3.5's).
-    pub fn auth_status(&self) -> pb::AuthStatusResponse {
+    /// `Auth.AuthStatus` (etcd 3.5's; 3.4 lacks it): an admin call like
+    /// the others, so while auth is on only the root role may ask.
+    pub fn auth_status(&self, caller: &Caller) -> Result<pb::AuthStatusResponse, Status> {
+        self.read().auth.check_admin(caller)?;
         let (enabled, revision, _, _) = self.auth_summary();
-        pb::AuthStatusResponse {
+        Ok(pb::AuthStatusResponse {
             header: self.auth_header(),
             enabled,
             auth_revision: revision,
-        }
+        })
     }
 
     /// `Auth.Authenticate`: checks the password (after the peer's

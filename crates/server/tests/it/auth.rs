@@ -351,6 +351,30 @@ async fn the_auth_sequence_answers_as_etcd() {
         |r| (r.id, r.ttl)
     );
     assert_eq!(grant, Ok((7, 60)));
+    // An unknown token is refused there too, and on Compact.
+    fn bogus_token<M>(msg: M) -> tonic::Request<M> {
+        authed(msg, "notatoken.1")
+    }
+    let bogus_grant = both!(pair, "lease grant with a bogus token", |s| LeaseClient
+        .lease_grant(bogus_token(pb::LeaseGrantRequest { ttl: 60, id: 8 })));
+    assert_eq!(bogus_grant, bogus);
+    let bogus_compact = both!(pair, "compact with a bogus token", |s| KvClient.compact(
+        bogus_token(pb::CompactionRequest {
+            revision: 1,
+            physical: false
+        })
+    ));
+    assert_eq!(bogus_compact, bogus);
+    let anonymous_compact = both!(pair, "anonymous compact", |s| KvClient.compact(req(
+        s,
+        "",
+        pb::CompactionRequest {
+            revision: 1,
+            physical: false
+        }
+    )));
+    // Compaction asks for no permission in etcd 3.4.
+    assert_eq!(anonymous_compact, Ok(()));
     login(&mut pair, "root", "rootpw").await;
     // Anonymous admin calls are refused as etcd refuses them.
     assert_eq!(
@@ -899,7 +923,7 @@ fn authed<M>(msg: M, token: &str) -> tonic::Request<M> {
 }
 
 /// What etcd 3.4 lacks or gets wrong, on the embedded server alone:
-/// AuthStatus (etcd 3.5's), the `authorization` metadata with a `Bearer`
+/// AuthStatus (etcd 3.5's: root only while auth is on), the `authorization` metadata with a `Bearer`
 /// token, and nested txns (3.4 does not check their ops).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_bearer_tokens_and_nested_txns_on_the_embedded_server() {
@@ -932,18 +956,15 @@ async fn status_bearer_tokens_and_nested_txns_on_the_embedded_server() {
     .await
     .unwrap();
     auth.auth_enable(pb::AuthEnableRequest {}).await.unwrap();
-    let status = auth
+    // Once auth is on, AuthStatus is an admin call (as etcd 3.5's).
+    let err = auth
         .auth_status(pb::AuthStatusRequest {})
         .await
-        .unwrap()
-        .into_inner();
-    assert!(status.enabled);
+        .unwrap_err();
     assert_eq!(
-        status.auth_revision,
-        before + 2,
-        "user add and grant each raise it"
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "etcdserver: user name is empty")
     );
-
     let token = auth
         .authenticate(pb::AuthenticateRequest {
             name: "root".into(),
@@ -953,6 +974,17 @@ async fn status_bearer_tokens_and_nested_txns_on_the_embedded_server() {
         .unwrap()
         .into_inner()
         .token;
+    let status = auth
+        .auth_status(authed(pb::AuthStatusRequest {}, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.enabled);
+    assert_eq!(
+        status.auth_revision,
+        before + 2,
+        "user add and grant each raise it"
+    );
     // `authorization: Bearer <token>` works as `token: <token>`.
     let mut add = tonic::Request::new(pb::AuthRoleAddRequest { name: "svc".into() });
     add.metadata_mut()

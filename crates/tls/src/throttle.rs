@@ -1,4 +1,6 @@
-//! Failed logins from one peer slowed down: after a failure, that peer's
+//! Failed logins from one peer slowed down, for every muster server that
+//! checks passwords (the embedded registry's `Authenticate`, the
+//! dashboard's login form): after a failure, that peer's
 //! next attempts are let through one at a time, each waiting a delay that
 //! doubles with every consecutive failure (50 ms, 100 ms, ... up to 5 s).
 //! A success forgets the peer; so do ten quiet minutes.
