@@ -308,3 +308,82 @@ async fn metrics_require_a_token_when_asked() {
             .unwrap();
     assert_eq!(open.status, 200, "{}", open.body);
 }
+
+/// Logs in over gRPC; the token.
+async fn login(ch: &Channel, name: &str, password: &str) -> Result<String, tonic::Status> {
+    pb::auth_client::AuthClient::new(ch.clone())
+        .authenticate(pb::AuthenticateRequest {
+            name: name.into(),
+            password: password.into(),
+        })
+        .await
+        .map(|r| r.into_inner().token)
+}
+
+/// A range of `key` sent with `token` (none for `None`).
+async fn range_as(ch: &Channel, key: &str, token: Option<&str>) -> Result<usize, tonic::Status> {
+    let mut req = tonic::Request::new(pb::RangeRequest {
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    });
+    if let Some(t) = token {
+        req.metadata_mut().insert("token", t.parse().unwrap());
+    }
+    KvClient::new(ch.clone())
+        .range(req)
+        .await
+        .map(|r| r.into_inner().kvs.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = serve(dir.path(), port);
+    let endpoint = format!("127.0.0.1:{port}");
+    common::etcdctl(&endpoint, &["put", "/muster/services/web/w1", "x"]);
+    common::enable_auth(&endpoint);
+    let ch = channel(port).await;
+    let old = login(&ch, "alice", "alicepw").await.unwrap();
+    assert_eq!(
+        range_as(&ch, "/muster/services/web/w1", Some(&old))
+            .await
+            .unwrap(),
+        1
+    );
+
+    server.0.kill().unwrap(); // SIGKILL
+    server.0.wait().unwrap();
+    drop(server);
+    let _server = serve(dir.path(), port);
+    let ch = channel(port).await;
+
+    // Still on: anonymous reads are refused as before the crash.
+    let anonymous = range_as(&ch, "/muster/services/web/w1", None)
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.message(), "etcdserver: user name is empty");
+    // Tokens lived in memory (etcd's simple tokens): the old one is gone.
+    let stale = range_as(&ch, "/muster/services/web/w1", Some(&old))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::Unauthenticated);
+    assert_eq!(stale.message(), "etcdserver: invalid auth token");
+    // Users, passwords and roles are intact: alice logs in again and may
+    // read what her role allows, and nothing else.
+    let new = login(&ch, "alice", "alicepw").await.unwrap();
+    assert_eq!(
+        range_as(&ch, "/muster/services/web/w1", Some(&new))
+            .await
+            .unwrap(),
+        1
+    );
+    let denied = range_as(&ch, "/other", Some(&new)).await.unwrap_err();
+    assert_eq!(denied.message(), "etcdserver: permission denied");
+    let wrong = login(&ch, "alice", "nope").await.unwrap_err();
+    assert_eq!(
+        wrong.message(),
+        "etcdserver: authentication failed, invalid user ID or password"
+    );
+    assert!(login(&ch, "root", "rootpw").await.is_ok());
+}
