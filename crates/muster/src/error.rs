@@ -278,3 +278,49 @@ fn speaks_tls(status: &tonic::Status) -> Option<&muster_tls::ServerSpeaksTls> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    /// etcd's refusals as its servers word them (3.4's rpctypes), told
+    /// apart as clientv3 does: the three that a new token cures, and the
+    /// one it does not.
+    #[test]
+    fn refusals_are_told_apart_as_clientv3_does() {
+        let cases = [
+            (
+                Status::unauthenticated("etcdserver: invalid auth token"),
+                Some(AuthRefusal::InvalidToken),
+            ),
+            (
+                Status::invalid_argument("etcdserver: revision of auth store is old"),
+                Some(AuthRefusal::OldRevision),
+            ),
+            (
+                Status::invalid_argument("etcdserver: user name is empty"),
+                Some(AuthRefusal::UserEmpty),
+            ),
+            (
+                Status::permission_denied("etcdserver: permission denied"),
+                Some(AuthRefusal::Denied),
+            ),
+            (
+                Status::invalid_argument("etcdserver: key is not provided"),
+                None,
+            ),
+            (Status::new(Code::Unavailable, "connection refused"), None),
+        ];
+        for (status, want) in cases {
+            assert_eq!(AuthRefusal::from_status(&status), want, "{status:?}");
+        }
+        // A watch's cancel_reason carries the same words.
+        assert_eq!(
+            AuthRefusal::from_reason(
+                "rpc error: code = InvalidArgument desc = etcdserver: revision of auth store is old"
+            ),
+            Some(AuthRefusal::OldRevision)
+        );
+    }
+}
