@@ -16,8 +16,12 @@
 # the last caller's table showing the change (p50/p99/max over changes),
 # to each caller (p50/p99 over every (caller, change) pair), and from the
 # call's start to the last caller (p99: what a change costs end to end,
-# whichever way the registry orders its reply and its watch events).
-# Everything, registries and callers, shares this machine's cores.
+# whichever way the registry orders its reply and its watch events), and
+# the registry's CPU time over the run per (caller, change) delivered (from
+# /proc; one `muster bench` run per callers value): what the fan-out costs
+# the registry itself, the figure that carries over to callers on other
+# machines. Everything, registries and callers, shares this machine's
+# cores.
 #
 # Usage (from anywhere in the repository):
 #   crates/bench/scripts/bench-propagation.sh
@@ -132,16 +136,25 @@ for s in $SERVERS; do
 done
 ETCD_VERSION=$("$ETCD" --version | sed -n 's/^etcd Version: //p')
 
-# The reports: one JSON line per callers value.
+# CPU time (user + system, in clock ticks) a process has used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# The reports: one JSON line per (placement, load, server, callers), and
+# beside it the server's CPU time over that run (callers' setup included).
 for placement in $PLACEMENTS; do
     for load in $LOADS; do
-        for s in $SERVERS; do
-            log "$s: callers $CALLERS, processes $placement, load $load, $ROUNDS rounds"
-            out=$WORK/$s.p$placement.l$load.json
-            "$MUSTER" bench --endpoints "127.0.0.1:${PORT[$s]}" -o json propagation \
-                --callers "$CALLERS" --rounds "$ROUNDS" --caller-processes "$placement" \
-                --callers-per-connection "$PER_CONNECTION" --load-clients "$load" >"$out" ||
-                echo "bench-propagation: $s (processes $placement, load $load) failed; see $out" >&2
+        for callers in ${CALLERS//,/ }; do
+            for s in $SERVERS; do
+                log "$s: $callers callers, processes $placement, load $load, $ROUNDS rounds"
+                out=$WORK/$s.p$placement.l$load.json
+                before=$(cpu_ticks "${PID[$s]}")
+                "$MUSTER" bench --endpoints "127.0.0.1:${PORT[$s]}" -o json propagation \
+                    --callers "$callers" --rounds "$ROUNDS" --caller-processes "$placement" \
+                    --callers-per-connection "$PER_CONNECTION" --load-clients "$load" >>"$out" ||
+                    echo "bench-propagation: $s ($callers callers, processes $placement, load $load) failed; see $out" >&2
+                echo $(($(cpu_ticks "${PID[$s]}") - before)) >>"$out.cpu"
+            done
         done
     done
 done
@@ -161,16 +174,21 @@ echo "# muster bench propagation: $ROUNDS registrations + $ROUNDS deregistration
 echo "# one change at a time; $(nproc) cores shared by the registry and every caller;"
 echo "# etcd $ETCD_VERSION; $PER_CONNECTION caller(s) per connection; times in ms"
 echo "# ack: the registrar's call returned; call: it started; last: the last caller per change"
-printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %s\n' \
-    server callers placement load conns "ack→last" p99 max "ack→each" p99 "call→last" "reg.call" note
-printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s |\n' \
-    "" "" "" "" "" p50 "" "" p50 "" p99 p50
+echo "# srv µs/seen: the server's CPU time over the run per (caller, change) delivered"
+echo "# (the callers' setup, and the load's puts when load > 0, included)"
+printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %9s | %s\n' \
+    server callers placement load conns "ack→last" p99 max "ack→each" p99 "call→last" "reg.call" "srv µs" note
+printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %9s |\n' \
+    "" "" "" "" "" p50 "" "" p50 "" p99 p50 "/seen"
 for placement in $PLACEMENTS; do
     for load in $LOADS; do
         for s in $SERVERS; do
             out=$WORK/$s.p$placement.l$load.json
             [[ -s $out ]] || continue
+            row=0
             while IFS= read -r line; do
+                row=$((row + 1))
+                ticks=$(sed -n "${row}p" "$out.cpu")
                 callers=$(jnum "$line" callers)
                 conns=$(jnum "$line" caller_connections)
                 where=in-proc
@@ -181,7 +199,12 @@ for placement in $PLACEMENTS; do
                 seen=$(jnum "$line" sightings)
                 expected=$(jnum "$line" expected)
                 [[ $seen != "$expected" ]] && note="$note $seen/$expected seen"
-                printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %s\n' \
+                per_seen=-
+                if [[ -n $ticks && -n $seen && $seen -gt 0 ]]; then
+                    per_seen=$(awk -v t="$ticks" -v hz="$TICK" -v n="$seen" \
+                        'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
+                fi
+                printf '%-11s %7s %-9s %4s %5s | %9s %9s %9s | %9s %9s | %9s %9s | %9s | %s\n' \
                     "$s" "$callers" "$where" "$load" "$conns" \
                     "$(ms "$(jnum "$line" p50 last_caller_latency_ms)")" \
                     "$(ms "$(jnum "$line" p99 last_caller_latency_ms)")" \
@@ -190,7 +213,7 @@ for placement in $PLACEMENTS; do
                     "$(ms "$(jnum "$line" p99 each_caller_latency_ms)")" \
                     "$(ms "$(jnum "$line" p99 last_caller_since_call_ms)")" \
                     "$(ms "$(jnum "$line" p50 registrar_latency_ms)")" \
-                    "$note"
+                    "$per_seen" "$note"
             done <"$out"
         done
     done
