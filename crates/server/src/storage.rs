@@ -30,7 +30,8 @@
 //! - `events`: `(revision, sub revision)` to a prost-encoded
 //!   [`muster_proto::Event`];
 //! - `leases`: lease id to TTL in seconds;
-//! - `meta`: `format_version`, `revision` (highest revision),
+//! - `meta`: `format_version`, `revision` (the highest revision, when no
+//!   event of it is stored: otherwise the events say it),
 //!   `compact_revision`, `auth_enabled` (0 or 1) and `auth_revision`;
 //! - `auth_users` and `auth_roles`: name to a prost-encoded
 //!   [`authpb::User`] (with its bcrypt hash, never the password) or
@@ -698,6 +699,11 @@ fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(
     txn.set_durability(Durability::Immediate)
         .map_err(db_error)?;
     let mut high = *revision;
+    // The highest revision this group writes an event at: recovery reads
+    // the revision back from the events themselves, so the meta table (a
+    // B-tree of its own, copied on every write) is written only when the
+    // revision moves past them.
+    let mut high_event = i64::MIN;
     {
         let mut events = txn.open_table(EVENTS).map_err(db_error)?;
         let mut leases = txn.open_table(LEASES).map_err(db_error)?;
@@ -712,6 +718,7 @@ fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(
                         .insert((*rev, *sub), bytes.as_slice())
                         .map_err(db_error)?;
                     high = high.max(*rev);
+                    high_event = high_event.max(*rev);
                 }
                 Change::Revision(rev) => high = high.max(*rev),
                 Change::LeaseGrant(lease) => {
@@ -761,7 +768,7 @@ fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(
                 }
             }
         }
-        if high != *revision {
+        if high != *revision && high > high_event {
             meta.insert(META_REVISION, high).map_err(db_error)?;
         }
     }
