@@ -98,6 +98,25 @@ impl KvWorker {
     pub(crate) fn random_index(&mut self) -> u64 {
         self.keys.random_index(&mut self.rng)
     }
+
+    /// Puts this client's value at a random key, timed into `rec` (the
+    /// `put` workload's operation, and the load under others).
+    pub(crate) async fn put_random(&mut self, rec: &mut Recorder) {
+        let index = self.random_index();
+        let KvWorker {
+            kv,
+            auth,
+            value,
+            keys,
+            ..
+        } = self;
+        let request = || muster_proto::PutRequest {
+            key: keys.key(index),
+            value: value.clone(),
+            ..Default::default()
+        };
+        rec.time_kv(kv, auth, request).await;
+    }
 }
 
 /// The JSON fields of a closed-loop workload, then its own (`E`).

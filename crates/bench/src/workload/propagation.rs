@@ -41,7 +41,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use muster::discovery::Snapshot;
 use muster::{Config, Discovery, DiscoveryConfig, Etcd, Instance, Registrar, RegistrarConfig};
-use muster_proto as pb;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::{mpsc, oneshot};
@@ -600,20 +599,7 @@ impl PutLoad {
             tasks.spawn(async move {
                 let mut rec = Recorder::default();
                 while !stop.load(Ordering::Relaxed) && !rec.gave_up() {
-                    let index = w.random_index();
-                    let KvWorker {
-                        kv,
-                        auth,
-                        value,
-                        keys,
-                        ..
-                    } = &mut w;
-                    let request = || pb::PutRequest {
-                        key: keys.key(index),
-                        value: value.clone(),
-                        ..Default::default()
-                    };
-                    rec.time_kv(kv, auth, request).await;
+                    w.put_random(&mut rec).await;
                 }
                 rec
             });

@@ -1,6 +1,5 @@
 //! `put`: concurrent clients putting random keys of the keyspace.
 
-use muster_proto as pb;
 
 use crate::args::Plan;
 use crate::clients::{
@@ -15,22 +14,7 @@ pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<NoFields>>,
     let (load, channels) = plan.open(args.clients as usize).await?;
     let run = run_clients(load.clients, Some(args.duration), |c, deadline| {
         let mut w = KvWorker::new(c, &channels, plan);
-        closed_loop(deadline, async move |rec| {
-            let index = w.random_index();
-            let KvWorker {
-                kv,
-                auth,
-                value,
-                keys,
-                ..
-            } = &mut w;
-            let request = || pb::PutRequest {
-                key: keys.key(index),
-                value: value.clone(),
-                ..Default::default()
-            };
-            rec.time_kv(kv, auth, request).await;
-        })
+        closed_loop(deadline, async move |rec| w.put_random(rec).await)
     })
     .await?;
     let what = format!(
