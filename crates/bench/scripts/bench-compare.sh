@@ -123,20 +123,8 @@ trap cleanup EXIT
 
 # A free loopback port (nothing accepts connections on it), not handed out
 # before in this run.
-USED_PORTS=" "
-free_port() {
-    local port
-    for _ in $(seq 1 200); do
-        port=$((20000 + RANDOM % 40000))
-        [[ $USED_PORTS == *" $port "* ]] && continue
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            USED_PORTS+="$port "
-            echo "$port"
-            return
-        fi
-    done
-    die "no free port found"
-}
+# shellcheck source=ports.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 declare -A PORT HTTP_PORT PEER_PORT
 for s in muster etcd; do
     PORT[$s]=$(free_port)
