@@ -1,6 +1,5 @@
 //! `put`: concurrent clients putting random keys of the keyspace.
 
-
 use crate::args::Plan;
 use crate::clients::{
     ClosedLoop, KvWorker, NoFields, closed_loop, closed_loop_report, run_clients,

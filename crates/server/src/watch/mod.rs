@@ -360,25 +360,32 @@ impl WatchHub {
         {
             let mut s = self.lock();
             s.dispatched = s.dispatched.max(revision);
-            let mut matched: HashMap<WatcherKey, Vec<usize>> = HashMap::new();
+            // (watcher, event index) pairs, grouped by watcher with its
+            // events in order: a flat list, sorted only when the revision
+            // has several events (a map of lists cost a hash and an
+            // allocation per watcher on every dispatch).
+            let mut matched: Vec<(WatcherKey, usize)> = Vec::new();
             for (i, e) in events.iter().enumerate() {
                 let Some(kv) = e.kv.as_ref() else { continue };
-                s.index.for_each_match(&kv.key, |id| {
-                    let v = matched.entry(id).or_default();
-                    if v.last() != Some(&i) {
-                        v.push(i);
-                    }
-                });
+                s.index.for_each_match(&kv.key, |id| matched.push((id, i)));
+            }
+            if events.len() > 1 {
+                matched.sort_unstable();
+                matched.dedup();
             }
             let mut closed = Vec::new();
-            for (id, idx) in matched {
+            let mut rest = matched.as_slice();
+            while let Some(&(id, _)) = rest.first() {
+                let n = rest.iter().take_while(|(other, _)| *other == id).count();
+                let (group, tail) = rest.split_at(n);
+                rest = tail;
                 let Some(w) = s.watchers.get_mut(&id) else {
                     continue;
                 };
                 if revision < w.next {
                     continue;
                 }
-                let Some(view) = w.view(idx.iter().map(|&i| &events[i])) else {
+                let Some(view) = w.view(group.iter().map(|&(_, i)| &events[i])) else {
                     continue;
                 };
                 let resp = WatchResponse {
