@@ -55,6 +55,12 @@ impl ApplyStats {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The mean apply time (`None` before the first).
+    pub fn mean(&self) -> Option<Duration> {
+        let count = self.count();
+        (count > 0).then(|| Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed) / count))
+    }
+
     /// The longest apply recorded.
     pub fn max(&self) -> Duration {
         Duration::from_nanos(self.max_nanos.load(Ordering::Relaxed))

@@ -457,12 +457,12 @@ impl Shared {
         part: usize,
         id: &str,
         ids: &[BTreeMap<String, String>],
-        map: &BTreeMap<String, Arc<Instance>>,
+        taken: impl Fn(&str) -> bool,
     ) -> String {
         if let Some(known) = ids[part].get(id) {
             return known.clone();
         }
-        if !map.contains_key(id) {
+        if !taken(id) {
             return id.to_string();
         }
         format!("{id}@{}", self.parts[part].source.layout)
@@ -479,7 +479,7 @@ impl Shared {
             let Some(mut i) = self.decode(part, &kv.key, &kv.value) else {
                 continue;
             };
-            let table_id = self.table_id(part, &i.id, &ids, &map);
+            let table_id = self.table_id(part, &i.id, &ids, |id| map.contains_key(id));
             ids[part].insert(i.id.clone(), table_id.clone());
             i.id = table_id.clone();
             map.insert(table_id, Arc::new(i));
@@ -503,7 +503,7 @@ impl Shared {
     fn apply_events(&self, part: usize, revision: i64, events: Vec<pb::Event>) {
         let mut ids = self.ids.lock().expect("ids lock");
         let current = self.snapshot.load_full();
-        let mut map = current.to_map();
+        let mut table = current.to_table();
         let mut changes = Vec::new();
         let mut last_rev = current.revision();
         let source = &self.parts[part].source;
@@ -522,11 +522,11 @@ impl Shared {
             };
             let prev = ids[part]
                 .remove(&id)
-                .and_then(|table_id| map.remove(&table_id));
+                .and_then(|table_id| table.remove(&table_id));
             let next = next.map(|mut i| {
                 let table_id = match &prev {
                     Some(old) => old.id.clone(),
-                    None => self.table_id(part, &id, &ids, &map),
+                    None => self.table_id(part, &id, &ids, |id| table.contains(id)),
                 };
                 ids[part].insert(id.clone(), table_id.clone());
                 i.id = table_id;
@@ -534,11 +534,11 @@ impl Shared {
             });
             match (prev, next) {
                 (None, Some(new)) => {
-                    map.insert(new.id.clone(), new.clone());
+                    table.insert(new.clone());
                     changes.push(Change::Added(new));
                 }
                 (Some(old), Some(new)) => {
-                    map.insert(new.id.clone(), new.clone());
+                    table.insert(new.clone());
                     if old != new {
                         changes.push(Change::Updated { old, new });
                     }
@@ -549,7 +549,7 @@ impl Shared {
         }
         let revision = revision.max(last_rev);
         self.publish(
-            Snapshot::new(self.name.clone(), revision, map),
+            table.into_snapshot(self.name.clone(), revision),
             last_rev,
             changes,
         );
