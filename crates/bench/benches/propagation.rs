@@ -8,6 +8,8 @@
 //! - Resources: gRPC streams opened on etcd by one process holding many
 //!   registrations and watching many services (read from etcd's metrics),
 //!   and resident memory per cached instance.
+//! - Apply time of one change to a large table: a 10,000-instance service
+//!   followed by discovery, and a catalog of 100 services of 100.
 //!
 //! Run: `cargo bench -p muster-bench --bench propagation` (needs `etcd` on
 //! PATH).
@@ -241,6 +243,80 @@ async fn memory(node: &EtcdNode) {
     );
 }
 
+/// What one change costs a catalog (the gateway's, the dashboard's, DNS's
+/// table of every service): 100 services of 100 instances, 200 updates
+/// spread over them, each waited for; the apply times of the services
+/// changed.
+async fn catalog(node: &EtcdNode) {
+    let endpoint = node.endpoint();
+    let writer = client(&endpoint);
+    let prefix = "/catalog-bench";
+    let instance = |s: usize, i: usize, version: &str| {
+        Instance::new(
+            format!("s{s}"),
+            format!("i{i}"),
+            format!("10.3.{s}.{i}:8080"),
+        )
+        .with_zone("eu-1")
+        .with_version(version)
+    };
+    let put = |inst: &Instance| muster_proto::PutRequest {
+        key: inst.key(prefix).into_bytes(),
+        value: inst.encode().expect("encode"),
+        ..Default::default()
+    };
+    for s in 0..100 {
+        let ops = (0..100)
+            .map(|i| muster_proto::RequestOp {
+                request: Some(muster_proto::request_op::Request::RequestPut(put(
+                    &instance(s, i, "1.0.0"),
+                ))),
+            })
+            .collect();
+        writer
+            .txn(muster_proto::TxnRequest {
+                success: ops,
+                ..Default::default()
+            })
+            .await
+            .expect("txn");
+    }
+    let catalog = muster::Catalog::follow(client(&endpoint), prefix)
+        .await
+        .expect("follow");
+    assert_eq!(catalog.snapshot().len(), 10_000);
+    for round in 0..200usize {
+        let (s, i) = (round % 100, round / 100);
+        let version = format!("2.0.{round}");
+        writer
+            .put(put(&instance(s, i, &version)))
+            .await
+            .expect("put");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while catalog
+            .snapshot()
+            .service(&format!("s{s}"))
+            .and_then(|m| m.get(&format!("i{i}")))
+            .is_none_or(|e| e.instance.version != version)
+        {
+            assert!(Instant::now() < deadline, "update {round} never arrived");
+            tokio::task::yield_now().await;
+        }
+    }
+    let (mut count, mut total, mut max) = (0u64, Duration::ZERO, Duration::ZERO);
+    for s in 0..100 {
+        if let Some(stats) = catalog.apply_stats(&format!("s{s}")) {
+            count += stats.count();
+            total += stats.mean().unwrap_or_default() * u32::try_from(stats.count()).unwrap_or(0);
+            max = max.max(stats.max());
+        }
+    }
+    println!(
+        "one change to a catalog of 100 services x 100 instances: {count} applies, mean {:?}, max {max:?}",
+        total / u32::try_from(count.max(1)).unwrap_or(1)
+    );
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test` runs benches with no flag.
     if !std::env::args().any(|a| a == "--bench") {
@@ -261,6 +337,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         memory(&node).await;
+        catalog(&node).await;
         propagation(&node, rounds).await;
         streams(&node).await;
     });

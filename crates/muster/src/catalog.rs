@@ -54,11 +54,13 @@ pub struct Entry {
     pub registered_at: Option<SystemTime>,
 }
 
-/// Every service under the prefix at one revision. Immutable.
+/// Every service under the prefix at one revision. Immutable. Each
+/// service's instances are shared between snapshots: a change copies the
+/// map of the services it touches only.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CatalogSnapshot {
     revision: i64,
-    services: BTreeMap<String, BTreeMap<String, Entry>>,
+    services: BTreeMap<String, Arc<BTreeMap<String, Entry>>>,
 }
 
 impl CatalogSnapshot {
@@ -69,13 +71,13 @@ impl CatalogSnapshot {
 
     /// Service name to its instances by id, both sorted. A service with no
     /// instance is absent.
-    pub fn services(&self) -> &BTreeMap<String, BTreeMap<String, Entry>> {
+    pub fn services(&self) -> &BTreeMap<String, Arc<BTreeMap<String, Entry>>> {
         &self.services
     }
 
     /// One service's instances by id.
     pub fn service(&self, name: &str) -> Option<&BTreeMap<String, Entry>> {
-        self.services.get(name)
+        self.services.get(name).map(|s| &**s)
     }
 
     /// How many instances of `name` are serving and draining.
@@ -92,7 +94,7 @@ impl CatalogSnapshot {
 
     /// How many instances there are in all.
     pub fn len(&self) -> usize {
-        self.services.values().map(BTreeMap::len).sum()
+        self.services.values().map(|s| s.len()).sum()
     }
 
     /// Whether there is no instance at all.
@@ -451,7 +453,13 @@ fn build(
             Decoded::Outside => {}
         }
     }
-    CatalogSnapshot { revision, services }
+    CatalogSnapshot {
+        revision,
+        services: services
+            .into_iter()
+            .map(|(name, instances)| (name, Arc::new(instances)))
+            .collect(),
+    }
 }
 
 enum Decoded {
@@ -519,6 +527,7 @@ impl Shared {
         let mut new = (*old).clone();
         for ((service, _), table_id) in std::mem::take(&mut parts.ids[part]) {
             if let Some(instances) = new.services.get_mut(&service) {
+                let instances = Arc::make_mut(instances);
                 instances.remove(&table_id);
                 if instances.is_empty() {
                     new.services.remove(&service);
@@ -526,7 +535,7 @@ impl Shared {
             }
         }
         for (service, instances) in listed.services {
-            for (id, mut entry) in instances {
+            for (id, mut entry) in Arc::unwrap_or_clone(instances) {
                 let table_id = self.table_id(part, &service, &id, &parts, &new);
                 parts.ids[part].insert((service.clone(), id), table_id.clone());
                 if entry.instance.id != table_id {
@@ -534,9 +543,7 @@ impl Shared {
                     i.id = table_id.clone();
                     entry.instance = Arc::new(i);
                 }
-                new.services
-                    .entry(service.clone())
-                    .or_default()
+                Arc::make_mut(new.services.entry(service.clone()).or_default())
                     .insert(table_id, entry);
             }
         }
@@ -549,7 +556,7 @@ impl Shared {
         let mut removals = Vec::new();
         let at = SystemTime::now();
         for (service, instances) in new.services() {
-            for (id, entry) in instances {
+            for (id, entry) in instances.iter() {
                 let before = old.get(service, id).map(|e| &e.instance);
                 if let Some(kind) = put_kind(before, &entry.instance) {
                     events.push(event(kind, entry, entry.mod_revision, at));
@@ -557,7 +564,7 @@ impl Shared {
             }
         }
         for (service, instances) in old.services() {
-            for (id, entry) in instances {
+            for (id, entry) in instances.iter() {
                 if new.get(service, id).is_none() {
                     removals.push(Removal {
                         event: events.len(),
@@ -614,7 +621,7 @@ impl Shared {
                 Some(table_id) => table_id.clone(),
                 None => self.table_id(part, &service, &key_id, &parts, &next),
             };
-            let service_map = next.services.entry(service.clone()).or_default();
+            let service_map = Arc::make_mut(next.services.entry(service.clone()).or_default());
             let old = known.and_then(|table_id| service_map.remove(&table_id));
             match (old, new) {
                 (old, Some(mut entry)) => {
