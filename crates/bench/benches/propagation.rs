@@ -27,6 +27,36 @@ fn client(endpoint: &str) -> Etcd {
     Etcd::connect(Config::new([endpoint.to_string()])).expect("client")
 }
 
+/// The put that registers `inst` under `prefix` (muster's layout).
+fn put_of(prefix: &str, inst: &Instance) -> muster_proto::PutRequest {
+    muster_proto::PutRequest {
+        key: inst.key(prefix).into_bytes(),
+        value: inst.encode().expect("encode"),
+        ..Default::default()
+    }
+}
+
+/// Writes `instances` under `prefix` in txns of 100 puts.
+async fn populate(writer: &Etcd, prefix: &str, instances: Vec<Instance>) {
+    for chunk in instances.chunks(100) {
+        let ops = chunk
+            .iter()
+            .map(|inst| muster_proto::RequestOp {
+                request: Some(muster_proto::request_op::Request::RequestPut(put_of(
+                    prefix, inst,
+                ))),
+            })
+            .collect();
+        writer
+            .txn(muster_proto::TxnRequest {
+                success: ops,
+                ..Default::default()
+            })
+            .await
+            .expect("txn");
+    }
+}
+
 async fn propagation(node: &EtcdNode, rounds: usize) {
     let endpoint = node.endpoint();
     let registrar = Registrar::start(client(&endpoint), RegistrarConfig::default())
@@ -136,36 +166,22 @@ async fn memory(node: &EtcdNode) {
     let endpoint = node.endpoint();
     let writer = client(&endpoint);
     let big = 10_000;
-    for chunk in (0..big).collect::<Vec<_>>().chunks(100) {
-        let ops = chunk
-            .iter()
-            .map(|i| {
-                let inst = Instance::new(
-                    "big",
-                    format!("i{i}"),
-                    format!("10.2.{}.{}:8080", i / 256, i % 256),
-                )
-                .with_zone("eu-1")
-                .with_version("1.0.0");
-                muster_proto::RequestOp {
-                    request: Some(muster_proto::request_op::Request::RequestPut(
-                        muster_proto::PutRequest {
-                            key: inst.key(muster::instance::DEFAULT_PREFIX).into_bytes(),
-                            value: inst.encode().expect("encode"),
-                            ..Default::default()
-                        },
-                    )),
-                }
-            })
-            .collect();
-        writer
-            .txn(muster_proto::TxnRequest {
-                success: ops,
-                ..Default::default()
-            })
-            .await
-            .expect("txn");
-    }
+    let instance = |i: usize, version: &str| {
+        Instance::new(
+            "big",
+            format!("i{i}"),
+            format!("10.2.{}.{}:8080", i / 256, i % 256),
+        )
+        .with_zone("eu-1")
+        .with_version(version)
+    };
+    let prefix = muster::instance::DEFAULT_PREFIX;
+    populate(
+        &writer,
+        prefix,
+        (0..big).map(|i| instance(i, "1.0.0")).collect(),
+    )
+    .await;
     let before = muster_testkit::resident_bytes();
     let service = Discovery::new(client(&endpoint))
         .service("big")
@@ -208,19 +224,8 @@ async fn memory(node: &EtcdNode) {
     for round in 0..200u32 {
         let i = round as usize % big;
         let version = format!("2.0.{round}");
-        let inst = Instance::new(
-            "big",
-            format!("i{i}"),
-            format!("10.2.{}.{}:8080", i / 256, i % 256),
-        )
-        .with_zone("eu-1")
-        .with_version(version.clone());
         writer
-            .put(muster_proto::PutRequest {
-                key: inst.key(muster::instance::DEFAULT_PREFIX).into_bytes(),
-                value: inst.encode().expect("encode"),
-                ..Default::default()
-            })
+            .put(put_of(prefix, &instance(i, &version)))
             .await
             .expect("put");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -260,27 +265,11 @@ async fn catalog(node: &EtcdNode) {
         .with_zone("eu-1")
         .with_version(version)
     };
-    let put = |inst: &Instance| muster_proto::PutRequest {
-        key: inst.key(prefix).into_bytes(),
-        value: inst.encode().expect("encode"),
-        ..Default::default()
-    };
-    for s in 0..100 {
-        let ops = (0..100)
-            .map(|i| muster_proto::RequestOp {
-                request: Some(muster_proto::request_op::Request::RequestPut(put(
-                    &instance(s, i, "1.0.0"),
-                ))),
-            })
-            .collect();
-        writer
-            .txn(muster_proto::TxnRequest {
-                success: ops,
-                ..Default::default()
-            })
-            .await
-            .expect("txn");
-    }
+    let all = (0..100)
+        .flat_map(|s| (0..100).map(move |i| (s, i)))
+        .map(|(s, i)| instance(s, i, "1.0.0"))
+        .collect();
+    populate(&writer, prefix, all).await;
     let catalog = muster::Catalog::follow(client(&endpoint), prefix)
         .await
         .expect("follow");
@@ -289,7 +278,7 @@ async fn catalog(node: &EtcdNode) {
         let (s, i) = (round % 100, round / 100);
         let version = format!("2.0.{round}");
         writer
-            .put(put(&instance(s, i, &version)))
+            .put(put_of(prefix, &instance(s, i, &version)))
             .await
             .expect("put");
         let deadline = Instant::now() + Duration::from_secs(10);
