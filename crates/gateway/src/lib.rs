@@ -62,6 +62,7 @@ mod error;
 mod h1;
 mod headers;
 mod health;
+mod lane;
 mod metrics;
 mod proxy;
 mod reload;
@@ -182,7 +183,12 @@ impl Gateway {
         let mut metrics = Metrics::default();
         metrics.tls = tls.clone();
         let metrics = Arc::new(metrics);
-        let upstreams = Upstreams::new(discovery, config.health.clone(), metrics.clone());
+        let workers = match config.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // One lane of per-thread state per serving thread.
+        let upstreams = Upstreams::new(discovery, config.health.clone(), metrics.clone(), workers);
         let proxy = Arc::new(Proxy::new(&config, upstreams, metrics));
         proxy.tls.check_default()?;
         let (stop_tx, stop) = watch::channel(false);
@@ -219,10 +225,6 @@ impl Gateway {
             tracing::warn!("the gateway has no routes: every request gets 404");
         }
 
-        let workers = match config.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let workers = Workers::start(
             workers,
             &proxy,

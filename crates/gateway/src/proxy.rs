@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use muster::Instance;
-use muster::balance::{AnyLoadBalancer, InFlight};
+use muster::balance::{AnyLoadBalancer, InFlight, Picked};
 
 use crate::body::{GatewayBody, RequestBody};
 use crate::client::{Outbound, SendError, UpstreamClient};
@@ -41,9 +41,29 @@ pub(crate) struct Proxy {
 }
 
 /// An instance chosen for one attempt.
-struct Target {
-    instance: Arc<Instance>,
-    in_flight: Option<InFlight>,
+enum Target {
+    /// From the lane's balancer: holds the lane's own handle on the
+    /// instance, and the in-flight guard.
+    Picked(Picked),
+    /// The last resort of a retry (no guard).
+    Listed(Arc<Instance>),
+}
+
+impl Target {
+    fn instance(&self) -> &Instance {
+        match self {
+            Target::Picked(p) => p,
+            Target::Listed(i) => i,
+        }
+    }
+
+    /// The guard counting the request in flight, if any.
+    fn into_in_flight(self) -> Option<InFlight> {
+        match self {
+            Target::Picked(p) => p.into_in_flight(),
+            Target::Listed(_) => None,
+        }
+    }
 }
 
 impl Proxy {
@@ -212,7 +232,7 @@ impl Proxy {
                 }
                 break;
             };
-            let state = route.service.instance(&target_instance.instance);
+            let state = route.service.instance(target_instance.instance());
             // Borrowed: cloning would bump a reference count that every
             // serving thread shares.
             let Some((scheme, authority)) = state.target.as_ref() else {
@@ -221,7 +241,7 @@ impl Proxy {
                     "instance {} has an unusable address {:?}",
                     state.id, state.addr
                 );
-                tried.push(target_instance.instance.id.clone());
+                tried.push(target_instance.instance().id.clone());
                 continue;
             };
             let tls = if *scheme == http::uri::Scheme::HTTPS {
@@ -231,7 +251,7 @@ impl Proxy {
                         // The gateway's fault, not the instance's.
                         tracing::warn!(service = %route.route.service, instance = %state.id, error = %e, "cannot verify https:// instances; set an upstream CA");
                         last_error = format!("instance {} ({}): {e}", state.id, state.addr);
-                        tried.push(target_instance.instance.id.clone());
+                        tried.push(target_instance.instance().id.clone());
                         continue;
                     }
                 }
@@ -319,11 +339,11 @@ impl Proxy {
                         let headers = resp.headers_mut();
                         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                         headers.insert(header::UPGRADE, protocol);
-                        tunnel(client_upgrade, upgraded, target_instance.in_flight);
+                        tunnel(client_upgrade, upgraded, target_instance.into_in_flight());
                         return resp;
                     }
                     *resp.body_mut() =
-                        GatewayBody::upstream(answer.body, target_instance.in_flight);
+                        GatewayBody::upstream(answer.body, target_instance.into_in_flight());
                     return resp;
                 }
                 Ok(Err(e)) => {
@@ -343,7 +363,7 @@ impl Proxy {
                     route.service.failure(&state);
                     last_error = format!("instance {} ({}): {e}", state.id, state.addr);
                     tracing::debug!(service = %route.route.service, error = %last_error, retryable, "upstream attempt failed");
-                    tried.push(target_instance.instance.id.clone());
+                    tried.push(target_instance.instance().id.clone());
                     if !retryable {
                         break;
                     }
@@ -407,24 +427,17 @@ impl Proxy {
 
 /// A pick from the balancer avoiding instances already tried.
 fn pick_from(lb: &AnyLoadBalancer, key: Option<&[u8]>, tried: &[String]) -> Option<Target> {
-    let into = |p: muster::balance::Picked| {
-        let (instance, in_flight) = p.into_parts();
-        Target {
-            instance,
-            in_flight,
-        }
-    };
     if tried.is_empty() {
         let picked = match key {
             Some(k) => lb.pick_key(k),
             None => lb.pick(),
         };
-        return picked.map(into);
+        return picked.map(Target::Picked);
     }
     for _ in 0..4 {
         let p = lb.pick()?;
         if !tried.contains(&p.id) {
-            return Some(into(p));
+            return Some(Target::Picked(p));
         }
     }
     // Few instances and bad luck: take the first one not tried.
@@ -432,10 +445,7 @@ fn pick_from(lb: &AnyLoadBalancer, key: Option<&[u8]>, tried: &[String]) -> Opti
         .instances()
         .into_iter()
         .find(|i| !tried.contains(&i.id))?;
-    Some(Target {
-        instance,
-        in_flight: None,
-    })
+    Some(Target::Listed(instance))
 }
 
 /// Requests the gateway refuses before routing.

@@ -4,7 +4,8 @@
 //! Host-specific routes are tried first, then host-less ones; within each
 //! group the longest matching prefix wins. A table is immutable; a reload
 //! builds a new one (reusing the load balancers of unchanged routes, so
-//! in-flight counts carry over) and swaps it in.
+//! in-flight counts carry over) and swaps it in. Each serving thread has
+//! its own copy of the routes (`crate::lane`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use muster::balance::{AnyLoadBalancer, BalancerKind};
 
 use crate::config::{HashKey, Route, RouteDefaults};
 use crate::error::GatewayError;
+use crate::lane;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::tls::{TlsClients, Trust};
 use crate::upstream::{ServiceState, Upstreams};
@@ -95,19 +97,36 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
         && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
 }
 
-/// An immutable set of routes.
-#[derive(Debug, Default)]
+/// An immutable set of routes, with one copy per lane (serving thread,
+/// see `crate::lane`): each copy's routes are allocations of their own,
+/// with their own load balancers, so that a request only touches its own
+/// thread's reference counts and in-flight counters.
+#[derive(Debug)]
 pub(crate) struct RouteTable {
+    lanes: Box<[Lane]>,
+}
+
+/// One lane's copy of the routes.
+#[derive(Debug, Default)]
+struct Lane {
     /// Host-specific routes, longest prefix first.
     with_host: Vec<Arc<ActiveRoute>>,
     /// Host-less routes, longest prefix first.
     any_host: Vec<Arc<ActiveRoute>>,
 }
 
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable {
+            lanes: Box::new([Lane::default()]),
+        }
+    }
+}
+
 impl RouteTable {
     /// Builds a table from routes in priority order (on the same host and
-    /// prefix the first wins), reusing what `previous` already had. Fails
-    /// if a route's upstream CA cannot be loaded.
+    /// prefix the first wins), with `lanes` copies, reusing what `previous`
+    /// already had. Fails if a route's upstream CA cannot be loaded.
     pub(crate) fn build(
         routes: &[Route],
         defaults: &RouteDefaults,
@@ -116,17 +135,21 @@ impl RouteTable {
         metrics: &Metrics,
         tls: &TlsClients,
     ) -> Result<RouteTable, GatewayError> {
-        let mut table = RouteTable::default();
+        let lanes = upstreams.lanes();
+        let mut table = RouteTable {
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+        };
+        let mut seen: Vec<(&str, Option<String>)> = Vec::new();
         for route in routes {
             let host = route.host.as_ref().map(|h| h.to_ascii_lowercase());
-            let exists = table.with_host.iter().chain(&table.any_host).any(|r| {
-                r.route.prefix == route.prefix
-                    && r.route.host.as_ref().map(|h| h.to_ascii_lowercase()) == host
-            });
-            if exists {
+            if seen
+                .iter()
+                .any(|(prefix, h)| *prefix == route.prefix && *h == host)
+            {
                 tracing::warn!(prefix = %route.prefix, host = ?route.host, "duplicate route ignored");
                 continue;
             }
+            seen.push((&route.prefix, host.clone()));
             let trust = tls.trust(route.upstream_ca.as_deref()).map_err(|reason| {
                 GatewayError::InvalidRoute {
                     route: route.prefix.clone(),
@@ -138,65 +161,80 @@ impl RouteTable {
                 Some(h) => format!("{h}{}", route.prefix),
                 None => route.prefix.clone(),
             };
-            // Reuse the balancer of an identical route (in-flight counts
-            // carry over), or at least the service state.
-            let old = previous.and_then(|p| {
-                p.all().find(|r| {
-                    r.route.service == route.service
-                        && r.kind == kind
-                        && r.route.filter == route.filter
-                })
-            });
-            let (service, lb) = match old {
-                Some(r) => (r.service.clone(), r.lb.clone()),
-                None => {
-                    let service = upstreams.service(&route.service);
-                    let lb = service.balancer(kind, route.filter.clone());
-                    (service, lb)
-                }
-            };
+            let route_metrics = metrics.route(&label);
             let mut route = route.clone();
             route.host = host;
-            let active = Arc::new(ActiveRoute {
-                label: label.clone(),
-                kind,
-                timeout: route.timeout.unwrap_or(defaults.timeout),
-                retries: route.retries.unwrap_or(defaults.retries),
-                metrics: metrics.route(&label),
-                service,
-                lb,
-                route,
-                trust,
-            });
-            if active.route.host.is_some() {
-                table.with_host.push(active);
-            } else {
-                table.any_host.push(active);
+            let mut service: Option<Arc<ServiceState>> = None;
+            for (i, lane) in table.lanes.iter_mut().enumerate() {
+                // Reuse the lane's balancer of an identical route (in-flight
+                // counts carry over), or at least the service state.
+                let old = previous.and_then(|p| p.lanes.get(i)).and_then(|p| {
+                    p.all().find(|r| {
+                        r.route.service == route.service
+                            && r.kind == kind
+                            && r.route.filter == route.filter
+                    })
+                });
+                let (state, lb) = match old {
+                    Some(r) => (r.service.clone(), r.lb.clone()),
+                    None => {
+                        let state = service
+                            .get_or_insert_with(|| upstreams.service(&route.service))
+                            .clone();
+                        let lb = state.balancer(kind, route.filter.clone());
+                        (state, lb)
+                    }
+                };
+                service.get_or_insert_with(|| state.clone());
+                let active = Arc::new(ActiveRoute {
+                    label: label.clone(),
+                    kind,
+                    timeout: route.timeout.unwrap_or(defaults.timeout),
+                    retries: route.retries.unwrap_or(defaults.retries),
+                    metrics: route_metrics.clone(),
+                    service: state,
+                    lb,
+                    route: route.clone(),
+                    trust: trust.clone(),
+                });
+                if active.route.host.is_some() {
+                    lane.with_host.push(active);
+                } else {
+                    lane.any_host.push(active);
+                }
             }
         }
-        // Stable: equal lengths keep their priority order.
-        table
-            .with_host
-            .sort_by_key(|r| std::cmp::Reverse(r.route.prefix.len()));
-        table
-            .any_host
-            .sort_by_key(|r| std::cmp::Reverse(r.route.prefix.len()));
+        for lane in table.lanes.iter_mut() {
+            // Stable: equal lengths keep their priority order.
+            lane.with_host
+                .sort_by_key(|r| std::cmp::Reverse(r.route.prefix.len()));
+            lane.any_host
+                .sort_by_key(|r| std::cmp::Reverse(r.route.prefix.len()));
+        }
         Ok(table)
-    }
-
-    fn all(&self) -> impl Iterator<Item = &Arc<ActiveRoute>> {
-        self.with_host.iter().chain(&self.any_host)
     }
 
     /// The routes, for logs.
     pub(crate) fn describe(&self) -> Vec<String> {
-        self.all()
+        self.lanes[0]
+            .all()
             .map(|r| format!("{} -> {}", r.label, r.route.service))
             .collect()
     }
 
-    /// The route for a request to `host` (without port) and `path`.
+    /// The calling thread's route for a request to `host` (without port)
+    /// and `path`.
     pub(crate) fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<ActiveRoute>> {
+        self.lanes[lane::current(self.lanes.len())].find(host, path)
+    }
+}
+
+impl Lane {
+    fn all(&self) -> impl Iterator<Item = &Arc<ActiveRoute>> {
+        self.with_host.iter().chain(&self.any_host)
+    }
+
+    fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<ActiveRoute>> {
         if let Some(host) = host
             && !self.with_host.is_empty()
         {

@@ -79,6 +79,7 @@ impl Workers {
                 .name(format!("gateway-{i}"))
                 .spawn(move || {
                     crate::metrics::set_shard(i);
+                    crate::lane::set(i);
                     runtime.block_on(worker(rx, proxy, stop, drain, idle, tls));
                     let _ = done_tx.send(());
                 })

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::HealthConfig;
 use crate::health::{InstanceState, Verdict};
+use crate::lane;
 use crate::metrics::{Metrics, ServiceReport};
 
 /// Every service the routes point at, shared by routes of the same service.
@@ -21,6 +22,8 @@ pub(crate) struct Upstreams {
     discovery: Discovery,
     health: HealthConfig,
     metrics: Arc<Metrics>,
+    /// Serving threads (see `crate::lane`).
+    lanes: usize,
     services: Mutex<HashMap<String, Weak<ServiceState>>>,
 }
 
@@ -30,13 +33,25 @@ impl Upstreams {
         &self.discovery
     }
 
-    pub(crate) fn new(discovery: Discovery, health: HealthConfig, metrics: Arc<Metrics>) -> Self {
+    /// Services for `lanes` serving threads.
+    pub(crate) fn new(
+        discovery: Discovery,
+        health: HealthConfig,
+        metrics: Arc<Metrics>,
+        lanes: usize,
+    ) -> Self {
         Upstreams {
             discovery,
             health,
             metrics,
+            lanes: lanes.max(1),
             services: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many lanes (serving threads) the services keep state for.
+    pub(crate) fn lanes(&self) -> usize {
+        self.lanes
     }
 
     /// The state of `name`, followed from now on (while some route uses it).
@@ -54,6 +69,7 @@ impl Upstreams {
             resolved,
             last_error: Mutex::new(None),
             instances: ArcSwap::default(),
+            lanes: (0..self.lanes).map(|_| ArcSwap::default()).collect(),
             balancers: Mutex::new(Vec::new()),
             wake: Arc::new(Notify::new()),
             task: Mutex::new(None),
@@ -98,6 +114,8 @@ pub(crate) struct ServiceState {
     last_error: Mutex<Option<String>>,
     /// Per-instance state by id.
     instances: ArcSwap<HashMap<String, Arc<InstanceState>>>,
+    /// Each lane's handles on `instances` (see [`LaneInstance`]).
+    lanes: Box<[ArcSwap<LaneMap>]>,
     /// The load balancers of the routes to this service.
     balancers: Mutex<Vec<Weak<AnyLoadBalancer>>>,
     /// Wakes the follower to recompute when the next ejection ends.
@@ -152,8 +170,47 @@ impl ServiceState {
             .clone()
     }
 
+    /// The calling thread's handle on the state of instance `instance`
+    /// (created if new).
+    #[inline]
+    pub(crate) fn instance(&self, instance: &Instance) -> Arc<LaneInstance> {
+        let lane = &self.lanes[lane::current(self.lanes.len())];
+        if let Some(s) = lane.load().get(&instance.id)
+            && s.0.addr == instance.addr
+        {
+            return s.clone();
+        }
+        self.lane_instance_slow(lane, instance)
+    }
+
+    /// A lane's handle the lane map does not have yet: made, and kept.
+    #[cold]
+    fn lane_instance_slow(
+        &self,
+        lane: &ArcSwap<LaneMap>,
+        instance: &Instance,
+    ) -> Arc<LaneInstance> {
+        let shared = self.shared_instance(instance);
+        let fresh = Arc::new(LaneInstance(shared));
+        lane.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            match map.get(&instance.id) {
+                Some(s) if Arc::ptr_eq(&s.0, &fresh.0) => {}
+                _ => {
+                    map.insert(instance.id.clone(), fresh.clone());
+                }
+            }
+            map
+        });
+        lane.load()
+            .get(&instance.id)
+            .filter(|s| Arc::ptr_eq(&s.0, &fresh.0))
+            .cloned()
+            .unwrap_or(fresh)
+    }
+
     /// The state of instance `instance` (created if new).
-    pub(crate) fn instance(&self, instance: &Instance) -> Arc<InstanceState> {
+    fn shared_instance(&self, instance: &Instance) -> Arc<InstanceState> {
         if let Some(s) = self.instances.load().get(&instance.id)
             && s.addr == instance.addr
         {
@@ -252,6 +309,21 @@ impl ServiceState {
                 };
                 next.insert(i.id.clone(), s);
             }
+            // Each lane's handles follow: kept for states that stay.
+            for lane in &self.lanes {
+                let old = lane.load();
+                let map: LaneMap = next
+                    .iter()
+                    .map(|(id, s)| {
+                        let handle = match old.get(id) {
+                            Some(h) if Arc::ptr_eq(&h.0, s) => h.clone(),
+                            _ => Arc::new(LaneInstance(s.clone())),
+                        };
+                        (id.clone(), handle)
+                    })
+                    .collect();
+                lane.store(Arc::new(map));
+            }
             self.instances.store(Arc::new(next));
         }
         let Some(eligible) = self.eligible() else {
@@ -308,6 +380,23 @@ impl ServiceState {
             ejected,
             instances,
         }
+    }
+}
+
+/// One lane's handles on the instances' states, by id.
+type LaneMap = HashMap<String, Arc<LaneInstance>>;
+
+/// One lane's handle on an instance's shared state: an allocation of its
+/// own, so that taking it for a request writes to a reference count only
+/// this lane's thread writes (see `crate::lane`).
+#[derive(Debug)]
+pub(crate) struct LaneInstance(Arc<InstanceState>);
+
+impl std::ops::Deref for LaneInstance {
+    type Target = InstanceState;
+
+    fn deref(&self) -> &InstanceState {
+        &self.0
     }
 }
 

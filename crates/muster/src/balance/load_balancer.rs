@@ -201,8 +201,22 @@ impl Picked {
 
     /// The instance and the in-flight guard, if any (drop the guard when
     /// the request ends).
+    ///
+    /// The instance returned is the `Arc` every thread shares: cloning it
+    /// writes to a reference count other cores write too (see "Scaling
+    /// across cores" on [`LoadBalancer`]). On a hot path, keep the
+    /// `Picked` (it dereferences to the instance) and take the guard with
+    /// [`into_in_flight`](Self::into_in_flight) when the instance is no
+    /// longer needed.
     pub fn into_parts(self) -> (Arc<Instance>, Option<InFlight>) {
         (Arc::clone(&self.handle.0), self.in_flight)
+    }
+
+    /// The in-flight guard, if any, without the instance: the request
+    /// keeps counting as in flight until the guard is dropped. Touches no
+    /// reference count shared with other threads.
+    pub fn into_in_flight(self) -> Option<InFlight> {
+        self.in_flight
     }
 }
 
@@ -315,6 +329,15 @@ mod tests {
         assert_eq!(lb.inspect(|b| b.in_flight().iter().sum::<usize>()), 1);
         drop(p);
         assert_eq!(lb.inspect(|b| b.in_flight().iter().sum::<usize>()), 0);
+        // The guard alone keeps counting.
+        let guard = lb.pick().unwrap().into_in_flight();
+        assert!(guard.is_some());
+        assert_eq!(lb.inspect(|b| b.in_flight().iter().sum::<usize>()), 1);
+        drop(guard);
+        assert_eq!(lb.inspect(|b| b.in_flight().iter().sum::<usize>()), 0);
+        let rr = LoadBalancer::<RoundRobin>::new();
+        rr.update(&instances(2));
+        assert!(rr.pick().unwrap().into_in_flight().is_none());
         assert!(
             !LoadBalancer::<RoundRobin>::new()
                 .pick()
