@@ -45,6 +45,9 @@ use crate::tls::{Io, UpstreamTls};
 
 /// Read buffer size of a connection.
 const READ_BUF: usize = 16 * 1024;
+/// Initial size of a connection's buffer for request heads (grown as
+/// needed, and kept).
+const HEAD_BUF: usize = 1024;
 
 /// A serving thread's upstream client. Cheap to clone (shares the pool).
 #[derive(Debug, Clone)]
@@ -75,19 +78,32 @@ struct Conn {
     io: Io,
     /// Bytes read and not consumed yet.
     buf: BytesMut,
+    /// The request head being sent (reused).
+    out: Vec<u8>,
 }
 
 /// A request to send: its head already written out.
-#[derive(Debug)]
 pub(crate) struct Outbound<'a, B> {
     pub(crate) method: &'a Method,
-    /// The request head, as [`crate::headers::write_request_head`] wrote it.
-    pub(crate) head: &'a [u8],
+    /// Writes the request head (with [`crate::headers::write_request_head`])
+    /// into the connection's write buffer, which is kept from one request
+    /// to the next.
+    pub(crate) head: &'a (dyn Fn(&mut Vec<u8>) + Sync),
     /// The body to stream after the head: any [`Body`]; the proxy's
     /// remembers whether it was read, for its retries.
     pub(crate) body: Option<&'a mut B>,
     /// The body is sent with chunked coding (the head says so).
     pub(crate) chunked: bool,
+}
+
+impl<B> std::fmt::Debug for Outbound<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("method", self.method)
+            .field("body", &self.body.is_some())
+            .field("chunked", &self.chunked)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An upstream's answer.
@@ -182,7 +198,10 @@ impl UpstreamClient {
                 SendError::Request(message)
             }
         };
-        let wrote = match conn.io.write_all(req.head).await {
+        let conn_ref = &mut *conn;
+        conn_ref.out.clear();
+        (req.head)(&mut conn_ref.out);
+        let wrote = match conn_ref.io.write_all(&conn_ref.out).await {
             // A body follows at once: flushed after it.
             Ok(()) if req.body.is_some() => Ok(()),
             Ok(()) => conn.io.flush_tls().await,
@@ -359,6 +378,7 @@ impl UpstreamClient {
             tls: id,
             io,
             buf: BytesMut::with_capacity(READ_BUF),
+            out: Vec::with_capacity(HEAD_BUF),
         }))
     }
 }
@@ -727,7 +747,7 @@ mod tests {
         let head = head(authority);
         let outbound = Outbound::<http_body_util::Empty<Bytes>> {
             method: &Method::GET,
-            head: &head,
+            head: &|out: &mut Vec<u8>| out.extend_from_slice(&head),
             body: None,
             chunked: false,
         };
@@ -749,7 +769,7 @@ mod tests {
     {
         let outbound = Outbound {
             method: &Method::POST,
-            head,
+            head: &|out: &mut Vec<u8>| out.extend_from_slice(head),
             body: Some(body),
             chunked,
         };

@@ -60,31 +60,53 @@ pub(crate) struct Head {
 }
 
 /// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
-/// On success, the head's bytes are consumed from `buf`.
+/// On success, the head's bytes are consumed from `buf`; the header values
+/// are slices of them (split off `buf`, neither copied nor allocated).
 pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ParseError> {
     // Most answers have a handful of headers: a small array first (cheap
     // to set up), the full one only if that is not enough.
     let mut few = [httparse::EMPTY_HEADER; 16];
-    let parsed = match parse_with(buf, method, &mut few) {
+    let mut few_spans = [const { None }; 16];
+    let scanned = match scan(buf, &mut few, &mut few_spans) {
         Err(ParseError::TooLarge) if buf.len() <= MAX_HEAD => {
             let mut many = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            parse_with(buf, method, &mut many)
+            let mut many_spans = vec![None; MAX_HEADERS];
+            let scanned = scan(buf, &mut many, &mut many_spans)?;
+            return Ok(match scanned {
+                Some(line) => Some(build(buf, line, &mut many_spans, method)?),
+                None => None,
+            });
         }
-        other => other,
+        other => other?,
     };
-    Ok(parsed?.map(|(len, head)| {
-        buf.advance(len);
-        head
-    }))
+    Ok(match scanned {
+        Some(line) => Some(build(buf, line, &mut few_spans, method)?),
+        None => None,
+    })
 }
 
-/// Parses with room for `lines.len()` header lines; gives the head's
-/// length too.
-fn parse_with<'b>(
+/// A header line found by [`scan`]: its name, and where its value is in
+/// the head.
+type Span = Option<(HeaderName, usize, usize)>;
+
+/// What [`scan`] found besides the headers.
+#[derive(Debug, Clone, Copy)]
+struct StatusLine {
+    /// The head's length.
+    len: usize,
+    code: u16,
+    http10: bool,
+    /// Header lines found.
+    lines: usize,
+}
+
+/// Parses the head with room for `lines.len()` header lines, recording
+/// each line's name and value position in `spans`.
+fn scan<'b>(
     buf: &'b [u8],
-    method: &Method,
     lines: &mut [httparse::Header<'b>],
-) -> Result<Option<(usize, Head)>, ParseError> {
+    spans: &mut [Span],
+) -> Result<Option<StatusLine>, ParseError> {
     let mut res = httparse::Response::new(lines);
     let len = match res.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -96,35 +118,49 @@ fn parse_with<'b>(
     if len > MAX_HEAD {
         return Err(ParseError::TooLarge);
     }
-    // Header values are slices of the head's bytes, not copies.
     let base = buf.as_ptr() as usize;
-    let raw = Bytes::copy_from_slice(&buf[..len]);
-    let code = res.code.unwrap_or(0);
+    for (line, span) in res.headers.iter().zip(spans.iter_mut()) {
+        let name = HeaderName::from_bytes(line.name.as_bytes())
+            .map_err(|_| ParseError::Head(format!("invalid header name {:?}", line.name)))?;
+        // httparse's values are slices of the head.
+        let start = (line.value.as_ptr() as usize)
+            .checked_sub(base)
+            .filter(|start| start + line.value.len() <= len)
+            .ok_or_else(|| ParseError::Head(format!("invalid value of header {name}")))?;
+        *span = Some((name, start, line.value.len()));
+    }
+    Ok(Some(StatusLine {
+        len,
+        code: res.code.unwrap_or(0),
+        http10: res.version == Some(0),
+        lines: res.headers.len(),
+    }))
+}
+
+/// Takes the head [`scan`] found off `buf` and makes the [`Head`].
+fn build(
+    buf: &mut BytesMut,
+    found: StatusLine,
+    spans: &mut [Span],
+    method: &Method,
+) -> Result<Head, ParseError> {
+    let raw = buf.split_to(found.len).freeze();
+    let (code, http10) = (found.code, found.http10);
     let status = StatusCode::from_u16(code)
         .map_err(|_| ParseError::Head(format!("invalid status code {code}")))?;
-    let http10 = res.version == Some(0);
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    let mut headers = HeaderMap::with_capacity(found.lines);
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_coded = false;
     let mut close = http10;
     let mut upgrade = None;
     let mut named: Vec<HeaderName> = Vec::new();
-    for line in res.headers.iter() {
-        let name = HeaderName::from_bytes(line.name.as_bytes())
-            .map_err(|_| ParseError::Head(format!("invalid header name {:?}", line.name)))?;
-        let value = match (line.value.as_ptr() as usize)
-            .checked_sub(base)
-            .filter(|start| start + line.value.len() <= len)
-        {
-            Some(start) => {
-                HeaderValue::from_maybe_shared(raw.slice(start..start + line.value.len()))
-            }
-            None => HeaderValue::from_bytes(line.value),
-        }
-        .map_err(|_| ParseError::Head(format!("invalid value of header {name}")))?;
+    for (name, start, n) in spans[..found.lines].iter_mut().filter_map(Option::take) {
+        let bytes = raw.slice(start..start + n);
+        let value = HeaderValue::from_maybe_shared(bytes.clone())
+            .map_err(|_| ParseError::Head(format!("invalid value of header {name}")))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(line.value)?;
+            let n = parse_length(&bytes)?;
             if length.is_some_and(|l| l != n) {
                 return Err(ParseError::ContentLength);
             }
@@ -192,18 +228,15 @@ fn parse_with<'b>(
             }
         }
     };
-    Ok(Some((
-        len,
-        Head {
-            status,
-            headers,
-            framing,
-            keep_alive: !close,
-            upgrade: (status == StatusCode::SWITCHING_PROTOCOLS)
-                .then_some(upgrade)
-                .flatten(),
-        },
-    )))
+    Ok(Head {
+        status,
+        headers,
+        framing,
+        keep_alive: !close,
+        upgrade: (status == StatusCode::SWITCHING_PROTOCOLS)
+            .then_some(upgrade)
+            .flatten(),
+    })
 }
 
 fn parse_length(v: &[u8]) -> Result<u64, ParseError> {

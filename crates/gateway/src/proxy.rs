@@ -1,6 +1,7 @@
 //! The request path: answer the gateway's own paths, find the route, pick
 //! an instance, forward, retry when it is safe, and stream the answer back.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,16 @@ pub(crate) struct Proxy {
     pool_idle_timeout: Duration,
     health_path: Option<String>,
     metrics_path: Option<String>,
+}
+
+/// What [`Proxy::forward`] needs of the client's request besides its
+/// body.
+struct ClientRequest<'a> {
+    parts: &'a http::request::Parts,
+    /// See [`request_host`].
+    host: Option<&'a str>,
+    /// The client's side of a protocol upgrade it asked for.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 /// An instance chosen for one attempt.
@@ -125,7 +136,7 @@ impl Proxy {
     pub(crate) async fn handle(
         &self,
         client: &UpstreamClient,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: &ClientAddr,
     ) -> Response<GatewayBody> {
         let start = Instant::now();
@@ -142,7 +153,13 @@ impl Proxy {
                 .observe(resp.status(), start.elapsed());
             return resp;
         }
-        let host = request_host(&req);
+        // Taken before the request is split (hyper keeps it in the
+        // request's extensions).
+        let upgrade = is_upgrade(req.version(), req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let path = parts.uri.path();
+        let host = request_host(&parts);
         let table = self.routes.load();
         let Some(route) = table.find(host.as_deref(), path) else {
             let resp = json_error(
@@ -150,7 +167,7 @@ impl Proxy {
                 "no_route",
                 &format!(
                     "no route for {} {}{}",
-                    req.method(),
+                    parts.method,
                     host.as_deref().unwrap_or(""),
                     path
                 ),
@@ -163,7 +180,14 @@ impl Proxy {
         };
         let route = route.clone();
         drop(table);
-        let resp = self.forward(client, &route, req, peer, host, start).await;
+        let request = ClientRequest {
+            parts: &parts,
+            host: host.as_deref(),
+            upgrade: client_upgrade,
+        };
+        let resp = self
+            .forward(client, &route, request, body, peer, start)
+            .await;
         route.metrics.observe(resp.status(), start.elapsed());
         resp
     }
@@ -172,15 +196,18 @@ impl Proxy {
         &self,
         client: &UpstreamClient,
         route: &ActiveRoute,
-        mut req: Request<Incoming>,
+        request: ClientRequest<'_>,
+        body: Incoming,
         peer: &ClientAddr,
-        host: Option<String>,
         start: Instant,
     ) -> Response<GatewayBody> {
         let deadline = start + route.timeout;
-        let upgrade = is_upgrade(req.version(), req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let ClientRequest {
+            parts,
+            host,
+            upgrade: client_upgrade,
+        } = request;
+        let upgrade = client_upgrade.is_some();
 
         // What every attempt sends. The client's headers are not touched:
         // the rewriting happens as the head is written.
@@ -220,7 +247,6 @@ impl Proxy {
         let chunked = framing == RequestFraming::Chunked;
         let mut body = (!http_body::Body::is_end_stream(&body)).then(|| RequestBody::new(body));
         let uri_authority = parts.uri.authority().map(|a| a.as_str());
-        let mut head = Vec::with_capacity(512);
 
         let attempts = 1 + route.retries;
         let mut tried: Vec<String> = Vec::new();
@@ -258,20 +284,18 @@ impl Proxy {
             } else {
                 None
             };
-            head.clear();
-            write_request_head(
-                &mut head,
-                &Outgoing {
-                    method: &parts.method,
-                    target,
-                    headers: &parts.headers,
-                    client: peer,
-                    host: host.as_deref(),
-                    default_host: uri_authority.unwrap_or(authority.as_str()),
-                    upgrade,
-                    framing,
-                },
-            );
+            let outgoing = Outgoing {
+                method: &parts.method,
+                target,
+                headers: &parts.headers,
+                client: peer,
+                host,
+                default_host: uri_authority.unwrap_or(authority.as_str()),
+                upgrade,
+                framing,
+            };
+            // Written into the connection's own buffer (no allocation).
+            let head = |out: &mut Vec<u8>| write_request_head(out, &outgoing);
             let sent = Instant::now();
             // A pooled connection the upstream had closed gets one more go
             // on a fresh connection, on the same instance.
@@ -476,12 +500,13 @@ fn reject(req: &Request<Incoming>) -> Option<Response<GatewayBody>> {
     None
 }
 
-/// The host a request is for, without port: from the URI (absolute form,
-/// HTTP/2) or the `Host` header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().authority() {
+/// The host a request is for, without port, in lower case (borrowed
+/// from the request unless it had upper-case letters): from the URI
+/// (absolute form, HTTP/2) or the `Host` header.
+fn request_host(req: &http::request::Parts) -> Option<Cow<'_, str>> {
+    let raw = match req.uri.authority() {
         Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
+        None => req.headers.get(header::HOST)?.to_str().ok()?,
     };
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
@@ -489,7 +514,13 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
-    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+    if host.is_empty() {
+        None
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
 }
 
 fn bad_request(message: &str) -> Response<GatewayBody> {
