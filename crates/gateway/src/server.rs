@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::GatewayError;
 use crate::headers::ClientAddr;
 use crate::proxy::Proxy;
-use crate::watchdog::{Activity, Finished, Watchdog};
+use crate::watchdog::{Activity, Drainable, Finished, Watchdog};
 
 /// Binds a listener (port 0: any free port).
 pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, GatewayError> {
@@ -175,7 +175,9 @@ async fn worker(
         }
     });
     let builder = Arc::new(builder(None));
-    let graceful = GracefulShutdown::new();
+    // Every connection's task holds a clone; the drain is over when the
+    // receiver sees them all dropped.
+    let (live, mut gone) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             biased;
@@ -206,13 +208,15 @@ async fn worker(
                 Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
             }
         });
+        let live = live.clone();
         let task = match &tls {
             None => {
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
-                let conn = graceful.watch(conn);
+                let conn = Drainable::new(conn, activity.clone(), |c| c.graceful_shutdown());
                 tokio::spawn(async move {
+                    let _live = live;
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -221,9 +225,10 @@ async fn worker(
             // The handshake runs in the connection's task (bounded by its
             // own timeout, and by the watchdog like an incomplete head).
             Some(tls) => {
-                let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+                let (tls, builder, activity) = (tls.clone(), builder.clone(), activity.clone());
                 let metrics = proxy.metrics.clone();
                 tokio::spawn(async move {
+                    let _live = live;
                     let stream = match tls.accept(stream, peer).await {
                         Ok(stream) => stream,
                         Err(e) => {
@@ -237,7 +242,8 @@ async fn worker(
                     let conn = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
+                    let conn = Drainable::new(conn, activity, |c| c.graceful_shutdown());
+                    if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 })
@@ -245,10 +251,9 @@ async fn worker(
         };
         watchdog.watch(activity, task.abort_handle());
     }
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    watchdog.drain();
+    drop(live);
+    if tokio::time::timeout(drain, gone.recv()).await.is_err() {
         tracing::warn!(
             ?drain,
             "connections still busy after the drain timeout; closing them"
