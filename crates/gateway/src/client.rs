@@ -114,7 +114,8 @@ pub(crate) struct Answer {
     pub(crate) headers: HeaderMap,
     pub(crate) body: ResponseBody,
     /// For `101 Switching Protocols`: the protocol and the connection.
-    pub(crate) upgraded: Option<(HeaderValue, Upgraded)>,
+    /// Boxed: rare, and the answer is moved several times on its way out.
+    pub(crate) upgraded: Option<Box<(HeaderValue, Upgraded)>>,
 }
 
 /// The upstream's connection after `101 Switching Protocols`.
@@ -269,13 +270,13 @@ impl UpstreamClient {
                 status: head.status,
                 headers: head.headers,
                 body: ResponseBody::empty(),
-                upgraded: Some((
+                upgraded: Some(Box::new((
                     protocol,
                     Upgraded {
                         io: conn.io,
                         read: conn.buf.freeze(),
                     },
-                )),
+                ))),
             });
         }
         let body = ResponseBody::new(
@@ -474,7 +475,8 @@ pub(crate) struct ResponseBody {
     ready: Option<Bytes>,
     more: VecDeque<Bytes>,
     /// Trailers decoded ahead, handed out after the data.
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare, and the body is moved with the response.
+    trailers: Option<Box<HeaderMap>>,
     /// The connection, while the body is being read.
     conn: Option<Box<Conn>>,
     decoder: Decoder,
@@ -506,7 +508,7 @@ impl ResponseBody {
             match decoder.step(&mut conn.buf) {
                 Ok(Step::Data(data)) if ready.is_none() => ready = Some(data),
                 Ok(Step::Data(data)) => more.push_back(data),
-                Ok(Step::Trailers(t)) => trailers = Some(t),
+                Ok(Step::Trailers(t)) => trailers = Some(Box::new(t)),
                 Ok(Step::NeedMore | Step::Done) => break,
                 Err(_) => {
                     // Reported when the body is read.
@@ -562,7 +564,7 @@ impl Body for ResponseBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(trailers) = this.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
         loop {
             let Some(conn) = this.conn.as_mut() else {

@@ -347,7 +347,8 @@ impl Proxy {
                     let mut resp = Response::new(GatewayBody::empty());
                     *resp.status_mut() = answer.status;
                     *resp.headers_mut() = answer.headers;
-                    if let Some((protocol, upgraded)) = answer.upgraded {
+                    if let Some(upgrade) = answer.upgraded {
+                        let (protocol, upgraded) = *upgrade;
                         let Some(client_upgrade) = client_upgrade else {
                             tracing::warn!(service = %route.route.service, instance = %state.id, "upstream switched protocols unasked");
                             return json_error(
