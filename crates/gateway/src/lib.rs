@@ -27,8 +27,9 @@
 //!    first, then the longest prefix on segment boundaries. No route: 404
 //!    with a JSON body.
 //! 4. The route's load balancer (`muster::balance`, kept current from
-//!    discovery's local table minus the ejected instances, `upstream.rs`)
-//!    picks an instance: power of two choices on in-flight requests unless
+//!    discovery's local table minus the ejected instances, `upstream.rs`;
+//!    each serving thread has its own copy of the routes and balancers,
+//!    `lane.rs`) picks an instance: power of two choices on in-flight requests unless
 //!    the route says otherwise (consistent hashing on a header or cookie,
 //!    round-robin, ...). None left: 503 naming the service.
 //! 5. The head sent upstream is written in one pass over the client's
