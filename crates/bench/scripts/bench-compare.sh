@@ -82,6 +82,8 @@ fi
 [[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
 
 WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SCHEME=http
 SERVER_TLS=()
 CLIENT_TLS=()
@@ -113,18 +115,11 @@ stop() {
 cleanup() {
     stop muster KILL
     stop etcd KILL
-    if [[ -z ${KEEP:-} ]]; then
-        rm -rf "$WORK"
-    else
-        echo "bench-compare: data, logs and reports kept in $WORK" >&2
-    fi
+    remove_work bench-compare
 }
 trap cleanup EXIT
 
-# A free loopback port (nothing accepts connections on it), not handed out
-# before in this run.
-# shellcheck source=ports.sh
-source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
+# Free loopback ports (common.sh's free_port) for both servers.
 declare -A PORT HTTP_PORT PEER_PORT
 for s in muster etcd; do
     PORT[$s]=$(free_port)

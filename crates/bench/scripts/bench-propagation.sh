@@ -70,22 +70,18 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 WORK=$(mktemp -d /tmp/muster-propagation.XXXXXX)
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 declare -A PID=()
 cleanup() {
     for s in "${!PID[@]}"; do
         kill -KILL "${PID[$s]}" 2>/dev/null || true
         wait "${PID[$s]}" 2>/dev/null || true
     done
-    if [[ -z ${KEEP:-} ]]; then
-        rm -rf "$WORK"
-    else
-        echo "bench-propagation: data, logs and reports kept in $WORK" >&2
-    fi
+    remove_work bench-propagation
 }
 trap cleanup EXIT
 
-# shellcheck source=ports.sh
-source "$(dirname "${BASH_SOURCE[0]}")/ports.sh"
 
 declare -A PORT=()
 start() {

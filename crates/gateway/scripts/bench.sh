@@ -39,13 +39,6 @@ for tool in wrk nginx etcd curl; do
     command -v "$tool" >/dev/null || { echo "bench.sh: $tool is missing (apt-get install -y wrk nginx-light etcd-server curl)" >&2; exit 1; }
 done
 
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release -q -p muster-cli --bin muster
-    cargo build --release -q -p muster-gateway --example upstream
-fi
-MUSTER="$ROOT/target/release/muster"
-UPSTREAM="$ROOT/target/release/examples/upstream"
-
 WORK=$(mktemp -d /tmp/muster-gw-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -56,20 +49,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_http() { # url what [curl args...]
-    local url=$1 what=$2
-    shift 2
-    for _ in $(seq 1 200); do
-        curl -fsS -o /dev/null "$@" "$url" 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "bench.sh: $what did not come up ($url)" >&2
-    exit 1
-}
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+build_binaries
 
 # --- TLS (TLS=1) ------------------------------------------------------------
 SCHEME=http
@@ -89,25 +71,8 @@ if [[ -n "$TLS" ]]; then
         ssl_protocols TLSv1.2 TLSv1.3"
 fi
 
-# --- registry ---------------------------------------------------------------
-EP=$(free_port); PP=$(free_port)
-etcd --name bench --data-dir "$WORK/etcd" \
-    --listen-client-urls "http://127.0.0.1:$EP" --advertise-client-urls "http://127.0.0.1:$EP" \
-    --listen-peer-urls "http://127.0.0.1:$PP" --initial-advertise-peer-urls "http://127.0.0.1:$PP" \
-    --initial-cluster "bench=http://127.0.0.1:$PP" >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$EP/health" etcd
-
-# --- three upstreams ----------------------------------------------------------
-ADDRS=()
-for i in 1 2 3; do
-    "$UPSTREAM" --service bench --id "u-$i" --endpoints "http://127.0.0.1:$EP" >"$WORK/u$i.out" 2>"$WORK/u$i.err" &
-    PIDS+=($!)
-    for _ in $(seq 1 200); do grep -q listening "$WORK/u$i.out" 2>/dev/null && break; sleep 0.05; done
-    addr=$(sed -n 's|^listening on http://||p' "$WORK/u$i.out")
-    [[ -n "$addr" ]] || { echo "bench.sh: upstream $i did not start" >&2; cat "$WORK/u$i.err" >&2; exit 1; }
-    ADDRS+=("$addr")
-done
+# --- registry and three upstreams -------------------------------------------
+start_registry_and_upstreams
 
 # --- muster gateway -----------------------------------------------------------
 GP=$(free_port)

@@ -18,13 +18,6 @@ cd "$ROOT"
 for tool in valgrind callgrind_control wrk etcd curl; do
     command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool is missing" >&2; exit 1; }
 done
-if [[ -z "${NO_BUILD:-}" ]]; then
-    cargo build --release -q -p muster-cli --bin muster
-    cargo build --release -q -p muster-gateway --example upstream
-fi
-MUSTER="$ROOT/target/release/muster"
-UPSTREAM="$ROOT/target/release/examples/upstream"
-
 WORK=$(mktemp -d /tmp/muster-gw-callgrind.XXXXXX)
 PIDS=()
 cleanup() {
@@ -33,23 +26,10 @@ cleanup() {
     [[ -n "${KEEP:-}" ]] || rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-    for _ in $(seq 1 600); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-    echo "callgrind.sh: $2 did not come up ($1)" >&2; exit 1
-}
-
-EP=$(free_port); PP=$(free_port)
-etcd --name cg --data-dir "$WORK/etcd" \
-    --listen-client-urls "http://127.0.0.1:$EP" --advertise-client-urls "http://127.0.0.1:$EP" \
-    --listen-peer-urls "http://127.0.0.1:$PP" --initial-advertise-peer-urls "http://127.0.0.1:$PP" \
-    --initial-cluster "cg=http://127.0.0.1:$PP" >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-wait_http "http://127.0.0.1:$EP/health" etcd
-for i in 1 2 3; do
-    "$UPSTREAM" --service bench --id "u-$i" --endpoints "http://127.0.0.1:$EP" >"$WORK/u$i.out" 2>&1 &
-    PIDS+=($!)
-done
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+build_binaries
+start_registry_and_upstreams
 GP=$(free_port)
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
     "$MUSTER" gateway --workers 1 --endpoints "127.0.0.1:$EP" --listen "127.0.0.1:$GP" --route /=bench \
