@@ -36,6 +36,21 @@ fn put_of(prefix: &str, inst: &Instance) -> muster_proto::PutRequest {
     }
 }
 
+/// Waits (yielding, so that the wait adds no sleep to what is measured)
+/// until `arrived`, for update `round`.
+async fn until_seen(round: usize, arrived: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !arrived() {
+        assert!(Instant::now() < deadline, "update {round} never arrived");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The mean of `total` over `count` applies.
+fn mean(total: Duration, count: u64) -> Duration {
+    total / u32::try_from(count.max(1)).unwrap_or(u32::MAX)
+}
+
 /// Writes `instances` under `prefix` in txns of 100 puts.
 async fn populate(writer: &Etcd, prefix: &str, instances: Vec<Instance>) {
     for chunk in instances.chunks(100) {
@@ -221,28 +236,26 @@ async fn memory(node: &EtcdNode) {
     // each waited for, then the apply times (watch response received to
     // the new snapshot visible).
     let applies_before = service.apply_stats().count();
-    for round in 0..200u32 {
-        let i = round as usize % big;
+    for round in 0..200 {
+        let i = round % big;
         let version = format!("2.0.{round}");
         writer
             .put(put_of(prefix, &instance(i, &version)))
             .await
             .expect("put");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while service
-            .snapshot()
-            .get(&format!("i{i}"))
-            .is_none_or(|seen| seen.version != version)
-        {
-            assert!(Instant::now() < deadline, "update {round} never arrived");
-            tokio::task::yield_now().await;
-        }
+        until_seen(round, || {
+            service
+                .snapshot()
+                .get(&format!("i{i}"))
+                .is_some_and(|seen| seen.version == version)
+        })
+        .await;
     }
     let stats = service.apply_stats();
     println!(
         "one change to a table of {big} instances: {} applies, mean {:?}, p99 <= {:?}, max {:?}",
         stats.count() - applies_before,
-        stats.mean().unwrap_or_default(),
+        mean(stats.total(), stats.count()),
         stats.quantile(0.99).unwrap_or_default(),
         stats.max()
     );
@@ -281,28 +294,26 @@ async fn catalog(node: &EtcdNode) {
             .put(put_of(prefix, &instance(s, i, &version)))
             .await
             .expect("put");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while catalog
-            .snapshot()
-            .service(&format!("s{s}"))
-            .and_then(|m| m.get(&format!("i{i}")))
-            .is_none_or(|e| e.instance.version != version)
-        {
-            assert!(Instant::now() < deadline, "update {round} never arrived");
-            tokio::task::yield_now().await;
-        }
+        until_seen(round, || {
+            catalog
+                .snapshot()
+                .service(&format!("s{s}"))
+                .and_then(|m| m.get(&format!("i{i}")))
+                .is_some_and(|e| e.instance.version == version)
+        })
+        .await;
     }
     let (mut count, mut total, mut max) = (0u64, Duration::ZERO, Duration::ZERO);
     for s in 0..100 {
         if let Some(stats) = catalog.apply_stats(&format!("s{s}")) {
             count += stats.count();
-            total += stats.mean().unwrap_or_default() * u32::try_from(stats.count()).unwrap_or(0);
+            total += stats.total();
             max = max.max(stats.max());
         }
     }
     println!(
         "one change to a catalog of 100 services x 100 instances: {count} applies, mean {:?}, max {max:?}",
-        total / u32::try_from(count.max(1)).unwrap_or(1)
+        mean(total, count)
     );
 }
 

@@ -55,10 +55,9 @@ impl ApplyStats {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// The mean apply time (`None` before the first).
-    pub fn mean(&self) -> Option<Duration> {
-        let count = self.count();
-        (count > 0).then(|| Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed) / count))
+    /// The applies' summed time (with [`count`](Self::count): the mean).
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
     }
 
     /// The longest apply recorded.

@@ -32,6 +32,20 @@ fn put(i: usize) -> pb::PutRequest {
     }
 }
 
+/// The `bench` role's permissions: `readwrite` on `bench/` and on ten
+/// other prefixes.
+fn permissions() -> Vec<pb::authpb::Permission> {
+    (0..10)
+        .map(|i| format!("other{i}/"))
+        .chain(["bench/".to_string()])
+        .map(|p| pb::authpb::Permission {
+            perm_type: pb::authpb::permission::Type::Readwrite as i32,
+            range_end: pb::prefix_range_end(p.as_bytes()),
+            key: p.into_bytes(),
+        })
+        .collect()
+}
+
 /// A server with auth on, a `bench` user whose role may write `bench/`
 /// (and ten other prefixes), and that user's token.
 async fn with_auth() -> (Server, String) {
@@ -70,21 +84,12 @@ async fn with_auth() -> (Server, String) {
     )
     .await
     .expect("role add");
-    let prefixes = (0..10)
-        .map(|i| format!("other{i}/"))
-        .chain(["bench/".to_string()]);
-    for p in prefixes {
-        let mut end = p.clone().into_bytes();
-        *end.last_mut().expect("non-empty") += 1;
+    for perm in permissions() {
         core.role_grant_permission(
             &sys,
             pb::AuthRoleGrantPermissionRequest {
                 name: "bench".into(),
-                perm: Some(pb::authpb::Permission {
-                    perm_type: pb::authpb::permission::Type::Readwrite as i32,
-                    key: p.into_bytes(),
-                    range_end: end,
-                }),
+                perm: Some(perm),
             },
         )
         .await
@@ -137,19 +142,7 @@ fn bench(c: &mut Criterion) {
     // The check alone, on the same permissions.
     let roles = vec![pb::authpb::Role {
         name: b"bench".to_vec(),
-        key_permission: (0..10)
-            .map(|i| format!("other{i}/"))
-            .chain(["bench/".to_string()])
-            .map(|p| {
-                let mut end = p.clone().into_bytes();
-                *end.last_mut().expect("non-empty") += 1;
-                pb::authpb::Permission {
-                    perm_type: pb::authpb::permission::Type::Readwrite as i32,
-                    key: p.into_bytes(),
-                    range_end: end,
-                }
-            })
-            .collect(),
+        key_permission: permissions(),
     }];
     let users = vec![pb::authpb::User {
         name: b"bench".to_vec(),
