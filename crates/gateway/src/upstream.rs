@@ -202,11 +202,9 @@ impl ServiceState {
             }
             map
         });
-        lane.load()
-            .get(&instance.id)
-            .filter(|s| Arc::ptr_eq(&s.0, &fresh.0))
-            .cloned()
-            .unwrap_or(fresh)
+        // A handle on the same shared state as the map's, whichever of the
+        // two allocations it is.
+        fresh
     }
 
     /// The state of instance `instance` (created if new).
