@@ -183,11 +183,12 @@ async fn login_shows_only_what_the_user_may_read(registry: Box<dyn Registry>) {
     assert!(!wrong.body.contains("nope"), "the password is never echoed");
     let unknown = login(&served, "mallory", "x").await;
     assert_eq!(unknown.status, StatusCode::UNAUTHORIZED);
-    // This browser's address is slowed down now: its second failure
-    // waited, whatever the registry's own throttle sees.
+    // This browser's address is slowed down now, whatever the registry's
+    // own throttle sees. (Whether the second attempt had to wait depends
+    // on how soon it came; the growing delays are the throttle's unit
+    // tests.)
     let throttle = served.dashboard.login_throttle();
     assert_eq!(throttle.failures(), 2);
-    assert_eq!(throttle.delayed(), 1, "the attempt after a failure waited");
     assert_eq!(throttle.peers(), 1);
     // Only JSON: a cross-site form cannot log anyone in.
     let form = call(
