@@ -72,18 +72,11 @@ command -v "$ETCD" >/dev/null || die "no etcd binary ($ETCD) on PATH; set ETCD=/
 if [[ -n ${AUTH:-} ]]; then
     command -v "$ETCDCTL" >/dev/null || die "AUTH=1 needs etcdctl ($ETCDCTL) on PATH; set ETCDCTL=/path/to/etcdctl"
 fi
-if [[ -z ${MUSTER:-} ]]; then
-    MUSTER=$ROOT/target/release/muster
-    if [[ -z ${SKIP_BUILD:-} ]]; then
-        log "building muster (release)"
-        (cd "$ROOT" && cargo build --release -p muster-cli) >&2
-    fi
-fi
-[[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
-
-WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+find_muster
+
+WORK=$(mktemp -d /tmp/muster-bench.XXXXXX)
 SCHEME=http
 SERVER_TLS=()
 CLIENT_TLS=()

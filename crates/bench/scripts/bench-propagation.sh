@@ -58,20 +58,13 @@ die() {
 log() { echo "== $*" >&2; }
 
 [[ -n $ETCD && -x $ETCD ]] || die "no etcd binary; set ETCD=/path/to/etcd (apt-get install etcd-server)"
-if [[ -z ${MUSTER:-} ]]; then
-    MUSTER=$ROOT/target/release/muster
-    if [[ -z ${SKIP_BUILD:-} ]]; then
-        log "building muster (release)"
-        (cd "$ROOT" && cargo build --release -p muster-cli) >&2
-    fi
-fi
-[[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+find_muster
 # 1000 callers in one process are 1000 sockets, and as many on the server.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 WORK=$(mktemp -d /tmp/muster-propagation.XXXXXX)
-# shellcheck source=common.sh
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 declare -A PID=()
 cleanup() {
     for s in "${!PID[@]}"; do

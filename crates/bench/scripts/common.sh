@@ -1,4 +1,17 @@
-# Sourced by the bench scripts (which define `die` and WORK).
+# Sourced by the bench scripts (which define `die`, `log`, ROOT and WORK).
+
+# find_muster: MUSTER, or target/release/muster built first (unless
+# SKIP_BUILD is set); dies if it is not there.
+find_muster() {
+    if [[ -z ${MUSTER:-} ]]; then
+        MUSTER=$ROOT/target/release/muster
+        if [[ -z ${SKIP_BUILD:-} ]]; then
+            log "building muster (release)"
+            (cd "$ROOT" && cargo build --release -p muster-cli) >&2
+        fi
+    fi
+    [[ -x $MUSTER ]] || die "$MUSTER is missing; build it with: cargo build --release -p muster-cli"
+}
 
 # free_port prints a loopback TCP port that nothing listens on and that
 # this script has not handed out yet (calls `die` when none is found in
