@@ -133,12 +133,19 @@ impl Proxy {
 
     /// Answers one request from a client. Never fails: every problem is an
     /// HTTP answer.
-    pub(crate) async fn handle(
+    ///
+    /// Generic over the request body (hyper's [`Incoming`] today), so that
+    /// a downstream server other than hyper's can hand its requests here.
+    pub(crate) async fn handle<B>(
         &self,
         client: &UpstreamClient,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         peer: &ClientAddr,
-    ) -> Response<GatewayBody> {
+    ) -> Response<GatewayBody>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let start = Instant::now();
         let path = req.uri().path();
         if self.health_path.as_deref() == Some(path) {
@@ -192,15 +199,19 @@ impl Proxy {
         resp
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
         client: &UpstreamClient,
         route: &ActiveRoute,
         request: ClientRequest<'_>,
-        body: Incoming,
+        body: B,
         peer: &ClientAddr,
         start: Instant,
-    ) -> Response<GatewayBody> {
+    ) -> Response<GatewayBody>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let deadline = start + route.timeout;
         let ClientRequest {
             parts,
@@ -474,7 +485,7 @@ fn pick_from(lb: &AnyLoadBalancer, key: Option<&[u8]>, tried: &[String]) -> Opti
 }
 
 /// Requests the gateway refuses before routing.
-fn reject(req: &Request<Incoming>) -> Option<Response<GatewayBody>> {
+fn reject<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
     if req.method() == Method::CONNECT {
         return Some(json_error(
             StatusCode::METHOD_NOT_ALLOWED,
