@@ -36,13 +36,24 @@ fn put_of(prefix: &str, inst: &Instance) -> muster_proto::PutRequest {
     }
 }
 
-/// Waits (yielding, so that the wait adds no sleep to what is measured)
-/// until `arrived`, for update `round`.
-async fn until_seen(round: usize, arrived: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !arrived() {
-        assert!(Instant::now() < deadline, "update {round} never arrived");
-        tokio::task::yield_now().await;
+/// Puts `rounds` changed instances (`changed(round)`) one at a time, each
+/// waited for until `seen` shows it: yielding, so that the wait adds no
+/// sleep to what is measured.
+async fn change_each(
+    writer: &Etcd,
+    prefix: &str,
+    rounds: usize,
+    changed: impl Fn(usize) -> Instance,
+    seen: impl Fn(&Instance) -> bool,
+) {
+    for round in 0..rounds {
+        let inst = changed(round);
+        writer.put(put_of(prefix, &inst)).await.expect("put");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen(&inst) {
+            assert!(Instant::now() < deadline, "update {round} never arrived");
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -236,21 +247,19 @@ async fn memory(node: &EtcdNode) {
     // each waited for, then the apply times (watch response received to
     // the new snapshot visible).
     let applies_before = service.apply_stats().count();
-    for round in 0..200 {
-        let i = round % big;
-        let version = format!("2.0.{round}");
-        writer
-            .put(put_of(prefix, &instance(i, &version)))
-            .await
-            .expect("put");
-        until_seen(round, || {
+    change_each(
+        &writer,
+        prefix,
+        200,
+        |round| instance(round % big, &format!("2.0.{round}")),
+        |inst| {
             service
                 .snapshot()
-                .get(&format!("i{i}"))
-                .is_some_and(|seen| seen.version == version)
-        })
-        .await;
-    }
+                .get(&inst.id)
+                .is_some_and(|seen| seen.version == inst.version)
+        },
+    )
+    .await;
     let stats = service.apply_stats();
     println!(
         "one change to a table of {big} instances: {} applies, mean {:?}, p99 <= {:?}, max {:?}",
@@ -287,22 +296,20 @@ async fn catalog(node: &EtcdNode) {
         .await
         .expect("follow");
     assert_eq!(catalog.snapshot().len(), 10_000);
-    for round in 0..200usize {
-        let (s, i) = (round % 100, round / 100);
-        let version = format!("2.0.{round}");
-        writer
-            .put(put_of(prefix, &instance(s, i, &version)))
-            .await
-            .expect("put");
-        until_seen(round, || {
+    change_each(
+        &writer,
+        prefix,
+        200,
+        |round| instance(round % 100, round / 100, &format!("2.0.{round}")),
+        |inst| {
             catalog
                 .snapshot()
-                .service(&format!("s{s}"))
-                .and_then(|m| m.get(&format!("i{i}")))
-                .is_some_and(|e| e.instance.version == version)
-        })
-        .await;
-    }
+                .service(&inst.service)
+                .and_then(|m| m.get(&inst.id))
+                .is_some_and(|e| e.instance.version == inst.version)
+        },
+    )
+    .await;
     let (mut count, mut total, mut max) = (0u64, Duration::ZERO, Duration::ZERO);
     for s in 0..100 {
         if let Some(stats) = catalog.apply_stats(&format!("s{s}")) {
