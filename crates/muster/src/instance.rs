@@ -255,9 +255,7 @@ pub(crate) fn decode_value(
     id: &str,
     value: &[u8],
 ) -> std::result::Result<Instance, String> {
-    let wire: WireValue =
-        serde_json::from_slice(value).map_err(|e| format!("not valid JSON: {e}"))?;
-    let instance = match wire {
+    let instance = match wire_value(value)? {
         WireValue::Muster(v) => {
             if v.schema > SCHEMA_VERSION {
                 return Err(format!(
@@ -357,11 +355,29 @@ struct GoNamingValue {
     metadata: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A value as either writer stores it.
 enum WireValue {
     Muster(StoredValue),
     GoNaming(GoNamingValue),
+}
+
+/// Parses `value` as muster's own value, else as the Go naming package's.
+/// Two direct parses rather than serde's `untagged`, which first copies
+/// the whole document into an intermediate tree (every string allocated
+/// once more) on every watch event of every caller.
+fn wire_value(value: &[u8]) -> std::result::Result<WireValue, String> {
+    let muster = match serde_json::from_slice::<StoredValue>(value) {
+        Ok(v) => return Ok(WireValue::Muster(v)),
+        Err(e) => e,
+    };
+    if muster.is_syntax() || muster.is_eof() {
+        return Err(format!("not valid JSON: {muster}"));
+    }
+    serde_json::from_slice::<GoNamingValue>(value)
+        .map(WireValue::GoNaming)
+        .map_err(|go| {
+            format!("neither muster's instance value ({muster}) nor a Go naming entry ({go})")
+        })
 }
 
 /// Checks a service name or instance id: 1..=[`MAX_NAME_LEN`] bytes of
@@ -491,6 +507,13 @@ mod tests {
         }
         assert!(Instance::decode("/p", b"/p/s", b"{}").is_err());
         assert!(Instance::decode("/p", b"/other/s/i", b"{}").is_err());
+        // The error says what was wrong, for either writer's format.
+        let e = Instance::decode("/p", b"/p/s/i", b"{\"schema\":").unwrap_err();
+        assert!(e.to_string().contains("not valid JSON"), "{e}");
+        let e = Instance::decode("/p", b"/p/s/i", br#"{"schema":1}"#).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("neither muster's instance value"), "{text}");
+        assert!(text.contains("`addr`") && text.contains("`Addr`"), "{text}");
     }
 
     #[test]
