@@ -36,13 +36,13 @@ use std::ffi::OsString;
 use std::io::{Read as _, Write};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use muster::{Config, Discovery, DiscoveryConfig, Etcd, Instance, Registrar, RegistrarConfig};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::args::Plan;
@@ -61,9 +61,6 @@ const SETUP_PARALLELISM: usize = 32;
 /// The address every registered instance has (a documentation address:
 /// never dialed).
 const ADDR: &str = "192.0.2.1:8080";
-
-/// Most caller messages the coordinator takes from its queue at once.
-const INBOX_BATCH: usize = 1024;
 
 /// The JSON fields of `propagation`.
 #[derive(Debug, Serialize)]
@@ -264,6 +261,82 @@ enum Msg {
     Failed(String),
 }
 
+/// Counts the sightings of the change being made, so that the coordinator
+/// is woken once per change, by its last sighting, rather than by every
+/// one: with 1000 callers, a wake-up per sighting is work on the very
+/// cores the change is propagating on.
+#[derive(Debug)]
+struct Progress {
+    /// The change being made.
+    change: AtomicUsize,
+    /// Its sightings so far.
+    seen: AtomicUsize,
+    /// Sightings that complete a change.
+    callers: usize,
+    done: Notify,
+}
+
+impl Progress {
+    fn new(callers: usize) -> Arc<Progress> {
+        Arc::new(Progress {
+            change: AtomicUsize::new(usize::MAX),
+            seen: AtomicUsize::new(0),
+            callers,
+            done: Notify::new(),
+        })
+    }
+
+    /// Change `change` is being made; none of its sightings is counted yet.
+    fn begin(&self, change: usize) {
+        self.seen.store(0, Ordering::Release);
+        self.change.store(change, Ordering::Release);
+    }
+
+    /// Counts a sighting of `change` (already queued for the coordinator).
+    fn saw(&self, change: usize) {
+        if self.change.load(Ordering::Acquire) == change
+            // `>=`: a sighting of the previous change that raced with
+            // `begin` may have been counted; the coordinator then wakes
+            // one sighting early, finds one missing and waits again.
+            && self.seen.fetch_add(1, Ordering::AcqRel) + 1 >= self.callers
+        {
+            self.done.notify_one();
+        }
+    }
+
+    /// Wakes the coordinator to look at its queue (a failure, a caller
+    /// stopping).
+    fn wake(&self) {
+        self.done.notify_one();
+    }
+}
+
+/// Where callers report: the coordinator's queue, and the count that
+/// wakes it.
+#[derive(Debug, Clone)]
+struct Reporter {
+    tx: mpsc::UnboundedSender<Msg>,
+    progress: Arc<Progress>,
+}
+
+impl Reporter {
+    /// Queues `msg` for the coordinator; false once it is gone.
+    fn send(&self, msg: Msg) -> bool {
+        match msg {
+            Msg::Seen { change, .. } => {
+                let sent = self.tx.send(msg).is_ok();
+                self.progress.saw(change);
+                sent
+            }
+            msg => {
+                let sent = self.tx.send(msg).is_ok();
+                self.progress.wake();
+                sent
+            }
+        }
+    }
+}
+
 /// One caller: waits on its service's version channel and reports each
 /// change its table shows, in order, until it has seen `changes` of them.
 async fn follow(
@@ -272,7 +345,7 @@ async fn follow(
     changes: usize,
     clock: Clock,
     clocks: Clocks,
-    tx: mpsc::UnboundedSender<Msg>,
+    reporter: Reporter,
 ) {
     let mut version = service.version();
     let mut next = 0;
@@ -283,14 +356,11 @@ async fn follow(
         let snapshot = service.snapshot();
         let at = clocks.now(clock);
         while next < changes && shown(next, snapshot.get(&id).is_some()) {
-            if tx
-                .send(Msg::Seen {
-                    caller,
-                    change: next,
-                    at,
-                })
-                .is_err()
-            {
+            if !reporter.send(Msg::Seen {
+                caller,
+                change: next,
+                at,
+            }) {
                 return;
             }
             next += 1;
@@ -298,7 +368,13 @@ async fn follow(
                 id = instance_id(next);
             }
         }
-        if next == changes || version.changed().await.is_err() {
+        if next == changes {
+            return;
+        }
+        if version.changed().await.is_err() {
+            // The discovery is gone: the coordinator sees the queue close
+            // once every caller is.
+            reporter.progress.wake();
             return;
         }
     }
@@ -334,7 +410,7 @@ async fn start_callers(
     changes: usize,
     clock: Clock,
     clocks: Clocks,
-    tx: &mpsc::UnboundedSender<Msg>,
+    reporter: &Reporter,
 ) -> Result<(JoinSet<()>, usize), Error> {
     let per_connection = per_connection.max(1);
     let connections = count.div_ceil(per_connection);
@@ -372,7 +448,14 @@ async fn start_callers(
                 source,
             })??;
             for (caller, svc) in followed {
-                tasks.spawn(follow(svc, caller, changes, clock, clocks, tx.clone()));
+                tasks.spawn(follow(
+                    svc,
+                    caller,
+                    changes,
+                    clock,
+                    clocks,
+                    reporter.clone(),
+                ));
             }
         }
     };
@@ -413,13 +496,13 @@ impl Children {
 }
 
 /// Starts `processes` caller processes sharing `count` callers, each
-/// reporting to `tx`, and waits until every one is following.
+/// reporting to `reporter`, and waits until every one is following.
 async fn start_children(
     plan: &Plan<'_>,
     service: &str,
     count: usize,
     processes: usize,
-    tx: &mpsc::UnboundedSender<Msg>,
+    reporter: &Reporter,
     rx: &mut mpsc::UnboundedReceiver<Msg>,
 ) -> Result<Children, Error> {
     let failed = |cause: String| Error::Setup {
@@ -448,7 +531,7 @@ async fn start_children(
             .spawn()
             .map_err(|e| failed(format!("cannot run {}: {e}", exe.display())))?;
         let stdout = process.stdout.take().expect("stdout is piped");
-        tokio::spawn(read_child(p, stdout, tx.clone()));
+        tokio::spawn(read_child(p, stdout, reporter.clone()));
         children.processes.push(process);
         children.connections += share.div_ceil(per_connection);
         first += share;
@@ -472,7 +555,7 @@ async fn start_children(
 }
 
 /// Forwards the lines of caller process `p` to the coordinator.
-async fn read_child(p: usize, stdout: tokio::process::ChildStdout, tx: mpsc::UnboundedSender<Msg>) {
+async fn read_child(p: usize, stdout: tokio::process::ChildStdout, reporter: Reporter) {
     let mut lines = BufReader::new(stdout).lines();
     loop {
         let msg = match lines.next_line().await {
@@ -484,7 +567,7 @@ async fn read_child(p: usize, stdout: tokio::process::ChildStdout, tx: mpsc::Unb
             Err(e) => Msg::Failed(format!("reading caller process {p}: {e}")),
         };
         let last = matches!(msg, Msg::Failed(_));
-        if tx.send(msg).is_err() || last {
+        if !reporter.send(msg) || last {
             return;
         }
     }
@@ -527,6 +610,11 @@ async fn child(plan: &Plan<'_>, spec: &str, mut out: impl Write) -> Result<(), E
     let first: usize = first.parse().map_err(|_| usage())?;
     let changes = changes(plan);
     let (tx, mut rx) = mpsc::unbounded_channel();
+    // Sightings go to the parent as lines; nothing here waits for a count.
+    let reporter = Reporter {
+        tx,
+        progress: Progress::new(usize::MAX),
+    };
     let (_callers, _) = start_callers(
         &client_config(plan),
         service,
@@ -536,10 +624,10 @@ async fn child(plan: &Plan<'_>, spec: &str, mut out: impl Write) -> Result<(), E
         changes,
         Clock::Wall,
         Clocks::new(),
-        &tx,
+        &reporter,
     )
     .await?;
-    drop(tx);
+    drop(reporter);
     // Standard input closing (the parent is done, or gone) stops it.
     let (eof_tx, mut eof) = oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -656,6 +744,11 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
     .await
     .map_err(setup_error("starting the registrar"))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let progress = Progress::new(callers);
+    let reporter = Reporter {
+        tx,
+        progress: progress.clone(),
+    };
     let (mut _local, mut children, connections, clock) = if processes == 0 {
         let (tasks, connections) = start_callers(
             &config,
@@ -666,16 +759,17 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
             changes,
             Clock::Monotonic,
             clocks,
-            &tx,
+            &reporter,
         )
         .await?;
         (Some(tasks), None, connections, Clock::Monotonic)
     } else {
-        let children = start_children(plan, &service, callers, processes, &tx, &mut rx).await?;
+        let children =
+            start_children(plan, &service, callers, processes, &reporter, &mut rx).await?;
         let connections = children.connections;
         (None, Some(children), connections, Clock::Wall)
     };
-    drop(tx);
+    drop(reporter);
     let load = match args.load_clients {
         0 => None,
         k => Some(PutLoad::start(plan, k as usize).await?),
@@ -686,7 +780,7 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
     let mut failure = None;
     let mut seen_by = vec![false; callers];
     let mut stamps = Vec::with_capacity(callers);
-    let mut inbox = Vec::with_capacity(INBOX_BATCH);
+    let mut inbox = Vec::with_capacity(callers);
     'changes: for change in 0..changes {
         let what = if change.is_multiple_of(2) {
             "registration"
@@ -694,6 +788,7 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
             "deregistration"
         };
         let id = instance_id(change);
+        progress.begin(change);
         let started = Instant::now();
         let call = clocks.ack();
         let done = if change.is_multiple_of(2) {
@@ -711,14 +806,26 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
         }
         seen_by.fill(false);
         stamps.clear();
-        // One deadline for the whole change, and messages taken in
-        // batches: a timer and a wake-up per sighting would be part of
-        // what the callers' cores spend while the change propagates.
+        // One deadline for the whole change, and one wake-up: a timer and
+        // a wake-up per sighting would be work on the callers' cores while
+        // the change propagates.
         let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
         let collected = tokio::time::timeout_at(deadline, async {
-            while stamps.len() < callers {
-                if rx.recv_many(&mut inbox, INBOX_BATCH).await == 0 {
-                    return Err("every caller stopped".to_string());
+            loop {
+                // Woken by the change's last sighting (or a failure): the
+                // sightings are then all queued.
+                progress.done.notified().await;
+                loop {
+                    match rx.try_recv() {
+                        Ok(msg) => inbox.push(msg),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            if inbox.is_empty() {
+                                return Err("every caller stopped".to_string());
+                            }
+                            break;
+                        }
+                    }
                 }
                 for msg in inbox.drain(..) {
                     match msg {
@@ -736,8 +843,10 @@ async fn run_one(plan: &Plan<'_>, callers: usize, row: usize) -> Result<Report<F
                         Msg::Failed(e) => return Err(e),
                     }
                 }
+                if stamps.len() >= callers {
+                    return Ok(());
+                }
             }
-            Ok(())
         })
         .await;
         match collected {
