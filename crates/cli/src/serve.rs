@@ -55,6 +55,13 @@ pub struct ServeArgs {
     /// window, as `30m`, `1h`, `90s`, or a bare number of hours (as etcd).
     #[arg(long, requires = "auto_compaction_mode")]
     auto_compaction_retention: Option<String>,
+    /// Inject faults on purpose, to test services against a misbehaving
+    /// registry: comma-separated `latency=50ms±20ms`, `drop-watch=1/min`,
+    /// `unavailable=2s/30s`, `compact=10s`, `lease-expire-early=5%`,
+    /// `seed=N`. Off by default; see `muster_faults_injected_total` in
+    /// /metrics.
+    #[arg(long, value_name = "SPEC", env = "MUSTER_FAULTS")]
+    faults: Option<muster_server::faults::FaultSpec>,
     /// Serve clients over TLS with this certificate (PEM; leaf first, then
     /// intermediates), on the gRPC port and the HTTP port alike. The files
     /// are re-read every few seconds: a rotated pair is used for new
@@ -240,6 +247,9 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
         (&args.auto_compaction_mode, &args.auto_compaction_retention)
     {
         config = config.with_auto_compaction(auto_compaction(mode, retention)?);
+    }
+    if let Some(faults) = &args.faults {
+        config = config.with_faults(faults.clone());
     }
     let tls = args.server_tls();
     if let Some(tls) = &tls {

@@ -30,6 +30,8 @@ struct Lease {
     ttl: i64,
     expires: Instant,
     keys: BTreeSet<Vec<u8>>,
+    /// Doomed by fault injection: keep-alives no longer extend it.
+    doomed: bool,
 }
 
 /// A lease's state as `LeaseTimeToLive` reports it.
@@ -98,6 +100,7 @@ impl Lessor {
                 ttl,
                 expires,
                 keys: BTreeSet::new(),
+                doomed: false,
             },
         );
         self.by_expiry.insert((expires, id), ());
@@ -118,10 +121,28 @@ impl Lessor {
         if lease.expires <= now {
             return Err(LeaseError::NotFound);
         }
+        if lease.doomed {
+            // Answered as usual; it expires when it was doomed to.
+            return Ok(lease.ttl);
+        }
         self.by_expiry.remove(&(lease.expires, id));
         lease.expires = now + Duration::from_secs(lease.ttl as u64);
         self.by_expiry.insert((lease.expires, id), ());
         Ok(lease.ttl)
+    }
+
+    /// Makes a lease expire at `at` (if that is sooner) whatever
+    /// keep-alives follow: the `lease-expire-early` fault.
+    pub fn expire_early(&mut self, id: i64, at: Instant) {
+        let Some(lease) = self.leases.get_mut(&id) else {
+            return;
+        };
+        lease.doomed = true;
+        if at < lease.expires {
+            self.by_expiry.remove(&(lease.expires, id));
+            lease.expires = at;
+            self.by_expiry.insert((at, id), ());
+        }
     }
 
     /// The keys attached to a lease (none for an unknown lease).

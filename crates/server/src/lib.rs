@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod core;
+pub mod faults;
 pub mod lease;
 pub mod metrics;
 pub mod mvcc;
@@ -116,6 +117,12 @@ impl ServerConfig {
         self
     }
 
+    /// Injects faults (`muster serve --faults`).
+    pub fn with_faults(mut self, faults: faults::FaultSpec) -> Self {
+        self.core.faults = Some(faults);
+        self
+    }
+
     /// Sets the minimum lease TTL in seconds.
     pub fn with_min_lease_ttl(mut self, seconds: i64) -> Self {
         self.core.min_lease_ttl = seconds;
@@ -175,6 +182,7 @@ impl Server {
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(faults::FaultLayer::new(core.faults().cloned()))
             .add_service(
                 pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
             )

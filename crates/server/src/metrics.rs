@@ -151,6 +151,28 @@ pub fn render(core: &Core) -> String {
         "Total number of RPC stream messages received on the server.",
         &[(KEEPALIVE, load(&c.keepalive_messages))],
     );
+    if let Some(faults) = core.faults() {
+        let labels: Vec<(String, f64)> = faults
+            .counts()
+            .into_iter()
+            .map(|(name, n)| (format!("fault=\"{name}\""), n as f64))
+            .collect();
+        let samples: Vec<(&str, f64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        m.family(
+            "muster_faults_injected_total",
+            "counter",
+            "Times each injected fault acted (--faults): requests delayed (latency), watch \
+             streams cut (drop-watch), requests refused and streams cut (unavailable), \
+             compactions (compact), leases doomed (lease-expire-early).",
+            &samples,
+        );
+        m.single(
+            "muster_faults_unavailable",
+            "gauge",
+            "1 while an injected outage window is open.",
+            f64::from(u8::from(faults.in_outage())),
+        );
+    }
     m.0
 }
 

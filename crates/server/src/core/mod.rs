@@ -20,6 +20,7 @@ use tonic::Status;
 
 use crate::auth::guard::Guard;
 use crate::auth::{AuthConfig, AuthError, AuthStore, Caller, Throttle, Tokens};
+use crate::faults::{FaultSpec, Faults};
 use crate::lease::{LeaseError, Lessor, TimeToLive};
 use crate::mvcc::{MvccError, Store};
 use crate::storage::{Change, LeaseRecord, Recovered, Storage};
@@ -55,6 +56,8 @@ pub struct CoreConfig {
     pub min_lease_ttl: i64,
     /// Automatic compaction, if any.
     pub auto_compaction: Option<AutoCompaction>,
+    /// Faults to inject (`muster serve --faults`); none by default.
+    pub faults: Option<FaultSpec>,
 }
 
 impl Default for CoreConfig {
@@ -64,6 +67,7 @@ impl Default for CoreConfig {
             max_txn_ops: 128,
             min_lease_ttl: 2,
             auto_compaction: None,
+            faults: None,
         }
     }
 }
@@ -118,6 +122,7 @@ pub struct Core {
     throttle: Throttle,
     /// Request counters.
     pub counters: Counters,
+    faults: Option<Arc<Faults>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -213,7 +218,6 @@ impl Core {
             publish: Notify::new(),
             failed: AtomicBool::new(false),
             header,
-            config,
             started: Instant::now(),
             tokens: Tokens::new(auth_config.token_ttl),
             auth_enabled: AtomicBool::new(auth_on),
@@ -221,6 +225,8 @@ impl Core {
             auth_config,
             throttle: Throttle::default(),
             counters: Counters::default(),
+            faults: config.faults.clone().map(Faults::new),
+            config,
         });
         let history: Arc<dyn History> = core.clone();
         core.hub.set_history(Arc::downgrade(&history));
@@ -237,7 +243,15 @@ impl Core {
         if let Some(policy) = self.config.auto_compaction {
             tasks.push(tokio::spawn(compactor(self.clone(), policy)));
         }
+        if let Some(faults) = &self.faults {
+            tasks.push(tokio::spawn(faults.clone().run(self.clone())));
+        }
         tasks
+    }
+
+    /// The faults being injected, if any.
+    pub fn faults(&self) -> Option<&Arc<Faults>> {
+        self.faults.as_ref()
     }
 
     /// The watch hub.
@@ -495,9 +509,9 @@ impl Core {
             .write(|st| {
                 let ttl = st.lessor.effective_ttl(ttl).map_err(lease_status)?;
                 let id = if id == 0 { st.lessor.new_id() } else { id };
-                st.lessor
-                    .grant(id, ttl, Instant::now())
-                    .map_err(lease_status)?;
+                let now = Instant::now();
+                st.lessor.grant(id, ttl, now).map_err(lease_status)?;
+                self.maybe_doom(&mut st.lessor, id, ttl, now);
                 let change = Change::LeaseGrant(LeaseRecord { id, ttl });
                 let revision = st.store.revision();
                 Ok(Applied::without_events((id, ttl), revision, change))
@@ -547,12 +561,26 @@ impl Core {
     pub fn lease_renew(&self, id: i64) -> pb::LeaseKeepAliveResponse {
         let ttl = {
             let mut st = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            st.lessor.renew(id, Instant::now()).unwrap_or(0)
+            let now = Instant::now();
+            let ttl = st.lessor.renew(id, now).unwrap_or(0);
+            if ttl > 0 {
+                self.maybe_doom(&mut st.lessor, id, ttl, now);
+            }
+            ttl
         };
         pb::LeaseKeepAliveResponse {
             header: self.header(self.committed()),
             id,
             ttl,
+        }
+    }
+
+    /// The `lease-expire-early` fault, on a grant or renewal at `now`.
+    fn maybe_doom(&self, lessor: &mut Lessor, id: i64, ttl: i64, now: Instant) {
+        if let Some(faults) = &self.faults
+            && let Some(after) = faults.lease_expiry(id, Duration::from_secs(ttl.max(0) as u64))
+        {
+            lessor.expire_early(id, now + after);
         }
     }
 
