@@ -127,7 +127,9 @@ pub fn human(d: Duration) -> String {
 /// names the endpoints that were tried.
 pub fn registry_error(etcd: &Etcd, error: muster::Error) -> anyhow::Error {
     match error {
-        muster::Error::Unavailable(_) | muster::Error::Timeout(_) => anyhow::anyhow!(
+        muster::Error::Unavailable(_)
+        | muster::Error::Timeout(_)
+        | muster::Error::Outage { .. } => anyhow::anyhow!(
             "cannot reach the registry at {}: {error}",
             etcd.endpoints().join(", ")
         ),

@@ -48,6 +48,12 @@ pub struct RegisterArgs {
     /// at shutdown (without a command).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub grace: Duration,
+    /// How long to wait for a registry that cannot be reached, retrying
+    /// with backoff, before giving up (at start, and for each change of the
+    /// instance); 0 gives up at once. A lease lost later is always
+    /// recovered, however long the registry is away.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub wait: Duration,
     /// The zone or region it runs in.
     #[arg(long, default_value = "", hide_default_value = true)]
     pub zone: String,
@@ -321,7 +327,8 @@ pub async fn run(global: &GlobalArgs, args: RegisterArgs) -> anyhow::Result<Exit
     let config = RegistrarConfig::default()
         .with_source(global.source())
         .with_ttl(ttl)
-        .with_grace(args.grace);
+        .with_grace(args.grace)
+        .with_wait(args.wait);
     let registrar = Registrar::start(etcd.clone(), config)
         .await
         .map_err(|e| registry_error(&etcd, e))?;

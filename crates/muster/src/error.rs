@@ -67,6 +67,16 @@ pub enum Error {
     /// A request did not complete within its timeout.
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
+    /// The registry stayed unreachable for the whole wait a registrar was
+    /// given ([`crate::RegistrarConfig::wait`]); `last` is the last
+    /// attempt's error.
+    #[error("the registry stayed unavailable for {waited:?} (retrying with backoff): {last}")]
+    Outage {
+        /// How long it was retried.
+        waited: Duration,
+        /// The last attempt's error.
+        last: Box<Error>,
+    },
     /// Another live instance already holds this service/id.
     #[error(
         "instance {service}/{id} is already registered by another live instance (lease {holder_lease:x})"
@@ -162,7 +172,10 @@ impl Error {
 
     /// Whether retrying the same call later (or on another endpoint) may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unavailable(_) | Error::Timeout(_))
+        matches!(
+            self,
+            Error::Unavailable(_) | Error::Timeout(_) | Error::Outage { .. }
+        )
     }
 }
 

@@ -62,7 +62,13 @@ pub(super) struct Actor {
     /// When recovering: the lease we lost (its keys may still exist), the
     /// attempt count and when to try next.
     recovering: Option<Recovery>,
+    /// Leases this registrar held before (most recent last, a few): a
+    /// registration retried after an outage may find its key under one.
+    past_leases: Vec<i64>,
 }
+
+/// How many past leases the actor remembers.
+const PAST_LEASES: usize = 8;
 
 struct Recovery {
     old_lease: Option<i64>,
@@ -87,6 +93,7 @@ impl Actor {
             keepalive: None,
             watchers: StreamMap::new(),
             recovering: None,
+            past_leases: Vec::new(),
         }
     }
 
@@ -210,6 +217,12 @@ impl Actor {
     /// The lease is gone (or must be presumed gone): start recovering.
     fn lost(&mut self, reason: String) {
         let old = self.lease.take().map(|l| l.id);
+        if let Some(old) = old {
+            if self.past_leases.len() == PAST_LEASES {
+                self.past_leases.remove(0);
+            }
+            self.past_leases.push(old);
+        }
         self.keepalive = None;
         self.watchers = StreamMap::new();
         self.recovering = Some(Recovery {
@@ -322,10 +335,21 @@ impl Actor {
                 }
             )));
         };
-        let resp = self
+        let mut resp = self
             .etcd
             .txn(txn_of(vec![claim_op(&key, &value, lease, lease)]))
             .await;
+        // Held by a lease of ours from before an outage: an earlier attempt
+        // of this registration got through. Claim it over that lease.
+        if let Ok(r) = &resp
+            && let Some(Claim::HeldBy(holder)) = r.responses.first().cloned().map(parse_claim)
+            && self.past_leases.contains(&holder)
+        {
+            resp = self
+                .etcd
+                .txn(txn_of(vec![claim_op(&key, &value, lease, holder)]))
+                .await;
+        }
         let resp = match resp {
             Err(Error::LeaseNotFound) => {
                 self.lost("lease not found while registering".into());

@@ -65,7 +65,13 @@
 //! 2. Each calls `Actor::lost(reason)`: the lease, the keep-alive stream
 //!    and the key watches are dropped, the old lease id is kept in a
 //!    `Recovery`, and [`RegistrarState::Recovering`] is published.
-//!    Registrations asked for meanwhile fail with [`Error::Unavailable`].
+//!    Registrations asked for meanwhile are answered
+//!    [`Error::Unavailable`] by the actor; the handle retries them with
+//!    backoff for up to [`RegistrarConfig::wait`] (as it retries calls
+//!    that reach no registry at all), then fails with [`Error::Outage`].
+//!    A retried registration whose earlier attempt did reach the registry
+//!    finds its key under one of the registrar's own past leases, and
+//!    claims it over that lease.
 //! 3. The recovery arm of `Actor::run` calls `Actor::try_recover`, which
 //!    runs `Actor::reregister_all(old)`: grant a new lease, claim every
 //!    key with `claim_op(key, value, new, accept = old)` in transactions
@@ -109,6 +115,11 @@ pub struct RegistrarConfig {
     pub backoff_base: Duration,
     /// Longest retry delay when recovering.
     pub backoff_cap: Duration,
+    /// How long [`Registrar::start`], [`Registrar::register`] (and
+    /// `update`, `set_status`) and [`Registrar::deregister`] wait out a
+    /// registry outage, retrying with the backoff above, before failing
+    /// with [`Error::Outage`]. Zero fails at once with the outage's error.
+    pub wait: Duration,
 }
 
 impl Default for RegistrarConfig {
@@ -120,11 +131,19 @@ impl Default for RegistrarConfig {
             grace: Duration::from_secs(2),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
+            wait: Duration::from_secs(30),
         }
     }
 }
 
 impl RegistrarConfig {
+    /// Sets how long calls wait out a registry outage
+    /// ([`RegistrarConfig::wait`]).
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
     /// Sets the lease TTL.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -183,6 +202,7 @@ pub struct Registrar {
     state: watch::Receiver<RegistrarState>,
     prefix: String,
     layout: LayoutKind,
+    retry: Retry,
 }
 
 /// What the handle asks of the actor; each carries the reply's sender.
@@ -193,14 +213,16 @@ pub(crate) enum Cmd {
 }
 
 impl Registrar {
-    /// Grants the lease and starts keeping it alive. Fails if the registry
-    /// cannot be reached now; after that, outages are survived.
+    /// Grants the lease and starts keeping it alive. While the registry
+    /// cannot be reached it retries, for up to [`RegistrarConfig::wait`];
+    /// after that, outages are survived.
     pub async fn start(etcd: Etcd, config: RegistrarConfig) -> Result<Registrar> {
         Source::with_prefix(config.layout, config.prefix.clone()).validate()?;
         if config.ttl.is_zero() {
             return Err(Error::invalid("ttl", "must be at least one second"));
         }
-        let granted = etcd.lease_grant(config.ttl_secs()).await?;
+        let retry = Retry::of(&config);
+        let granted = retry.run(|| etcd.lease_grant(config.ttl_secs())).await?;
         tracing::info!(
             lease = format_args!("{:x}", granted.id),
             ttl = granted.ttl,
@@ -217,17 +239,22 @@ impl Registrar {
             state,
             prefix,
             layout,
+            retry,
         })
     }
 
     /// Registers (or re-registers) an instance under this process's lease.
     /// Fails with [`Error::AlreadyRegistered`] if another live instance holds
-    /// the same service and id.
+    /// the same service and id. During a registry outage it waits and
+    /// retries, for up to [`RegistrarConfig::wait`], then fails with
+    /// [`Error::Outage`].
     pub async fn register(&self, instance: Instance) -> Result<()> {
         let mut serving = instance.clone();
         serving.status = Status::Serving;
         self.layout.layout().encode(&serving, None)?;
-        self.ask(|reply| Cmd::Register(instance, reply)).await
+        self.retry
+            .run(|| self.ask(|reply| Cmd::Register(instance.clone(), reply)))
+            .await
     }
 
     /// Replaces a registered instance's fields (metadata, status, weight...)
@@ -247,7 +274,9 @@ impl Registrar {
         instance::validate_name("service name", service)?;
         instance::validate_name("instance id", id)?;
         let key = crate::layout::key(&self.prefix, service, id);
-        self.ask(|reply| Cmd::Deregister(key, reply)).await
+        self.retry
+            .run(|| self.ask(|reply| Cmd::Deregister(key.clone(), reply)))
+            .await
     }
 
     /// The current state.
@@ -273,5 +302,59 @@ impl Registrar {
             .await
             .map_err(|_| Error::Closed("registrar"))?;
         rx.await.map_err(|_| Error::Closed("registrar"))?
+    }
+}
+
+/// Whether a registrar call failing with `e` is tried again: the registry
+/// was unreachable, or the lease was found lost (the actor is then
+/// recovering, and takes the retry once it has a new lease).
+fn retried(e: &Error) -> bool {
+    e.is_transient() || matches!(e, Error::LeaseNotFound)
+}
+
+/// Retries a call through a registry outage: transient errors are retried
+/// with capped, jittered backoff until the wait is used up.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    base: Duration,
+    cap: Duration,
+    wait: Duration,
+}
+
+impl Retry {
+    fn of(config: &RegistrarConfig) -> Retry {
+        Retry {
+            base: config.backoff_base,
+            cap: config.backoff_cap,
+            wait: config.wait,
+        }
+    }
+
+    async fn run<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            let error = match call().await {
+                Err(e) if retried(&e) && !self.wait.is_zero() => e,
+                done => return done,
+            };
+            let waited = started.elapsed();
+            let pause = crate::client::backoff(attempt, self.base, self.cap);
+            if waited + pause > self.wait {
+                return Err(Error::Outage {
+                    waited,
+                    last: Box::new(error),
+                });
+            }
+            if attempt == 0 {
+                tracing::warn!(%error, wait = ?self.wait, "registry unavailable; retrying");
+            }
+            attempt = attempt.saturating_add(1);
+            tokio::time::sleep(pause).await;
+        }
     }
 }

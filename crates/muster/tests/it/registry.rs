@@ -201,6 +201,57 @@ async fn registry_killed_past_the_ttl_then_restarted_registration_comes_back(
     assert_eq!(ids(&user.snapshot()), ["a"]);
 }
 
+async fn a_registration_during_an_outage_waits_and_lands_when_the_registry_returns(
+    node: Box<dyn Registry>,
+) {
+    let direct = client(&node.endpoint());
+    let proxy = muster_testkit::TcpProxy::start(node.client_port()).unwrap();
+    let cut_off = client(&proxy.endpoint());
+    let registrar = Registrar::start(
+        cut_off.clone(),
+        rconfig(1).with_wait(Duration::from_secs(60)),
+    )
+    .await
+    .unwrap();
+    let mut state = registrar.subscribe();
+
+    proxy.cut();
+    // The registrar loses its lease by its local deadline; a registration
+    // asked for now waits instead of failing.
+    tokio::time::timeout(
+        DEADLINE,
+        state.wait_for(|s| matches!(s, RegistrarState::Recovering { .. })),
+    )
+    .await
+    .expect("the registrar notices the outage")
+    .unwrap();
+    let registrar = Arc::new(registrar);
+    let pending = tokio::spawn({
+        let registrar = registrar.clone();
+        async move {
+            registrar
+                .register(Instance::new("user", "w", "http://127.0.0.1:9"))
+                .await
+        }
+    });
+    assert!(get(&direct, "/muster/services/user/w").await.is_none());
+    assert!(!pending.is_finished(), "the registration failed at once");
+
+    proxy.restore();
+    let result = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("the registration completes once the registry is back")
+        .unwrap();
+    result.expect("registered after the outage");
+    let RegistrarState::Registered { lease } = registrar.state() else {
+        panic!("not registered: {:?}", registrar.state());
+    };
+    let kv = get(&direct, "/muster/services/user/w")
+        .await
+        .expect("the instance is in the registry");
+    assert_eq!(kv.lease, lease, "under the registrar's new lease");
+}
+
 async fn registry_wiped_registrations_come_back(mut node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = registered(
@@ -400,13 +451,31 @@ async fn bad_input_gets_a_clear_error(node: Box<dyn Registry>) {
 async fn a_registry_that_is_down_gets_a_clear_error() {
     muster_testkit::require_etcd();
     let etcd = client(&dead_endpoint());
-    let err = Registrar::start(etcd.clone(), rconfig(5))
+    // Without a wait, at once, with the outage's own error.
+    let err = Registrar::start(etcd.clone(), rconfig(5).with_wait(Duration::ZERO))
         .await
         .unwrap_err();
     assert!(
         matches!(err, Error::Unavailable(_) | Error::Timeout(_)),
         "{err}"
     );
+    // With one, after retrying for it, saying so and why.
+    let err = Registrar::start(
+        etcd.clone(),
+        rconfig(5).with_wait(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap_err();
+    let Error::Outage { waited, last } = &err else {
+        panic!("expected an outage error, got {err}");
+    };
+    assert!(*waited <= Duration::from_millis(500), "{err}");
+    assert!(
+        matches!(**last, Error::Unavailable(_) | Error::Timeout(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("stayed unavailable"), "{err}");
+    assert!(err.is_transient(), "{err}");
     let err = Discovery::new(etcd).service("user").await.unwrap_err();
     assert!(err.is_transient(), "{err}");
 }
@@ -569,6 +638,7 @@ muster_testkit::on_both!(
     graceful_shutdown_drains_then_removes_at_once,
     registry_killed_past_the_ttl_then_restarted_registration_comes_back,
     registry_wiped_registrations_come_back,
+    a_registration_during_an_outage_waits_and_lands_when_the_registry_returns,
     compaction_while_a_watcher_was_disconnected_relists_without_missing_a_change,
     a_key_deleted_from_outside_is_restored,
     a_malformed_value_is_skipped_and_counted,
