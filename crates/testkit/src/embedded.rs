@@ -17,6 +17,7 @@ pub struct EmbeddedNode {
     min_lease_ttl: i64,
     tls: Option<muster_tls::ServerTls>,
     auth: muster_server::AuthConfig,
+    faults: Option<muster_server::faults::FaultSpec>,
     running: Option<(tokio::runtime::Runtime, Server)>,
 }
 
@@ -44,6 +45,25 @@ impl EmbeddedNode {
             min_lease_ttl: 1,
             tls: None,
             auth: crate::test_auth_config(None),
+            faults: None,
+            running: None,
+        };
+        node.restart()?;
+        Ok(node)
+    }
+
+    /// [`EmbeddedNode::start`] injecting `faults` (`muster serve
+    /// --faults`), kept across restarts.
+    pub fn start_with_faults(faults: muster_server::faults::FaultSpec) -> io::Result<EmbeddedNode> {
+        let mut node = EmbeddedNode {
+            dir: tempfile::Builder::new()
+                .prefix("muster-embedded-")
+                .tempdir()?,
+            port: crate::free_port(),
+            min_lease_ttl: 1,
+            tls: None,
+            auth: crate::test_auth_config(None),
+            faults: Some(faults),
             running: None,
         };
         node.restart()?;
@@ -62,6 +82,7 @@ impl EmbeddedNode {
             min_lease_ttl: 1,
             tls: None,
             auth: crate::test_auth_config(Some(token_ttl)),
+            faults: None,
             running: None,
         };
         node.restart()?;
@@ -88,6 +109,7 @@ impl EmbeddedNode {
             min_lease_ttl: 1,
             tls: Some(tls),
             auth: crate::test_auth_config(None),
+            faults: None,
             running: None,
         };
         node.restart()?;
@@ -125,6 +147,9 @@ impl EmbeddedNode {
                 .with_auth(self.auth);
             if let Some(tls) = &self.tls {
                 config = config.with_tls(tls.clone());
+            }
+            if let Some(faults) = &self.faults {
+                config = config.with_faults(faults.clone());
             }
             // Its own runtime, started from a thread of its own: callers are
             // often inside a test's runtime, where blocking is not allowed.

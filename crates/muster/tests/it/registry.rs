@@ -480,6 +480,88 @@ async fn a_registry_that_is_down_gets_a_clear_error() {
     assert!(err.is_transient(), "{err}");
 }
 
+/// The value of `muster_faults_injected_total{fault="NAME"}` in `metrics`.
+fn injected(metrics: &str, fault: &str) -> f64 {
+    let prefix = format!("muster_faults_injected_total{{fault=\"{fault}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_rides_out_dropped_watches_and_compaction() {
+    let faults = "drop-watch=20/s,compact=200ms,seed=11".parse().unwrap();
+    let node = muster_testkit::EmbeddedNode::start_with_faults(faults).unwrap();
+    let etcd = client(&node.endpoint());
+    let stable = Instance::new("user", "stable", "http://127.0.0.1:1");
+    let registrar = registered(&etcd, 5, [stable]).await;
+    let user = follow(&etcd, "user").await;
+
+    // Every table a caller could pick from while the registry misbehaves
+    // still holds the instance that never left.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (user, stop) = (user.clone(), stop.clone());
+        async move {
+            let mut looked = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let snapshot = user.snapshot();
+                assert!(
+                    snapshot.get("stable").is_some(),
+                    "a table without the live instance: {:?}",
+                    ids(&snapshot)
+                );
+                looked += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            looked
+        }
+    });
+    // Churn until the faults have acted several times during it.
+    let started = Instant::now();
+    let mut last = 0;
+    loop {
+        registrar
+            .register(Instance::new(
+                "user",
+                format!("c{last}"),
+                "http://127.0.0.1:2",
+            ))
+            .await
+            .unwrap();
+        if last > 0 {
+            registrar
+                .deregister("user", &format!("c{}", last - 1))
+                .await
+                .unwrap();
+        }
+        let m = node.metrics();
+        if last >= 40 && injected(&m, "drop-watch") >= 5.0 && injected(&m, "compact") >= 3.0 {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "the faults did not act");
+        last += 1;
+    }
+    let want = vec![format!("c{last}"), "stable".to_string()];
+    eventually("the table converges to the registry", || async {
+        ids(&user.snapshot()) == want
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(sampler.await.unwrap() > 0);
+    // Still following: a change after the churn arrives.
+    registrar
+        .deregister("user", &format!("c{last}"))
+        .await
+        .unwrap();
+    eventually("a later change arrives", || async {
+        ids(&user.snapshot()) == ["stable"]
+    })
+    .await;
+}
+
 async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let registrar = start_registrar(&etcd, 2).await;
