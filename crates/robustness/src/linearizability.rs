@@ -1,0 +1,298 @@
+//! A Wing & Gong / Lowe linearizability checker, as porcupine implements it.
+//!
+//! The operations become call and return events sorted by time (a call
+//! before a return at the same instant: such operations overlap) in a doubly
+//! linked list. A depth-first search takes the first call in the list whose
+//! operation the model accepts in the current state, removes its call and
+//! return ("lifts" it) and starts again from the head; reaching a return
+//! means the operation it ends could not be placed before it, so the search
+//! backtracks to the last lifted operation and tries the next call after it.
+//! A cache of (set of linearized operations, model state) prunes the
+//! configurations already explored.
+//!
+//! Operations whose outcome is unknown return at infinity: they may be
+//! linearized at any point after their invocation, or never (the history is
+//! linearizable once every known operation is placed).
+//!
+//! The etcd model makes the search close to linear: an answered write names
+//! its revision and an answered read its header revision, so at each point
+//! only the operations pinned to the next revision (and unpinned ones such
+//! as errors) can be taken.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+/// A sequential specification the checker tests histories against.
+pub trait Model {
+    /// The state; equal states must hash equally (the cache relies on it).
+    type State: Clone + Eq + Hash;
+    /// One recorded operation: input, output and times.
+    type Op;
+
+    /// The state before the first operation.
+    fn init(&self) -> Self::State;
+    /// Invocation and return time; a return of `u64::MAX` is infinity.
+    fn interval(&self, op: &Self::Op) -> (u64, u64);
+    /// Whether `op` must take effect (its outcome is known). Operations that
+    /// need not may stay unlinearized at the end.
+    fn must_linearize(&self, op: &Self::Op) -> bool;
+    /// The state after `op` at this point, or `None` if its recorded outcome
+    /// is impossible here.
+    fn step(&self, state: &Self::State, op: &Self::Op) -> Option<Self::State>;
+}
+
+/// Limits on the search.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckOptions {
+    /// Give up after this many attempted steps.
+    pub max_steps: u64,
+    /// Give up after this much wall time.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            max_steps: 50_000_000,
+            timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// The checker's answer.
+#[derive(Debug, Clone)]
+pub enum Verdict<S> {
+    /// A linearization exists.
+    Linearizable {
+        /// The operations (indices into the input) in linearization order;
+        /// unknown-outcome operations left out did not take effect.
+        order: Vec<usize>,
+        /// The model state after all of them.
+        state: S,
+    },
+    /// No linearization exists.
+    Violation(Violation<S>),
+    /// The budget ran out before an answer.
+    Timeout {
+        /// Steps attempted.
+        steps: u64,
+    },
+}
+
+impl<S> Verdict<S> {
+    /// Whether the verdict is [`Verdict::Linearizable`].
+    pub fn is_linearizable(&self) -> bool {
+        matches!(self, Verdict::Linearizable { .. })
+    }
+}
+
+/// Where the search got stuck, at its deepest.
+#[derive(Debug, Clone)]
+pub struct Violation<S> {
+    /// The longest sequence of operations the search could linearize
+    /// (indices into the input, in order).
+    pub prefix: Vec<usize>,
+    /// The model state after `prefix`.
+    pub state: S,
+    /// The operation whose return was reached without it having been placed:
+    /// it cannot take effect after `prefix`, nor can anything that had to
+    /// come before it.
+    pub stuck: usize,
+    /// The operations that were candidates at that point (invoked before
+    /// `stuck` returned and not in `prefix`), `stuck` among them.
+    pub candidates: Vec<usize>,
+}
+
+const NIL: usize = usize::MAX;
+
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    op: usize,
+    call: bool,
+    prev: usize,
+    next: usize,
+    /// For a call, its return node.
+    ret: usize,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+}
+
+/// Checks `ops` against `model`.
+pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdict<M::State> {
+    let n = ops.len();
+    // Events: (time, is_return, op); calls sort before returns at a tie.
+    let mut events: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
+    for (i, op) in ops.iter().enumerate() {
+        let (invoke, ret) = model.interval(op);
+        events.push((invoke, false, i));
+        events.push((ret.max(invoke), true, i));
+    }
+    events.sort_unstable();
+
+    // Node `2n` is the head sentinel.
+    let head = 2 * n;
+    let mut nodes = vec![
+        Node {
+            op: NIL,
+            call: false,
+            prev: NIL,
+            next: NIL,
+            ret: NIL,
+        };
+        2 * n + 1
+    ];
+    let mut call_of = vec![NIL; n];
+    let mut prev = head;
+    for (idx, &(_, is_return, op)) in events.iter().enumerate() {
+        nodes[idx] = Node {
+            op,
+            call: !is_return,
+            prev,
+            next: NIL,
+            ret: NIL,
+        };
+        nodes[prev].next = idx;
+        if is_return {
+            nodes[call_of[op]].ret = idx;
+        } else {
+            call_of[op] = idx;
+        }
+        prev = idx;
+    }
+
+    let mut known_left = ops.iter().filter(|op| model.must_linearize(op)).count();
+    let mut state = model.init();
+    let mut linearized = Bits(vec![0; n.div_ceil(64)]);
+    let mut cache: HashMap<u64, Vec<(Bits, M::State)>> = HashMap::new();
+    let mut stack: Vec<(usize, M::State)> = Vec::new();
+    let mut deepest: Option<Violation<M::State>> = None;
+    let started = Instant::now();
+    let mut steps: u64 = 0;
+    let mut entry = nodes[head].next;
+
+    loop {
+        if known_left == 0 {
+            let order = stack.iter().map(|(node, _)| nodes[*node].op).collect();
+            return Verdict::Linearizable { order, state };
+        }
+        steps += 1;
+        if steps > options.max_steps
+            || (steps % 1024 == 0 && options.timeout.is_some_and(|t| started.elapsed() > t))
+        {
+            return Verdict::Timeout { steps };
+        }
+        let node = if entry == NIL { None } else { Some(nodes[entry]) };
+        match node {
+            Some(node) if node.call => {
+                let op = node.op;
+                let next_state = model.step(&state, &ops[op]);
+                let fresh = next_state.and_then(|s| {
+                    linearized.set(op);
+                    let key = cache_key(&linearized, &s);
+                    let bucket = cache.entry(key).or_default();
+                    if bucket.iter().any(|(b, st)| *b == linearized && *st == s) {
+                        linearized.clear(op);
+                        None
+                    } else {
+                        bucket.push((linearized.clone(), s.clone()));
+                        Some(s)
+                    }
+                });
+                match fresh {
+                    Some(s) => {
+                        stack.push((entry, std::mem::replace(&mut state, s)));
+                        if model.must_linearize(&ops[op]) {
+                            known_left -= 1;
+                        }
+                        lift(&mut nodes, entry);
+                        entry = nodes[head].next;
+                    }
+                    None => entry = node.next,
+                }
+            }
+            // The return of an operation that need not take effect: it may
+            // stay unlinearized forever.
+            Some(node) if !model.must_linearize(&ops[node.op]) => entry = node.next,
+            _ => {
+                // A known operation's return (or, defensively, the end).
+                if deepest.as_ref().is_none_or(|d| stack.len() > d.prefix.len()) {
+                    let stuck = node.map_or(NIL, |n| n.op);
+                    let mut candidates = Vec::new();
+                    let mut e = nodes[head].next;
+                    while e != NIL && e != entry {
+                        if nodes[e].call {
+                            candidates.push(nodes[e].op);
+                        }
+                        e = nodes[e].next;
+                    }
+                    if stuck != NIL {
+                        candidates.push(stuck);
+                    }
+                    deepest = Some(Violation {
+                        prefix: stack.iter().map(|(node, _)| nodes[*node].op).collect(),
+                        state: state.clone(),
+                        stuck,
+                        candidates,
+                    });
+                }
+                let Some((lifted, prev_state)) = stack.pop() else {
+                    return Verdict::Violation(deepest.expect("recorded above"));
+                };
+                let op = nodes[lifted].op;
+                state = prev_state;
+                linearized.clear(op);
+                if model.must_linearize(&ops[op]) {
+                    known_left += 1;
+                }
+                unlift(&mut nodes, lifted);
+                entry = nodes[lifted].next;
+            }
+        }
+    }
+}
+
+fn cache_key<S: Hash>(bits: &Bits, state: &S) -> u64 {
+    let mut h = DefaultHasher::new();
+    bits.hash(&mut h);
+    state.hash(&mut h);
+    h.finish()
+}
+
+fn lift(nodes: &mut [Node], call: usize) {
+    let c = nodes[call];
+    nodes[c.prev].next = c.next;
+    if c.next != NIL {
+        nodes[c.next].prev = c.prev;
+    }
+    let r = nodes[c.ret];
+    nodes[r.prev].next = r.next;
+    if r.next != NIL {
+        nodes[r.next].prev = r.prev;
+    }
+}
+
+fn unlift(nodes: &mut [Node], call: usize) {
+    let ret = nodes[call].ret;
+    let r = nodes[ret];
+    nodes[r.prev].next = ret;
+    if r.next != NIL {
+        nodes[r.next].prev = ret;
+    }
+    let c = nodes[call];
+    nodes[c.prev].next = call;
+    if c.next != NIL {
+        nodes[c.next].prev = call;
+    }
+}
