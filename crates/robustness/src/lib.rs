@@ -35,6 +35,7 @@ pub mod history;
 pub mod linearizability;
 pub mod model;
 pub mod report;
+pub mod traffic;
 pub mod watch;
 
 /// Checks a recorded history against the etcd model.

@@ -193,7 +193,11 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
         {
             return Verdict::Timeout { steps };
         }
-        let node = if entry == NIL { None } else { Some(nodes[entry]) };
+        let node = if entry == NIL {
+            None
+        } else {
+            Some(nodes[entry])
+        };
         match node {
             Some(node) if node.call => {
                 let op = node.op;
@@ -227,7 +231,10 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
             Some(node) if !model.must_linearize(&ops[node.op]) => entry = node.next,
             _ => {
                 // A known operation's return (or, defensively, the end).
-                if deepest.as_ref().is_none_or(|d| stack.len() > d.prefix.len()) {
+                if deepest
+                    .as_ref()
+                    .is_none_or(|d| stack.len() > d.prefix.len())
+                {
                     let stuck = node.map_or(NIL, |n| n.op);
                     let mut candidates = Vec::new();
                     let mut e = nodes[head].next;

@@ -1,0 +1,114 @@
+//! The robustness check in its short form, on both backends: random
+//! conflicting traffic while the registry is killed and restarted and the
+//! clients' connections are cut, then the recorded history checked for
+//! linearizability and every watch response validated against it. Real
+//! etcd is the control: if it fails there, the checker is wrong.
+
+use std::time::{Duration, Instant};
+
+use muster_robustness::linearizability::CheckOptions;
+use muster_robustness::report::Report;
+use muster_robustness::traffic::{self, Target, TrafficConfig};
+use muster_testkit::{Registry, TcpProxy};
+
+/// The seed: `MUSTER_ROBUSTNESS_SEED` to repeat a failing run, else new.
+fn seed() -> u64 {
+    std::env::var("MUSTER_ROBUSTNESS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(clock_seed)
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+fn check(recorded: &traffic::Recorded, seed: u64, what: &str) {
+    let ops = recorded.history.operations.len();
+    let unknown = recorded
+        .history
+        .operations
+        .iter()
+        .filter(|op| !op.is_known())
+        .count();
+    let started = Instant::now();
+    let report = Report::new(
+        &recorded.history,
+        &recorded.watches,
+        CheckOptions::default(),
+    );
+    eprintln!(
+        "{what}: {ops} operations ({unknown} unknown), {} watch streams; {} (checked in {:?}; seed {seed})",
+        recorded.watches.len(),
+        report.line(),
+        started.elapsed()
+    );
+    assert!(ops > 100, "{what}: too little traffic to check: {ops}");
+    // The check can fail: the same history with one read's answer changed
+    // is caught.
+    let mut corrupted = recorded.history.clone();
+    let read = corrupted
+        .operations
+        .iter_mut()
+        .find_map(|op| match &mut op.outcome {
+            muster_robustness::history::Outcome::Response(
+                muster_robustness::history::Response {
+                    body: muster_robustness::history::ResponseBody::Get { kv: Some(kv) },
+                    ..
+                },
+            ) => Some(kv),
+            _ => None,
+        });
+    if let Some(kv) = read {
+        kv.value = "never written".into();
+        let caught = Report::new(&corrupted, &[], CheckOptions::default());
+        assert!(
+            !caught.ok(),
+            "{what}: a corrupted read passed: {}",
+            caught.line()
+        );
+    }
+    if !report.ok() {
+        let dir = std::env::temp_dir().join(format!("muster-robustness-{seed}"));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("history.json"), recorded.history.to_json());
+        let _ = std::fs::write(dir.join("report.json"), report.to_json());
+        panic!(
+            "{what}: {} (seed {seed}; history and report in {})",
+            report.line(),
+            dir.display()
+        );
+    }
+}
+
+async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Registry>) {
+    let seed = seed();
+    let proxy = TcpProxy::start(node.client_port()).unwrap();
+    let target = Target {
+        endpoint: proxy.endpoint(),
+    };
+    let config = TrafficConfig {
+        clients: 6,
+        duration: Duration::from_secs(8),
+        seed,
+        ..TrafficConfig::default()
+    };
+    let base = Instant::now();
+    let run = tokio::spawn(async move { traffic::run(&target, &config, base).await });
+    // The fault schedule (the traffic's timeline, not a wait for a
+    // condition): a crash and restart, then a cut and restore.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.restart().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.restore();
+    let recorded = run.await.unwrap().unwrap();
+    check(&recorded, seed, node.name());
+}
+
+muster_testkit::on_both!(traffic_stays_linearizable_through_kills_and_cuts);
