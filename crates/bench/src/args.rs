@@ -23,6 +23,8 @@ Examples:
   muster bench keepalive --leases 1000 --clients 64 --rate 0
   muster bench populate --keys 100000 --key-size 32 --value-size 256
   muster bench ready --ready-timeout 30s
+  muster bench robustness --duration 60s --faults kill,cut,compact
+  muster bench robustness --registry etcd --duration 20s --seed 7
   muster bench dns --dns-server 127.0.0.1:8600 --dns-name user.service.muster --dns-type srv --clients 16")]
 pub struct BenchArgs {
     /// The workload to run.
@@ -117,6 +119,28 @@ pub struct BenchArgs {
     /// ready: give up after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(crate) ready_timeout: Duration,
+    /// robustness: faults injected while the traffic runs, any of
+    /// `kill` (kill -9 and restart on the same data), `cut` (every client
+    /// connection cut and held), `compact`; or `none`.
+    #[arg(long, default_value = "kill,cut,compact", help_heading = "robustness")]
+    pub(crate) faults: muster_robustness::run::FaultList,
+    /// robustness: mean time between two faults.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, help_heading = "robustness")]
+    pub(crate) fault_every: Duration,
+    /// robustness: the registry the run starts and breaks: `muster`
+    /// (this program's `serve`) or `etcd` (the control).
+    #[arg(long, value_enum, default_value_t = RobustnessRegistry::Muster, help_heading = "robustness")]
+    pub(crate) registry: RobustnessRegistry,
+    /// robustness: the etcd binary for `--registry etcd`.
+    #[arg(long, default_value = "etcd", help_heading = "robustness")]
+    pub(crate) etcd_binary: std::path::PathBuf,
+    /// robustness: concurrent traffic clients (each on its own connection).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256), help_heading = "robustness")]
+    pub(crate) traffic_clients: u32,
+    /// robustness: where the data, logs, history and report go [default:
+    /// muster-robustness-SEED in the temporary directory].
+    #[arg(long, help_heading = "robustness")]
+    pub(crate) out: Option<std::path::PathBuf>,
     /// dns: the DNS server queried (UDP); `--clients` sockets, each with
     /// one query in flight.
     #[arg(long, default_value = "127.0.0.1:8600", help_heading = "dns")]
@@ -139,6 +163,15 @@ pub struct BenchArgs {
     /// dns: a query unanswered this long counts as failed.
     #[arg(long, default_value = "1s", value_parser = parse_duration, help_heading = "dns")]
     pub(crate) dns_timeout: Duration,
+}
+
+/// The registry `muster bench robustness` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RobustnessRegistry {
+    /// `muster serve`, this program.
+    Muster,
+    /// etcd, as the control.
+    Etcd,
 }
 
 /// A DNS question type of `muster bench dns`.
@@ -170,6 +203,9 @@ pub enum Workload {
     /// Callers following one service, then registrations and
     /// deregistrations: registrar's ack to every caller's table.
     Propagation,
+    /// Starts a registry of its own and checks it under random traffic and
+    /// faults: linearizability of the history, and every watch response.
+    Robustness,
     /// Writes the whole keyspace once, in transactions of up to 128 puts.
     Populate,
     /// Waits for the first successful Range (for restart measurements).

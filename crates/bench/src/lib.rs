@@ -98,6 +98,7 @@ pub async fn run(
         Workload::Ready => finish(ready::run(&plan).await?, &plan, format, out),
         Workload::Dns => finish(dns::run(&plan).await?, &plan, format, out),
         Workload::Propagation => propagation::run(&plan, format, out).await,
+        Workload::Robustness => robustness::run(&plan, format, out).await,
     }
 }
 

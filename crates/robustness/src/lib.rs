@@ -34,7 +34,9 @@
 pub mod history;
 pub mod linearizability;
 pub mod model;
+pub mod proxy;
 pub mod report;
+pub mod run;
 pub mod traffic;
 pub mod watch;
 

@@ -61,12 +61,11 @@ pub mod browser;
 mod embedded;
 pub mod golang;
 mod pki;
-mod proxy;
 mod registry;
 pub use embedded::EmbeddedNode;
 pub use golang::{GoProcess, GoProgram, require_go};
+pub use muster_robustness::proxy::TcpProxy;
 pub use pki::{OTHER_CA_NAME, SERVER_SANS, TEST_CA_NAME, TestPki};
-pub use proxy::TcpProxy;
 pub use registry::{
     Backend, DEADLINE, Registry, RegistryOptions, eventually, registry, registry_with,
 };

@@ -1,5 +1,4 @@
-//! The workloads, one module each. The robustness workloads will join
-//! them here.
+//! The workloads, one module each.
 
 pub(crate) mod dns;
 pub(crate) mod keepalive;
@@ -8,5 +7,6 @@ pub(crate) mod propagation;
 pub(crate) mod put;
 pub(crate) mod range;
 pub(crate) mod ready;
+pub(crate) mod robustness;
 pub(crate) mod txn;
 pub(crate) mod watch;

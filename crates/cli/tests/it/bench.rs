@@ -291,3 +291,69 @@ fn propagation_callers_in_child_processes(backend: &common::Backend) {
 }
 
 crate::on_both!(propagation_callers_in_child_processes);
+
+/// `muster bench robustness` starts its own registry (this binary's serve,
+/// or etcd), breaks it, checks it, says so on one line, and exits non-zero
+/// on a malformed fault list; everything stays in the directory it names.
+fn robustness_runs_and_leaves_its_evidence(registry: &str) {
+    if registry == "etcd" && !std::path::Path::new("/usr/bin/etcd").exists() {
+        eprintln!("skipping: no /usr/bin/etcd");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["bench", "robustness", "--registry", registry])
+        .args(["--etcd-binary", "/usr/bin/etcd", "--duration", "6s"])
+        .args([
+            "--fault-every",
+            "1500ms",
+            "--faults",
+            "kill,cut,compact",
+            "--seed",
+            "5",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .args(["-o", "json"])
+        .output()
+        .expect("muster bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(
+        report["verdict"], "linearizable: yes, watch: ok",
+        "{report}"
+    );
+    assert_eq!(report["seed"], 5, "{report}");
+    assert!(field(&report, "operations") > 100, "{report}");
+    assert!(
+        !report["faults"].as_array().unwrap().is_empty(),
+        "no fault injected: {report}"
+    );
+    for file in ["history.json", "watches.json", "report.json"] {
+        assert!(dir.path().join(file).exists(), "{file} missing");
+    }
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["bench", "robustness", "--faults", "kill,explode"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown fault \"explode\""), "{err}");
+}
+
+#[test]
+fn robustness_on_muster_serve() {
+    robustness_runs_and_leaves_its_evidence("muster");
+}
+
+#[test]
+fn robustness_on_etcd() {
+    robustness_runs_and_leaves_its_evidence("etcd");
+}

@@ -1,5 +1,7 @@
-//! A TCP proxy on loopback that a test can cut and restore, to partition one
-//! client from a server while others keep talking to it.
+//! A TCP proxy on loopback that can be cut and restored, to partition
+//! clients from a server while others keep talking to it: the `cut` fault
+//! of the robustness runs, and the tests' partitions (muster-testkit
+//! re-exports it).
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};

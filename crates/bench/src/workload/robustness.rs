@@ -1,0 +1,100 @@
+//! `robustness`: a registry of its own under random conflicting traffic and
+//! faults, then its history checked for linearizability and its watches
+//! validated (see [`muster_robustness::run`]). Prints the operations, the
+//! faults injected and one verdict line, and fails (non-zero exit) on any
+//! violation; the history, the watches and the report (with a minimal
+//! failing excerpt) stay in the directory it names.
+
+use std::io::Write;
+
+use muster_robustness::run::{Backend, RunConfig};
+use muster_robustness::traffic::TrafficConfig;
+use serde_json::json;
+
+use crate::args::{Plan, RobustnessRegistry};
+use crate::error::Error;
+use crate::report::Format;
+
+pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) -> Result<(), Error> {
+    let args = plan.args;
+    let seed = plan.seed.0;
+    let backend = match args.registry {
+        RobustnessRegistry::Muster => Backend::Muster {
+            exe: std::env::current_exe().map_err(|e| Error::Setup {
+                doing: "finding this program to run its registry",
+                cause: e.to_string(),
+            })?,
+        },
+        RobustnessRegistry::Etcd => Backend::Etcd {
+            binary: args.etcd_binary.clone(),
+        },
+    };
+    let dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("muster-robustness-{seed}")));
+    let config = RunConfig {
+        backend: backend.clone(),
+        traffic: TrafficConfig {
+            clients: args.traffic_clients,
+            duration: args.duration,
+            seed,
+            ..TrafficConfig::default()
+        },
+        faults: args.faults.0.clone(),
+        fault_every: args.fault_every,
+        dir,
+    };
+    let summary = muster_robustness::run::run(&config)
+        .await
+        .map_err(|cause| Error::Setup {
+            doing: "running the robustness check",
+            cause,
+        })?;
+    let verdict = summary.report.line();
+    let written = match format {
+        Format::Text => writeln!(
+            out,
+            "robustness: {}: {} operations ({} unknown), {} watch streams, faults: {}\n\
+             robustness: {verdict} (checked in {:.2} s)\n\
+             robustness: history, watches and report in {}\n\
+             robustness: seed {seed} (repeat with --seed {seed})",
+            backend.name(),
+            summary.operations,
+            summary.unknown,
+            summary.watches,
+            summary.faults_text(),
+            summary.checked_in.as_secs_f64(),
+            summary.dir.display(),
+        ),
+        Format::Json => writeln!(
+            out,
+            "{}",
+            json!({
+                "workload": "robustness",
+                "registry": backend.name(),
+                "seed": seed,
+                "operations": summary.operations,
+                "unknown": summary.unknown,
+                "watch_streams": summary.watches,
+                "faults": summary.injected.iter().map(|k| k.name()).collect::<Vec<_>>(),
+                "verdict": verdict,
+                "ok": summary.report.ok(),
+                "checked_seconds": summary.checked_in.as_secs_f64(),
+                "dir": summary.dir.display().to_string(),
+            })
+        ),
+    };
+    written.map_err(|e| Error::Setup {
+        doing: "writing the report",
+        cause: e.to_string(),
+    })?;
+    if summary.report.ok() {
+        Ok(())
+    } else {
+        Err(Error::Failed {
+            workload: "robustness",
+            failure: format!("{verdict}; see {}", summary.dir.display()),
+        })
+    }
+}

@@ -1,0 +1,400 @@
+//! A whole robustness run: start a registry of its own (`muster serve` or
+//! etcd) on a fresh data directory, put the traffic through a cuttable
+//! proxy, inject faults on a seeded schedule while it runs (kill -9 and
+//! restart on the same data, connections cut and held, compaction), then
+//! check the history and the watches and leave everything in a directory.
+//! `muster bench robustness` is this.
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use muster_proto as pb;
+
+use crate::linearizability::CheckOptions;
+use crate::proxy::TcpProxy;
+use crate::report::Report;
+use crate::traffic::{self, Recorded, Target, TrafficConfig};
+
+/// The registry a run starts and breaks.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// `EXE serve --data-dir ...` (this program, usually).
+    Muster {
+        /// The muster binary.
+        exe: PathBuf,
+    },
+    /// etcd, single member.
+    Etcd {
+        /// The etcd binary.
+        binary: PathBuf,
+    },
+}
+
+impl Backend {
+    /// `muster` or `etcd`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Muster { .. } => "muster",
+            Backend::Etcd { .. } => "etcd",
+        }
+    }
+}
+
+/// A fault a run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// kill -9 of the registry, restarted on the same data directory.
+    Kill,
+    /// Every client connection cut, and new ones refused, for a while.
+    Cut,
+    /// History compacted at the current revision (watchers behind it are
+    /// told so).
+    Compact,
+}
+
+impl FaultKind {
+    /// Its name in `--faults`.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Cut => "cut",
+            FaultKind::Compact => "compact",
+        }
+    }
+}
+
+/// `kill,cut,compact` (any subset, or `none`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultList(pub Vec<FaultKind>);
+
+impl FromStr for FaultList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FaultList, String> {
+        if s.trim() == "none" {
+            return Ok(FaultList(Vec::new()));
+        }
+        let mut out = Vec::new();
+        for item in s.split(',').map(str::trim) {
+            let kind = match item {
+                "kill" => FaultKind::Kill,
+                "cut" => FaultKind::Cut,
+                "compact" => FaultKind::Compact,
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?}; known: kill, cut, compact (or none)"
+                    ));
+                }
+            };
+            if !out.contains(&kind) {
+                out.push(kind);
+            }
+        }
+        Ok(FaultList(out))
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The registry.
+    pub backend: Backend,
+    /// The traffic (its seed also drives the fault schedule).
+    pub traffic: TrafficConfig,
+    /// The faults to choose from; one every `fault_every` on average.
+    pub faults: Vec<FaultKind>,
+    /// Mean time between faults.
+    pub fault_every: Duration,
+    /// Where the data directory, logs, history and report go.
+    pub dir: PathBuf,
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct Summary {
+    /// Operations in the checked history.
+    pub operations: usize,
+    /// Of which with unknown outcome.
+    pub unknown: usize,
+    /// Watch streams recorded.
+    pub watches: usize,
+    /// Faults injected, in order.
+    pub injected: Vec<FaultKind>,
+    /// The verdict.
+    pub report: Report,
+    /// How long the check took.
+    pub checked_in: Duration,
+    /// The directory holding everything.
+    pub dir: PathBuf,
+}
+
+impl Summary {
+    /// Faults injected, counted by kind: `kill 3, cut 2, compact 1`.
+    pub fn faults_text(&self) -> String {
+        let mut parts = Vec::new();
+        for kind in [FaultKind::Kill, FaultKind::Cut, FaultKind::Compact] {
+            let n = self.injected.iter().filter(|k| **k == kind).count();
+            if n > 0 {
+                parts.push(format!("{} {n}", kind.name()));
+            }
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+/// A registry process on a fixed port and data directory.
+struct Node {
+    backend: Backend,
+    data: PathBuf,
+    log: PathBuf,
+    port: u16,
+    peer_port: u16,
+    http_port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(backend: Backend, dir: &Path) -> Result<Node, String> {
+        Ok(Node {
+            backend,
+            data: dir.join("data"),
+            log: dir.join("registry.log"),
+            port: free_port()?,
+            peer_port: free_port()?,
+            http_port: free_port()?,
+            child: None,
+        })
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot write {}: {e}", self.log.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot write {}: {e}", self.log.display()))?;
+        let client = format!("http://127.0.0.1:{}", self.port);
+        let mut cmd = match &self.backend {
+            Backend::Muster { exe } => {
+                let mut c = Command::new(exe);
+                c.arg("serve")
+                    .arg("--data-dir")
+                    .arg(&self.data)
+                    .arg("--listen")
+                    .arg(format!("127.0.0.1:{}", self.port))
+                    .arg("--http-listen")
+                    .arg(format!("127.0.0.1:{}", self.http_port));
+                c
+            }
+            Backend::Etcd { binary } => {
+                let peer = format!("http://127.0.0.1:{}", self.peer_port);
+                let mut c = Command::new(binary);
+                c.arg("--name")
+                    .arg("robustness")
+                    .arg("--data-dir")
+                    .arg(&self.data)
+                    .arg("--listen-client-urls")
+                    .arg(&client)
+                    .arg("--advertise-client-urls")
+                    .arg(&client)
+                    .arg("--listen-peer-urls")
+                    .arg(&peer)
+                    .arg("--initial-advertise-peer-urls")
+                    .arg(&peer)
+                    .arg("--initial-cluster")
+                    .arg(format!("robustness={peer}"));
+                c
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.backend.name()))?;
+        self.child = Some(child);
+        // Ready once it accepts connections and answers a range.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(format!(
+                    "{} exited ({status}); see {}",
+                    self.backend.name(),
+                    self.log.display()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not listen within 30 s; see {}",
+                    self.backend.name(),
+                    self.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Compacts at the registry's current revision; false if it could not.
+async fn compact(endpoint: &str) -> bool {
+    let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.to_string()) else {
+        return false;
+    };
+    let Ok(ch) = ch.connect_timeout(Duration::from_secs(1)).connect().await else {
+        return false;
+    };
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    let Ok(Ok(r)) = tokio::time::timeout(
+        Duration::from_secs(2),
+        kv.range(pb::RangeRequest {
+            key: b"key-".to_vec(),
+            ..Default::default()
+        }),
+    )
+    .await
+    else {
+        return false;
+    };
+    let revision = r.into_inner().header.map_or(0, |h| h.revision);
+    let compacted = tokio::time::timeout(
+        Duration::from_secs(2),
+        kv.compact(pb::CompactionRequest {
+            revision,
+            physical: false,
+        }),
+    )
+    .await;
+    matches!(compacted, Ok(Ok(_)))
+}
+
+/// Runs, checks, and writes `history.json`, `watches.json` and
+/// `report.json` (with a minimal failing excerpt when there is one) into
+/// `config.dir`.
+pub async fn run(config: &RunConfig) -> Result<Summary, String> {
+    std::fs::create_dir_all(&config.dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
+    let mut node = Node::new(config.backend.clone(), &config.dir)?;
+    node.start()?;
+    let direct = format!("http://127.0.0.1:{}", node.port);
+    let proxy = TcpProxy::start(node.port).map_err(|e| format!("cannot start the proxy: {e}"))?;
+    let target = Target {
+        endpoint: proxy.endpoint(),
+    };
+    let base = Instant::now();
+    let traffic_config = config.traffic.clone();
+    let traffic = tokio::spawn(async move { traffic::run(&target, &traffic_config, base).await });
+
+    // The fault schedule, seeded: waits of half to one and a half times the
+    // mean between faults, none in the last second of traffic.
+    let mut rng = fastrand::Rng::with_seed(config.traffic.seed ^ 0x5eed_fa17);
+    let mut injected = Vec::new();
+    let end = base + config.traffic.duration;
+    if !config.faults.is_empty() {
+        loop {
+            let wait = config.fault_every.mul_f64(0.5 + rng.f64());
+            if Instant::now() + wait + Duration::from_secs(1) > end {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            let kind = config.faults[rng.usize(..config.faults.len())];
+            match kind {
+                FaultKind::Kill => {
+                    node.kill();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::task::block_in_place(|| node.start())?;
+                }
+                FaultKind::Cut => {
+                    proxy.cut();
+                    tokio::time::sleep(Duration::from_millis(300 + rng.u64(..700))).await;
+                    proxy.restore();
+                }
+                FaultKind::Compact => {
+                    if !compact(&direct).await {
+                        continue;
+                    }
+                }
+            }
+            injected.push(kind);
+        }
+    }
+    let Recorded { history, watches } = traffic
+        .await
+        .map_err(|e| format!("the traffic panicked: {e}"))??;
+    drop(proxy);
+    node.kill();
+
+    let write = |name: &str, text: String| {
+        let path = config.dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    };
+    write("history.json", history.to_json())?;
+    write(
+        "watches.json",
+        serde_json::to_string_pretty(&watches).unwrap_or_default(),
+    )?;
+    let started = Instant::now();
+    let report = Report::new(&history, &watches, CheckOptions::default());
+    let checked_in = started.elapsed();
+    write("report.json", report.to_json())?;
+    Ok(Summary {
+        operations: history.operations.len(),
+        unknown: history
+            .operations
+            .iter()
+            .filter(|op| !op.is_known())
+            .count(),
+        watches: watches.len(),
+        injected,
+        report,
+        checked_in,
+        dir: config.dir.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_lists_parse() {
+        assert_eq!(
+            "kill,cut,compact".parse::<FaultList>().unwrap().0,
+            [FaultKind::Kill, FaultKind::Cut, FaultKind::Compact]
+        );
+        assert_eq!("cut, cut".parse::<FaultList>().unwrap().0, [FaultKind::Cut]);
+        assert!("none".parse::<FaultList>().unwrap().0.is_empty());
+        let e = "kill,explode".parse::<FaultList>().unwrap_err();
+        assert!(e.contains("unknown fault \"explode\""), "{e}");
+    }
+}
