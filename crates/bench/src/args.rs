@@ -121,8 +121,13 @@ pub struct BenchArgs {
     pub(crate) ready_timeout: Duration,
     /// robustness: faults injected while the traffic runs, any of
     /// `kill` (kill -9 and restart on the same data), `cut` (every client
-    /// connection cut and held), `compact`; or `none`.
-    #[arg(long, default_value = "kill,cut,compact", help_heading = "robustness")]
+    /// connection cut and held), `compact`, `drop-watch` (the watcher's
+    /// stream dropped); or `none`.
+    #[arg(
+        long,
+        default_value = "kill,cut,compact,drop-watch",
+        help_heading = "robustness"
+    )]
     pub(crate) faults: muster_robustness::run::FaultList,
     /// robustness: mean time between two faults.
     #[arg(long, default_value = "3s", value_parser = parse_duration, help_heading = "robustness")]

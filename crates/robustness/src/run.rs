@@ -1,7 +1,8 @@
 //! A whole robustness run: start a registry of its own (`muster serve` or
 //! etcd) on a fresh data directory, put the traffic through a cuttable
 //! proxy, inject faults on a seeded schedule while it runs (kill -9 and
-//! restart on the same data, connections cut and held, compaction), then
+//! restart on the same data, connections cut and held, compaction, the
+//! watch stream dropped), then
 //! check the history and the watches and leave everything in a directory.
 //! `muster bench robustness` is this.
 
@@ -53,6 +54,9 @@ pub enum FaultKind {
     /// History compacted at the current revision (watchers behind it are
     /// told so).
     Compact,
+    /// The watcher's stream (its connection) dropped: it must resume from
+    /// the revision after the last one it was sent.
+    DropWatch,
 }
 
 impl FaultKind {
@@ -62,11 +66,12 @@ impl FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Cut => "cut",
             FaultKind::Compact => "compact",
+            FaultKind::DropWatch => "drop-watch",
         }
     }
 }
 
-/// `kill,cut,compact` (any subset, or `none`).
+/// `kill,cut,compact,drop-watch` (any subset, or `none`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaultList(pub Vec<FaultKind>);
 
@@ -83,9 +88,10 @@ impl FromStr for FaultList {
                 "kill" => FaultKind::Kill,
                 "cut" => FaultKind::Cut,
                 "compact" => FaultKind::Compact,
+                "drop-watch" => FaultKind::DropWatch,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?}; known: kill, cut, compact (or none)"
+                        "unknown fault {other:?}; known: kill, cut, compact, drop-watch (or none)"
                     ));
                 }
             };
@@ -135,7 +141,12 @@ impl Summary {
     /// Faults injected, counted by kind: `kill 3, cut 2, compact 1`.
     pub fn faults_text(&self) -> String {
         let mut parts = Vec::new();
-        for kind in [FaultKind::Kill, FaultKind::Cut, FaultKind::Compact] {
+        for kind in [
+            FaultKind::Kill,
+            FaultKind::Cut,
+            FaultKind::Compact,
+            FaultKind::DropWatch,
+        ] {
             let n = self.injected.iter().filter(|k| **k == kind).count();
             if n > 0 {
                 parts.push(format!("{} {n}", kind.name()));
@@ -308,8 +319,11 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
     node.start()?;
     let direct = format!("http://127.0.0.1:{}", node.port);
     let proxy = TcpProxy::start(node.port).map_err(|e| format!("cannot start the proxy: {e}"))?;
+    let watch_proxy =
+        TcpProxy::start(node.port).map_err(|e| format!("cannot start the proxy: {e}"))?;
     let target = Target {
         endpoint: proxy.endpoint(),
+        watch_endpoint: Some(watch_proxy.endpoint()),
     };
     let base = Instant::now();
     let traffic_config = config.traffic.clone();
@@ -336,8 +350,15 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
                 }
                 FaultKind::Cut => {
                     proxy.cut();
+                    watch_proxy.cut();
                     tokio::time::sleep(Duration::from_millis(300 + rng.u64(..700))).await;
                     proxy.restore();
+                    watch_proxy.restore();
+                }
+                FaultKind::DropWatch => {
+                    // Closes the watcher's connection; it reconnects at once.
+                    watch_proxy.cut();
+                    watch_proxy.restore();
                 }
                 FaultKind::Compact => {
                     if !compact(&direct).await {
@@ -352,6 +373,7 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
         .await
         .map_err(|e| format!("the traffic panicked: {e}"))??;
     drop(proxy);
+    drop(watch_proxy);
     node.kill();
 
     let write = |name: &str, text: String| {

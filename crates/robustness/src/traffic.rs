@@ -65,8 +65,12 @@ pub const KEY_PREFIX: &str = "key-";
 /// Where a run's clients and watchers connect, and when it started.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `http://host:port` of the registry (or of a proxy in front of it).
+    /// `http://host:port` of the registry (or of a proxy in front of it),
+    /// for the clients.
     pub endpoint: String,
+    /// For the watcher, when it connects apart (so that its stream alone
+    /// can be dropped); `None`: `endpoint`.
+    pub watch_endpoint: Option<String>,
 }
 
 /// Everything a run recorded.
@@ -100,7 +104,8 @@ pub async fn run(
 ) -> Result<Recorded, String> {
     let deadline = tokio::time::Instant::now() + config.duration;
     let (stop_tx, stop) = watch::channel(false);
-    let watcher = tokio::spawn(watch_all(channel(&target.endpoint)?, stop));
+    let watch_endpoint = target.watch_endpoint.as_ref().unwrap_or(&target.endpoint);
+    let watcher = tokio::spawn(watch_all(channel(watch_endpoint)?, stop));
     let mut clients = Vec::new();
     for id in 0..config.clients {
         let ch = channel(&target.endpoint)?;

@@ -88,6 +88,7 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
     let proxy = TcpProxy::start(node.client_port()).unwrap();
     let target = Target {
         endpoint: proxy.endpoint(),
+        watch_endpoint: None,
     };
     let config = TrafficConfig {
         clients: 6,
