@@ -176,58 +176,97 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
     let mut state = model.init();
     let mut linearized = Bits(vec![0; n.div_ceil(64)]);
     let mut cache: HashMap<u64, Vec<(Bits, M::State)>> = HashMap::new();
-    let mut stack: Vec<(usize, M::State)> = Vec::new();
+    let mut stack: Vec<Frame<M::State>> = Vec::new();
     let mut deepest: Option<Violation<M::State>> = None;
     let started = Instant::now();
     let mut steps: u64 = 0;
     let mut entry = nodes[head].next;
+    // First the known operations among the candidates, then (from the head
+    // again) the unknown ones: an operation that need not take effect is
+    // only tried where nothing that must take effect fits. The order only
+    // changes which linearization is found first, not whether one is.
+    let mut unknown_phase = false;
 
     loop {
         if known_left == 0 {
-            let order = stack.iter().map(|(node, _)| nodes[*node].op).collect();
+            let order = stack.iter().map(|f| nodes[f.node].op).collect();
             return Verdict::Linearizable { order, state };
         }
         steps += 1;
         if steps > options.max_steps
-            || (steps % 1024 == 0 && options.timeout.is_some_and(|t| started.elapsed() > t))
+            || (steps.is_multiple_of(1024)
+                && options.timeout.is_some_and(|t| started.elapsed() > t))
         {
             return Verdict::Timeout { steps };
         }
-        let node = if entry == NIL { None } else { Some(nodes[entry]) };
+        let node = if entry == NIL {
+            None
+        } else {
+            Some(nodes[entry])
+        };
+        let mut backtrack = false;
         match node {
+            Some(node) if node.call && model.must_linearize(&ops[node.op]) == unknown_phase => {
+                // Not this phase's kind of candidate.
+                entry = node.next;
+            }
             Some(node) if node.call => {
                 let op = node.op;
-                let next_state = model.step(&state, &ops[op]);
-                let fresh = next_state.and_then(|s| {
-                    linearized.set(op);
-                    let key = cache_key(&linearized, &s);
-                    let bucket = cache.entry(key).or_default();
-                    if bucket.iter().any(|(b, st)| *b == linearized && *st == s) {
-                        linearized.clear(op);
-                        None
-                    } else {
-                        bucket.push((linearized.clone(), s.clone()));
-                        Some(s)
-                    }
-                });
-                match fresh {
-                    Some(s) => {
-                        stack.push((entry, std::mem::replace(&mut state, s)));
-                        if model.must_linearize(&ops[op]) {
-                            known_left -= 1;
-                        }
-                        lift(&mut nodes, entry);
-                        entry = nodes[head].next;
-                    }
+                let must = !unknown_phase;
+                match model.step(&state, &ops[op]) {
                     None => entry = node.next,
+                    // No effect and nothing to verify: the same as never.
+                    Some(s) if !must && s == state => entry = node.next,
+                    Some(s) => {
+                        // A known operation that leaves the state as it is
+                        // (a read, a definite error) can be placed as soon
+                        // as it is a candidate without loss: anything valid
+                        // with it later is valid with it here. So it is not
+                        // worth trying the other candidates in its place.
+                        let forced = must && s == state;
+                        linearized.set(op);
+                        let key = cache_key(&linearized, &s);
+                        let bucket = cache.entry(key).or_default();
+                        if bucket.iter().any(|(b, st)| *b == linearized && *st == s) {
+                            linearized.clear(op);
+                            if forced {
+                                backtrack = true;
+                            } else {
+                                entry = node.next;
+                            }
+                        } else {
+                            bucket.push((linearized.clone(), s.clone()));
+                            stack.push(Frame {
+                                node: entry,
+                                state: std::mem::replace(&mut state, s),
+                                forced,
+                                unknown_phase,
+                            });
+                            if must {
+                                known_left -= 1;
+                            }
+                            lift(&mut nodes, entry);
+                            entry = nodes[head].next;
+                            unknown_phase = false;
+                        }
+                    }
                 }
             }
             // The return of an operation that need not take effect: it may
             // stay unlinearized forever.
             Some(node) if !model.must_linearize(&ops[node.op]) => entry = node.next,
+            _ if !unknown_phase => {
+                // The known candidates are exhausted: the unknown ones.
+                unknown_phase = true;
+                entry = nodes[head].next;
+            }
             _ => {
-                // A known operation's return (or, defensively, the end).
-                if deepest.as_ref().is_none_or(|d| stack.len() > d.prefix.len()) {
+                // A known operation's return (or, defensively, the end),
+                // every candidate before it tried.
+                if deepest
+                    .as_ref()
+                    .is_none_or(|d| stack.len() > d.prefix.len())
+                {
                     let stuck = node.map_or(NIL, |n| n.op);
                     let mut candidates = Vec::new();
                     let mut e = nodes[head].next;
@@ -237,30 +276,44 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
                         }
                         e = nodes[e].next;
                     }
-                    if stuck != NIL {
-                        candidates.push(stuck);
-                    }
                     deepest = Some(Violation {
-                        prefix: stack.iter().map(|(node, _)| nodes[*node].op).collect(),
+                        prefix: stack.iter().map(|f| nodes[f.node].op).collect(),
                         state: state.clone(),
                         stuck,
                         candidates,
                     });
                 }
-                let Some((lifted, prev_state)) = stack.pop() else {
-                    return Verdict::Violation(deepest.expect("recorded above"));
-                };
-                let op = nodes[lifted].op;
-                state = prev_state;
-                linearized.clear(op);
-                if model.must_linearize(&ops[op]) {
-                    known_left += 1;
-                }
-                unlift(&mut nodes, lifted);
-                entry = nodes[lifted].next;
+                backtrack = true;
             }
         }
+        while backtrack {
+            let Some(frame) = stack.pop() else {
+                return Verdict::Violation(deepest.expect("recorded before backtracking"));
+            };
+            let op = nodes[frame.node].op;
+            state = frame.state;
+            linearized.clear(op);
+            if model.must_linearize(&ops[op]) {
+                known_left += 1;
+            }
+            unlift(&mut nodes, frame.node);
+            entry = nodes[frame.node].next;
+            unknown_phase = frame.unknown_phase;
+            backtrack = frame.forced;
+        }
     }
+}
+
+/// One linearized operation on the search stack.
+struct Frame<S> {
+    /// Its call node.
+    node: usize,
+    /// The state before it.
+    state: S,
+    /// Placed without alternatives (see the search loop).
+    forced: bool,
+    /// Placed in the scan for unknown candidates.
+    unknown_phase: bool,
 }
 
 fn cache_key<S: Hash>(bits: &Bits, state: &S) -> u64 {

@@ -201,7 +201,9 @@ impl State {
     pub fn step(&self, request: &Request, outcome: &Outcome) -> Option<State> {
         match outcome {
             Outcome::Unknown => self.step_unknown(request),
-            Outcome::Error(observed) => self.error_consistent(request, observed).then(|| self.clone()),
+            Outcome::Error(observed) => self
+                .error_consistent(request, observed)
+                .then(|| self.clone()),
             Outcome::Response(observed) => {
                 if let Some(ok) = self.serializable_read(request, observed) {
                     return ok.then(|| self.clone());
@@ -285,7 +287,11 @@ impl State {
         }
     }
 
-    fn execute(&self, request: &Request, granted: Option<i64>) -> Result<(State, Response), EtcdError> {
+    fn execute(
+        &self,
+        request: &Request,
+        granted: Option<i64>,
+    ) -> Result<(State, Response), EtcdError> {
         let current = self.revision;
         let read_rev = |revision: i64| {
             if revision > current {
@@ -597,7 +603,9 @@ impl Model for EtcdModel {
 
     fn step(&self, state: &State, op: &Operation) -> Option<State> {
         let next = state.step(&op.request, &op.outcome)?;
-        if !op.is_known() && next.revision != state.revision && self.claimed.contains(&next.revision)
+        if !op.is_known()
+            && next.revision != state.revision
+            && self.claimed.contains(&next.revision)
         {
             return None;
         }

@@ -25,7 +25,11 @@
 //! Events are only required up to the last one a stream delivered: a stream
 //! that simply ended early is not a gap. A watch that saw a write whose
 //! answer was lost, which the linearization chose not to apply, shows as
-//! [`WatchViolation::Unexpected`]; patch such writes into the history first.
+//! [`WatchViolation::Unexpected`]; [`patch_history`] first turns the lost
+//! puts a watch saw into answered ones (values are unique), as etcd's suite
+//! does. Lost deletes, transactions and revokes cannot be identified from
+//! events, so the linearization may still pick another order for them than
+//! the server did, and the watch then reports the difference.
 //!
 //! [`State::changes`]: crate::model::State::changes
 
@@ -33,6 +37,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::{History, Outcome, Request, Response, ResponseBody};
 use crate::model::State;
 
 /// The kind of a watch event.
@@ -351,4 +356,33 @@ fn validate_one(
             }
         }
     }
+}
+
+/// The history with every put of unknown outcome that a watch delivered
+/// (same key and value; the traffic writes unique values) turned into an
+/// answered put at the event's revision. Its return time stays unknown:
+/// it happened at some point after its invocation.
+pub fn patch_history(history: &History, watches: &[WatchRecord]) -> History {
+    let mut seen: HashMap<(&str, &str), i64> = HashMap::new();
+    for event in watches
+        .iter()
+        .flat_map(|w| &w.responses)
+        .flat_map(|r| &r.events)
+        .filter(|e| e.kind == EventKind::Put)
+    {
+        seen.entry((&event.key, &event.value))
+            .or_insert(event.mod_revision);
+    }
+    let mut patched = history.clone();
+    for op in &mut patched.operations {
+        if let (Outcome::Unknown, Request::Put { key, value, .. }) = (&op.outcome, &op.request)
+            && let Some(&revision) = seen.get(&(key.as_str(), value.as_str()))
+        {
+            op.outcome = Outcome::Response(Response {
+                revision,
+                body: ResponseBody::Put,
+            });
+        }
+    }
+    patched
 }
