@@ -181,11 +181,14 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
     let started = Instant::now();
     let mut steps: u64 = 0;
     let mut entry = nodes[head].next;
-    // First the known operations among the candidates, then (from the head
-    // again) the unknown ones: an operation that need not take effect is
-    // only tried where nothing that must take effect fits. The order only
-    // changes which linearization is found first, not whether one is.
-    let mut unknown_phase = false;
+    // First the known operations among the candidates (from the head to the
+    // first return of a known operation, the stop), then the unknown ones,
+    // latest invoked first (from the stop back to the head): an operation
+    // that need not take effect is only tried where nothing that must take
+    // effect fits, and the one most likely to have taken effect there first.
+    // The order only changes which linearization is found first, not
+    // whether one is.
+    let mut stop = NIL;
 
     loop {
         if known_left == 0 {
@@ -199,24 +202,36 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
         {
             return Verdict::Timeout { steps };
         }
-        let node = if entry == NIL {
+        let node = if entry == NIL || entry == head {
             None
         } else {
             Some(nodes[entry])
         };
+        let unknown_phase = stop != NIL;
+        // Forward through the list for known candidates, backward from the
+        // stop for unknown ones.
+        let onward = |node: &Node| if unknown_phase { node.prev } else { node.next };
         let mut backtrack = false;
         match node {
-            Some(node) if node.call && model.must_linearize(&ops[node.op]) == unknown_phase => {
-                // Not this phase's kind of candidate.
-                entry = node.next;
+            Some(node) if !node.call || model.must_linearize(&ops[node.op]) == unknown_phase => {
+                if !node.call && !unknown_phase && model.must_linearize(&ops[node.op]) {
+                    // The first return of a known operation: the known
+                    // candidates are exhausted, now the unknown ones.
+                    stop = entry;
+                    entry = node.prev;
+                } else {
+                    // Not this phase's kind of candidate, or the return of
+                    // an operation that may stay unlinearized forever.
+                    entry = onward(&node);
+                }
             }
-            Some(node) if node.call => {
+            Some(node) => {
                 let op = node.op;
                 let must = !unknown_phase;
                 match model.step(&state, &ops[op]) {
-                    None => entry = node.next,
+                    None => entry = onward(&node),
                     // No effect and nothing to verify: the same as never.
-                    Some(s) if !must && s == state => entry = node.next,
+                    Some(s) if !must && s == state => entry = onward(&node),
                     Some(s) => {
                         // A known operation that leaves the state as it is
                         // (a read, a definite error) can be placed as soon
@@ -232,7 +247,7 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
                             if forced {
                                 backtrack = true;
                             } else {
-                                entry = node.next;
+                                entry = onward(&node);
                             }
                         } else {
                             bucket.push((linearized.clone(), s.clone()));
@@ -240,37 +255,34 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
                                 node: entry,
                                 state: std::mem::replace(&mut state, s),
                                 forced,
-                                unknown_phase,
+                                stop,
                             });
                             if must {
                                 known_left -= 1;
                             }
                             lift(&mut nodes, entry);
                             entry = nodes[head].next;
-                            unknown_phase = false;
+                            stop = NIL;
                         }
                     }
                 }
             }
-            // The return of an operation that need not take effect: it may
-            // stay unlinearized forever.
-            Some(node) if !model.must_linearize(&ops[node.op]) => entry = node.next,
-            _ if !unknown_phase => {
-                // The known candidates are exhausted: the unknown ones.
-                unknown_phase = true;
-                entry = nodes[head].next;
+            None if !unknown_phase => {
+                // The end of the list with known operations left cannot
+                // happen (their returns are in it); treat it as a stop.
+                stop = head;
+                entry = head;
             }
-            _ => {
-                // A known operation's return (or, defensively, the end),
-                // every candidate before it tried.
+            None => {
+                // Every candidate before the stop tried.
                 if deepest
                     .as_ref()
                     .is_none_or(|d| stack.len() > d.prefix.len())
                 {
-                    let stuck = node.map_or(NIL, |n| n.op);
+                    let stuck = if stop == head { NIL } else { nodes[stop].op };
                     let mut candidates = Vec::new();
                     let mut e = nodes[head].next;
-                    while e != NIL && e != entry {
+                    while e != NIL && e != stop {
                         if nodes[e].call {
                             candidates.push(nodes[e].op);
                         }
@@ -297,8 +309,12 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
                 known_left += 1;
             }
             unlift(&mut nodes, frame.node);
-            entry = nodes[frame.node].next;
-            unknown_phase = frame.unknown_phase;
+            stop = frame.stop;
+            entry = if stop == NIL {
+                nodes[frame.node].next
+            } else {
+                nodes[frame.node].prev
+            };
             backtrack = frame.forced;
         }
     }
@@ -312,8 +328,9 @@ struct Frame<S> {
     state: S,
     /// Placed without alternatives (see the search loop).
     forced: bool,
-    /// Placed in the scan for unknown candidates.
-    unknown_phase: bool,
+    /// The stop of the scan for unknown candidates it was placed in, or
+    /// `NIL` if it was placed in the scan for known ones.
+    stop: usize,
 }
 
 fn cache_key<S: Hash>(bits: &Bits, state: &S) -> u64 {
