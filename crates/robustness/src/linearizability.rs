@@ -14,10 +14,25 @@
 //! linearized at any point after their invocation, or never (the history is
 //! linearizable once every known operation is placed).
 //!
-//! The etcd model makes the search close to linear: an answered write names
-//! its revision and an answered read its header revision, so at each point
-//! only the operations pinned to the next revision (and unpinned ones such
-//! as errors) can be taken.
+//! Three things keep the search close to linear on etcd histories:
+//!
+//! * The model pins operations: an answered write names its revision and an
+//!   answered read its header revision, so at each point only the
+//!   operations of the next revision fit (see [`crate::model::EtcdModel`]
+//!   for lost writes).
+//! * A known operation that leaves the state unchanged (a read, a definite
+//!   error) is placed as soon as it fits, and no other candidate is tried
+//!   in its place: anything valid with it later is valid with it there.
+//! * Unknown-outcome operations are only tried where no known one fits,
+//!   latest invoked first.
+//!
+//! Measured in a debug build on generated histories (8 clients, 10 keys):
+//! 10k operations with 1% lost answers check in about 2 s; with 3% lost,
+//! 2000 operations take 0.6 s, 6000 about 19 s, and 10k exceed a minute
+//! (every lost write that never happened stays a candidate to the end).
+//! Disproving a history means exhausting the search before the bad
+//! operation: quick without lost answers (10k in about 1 s), expensive
+//! with many.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
