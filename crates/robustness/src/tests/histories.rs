@@ -290,3 +290,31 @@ fn timeout_on_a_tiny_budget() {
     );
     assert!(matches!(v, Verdict::Timeout { .. }));
 }
+
+#[test]
+fn lost_puts_take_the_revisions_reads_saw() {
+    // Both lost puts happened: b's at revision 2, a's at 3, as the reads say.
+    let ops = vec![
+        op(1, 0, None, put("a", "1"), Outcome::Unknown),
+        op(2, 0, None, put("b", "1"), Outcome::Unknown),
+        op(
+            3,
+            100,
+            Some(110),
+            get("a"),
+            got(3, Some(kv("a", "1", 3, 3, 1))),
+        ),
+        op(
+            3,
+            120,
+            Some(130),
+            get("b"),
+            got(3, Some(kv("b", "1", 2, 2, 1))),
+        ),
+    ];
+    let Verdict::Linearizable { order, state } = verdict(ops) else {
+        panic!("not linearizable");
+    };
+    assert_eq!(order, vec![1, 0, 2, 3]);
+    assert_eq!(state.revision(), 3);
+}
