@@ -48,3 +48,6 @@ pub fn check_history(
     let model = model::EtcdModel::new(history);
     linearizability::check(&model, &history.operations, options)
 }
+
+#[cfg(test)]
+mod tests;

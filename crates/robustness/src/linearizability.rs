@@ -14,10 +14,25 @@
 //! linearized at any point after their invocation, or never (the history is
 //! linearizable once every known operation is placed).
 //!
-//! The etcd model makes the search close to linear: an answered write names
-//! its revision and an answered read its header revision, so at each point
-//! only the operations pinned to the next revision (and unpinned ones such
-//! as errors) can be taken.
+//! Three things keep the search close to linear on etcd histories:
+//!
+//! * The model pins operations: an answered write names its revision and an
+//!   answered read its header revision, so at each point only the
+//!   operations of the next revision fit (see [`crate::model::EtcdModel`]
+//!   for lost writes).
+//! * A known operation that leaves the state unchanged (a read, a definite
+//!   error) is placed as soon as it fits, and no other candidate is tried
+//!   in its place: anything valid with it later is valid with it there.
+//! * Unknown-outcome operations are only tried where no known one fits,
+//!   latest invoked first.
+//!
+//! Measured in a debug build on generated histories (8 clients, 10 keys):
+//! 10k operations with 1% lost answers check in about 2 s; with 3% lost,
+//! 2000 operations take 0.6 s, 6000 about 19 s, and 10k exceed a minute
+//! (every lost write that never happened stays a candidate to the end).
+//! Disproving a history means exhausting the search before the bad
+//! operation: quick without lost answers (10k in about 1 s), expensive
+//! with many.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -176,98 +191,161 @@ pub fn check<M: Model>(model: &M, ops: &[M::Op], options: CheckOptions) -> Verdi
     let mut state = model.init();
     let mut linearized = Bits(vec![0; n.div_ceil(64)]);
     let mut cache: HashMap<u64, Vec<(Bits, M::State)>> = HashMap::new();
-    let mut stack: Vec<(usize, M::State)> = Vec::new();
+    let mut stack: Vec<Frame<M::State>> = Vec::new();
     let mut deepest: Option<Violation<M::State>> = None;
     let started = Instant::now();
     let mut steps: u64 = 0;
     let mut entry = nodes[head].next;
+    // First the known operations among the candidates (from the head to the
+    // first return of a known operation, the stop), then the unknown ones,
+    // latest invoked first (from the stop back to the head): an operation
+    // that need not take effect is only tried where nothing that must take
+    // effect fits, and the one most likely to have taken effect there first.
+    // The order only changes which linearization is found first, not
+    // whether one is.
+    let mut stop = NIL;
 
     loop {
         if known_left == 0 {
-            let order = stack.iter().map(|(node, _)| nodes[*node].op).collect();
+            let order = stack.iter().map(|f| nodes[f.node].op).collect();
             return Verdict::Linearizable { order, state };
         }
         steps += 1;
         if steps > options.max_steps
-            || (steps % 1024 == 0 && options.timeout.is_some_and(|t| started.elapsed() > t))
+            || (steps.is_multiple_of(1024)
+                && options.timeout.is_some_and(|t| started.elapsed() > t))
         {
             return Verdict::Timeout { steps };
         }
-        let node = if entry == NIL {
+        let node = if entry == NIL || entry == head {
             None
         } else {
             Some(nodes[entry])
         };
+        let unknown_phase = stop != NIL;
+        // Forward through the list for known candidates, backward from the
+        // stop for unknown ones.
+        let onward = |node: &Node| if unknown_phase { node.prev } else { node.next };
+        let mut backtrack = false;
         match node {
-            Some(node) if node.call => {
-                let op = node.op;
-                let next_state = model.step(&state, &ops[op]);
-                let fresh = next_state.and_then(|s| {
-                    linearized.set(op);
-                    let key = cache_key(&linearized, &s);
-                    let bucket = cache.entry(key).or_default();
-                    if bucket.iter().any(|(b, st)| *b == linearized && *st == s) {
-                        linearized.clear(op);
-                        None
-                    } else {
-                        bucket.push((linearized.clone(), s.clone()));
-                        Some(s)
-                    }
-                });
-                match fresh {
-                    Some(s) => {
-                        stack.push((entry, std::mem::replace(&mut state, s)));
-                        if model.must_linearize(&ops[op]) {
-                            known_left -= 1;
-                        }
-                        lift(&mut nodes, entry);
-                        entry = nodes[head].next;
-                    }
-                    None => entry = node.next,
+            Some(node) if !node.call || model.must_linearize(&ops[node.op]) == unknown_phase => {
+                if !node.call && !unknown_phase && model.must_linearize(&ops[node.op]) {
+                    // The first return of a known operation: the known
+                    // candidates are exhausted, now the unknown ones.
+                    stop = entry;
+                    entry = node.prev;
+                } else {
+                    // Not this phase's kind of candidate, or the return of
+                    // an operation that may stay unlinearized forever.
+                    entry = onward(&node);
                 }
             }
-            // The return of an operation that need not take effect: it may
-            // stay unlinearized forever.
-            Some(node) if !model.must_linearize(&ops[node.op]) => entry = node.next,
-            _ => {
-                // A known operation's return (or, defensively, the end).
+            Some(node) => {
+                let op = node.op;
+                let must = !unknown_phase;
+                match model.step(&state, &ops[op]) {
+                    None => entry = onward(&node),
+                    // No effect and nothing to verify: the same as never.
+                    Some(s) if !must && s == state => entry = onward(&node),
+                    Some(s) => {
+                        // A known operation that leaves the state as it is
+                        // (a read, a definite error) can be placed as soon
+                        // as it is a candidate without loss: anything valid
+                        // with it later is valid with it here. So it is not
+                        // worth trying the other candidates in its place.
+                        let forced = must && s == state;
+                        linearized.set(op);
+                        let key = cache_key(&linearized, &s);
+                        let bucket = cache.entry(key).or_default();
+                        if bucket.iter().any(|(b, st)| *b == linearized && *st == s) {
+                            linearized.clear(op);
+                            if forced {
+                                backtrack = true;
+                            } else {
+                                entry = onward(&node);
+                            }
+                        } else {
+                            bucket.push((linearized.clone(), s.clone()));
+                            stack.push(Frame {
+                                node: entry,
+                                state: std::mem::replace(&mut state, s),
+                                forced,
+                                stop,
+                            });
+                            if must {
+                                known_left -= 1;
+                            }
+                            lift(&mut nodes, entry);
+                            entry = nodes[head].next;
+                            stop = NIL;
+                        }
+                    }
+                }
+            }
+            None if !unknown_phase => {
+                // The end of the list with known operations left cannot
+                // happen (their returns are in it); treat it as a stop.
+                stop = head;
+                entry = head;
+            }
+            None => {
+                // Every candidate before the stop tried.
                 if deepest
                     .as_ref()
                     .is_none_or(|d| stack.len() > d.prefix.len())
                 {
-                    let stuck = node.map_or(NIL, |n| n.op);
+                    let stuck = if stop == head { NIL } else { nodes[stop].op };
                     let mut candidates = Vec::new();
                     let mut e = nodes[head].next;
-                    while e != NIL && e != entry {
+                    while e != NIL && e != stop {
                         if nodes[e].call {
                             candidates.push(nodes[e].op);
                         }
                         e = nodes[e].next;
                     }
-                    if stuck != NIL {
-                        candidates.push(stuck);
-                    }
                     deepest = Some(Violation {
-                        prefix: stack.iter().map(|(node, _)| nodes[*node].op).collect(),
+                        prefix: stack.iter().map(|f| nodes[f.node].op).collect(),
                         state: state.clone(),
                         stuck,
                         candidates,
                     });
                 }
-                let Some((lifted, prev_state)) = stack.pop() else {
-                    return Verdict::Violation(deepest.expect("recorded above"));
-                };
-                let op = nodes[lifted].op;
-                state = prev_state;
-                linearized.clear(op);
-                if model.must_linearize(&ops[op]) {
-                    known_left += 1;
-                }
-                unlift(&mut nodes, lifted);
-                entry = nodes[lifted].next;
+                backtrack = true;
             }
         }
+        while backtrack {
+            let Some(frame) = stack.pop() else {
+                return Verdict::Violation(deepest.expect("recorded before backtracking"));
+            };
+            let op = nodes[frame.node].op;
+            state = frame.state;
+            linearized.clear(op);
+            if model.must_linearize(&ops[op]) {
+                known_left += 1;
+            }
+            unlift(&mut nodes, frame.node);
+            stop = frame.stop;
+            entry = if stop == NIL {
+                nodes[frame.node].next
+            } else {
+                nodes[frame.node].prev
+            };
+            backtrack = frame.forced;
+        }
     }
+}
+
+/// One linearized operation on the search stack.
+struct Frame<S> {
+    /// Its call node.
+    node: usize,
+    /// The state before it.
+    state: S,
+    /// Placed without alternatives (see the search loop).
+    forced: bool,
+    /// The stop of the scan for unknown candidates it was placed in, or
+    /// `NIL` if it was placed in the scan for known ones.
+    stop: usize,
 }
 
 fn cache_key<S: Hash>(bits: &Bits, state: &S) -> u64 {

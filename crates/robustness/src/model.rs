@@ -25,7 +25,7 @@
 //! the point where the read is linearized; the per-client "no older than
 //! what this client saw" guarantee is not checked.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
@@ -139,6 +139,14 @@ impl State {
         }
         out.reverse();
         out
+    }
+
+    /// The changes that made the current revision (none at revision 1).
+    pub fn last_changes(&self) -> &[Event] {
+        match self.log.as_deref() {
+            Some(n) if n.revision == self.revision => &n.events,
+            _ => &[],
+        }
     }
 
     /// `key` as it was at `revision` (at most the current one).
@@ -546,9 +554,14 @@ impl Writer {
 /// is never applied where it would take a revision some answered write owns:
 /// every revision is made by exactly one request. This keeps histories with
 /// many lost answers cheap to check.
+///
+/// It also knows at which revision every value that answered reads saw was
+/// written (values are unique), so a lost put of such a value can only take
+/// effect at that revision.
 #[derive(Debug, Clone, Default)]
 pub struct EtcdModel {
     claimed: HashSet<i64>,
+    observed: HashMap<(String, String), i64>,
 }
 
 impl EtcdModel {
@@ -581,7 +594,28 @@ impl EtcdModel {
                 _ => None,
             })
             .collect();
-        EtcdModel { claimed }
+        let mut observed = HashMap::new();
+        for op in &history.operations {
+            let Outcome::Response(r) = &op.outcome else {
+                continue;
+            };
+            let kvs: Vec<&KeyValue> = match &r.body {
+                ResponseBody::Get { kv } => kv.iter().collect(),
+                ResponseBody::Range { kvs } => kvs.iter().collect(),
+                ResponseBody::Txn { results, .. } => results
+                    .iter()
+                    .filter_map(|r| match r {
+                        TxnOpResult::Get { kv } => kv.as_ref(),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for kv in kvs {
+                observed.insert((kv.key.clone(), kv.value.clone()), kv.mod_revision);
+            }
+        }
+        EtcdModel { claimed, observed }
     }
 }
 
@@ -603,11 +637,20 @@ impl Model for EtcdModel {
 
     fn step(&self, state: &State, op: &Operation) -> Option<State> {
         let next = state.step(&op.request, &op.outcome)?;
-        if !op.is_known()
-            && next.revision != state.revision
-            && self.claimed.contains(&next.revision)
-        {
-            return None;
+        if !op.is_known() && next.revision != state.revision {
+            if self.claimed.contains(&next.revision) {
+                return None;
+            }
+            let elsewhere = next.last_changes().iter().any(|e| {
+                e.kind == EventKind::Put
+                    && self
+                        .observed
+                        .get(&(e.key.clone(), e.value.clone()))
+                        .is_some_and(|&rev| rev != next.revision)
+            });
+            if elsewhere {
+                return None;
+            }
         }
         Some(next)
     }

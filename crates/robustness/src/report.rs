@@ -20,6 +20,16 @@ pub enum Linearizable {
     Timeout,
 }
 
+impl<S> From<&Verdict<S>> for Linearizable {
+    fn from(verdict: &Verdict<S>) -> Linearizable {
+        match verdict {
+            Verdict::Linearizable { .. } => Linearizable::Yes,
+            Verdict::Violation(_) => Linearizable::No,
+            Verdict::Timeout { .. } => Linearizable::Timeout,
+        }
+    }
+}
+
 /// Everything a run concluded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -33,8 +43,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// Checks `history` and, if it is linearizable, `watches` against it.
+    /// Checks `history` (patched with what `watches` saw of lost puts, see
+    /// [`watch::patch_history`]) and, if it is linearizable, `watches`
+    /// against it.
     pub fn new(history: &History, watches: &[WatchRecord], options: CheckOptions) -> Report {
+        let history = &watch::patch_history(history, watches);
         match crate::check_history(history, options) {
             Verdict::Linearizable { state, .. } => Report {
                 linearizable: Linearizable::Yes,

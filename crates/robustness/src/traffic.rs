@@ -135,65 +135,34 @@ pub async fn run(
 
 /// Resolves writes of unknown outcome from what the watch saw, as etcd's
 /// robustness suite does: every written value is unique, so a put (or a
-/// txn's put) whose value a watch delivered did happen, at that revision;
-/// one whose value no watch delivered, when the watch saw every revision,
-/// did not happen and has no effect to check (a txn that did not put took
-/// its read-only branch or was not applied). A grant whose id the client
-/// never learned is dropped too: nothing refers to its lease. What stays
-/// unknown (deletes, revokes, puts when the watch missed revisions) is
-/// left to the checker.
+/// txn's put) whose value a watch delivered did happen, at that revision
+/// ([`crate::watch::patch_history`]); one whose value no watch delivered,
+/// when the watch saw every revision, did not happen and has no effect to
+/// check (a txn that did not put took its read-only branch or was not
+/// applied), so it is dropped. A grant whose id the client never learned is
+/// dropped too: nothing refers to its lease. What stays unknown (deletes,
+/// revokes, puts when the watch missed revisions) is left to the checker.
 pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
-    let mut written = std::collections::HashMap::new();
-    for record in &recorded.watches {
-        for resp in &record.responses {
-            for e in &resp.events {
-                if e.kind == EventKind::Put {
-                    written.insert(e.value.clone(), e.mod_revision);
-                }
-            }
-        }
-    }
-    recorded.history.operations.retain_mut(|op| {
+    let mut history = crate::watch::patch_history(&recorded.history, &recorded.watches);
+    history.operations.retain(|op| {
         if op.is_known() {
             return true;
         }
-        let put_value = match &op.request {
-            Request::Put { value, .. } => Some(value.clone()),
-            Request::Txn { success, .. } => success.iter().find_map(|o| match o {
-                TxnOp::Put { value, .. } => Some(value.clone()),
-                _ => None,
-            }),
-            Request::LeaseGrant { .. } => return false,
-            _ => None,
-        };
-        let Some(value) = put_value else {
-            return true;
-        };
-        match written.get(&value) {
-            Some(&revision) => {
-                let body = match &op.request {
-                    Request::Txn { success, .. } => ResponseBody::Txn {
-                        succeeded: true,
-                        results: success
-                            .iter()
-                            .map(|o| match o {
-                                TxnOp::Put { .. } => TxnOpResult::Put,
-                                TxnOp::Delete { .. } => TxnOpResult::Delete { deleted: 0 },
-                                TxnOp::Get { .. } => TxnOpResult::Get { kv: None },
-                            })
-                            .collect(),
-                    },
-                    _ => ResponseBody::Put,
-                };
-                // Known now, but not when it returned: any time after its
-                // invocation.
-                op.outcome = Outcome::Response(Response { revision, body });
-                op.return_time = None;
-                true
-            }
-            None => !watch_complete,
+        if matches!(op.request, Request::LeaseGrant { .. }) {
+            return false;
         }
+        // Unseen by a complete watch: the put did not happen. A txn is
+        // dropped only when its other branch writes nothing either.
+        let unseen_put = crate::watch::put_of(&op.request).is_some()
+            && match &op.request {
+                Request::Txn { failure, .. } => {
+                    failure.iter().all(|o| matches!(o, TxnOp::Get { .. }))
+                }
+                _ => true,
+            };
+        !(unseen_put && watch_complete)
     });
+    recorded.history = history;
 }
 
 struct Client {

@@ -25,7 +25,11 @@
 //! Events are only required up to the last one a stream delivered: a stream
 //! that simply ended early is not a gap. A watch that saw a write whose
 //! answer was lost, which the linearization chose not to apply, shows as
-//! [`WatchViolation::Unexpected`]; patch such writes into the history first.
+//! [`WatchViolation::Unexpected`]; [`patch_history`] first turns the lost
+//! puts a watch saw into answered ones (values are unique), as etcd's suite
+//! does. Lost deletes, transactions and revokes cannot be identified from
+//! events, so the linearization may still pick another order for them than
+//! the server did, and the watch then reports the difference.
 //!
 //! [`State::changes`]: crate::model::State::changes
 
@@ -33,6 +37,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::history::{History, Outcome, Request, Response, ResponseBody, TxnOp, TxnOpResult};
 use crate::model::State;
 
 /// The kind of a watch event.
@@ -350,5 +355,64 @@ fn validate_one(
                 }),
             }
         }
+    }
+}
+
+/// The history with every put of unknown outcome that a watch delivered
+/// (same key and value; the traffic writes unique values) turned into an
+/// answered put at the event's revision. Its return time stays unknown:
+/// it happened at some point after its invocation.
+pub fn patch_history(history: &History, watches: &[WatchRecord]) -> History {
+    let mut seen: HashMap<(&str, &str), i64> = HashMap::new();
+    for event in watches
+        .iter()
+        .flat_map(|w| &w.responses)
+        .flat_map(|r| &r.events)
+        .filter(|e| e.kind == EventKind::Put)
+    {
+        seen.entry((&event.key, &event.value))
+            .or_insert(event.mod_revision);
+    }
+    let mut patched = history.clone();
+    for op in &mut patched.operations {
+        if !matches!(op.outcome, Outcome::Unknown) {
+            continue;
+        }
+        let Some((key, value)) = put_of(&op.request) else {
+            continue;
+        };
+        let Some(&revision) = seen.get(&(key, value)) else {
+            continue;
+        };
+        let body = match &op.request {
+            // The put is in the success branch: the compare held. Only a
+            // branch of puts alone is patched; the answers of its reads or
+            // deletes would be guesses.
+            Request::Txn { success, .. } => {
+                if !success.iter().all(|o| matches!(o, TxnOp::Put { .. })) {
+                    continue;
+                }
+                ResponseBody::Txn {
+                    succeeded: true,
+                    results: vec![TxnOpResult::Put; success.len()],
+                }
+            }
+            _ => ResponseBody::Put,
+        };
+        op.outcome = Outcome::Response(Response { revision, body });
+    }
+    patched
+}
+
+/// The key and value a request puts, if it puts one: a put, or the first
+/// put of a txn's success branch.
+pub fn put_of(request: &Request) -> Option<(&str, &str)> {
+    match request {
+        Request::Put { key, value, .. } => Some((key, value)),
+        Request::Txn { success, .. } => success.iter().find_map(|o| match o {
+            TxnOp::Put { key, value, .. } => Some((key.as_str(), value.as_str())),
+            _ => None,
+        }),
+        _ => None,
     }
 }

@@ -1,0 +1,65 @@
+//! The crate's tests: hand-written histories, the model's rules, watch
+//! streams, and generated histories of a correct concurrent server.
+
+mod generate;
+mod histories;
+mod model_rules;
+mod watches;
+
+use crate::history::*;
+
+/// An operation of client `client` from `invoke` to `ret` (`None`: unknown).
+pub(crate) fn op(
+    client: ClientId,
+    invoke: u64,
+    ret: Option<u64>,
+    request: Request,
+    outcome: Outcome,
+) -> Operation {
+    Operation {
+        client,
+        invoke,
+        return_time: ret,
+        request,
+        outcome,
+    }
+}
+
+pub(crate) fn put(key: &str, value: &str) -> Request {
+    Request::Put {
+        key: key.into(),
+        value: value.into(),
+        lease: 0,
+    }
+}
+
+pub(crate) fn get(key: &str) -> Request {
+    Request::Get {
+        key: key.into(),
+        revision: 0,
+        serializable: false,
+    }
+}
+
+pub(crate) fn ok(revision: i64, body: ResponseBody) -> Outcome {
+    Outcome::Response(Response { revision, body })
+}
+
+pub(crate) fn put_ok(revision: i64) -> Outcome {
+    ok(revision, ResponseBody::Put)
+}
+
+pub(crate) fn got(revision: i64, kv: Option<KeyValue>) -> Outcome {
+    ok(revision, ResponseBody::Get { kv })
+}
+
+pub(crate) fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: value.into(),
+        create_revision: create,
+        mod_revision: modified,
+        version,
+        lease: 0,
+    }
+}
