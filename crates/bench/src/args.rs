@@ -142,6 +142,14 @@ pub struct BenchArgs {
     /// robustness: concurrent traffic clients (each on its own connection).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256), help_heading = "robustness")]
     pub(crate) traffic_clients: u32,
+    /// robustness: requests per second across the traffic clients (0: as
+    /// fast as the registry answers). The check's time grows with the
+    /// history's length.
+    #[arg(long, default_value_t = 1000, help_heading = "robustness")]
+    pub(crate) traffic_rate: u32,
+    /// robustness: give the linearizability check at most this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "robustness")]
+    pub(crate) check_timeout: Duration,
     /// robustness: where the data, logs, history and report go [default:
     /// muster-robustness-SEED in the temporary directory].
     #[arg(long, help_heading = "robustness")]

@@ -116,6 +116,8 @@ pub struct RunConfig {
     pub fault_every: Duration,
     /// Where the data directory, logs, history and report go.
     pub dir: PathBuf,
+    /// The linearizability check's time budget.
+    pub check_timeout: Duration,
 }
 
 /// What a run found.
@@ -313,6 +315,14 @@ async fn compact(endpoint: &str) -> bool {
 /// `report.json` (with a minimal failing excerpt when there is one) into
 /// `config.dir`.
 pub async fn run(config: &RunConfig) -> Result<Summary, String> {
+    // The model starts from an empty registry: a data directory left by an
+    // earlier run would start this one mid-history.
+    if config.dir.join("data").exists() {
+        return Err(format!(
+            "{} already holds a run (its data/); choose another directory or remove it",
+            config.dir.display()
+        ));
+    }
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
     let mut node = Node::new(config.backend.clone(), &config.dir)?;
@@ -386,7 +396,11 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
         serde_json::to_string_pretty(&watches).unwrap_or_default(),
     )?;
     let started = Instant::now();
-    let report = Report::new(&history, &watches, CheckOptions::default());
+    let options = CheckOptions {
+        timeout: Some(config.check_timeout),
+        ..CheckOptions::default()
+    };
+    let report = Report::new(&history, &watches, options);
     let checked_in = started.elapsed();
     write("report.json", report.to_json())?;
     Ok(Summary {

@@ -44,6 +44,10 @@ pub struct TrafficConfig {
     pub seed: u64,
     /// TTL of granted leases, in seconds (longer than the run).
     pub lease_ttl: i64,
+    /// Requests per second across all clients (0: as fast as answered).
+    /// The checker's work grows with the history: etcd's suite paces its
+    /// traffic too.
+    pub rate: u32,
 }
 
 impl Default for TrafficConfig {
@@ -55,6 +59,7 @@ impl Default for TrafficConfig {
             request_timeout: Duration::from_secs(2),
             seed: 1,
             lease_ttl: 600,
+            rate: 0,
         }
     }
 }
@@ -267,7 +272,19 @@ impl Client {
         deadline: tokio::time::Instant,
     ) -> Vec<Operation> {
         let mut ops = Vec::new();
+        // Each client's share of the rate, as a fixed interval between its
+        // requests (skipping what it fell behind on).
+        let mut pace = (config.rate > 0).then(|| {
+            let every =
+                Duration::from_secs_f64(f64::from(config.clients.max(1)) / f64::from(config.rate));
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            t
+        });
         while tokio::time::Instant::now() < deadline {
+            if let Some(pace) = pace.as_mut() {
+                pace.tick().await;
+            }
             let mut request = self.next_request();
             if let Request::LeaseGrant { ttl, .. } = &mut request {
                 *ttl = config.lease_ttl;

@@ -39,8 +39,10 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             clients: args.traffic_clients,
             duration: args.duration,
             seed,
+            rate: args.traffic_rate,
             ..TrafficConfig::default()
         },
+        check_timeout: args.check_timeout,
         faults: args.faults.0.clone(),
         fault_every: args.fault_every,
         dir,
