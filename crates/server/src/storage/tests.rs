@@ -53,6 +53,15 @@ fn poll_now(ticket: &mut CommitTicket) -> Poll<Result<(), StorageError>> {
     Pin::new(ticket).poll(&mut cx)
 }
 
+/// Polls `cond` every few milliseconds until it holds; fails after 20 s.
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn open(dir: &Path) -> (Storage, Recovered) {
     Storage::open(dir).expect("open storage")
 }
@@ -461,14 +470,14 @@ impl StorageBackend for FlakyBackend {
 }
 
 #[tokio::test]
-async fn failed_commit_fails_the_storage() {
+async fn failed_log_write_fails_the_storage() {
+    let dir = tempfile::tempdir().unwrap();
     let fail = Arc::new(AtomicBool::new(false));
-    let backend = FlakyBackend {
-        inner: InMemoryBackend::new(),
-        fail: Arc::clone(&fail),
+    let options = Options {
+        fail_wal: Some(Arc::clone(&fail)),
+        ..Options::default()
     };
-    let db = Database::builder().create_with_backend(backend).unwrap();
-    let (storage, recovered) = Storage::start(db, None).unwrap();
+    let (storage, recovered) = Storage::open_with(dir.path(), options).unwrap();
     assert_eq!(recovered, Recovered::default());
     storage.commit(vec![put(1, 0, "k", "v")]).await.unwrap();
 
@@ -477,7 +486,7 @@ async fn failed_commit_fails_the_storage() {
     let second = storage.commit(vec![put(3, 0, "k", "v")]);
     let error = first.await.unwrap_err();
     println!("{error}");
-    assert!(matches!(error, StorageError::Database(_)), "{error:?}");
+    assert!(matches!(error, StorageError::Io(_)), "{error:?}");
     // Queued behind (or grouped with) the failed batch: fails too.
     assert!(second.await.is_err());
     assert!(storage.failure().is_some());
@@ -489,6 +498,49 @@ async fn failed_commit_fails_the_storage() {
     let error = storage.commit(Vec::new()).await.unwrap_err();
     assert!(matches!(error, StorageError::Failed(_)), "{error:?}");
     assert_eq!(storage.stats().commits, 1);
+    drop(storage);
+    let (_storage, recovered) = open(dir.path());
+    assert_eq!(recovered.revision, 1);
+}
+
+#[tokio::test]
+async fn failed_checkpoint_fails_the_storage_and_the_log_keeps_what_was_acknowledged() {
+    let wal_dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let backend = FlakyBackend {
+        inner: InMemoryBackend::new(),
+        fail: Arc::clone(&fail),
+    };
+    let db = Database::builder().create_with_backend(backend).unwrap();
+    let options = Options {
+        checkpoint_interval: Duration::from_millis(10),
+        ..Options::default()
+    };
+    let (storage, recovered) = Storage::start(db, None, wal_dir.path(), options).unwrap();
+    assert_eq!(recovered, Recovered::default());
+    storage.commit(vec![put(1, 0, "k", "v")]).await.unwrap();
+    wait_until("the first checkpoint", || storage.stats().checkpoints == 1).await;
+
+    fail.store(true, Ordering::SeqCst);
+    // Logged, so acknowledged; its checkpoint fails.
+    storage.commit(vec![put(2, 0, "k", "v")]).await.unwrap();
+    wait_until("the failed checkpoint", || storage.failure().is_some()).await;
+    let error = storage.failure().unwrap();
+    println!("{error}");
+    assert!(matches!(error, StorageError::Database(_)), "{error:?}");
+    let error = storage.commit(vec![put(3, 0, "k", "v")]).await.unwrap_err();
+    assert!(matches!(error, StorageError::Failed(_)), "{error:?}");
+    drop(storage);
+
+    // The log still has both acknowledged batches: replayed into a new
+    // (empty) database, they are there.
+    let db = Database::builder()
+        .create_with_backend(InMemoryBackend::new())
+        .unwrap();
+    let (_storage, recovered) =
+        Storage::start(db, None, wal_dir.path(), Options::default()).unwrap();
+    assert_eq!(recovered.revision, 2);
+    assert_eq!(recovered.events.len(), 2);
 }
 
 const CRASH_ENV: &str = "MUSTER_STORAGE_CRASH_DIR";
