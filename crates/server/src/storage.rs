@@ -473,6 +473,7 @@ impl Shared {
     fn enqueue(&self, logged: Logged, options: &Options) {
         let mut queue = lock(&self.queue);
         while queue.bytes > options.max_pending_bytes && !queue.stopped {
+            self.work.notify_one();
             queue = self
                 .room
                 .wait(queue)
@@ -1214,7 +1215,10 @@ fn checkpointer(
         let (groups, closed) = {
             let mut queue = lock(&shared.queue);
             loop {
-                if queue.closed || queue.bytes >= options.checkpoint_bytes {
+                if queue.closed
+                    || queue.bytes >= options.checkpoint_bytes
+                    || queue.bytes > options.max_pending_bytes
+                {
                     break;
                 }
                 let now = Instant::now();

@@ -430,13 +430,14 @@ pub(super) fn replay(
         };
         if let Some((end, why)) = broken {
             if let Some(at) = valid_record_after(&data, 0) {
-                return Err(corrupt(
-                    at,
-                    format!(
-                        "a valid record after the log's end in segment {:016x} at offset {} ({why})",
-                        end.segment, end.offset
+                return Err(StorageError::CorruptWal {
+                    segment: end.segment,
+                    offset: end.offset,
+                    reason: format!(
+                        "{why}, yet segment {seq:016x} holds a valid record at offset {}",
+                        start + at as u64
                     ),
-                ));
+                });
             }
             continue;
         }
@@ -469,10 +470,10 @@ pub(super) fn replay(
         if let Some(found) = valid_record_after(&data, at + 1) {
             let why = broken.map_or("zeros", |(_, why)| why);
             return Err(corrupt(
-                found,
+                at,
                 format!(
-                    "a valid record after the log's end at offset {} ({why})",
-                    start + at as u64
+                    "{why}, yet a valid record follows at offset {}",
+                    start + found as u64
                 ),
             ));
         }
