@@ -66,7 +66,8 @@
 //!   number in 16 hex digits (`0000000000000001.wal`, ...), each
 //!   preallocated with zeros to [`SEGMENT_BYTES`] (or to the size of one
 //!   larger record), and `spare.tmp`, the next segment, zero-filled ahead
-//!   of time. Empty after a clean shutdown.
+//!   of time (as `spare.tmp.part` until complete). Empty after a clean
+//!   shutdown, but for the spare.
 //!
 //! A directory written before the log existed (format version 1: no `wal/`
 //! directory, no checkpoint) opens as it is and is marked version 2, so
@@ -124,7 +125,7 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// A checkpoint starts as soon as this many bytes of changes are waiting
 /// (approximately, as [`MAX_GROUP_BYTES`] counts them). This and
 /// [`CHECKPOINT_INTERVAL`] bound what a restart after a crash replays.
-pub const CHECKPOINT_BYTES: usize = 8 << 20;
+pub const CHECKPOINT_BYTES: usize = 4 << 20;
 
 /// The storage thread stops taking batches while this many bytes of logged
 /// changes wait for the checkpointer.
@@ -1151,7 +1152,7 @@ fn run(mut wal: WalWriter, receiver: mpsc::Receiver<Request>, shared: &Shared, o
             group.iter().flat_map(|request| &request.changes),
             &mut record,
         );
-        match wal.append(&record) {
+        match wal.append(&mut record) {
             Ok(end) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared

@@ -1269,3 +1269,28 @@ async fn a_directory_from_before_the_log_opens() {
         .value();
     assert_eq!(version, FORMAT_VERSION);
 }
+
+#[tokio::test]
+async fn a_record_of_another_segment_does_not_count() {
+    // As if a crash left blocks of an old segment in a new one: a record
+    // valid where it was written is not valid anywhere else.
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        segment_bytes: 4096,
+        ..crash_options()
+    };
+    let batches = (1..=40)
+        .map(|rev| vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))])
+        .collect();
+    commit_all(dir.path(), options, batches).await;
+    let segments = segment_paths(dir.path());
+    assert!(segments.len() >= 2);
+    let first = std::fs::read(&segments[0]).unwrap();
+    let (start, end) = records_of(&segments[0])[0];
+    let last = segments.last().unwrap();
+    let tail = records_of(last).last().unwrap().1;
+    overwrite(last, tail, &first[start..end]);
+    let (_storage, recovered) = open(dir.path());
+    assert_eq!(recovered.revision, 40);
+    assert_eq!(recovered.events.len(), 40);
+}

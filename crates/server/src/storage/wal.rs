@@ -11,10 +11,13 @@
 //! | 0..4 | [`MAGIC`] |
 //! | 4..8 | payload length in bytes |
 //! | 8..12 | CRC-32 (IEEE) of the payload |
-//! | 12..16 | CRC-32 of bytes 0..12 |
+//! | 12..16 | CRC-32 of bytes 0..12 followed by the segment's sequence number (u64) |
 //!
 //! then the payload (the group's [`Change`]s, see [`encode_change`]) and zero
-//! padding up to the next multiple of [`ALIGN`]. A segment is a file
+//! padding up to the next multiple of [`ALIGN`]. (The sequence number in the
+//! header's CRC makes a record read from anywhere but its own segment
+//! invalid: should a crash leave a new segment with blocks of an old,
+//! deleted one instead of zeros, its records do not count.) A segment is a file
 //! preallocated with zeros (so that an fdatasync after an append does not
 //! have to journal a change of size or block allocation), and records are
 //! appended to it until the next one does not fit; then the next segment
@@ -56,6 +59,9 @@ pub(super) const ALIGN: usize = 8;
 
 /// Name of the zero-filled file prepared for the next segment.
 pub(super) const SPARE_NAME: &str = "spare.tmp";
+
+/// Name of [`SPARE_NAME`] while it is being written.
+const PARTIAL_SPARE_NAME: &str = "spare.tmp.part";
 
 /// A place in the log: byte `offset` of segment number `segment`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,7 +137,8 @@ const TAG_AUTH_ROLE: u8 = 7;
 const TAG_AUTH_STATE: u8 = 8;
 
 /// Writes one record holding `changes` into `buf` (cleared first): header,
-/// payload and padding, ready to append.
+/// payload and padding, ready to append (which seals its header for the
+/// segment it goes to).
 pub(super) fn encode_record<'a>(changes: impl Iterator<Item = &'a Change>, buf: &mut Vec<u8>) {
     buf.clear();
     buf.resize(HEADER, 0);
@@ -143,9 +150,21 @@ pub(super) fn encode_record<'a>(changes: impl Iterator<Item = &'a Change>, buf: 
     buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     buf[4..8].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
     buf[8..12].copy_from_slice(&payload_crc.to_le_bytes());
-    let header_crc = crc(&buf[0..12]);
-    buf[12..16].copy_from_slice(&header_crc.to_le_bytes());
     buf.resize(padded(buf.len()), 0);
+}
+
+/// CRC of a record header's first 12 bytes and the segment's number.
+fn header_crc(header: &[u8], seq: u64) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header[0..12]);
+    hasher.update(&seq.to_le_bytes());
+    hasher.finalize()
+}
+
+/// Seals a record from [`encode_record`] for segment `seq`: its header CRC.
+fn seal_record(record: &mut [u8], seq: u64) {
+    let crc = header_crc(record, seq);
+    record[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
 fn put_bytes(buf: &mut Vec<u8>, bytes: &[u8]) {
@@ -354,7 +373,7 @@ enum Slot<'a> {
     Invalid(&'static str),
 }
 
-fn read_slot(data: &[u8], at: usize) -> Slot<'_> {
+fn read_slot(data: &[u8], at: usize, seq: u64) -> Slot<'_> {
     let Some(header) = data.get(at..at + HEADER) else {
         return if data[at.min(data.len())..].iter().all(|&b| b == 0) {
             Slot::Empty
@@ -371,7 +390,7 @@ fn read_slot(data: &[u8], at: usize) -> Slot<'_> {
             Slot::Invalid("no record header")
         };
     }
-    if crc(&header[0..12]) != word(12) {
+    if header_crc(header, seq) != word(12) {
         return Slot::Invalid("header CRC mismatch");
     }
     let len = word(4) as usize;
@@ -385,11 +404,11 @@ fn read_slot(data: &[u8], at: usize) -> Slot<'_> {
 }
 
 /// Whether a valid record starts anywhere at or after `from` in `data`.
-fn valid_record_after(data: &[u8], from: usize) -> Option<usize> {
+fn valid_record_after(data: &[u8], from: usize, seq: u64) -> Option<usize> {
     let magic = MAGIC.to_le_bytes();
     let mut at = from.div_ceil(ALIGN) * ALIGN;
     while at + HEADER <= data.len() {
-        if data[at..at + 4] == magic && matches!(read_slot(data, at), Slot::Record(..)) {
+        if data[at..at + 4] == magic && matches!(read_slot(data, at, seq), Slot::Record(..)) {
             return Some(at);
         }
         at += ALIGN;
@@ -429,7 +448,7 @@ pub(super) fn replay(
             reason,
         };
         if let Some((end, why)) = broken {
-            if let Some(at) = valid_record_after(&data, 0) {
+            if let Some(at) = valid_record_after(&data, 0, seq) {
                 return Err(StorageError::CorruptWal {
                     segment: end.segment,
                     offset: end.offset,
@@ -443,7 +462,7 @@ pub(super) fn replay(
         }
         let mut at = 0;
         loop {
-            match read_slot(&data, at) {
+            match read_slot(&data, at, seq) {
                 Slot::Record(payload, len) => {
                     let changes = decode_changes(payload).map_err(|reason| corrupt(at, reason))?;
                     at += len;
@@ -467,7 +486,7 @@ pub(super) fn replay(
                 }
             }
         }
-        if let Some(found) = valid_record_after(&data, at + 1) {
+        if let Some(found) = valid_record_after(&data, at + 1, seq) {
             let why = broken.map_or("zeros", |(_, why)| why);
             return Err(corrupt(
                 at,
@@ -551,7 +570,7 @@ impl WalWriter {
 
     /// Appends `record` (from [`encode_record`]) and syncs it; returns the
     /// position just past it.
-    pub(super) fn append(&mut self, record: &[u8]) -> io::Result<Position> {
+    pub(super) fn append(&mut self, record: &mut [u8]) -> io::Result<Position> {
         if self
             .fail
             .as_ref()
@@ -566,6 +585,7 @@ impl WalWriter {
         let Some(file) = &self.file else {
             return Err(io::Error::other("no write-ahead log segment"));
         };
+        seal_record(record, self.seq);
         file.write_all_at(record, self.offset)?;
         file.sync_data()?;
         self.offset += need;
@@ -618,27 +638,24 @@ impl WalWriter {
             }
             return false;
         }
-        // Left by an earlier run: written with zeros front to back, so a
-        // complete length means complete content; sync it in case that run
-        // stopped before it did.
-        let ready = File::open(&path)
-            .and_then(|file| {
-                let complete = file.metadata()?.len() == self.segment_bytes;
-                if complete {
-                    file.sync_all()?;
-                }
-                Ok(complete)
-            })
-            .unwrap_or(false);
-        ready
+        // Left by an earlier run: only ever named so once its zeros are on
+        // disk (see prepare_spare).
+        std::fs::metadata(&path).is_ok_and(|metadata| metadata.len() == self.segment_bytes)
     }
 
     fn prepare_spare(&mut self) {
-        let path = self.dir.join(SPARE_NAME);
+        let dir = self.dir.clone();
         let len = self.segment_bytes;
+        // Zero-filled and synced under a temporary name, then renamed: a
+        // spare that exists is complete.
         let spawned = std::thread::Builder::new()
             .name("muster-wal-prep".into())
-            .spawn(move || create_zeroed(&path, len).map(drop));
+            .spawn(move || {
+                let partial = dir.join(PARTIAL_SPARE_NAME);
+                create_zeroed(&partial, len)?;
+                std::fs::rename(&partial, dir.join(SPARE_NAME))?;
+                sync_dir(&dir)
+            });
         match spawned {
             Ok(handle) => self.spare = Some(handle),
             Err(error) => warn!(%error, "storage: cannot start the segment preparing thread"),
