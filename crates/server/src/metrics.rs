@@ -73,8 +73,26 @@ pub fn render(core: &Core) -> String {
     m.single(
         "muster_storage_commits_total",
         "counter",
-        "Durable commits (fsyncs).",
+        "Durable commits (write-ahead log records, one fdatasync each).",
         stats.commits as f64,
+    );
+    m.single(
+        "muster_storage_checkpoints_total",
+        "counter",
+        "Checkpoints: database transactions applying logged commits, many each.",
+        stats.checkpoints as f64,
+    );
+    m.single(
+        "muster_storage_wal_bytes_total",
+        "counter",
+        "Bytes appended to the write-ahead log.",
+        stats.wal_bytes as f64,
+    );
+    m.single(
+        "muster_storage_pending_bytes",
+        "gauge",
+        "Bytes of changes logged but not yet checkpointed into the database (approximate).",
+        stats.pending_bytes as f64,
     );
     m.single(
         "muster_storage_batches_total",

@@ -1,50 +1,87 @@
-//! Durable storage for the embedded server, on [redb].
+//! Durable storage for the embedded server: a write-ahead log in front of
+//! a [redb] database.
 //!
 //! The apply task owns the in-memory MVCC store. It applies client writes in
 //! order and hands each batch of resulting records ([`Change`]s) to
 //! [`Storage::commit`]; it acknowledges the clients and makes the writes
 //! visible only once the returned [`CommitTicket`] resolves, that is once the
-//! batch is on disk (fsync'd).
+//! batch is on disk (fdatasync'd in the log).
 //!
 //! # Group commit
 //!
-//! A dedicated thread owns the database. While it commits one group of
-//! batches, newly submitted batches queue up; it then drains the queue (up to
-//! [`MAX_GROUP_BATCHES`] batches or about [`MAX_GROUP_BYTES`] bytes) and writes
-//! all of them in one redb write transaction with
-//! [`Durability::Immediate`], so that a single fsync covers many batches.
-//! Batches are written and acknowledged in the order they were submitted.
+//! A dedicated thread owns the log. While it logs one group of batches,
+//! newly submitted batches queue up; it then drains the queue (up to
+//! [`MAX_GROUP_BATCHES`] batches or about [`MAX_GROUP_BYTES`] bytes) and
+//! appends all of them as one CRC-checked record to the current segment of
+//! the log, then syncs it (one fdatasync, of one sequential write into a
+//! preallocated file, for many batches). Batches are logged and
+//! acknowledged in the order they were submitted.
+//!
+//! # Checkpoints
+//!
+//! Acknowledged groups go on to a second thread, the checkpointer, which
+//! owns the database. It applies them to the database many at a time, in
+//! one durable write transaction about every [`CHECKPOINT_INTERVAL`] under
+//! load (sooner once [`CHECKPOINT_BYTES`] are waiting), recording in the
+//! same transaction the log position up to which the database is complete
+//! (the checkpoint); segments wholly before it are deleted. If it falls
+//! behind by [`MAX_PENDING_BYTES`], the storage thread waits for it, so
+//! memory stays bounded. Closing the storage checkpoints everything and
+//! deletes the log: a clean restart replays nothing.
+//!
+//! [`Storage::open`] replays into the database every valid record of the
+//! log past the checkpoint (at most about one checkpoint's worth after a
+//! crash), in one transaction that also moves the checkpoint, then deletes
+//! the log and reads the database back. Replaying is idempotent (every
+//! change sets or removes a record by its key), so a crash during the
+//! replay only means replaying again. The log's format and how its end is
+//! told from damage are in the `wal` module: a record cut short by a crash
+//! ends the log, a damaged record followed by valid ones is
+//! [`StorageError::CorruptWal`].
 //!
 //! # Failures
 //!
-//! If writing or committing a group fails, every batch of the group fails
-//! with the error, and the storage stays failed: every later commit fails with
+//! If logging a group fails, every batch of the group fails with the
+//! error, and the storage stays failed: every later commit fails with
 //! [`StorageError::Failed`]. A write that was not acknowledged is never
-//! acknowledged later.
+//! acknowledged later. A failed checkpoint fails the storage the same way
+//! (what was acknowledged is in the log, and replayed on the next open).
 //!
 //! # Layout
 //!
-//! One file, `muster.redb`, in the directory given to [`Storage::open`], with
-//! three tables:
+//! In the directory given to [`Storage::open`]:
 //!
-//! - `events`: `(revision, sub revision)` to a prost-encoded
-//!   [`muster_proto::Event`];
-//! - `leases`: lease id to TTL in seconds;
-//! - `meta`: `format_version`, `revision` (the highest revision, when no
-//!   event of it is stored: otherwise the events say it),
-//!   `compact_revision`, `auth_enabled` (0 or 1) and `auth_revision`;
-//! - `auth_users` and `auth_roles`: name to a prost-encoded
-//!   [`authpb::User`] (with its bcrypt hash, never the password) or
-//!   [`authpb::Role`], as etcd's `authUsers` and `authRoles` buckets.
+//! - `muster.redb` ([`FILE_NAME`]), the database, with these tables:
+//!   - `events`: `(revision, sub revision)` to a prost-encoded
+//!     [`muster_proto::Event`];
+//!   - `leases`: lease id to TTL in seconds;
+//!   - `meta`: `format_version`, `revision` (the highest revision, when no
+//!     event of it is stored: otherwise the events say it),
+//!     `compact_revision`, `auth_enabled` (0 or 1), `auth_revision`, and the
+//!     checkpoint, `wal_segment` and `wal_offset`;
+//!   - `auth_users` and `auth_roles`: name to a prost-encoded
+//!     [`authpb::User`] (with its bcrypt hash, never the password) or
+//!     [`authpb::Role`], as etcd's `authUsers` and `authRoles` buckets.
+//! - `wal/` ([`WAL_DIR`]), the log: segment files named by their sequence
+//!   number in 16 hex digits (`0000000000000001.wal`, ...), each
+//!   preallocated with zeros to [`SEGMENT_BYTES`] (or to the size of one
+//!   larger record), and `spare.tmp`, the next segment, zero-filled ahead
+//!   of time (as `spare.tmp.part` until complete). Empty after a clean
+//!   shutdown, but for the spare.
+//!
+//! A directory written before the log existed (format version 1: no `wal/`
+//! directory, no checkpoint) opens as it is and is marked version 2, so
+//! that an older build, which would ignore the log, refuses it.
 
 use std::fmt;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use muster_proto::Event;
 use muster_proto::authpb;
@@ -54,6 +91,10 @@ use redb::{
 };
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
+
+use self::wal::{Position, WalWriter};
+
+mod wal;
 
 /// Name of the database file inside the storage directory.
 pub const FILE_NAME: &str = "muster.redb";
@@ -66,8 +107,33 @@ pub const MAX_GROUP_BATCHES: usize = 1024;
 /// alone).
 pub const MAX_GROUP_BYTES: usize = 4 << 20;
 
-/// Version of the on-disk layout, kept in the `meta` table.
-const FORMAT_VERSION: i64 = 1;
+/// Name of the write-ahead log's directory inside the storage directory.
+pub const WAL_DIR: &str = "wal";
+
+/// Size of a write-ahead log segment. Preallocated with zeros: appending
+/// to a zero-filled file and fdatasync'ing measured 140-150 µs on the
+/// development machine, against 200-260 µs for a file extended by the
+/// append or sized with `set_len` or `fallocate` (their fdatasync also
+/// journals the new size or the block allocation). Zero-filling 64 MiB
+/// takes about 50 ms, on a helper thread ahead of time.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Most time a logged group waits, under load, before the checkpointer
+/// applies it to the database.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A checkpoint starts as soon as this many bytes of changes are waiting
+/// (approximately, as [`MAX_GROUP_BYTES`] counts them). This and
+/// [`CHECKPOINT_INTERVAL`] bound what a restart after a crash replays.
+pub const CHECKPOINT_BYTES: usize = 4 << 20;
+
+/// The storage thread stops taking batches while this many bytes of logged
+/// changes wait for the checkpointer.
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// Version of the on-disk layout, kept in the `meta` table: 2 since the
+/// write-ahead log (version 1, the database alone, is read and upgraded).
+const FORMAT_VERSION: i64 = 2;
 
 /// Page cache of the database. The server keeps its whole state in memory
 /// and only appends to the events table, so the cache only needs to cover
@@ -87,6 +153,8 @@ const META_REVISION: &str = "revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
 const META_AUTH_ENABLED: &str = "auth_enabled";
 const META_AUTH_REVISION: &str = "auth_revision";
+const META_WAL_SEGMENT: &str = "wal_segment";
+const META_WAL_OFFSET: &str = "wal_offset";
 
 /// Errors of the storage layer. Cheap to clone: one failed commit fails every
 /// batch of its group with the same error.
@@ -94,7 +162,7 @@ const META_AUTH_REVISION: &str = "auth_revision";
 #[non_exhaustive]
 pub enum StorageError {
     /// An I/O error outside the database itself (creating the directory,
-    /// starting the storage thread).
+    /// writing or reading the write-ahead log, starting a thread).
     #[error("storage I/O error: {0}")]
     Io(Arc<std::io::Error>),
     /// An error reported by redb (opening, reading, writing or committing).
@@ -118,6 +186,19 @@ pub enum StorageError {
         /// The user or role name.
         name: String,
         /// Why decoding failed.
+        reason: String,
+    },
+    /// A record of the write-ahead log is damaged, and valid records follow
+    /// it (damage at the very end is a write cut short by a crash, and just
+    /// ends the log), or a record's checksum matches but its content does
+    /// not decode.
+    #[error("corrupt write-ahead log: segment {segment:016x}, offset {offset}: {reason}")]
+    CorruptWal {
+        /// Sequence number of the segment (its file name, in hex).
+        segment: u64,
+        /// Byte offset of the damaged or undecodable record in it.
+        offset: u64,
+        /// What is wrong.
         reason: String,
     },
     /// The database file was written with an unknown layout version.
@@ -266,20 +347,29 @@ pub struct RecoveredAuth {
 /// Counters of the storage, for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StorageStats {
-    /// Successful commits (redb write transactions, one fsync each; a group
-    /// of empty batches needs none).
+    /// Successful commits (write-ahead log records, one fdatasync each; a
+    /// group of empty batches needs none).
     pub commits: u64,
     /// Batches made durable by those commits; `commits < batches` shows that
     /// group commit is working.
     pub batches: u64,
     /// Size of the database file in bytes (0 in memory).
     pub file_bytes: u64,
+    /// Checkpoints: database write transactions applying logged commits
+    /// (one fsync each, many commits each).
+    pub checkpoints: u64,
+    /// Bytes appended to the write-ahead log (records with their headers).
+    pub wal_bytes: u64,
+    /// Approximate bytes of changes logged but not yet in the database.
+    pub pending_bytes: u64,
 }
 
-/// Durable storage: a handle to the storage thread. Cheap to clone (an
-/// [`Arc`]); all clones share one database. The thread finishes the queued
-/// batches and exits, closing the database, when the last clone is dropped;
-/// that drop waits for it, so the directory can be reopened right after.
+/// Durable storage: a handle to the storage thread and the checkpointer.
+/// Cheap to clone (an [`Arc`]); all clones share one database and log. The
+/// storage thread logs the queued batches and exits when the last clone is
+/// dropped, then the checkpointer applies everything logged to the database
+/// and exits, closing it; that drop waits for both, so the directory can be
+/// reopened right after (and replays nothing).
 #[derive(Clone)]
 pub struct Storage {
     inner: Arc<Inner>,
@@ -293,14 +383,83 @@ struct Inner {
     sender: Option<mpsc::Sender<Request>>,
     /// `None` for the in-memory storage; taken on drop.
     thread: Option<JoinHandle<()>>,
+    /// `None` for the in-memory storage; taken on drop.
+    checkpointer: Option<JoinHandle<()>>,
+}
+
+/// Tuning of the log and the checkpoints; [`Options::default`] in
+/// production, smaller or switched off in tests.
+#[derive(Clone, Debug)]
+struct Options {
+    /// Size of a log segment.
+    segment_bytes: u64,
+    /// Most time logged changes wait for a checkpoint (under load).
+    checkpoint_interval: Duration,
+    /// A checkpoint starts once this many bytes of changes are waiting.
+    checkpoint_bytes: usize,
+    /// The storage thread waits while this many bytes of changes are logged
+    /// but not checkpointed yet.
+    max_pending_bytes: usize,
+    /// Whether closing checkpoints everything logged (tests turn it off, and
+    /// set long intervals, to leave everything in the log as a crash would).
+    checkpoint_on_close: bool,
+    /// Tests: every log append fails while this is set.
+    fail_wal: Option<Arc<AtomicBool>>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            segment_bytes: SEGMENT_BYTES,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
+            checkpoint_bytes: CHECKPOINT_BYTES,
+            max_pending_bytes: MAX_PENDING_BYTES,
+            checkpoint_on_close: true,
+            fail_wal: None,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Shared {
     commits: AtomicU64,
     batches: AtomicU64,
-    /// Set once, by the storage thread, when a commit fails.
+    checkpoints: AtomicU64,
+    wal_bytes: AtomicU64,
+    /// Set once, by the storage thread or the checkpointer, when a write
+    /// fails.
     failed: OnceLock<StorageError>,
+    /// Groups logged and acknowledged, waiting for the checkpointer.
+    queue: Mutex<Queue>,
+    /// Signalled when the checkpointer has work: enough bytes, or closing.
+    work: Condvar,
+    /// Signalled when the checkpointer made room (or stopped).
+    room: Condvar,
+}
+
+/// Logged groups on their way to the database.
+#[derive(Default)]
+struct Queue {
+    groups: Vec<Logged>,
+    /// Approximate bytes of the changes logged but not yet in the database
+    /// (queued, or being applied by the checkpointer).
+    bytes: usize,
+    /// The storage thread has exited: nothing more will be queued.
+    closed: bool,
+    /// The checkpointer has exited (or failed): nothing more is taken.
+    stopped: bool,
+}
+
+/// One group, as logged.
+struct Logged {
+    batches: Vec<Vec<Change>>,
+    /// The log position just past the group's record.
+    end: Position,
+    bytes: usize,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -308,6 +467,41 @@ impl Shared {
         self.failed
             .get()
             .map(|error| StorageError::Failed(Arc::new(error.clone())))
+    }
+
+    /// Hands a logged group to the checkpointer; waits first while too much
+    /// is waiting already (the checkpointer is behind).
+    fn enqueue(&self, logged: Logged, options: &Options) {
+        let mut queue = lock(&self.queue);
+        while queue.bytes > options.max_pending_bytes && !queue.stopped {
+            self.work.notify_one();
+            queue = self
+                .room
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if queue.stopped {
+            // The checkpointer failed: the group stays in the log only.
+            return;
+        }
+        let before = queue.bytes;
+        queue.bytes += logged.bytes;
+        queue.groups.push(logged);
+        if before < options.checkpoint_bytes && queue.bytes >= options.checkpoint_bytes {
+            self.work.notify_one();
+        }
+    }
+
+    fn close_queue(&self) {
+        lock(&self.queue).closed = true;
+        self.work.notify_one();
+    }
+
+    fn stop_queue(&self) {
+        let mut queue = lock(&self.queue);
+        queue.stopped = true;
+        queue.groups.clear();
+        self.room.notify_all();
     }
 }
 
@@ -317,15 +511,22 @@ struct Request {
 }
 
 impl Storage {
-    /// Opens (creating it if missing) the storage in `dir`, file
-    /// [`FILE_NAME`], and reads back everything stored. Works after a crash:
-    /// redb recovers the last committed transaction (repairing the file if
-    /// needed, which is logged).
+    /// Opens (creating it if missing) the storage in `dir`: the database
+    /// [`FILE_NAME`] and the log in [`WAL_DIR`]. Replays into the database
+    /// whatever the log holds past the last checkpoint, then reads
+    /// everything back. Works after a crash: redb recovers its last
+    /// committed transaction (repairing the file if needed, which is
+    /// logged), and a record the crash cut short ends the log.
     ///
     /// Fails if the file is locked by another process, is not a redb
-    /// database, has an unknown layout version, or holds an event that does
-    /// not decode ([`StorageError::CorruptEvent`]).
+    /// database, has an unknown layout version, holds an event that does
+    /// not decode ([`StorageError::CorruptEvent`]), or if the log is
+    /// damaged before its end ([`StorageError::CorruptWal`]).
     pub fn open(dir: &Path) -> Result<(Storage, Recovered), StorageError> {
+        Self::open_with(dir, Options::default())
+    }
+
+    fn open_with(dir: &Path, options: Options) -> Result<(Storage, Recovered), StorageError> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(FILE_NAME);
         let db = Database::builder()
@@ -340,7 +541,7 @@ impl Storage {
             })
             .create(&path)
             .map_err(db_error)?;
-        Self::start(db, Some(path))
+        Self::start(db, Some(path), &dir.join(WAL_DIR), options)
     }
 
     /// Storage that keeps nothing: every commit resolves immediately, in
@@ -352,6 +553,7 @@ impl Storage {
             path: None,
             sender: None,
             thread: None,
+            checkpointer: None,
         };
         (
             Storage {
@@ -361,10 +563,18 @@ impl Storage {
         )
     }
 
-    /// Recovers the state of `db`, then starts the storage thread owning it.
-    fn start(db: Database, path: Option<PathBuf>) -> Result<(Storage, Recovered), StorageError> {
+    /// Replays the log in `wal_dir` into `db`, recovers the state of `db`,
+    /// then starts the storage thread (appending to the log) and the
+    /// checkpointer (owning `db`).
+    fn start(
+        db: Database,
+        path: Option<PathBuf>,
+        wal_dir: &Path,
+        options: Options,
+    ) -> Result<(Storage, Recovered), StorageError> {
         init(&db)?;
         let started = std::time::Instant::now();
+        let (next_segment, replayed) = replay_wal(&db, wal_dir)?;
         let recovered = recover(&db)?;
         info!(
             path = ?path,
@@ -372,23 +582,48 @@ impl Storage {
             leases = recovered.leases.len(),
             revision = recovered.revision,
             compact_revision = recovered.compact_revision,
+            replayed_records = replayed,
             elapsed = ?started.elapsed(),
             "storage: recovered"
         );
         let shared = Arc::new(Shared::default());
+        let options = Arc::new(options);
+        let checkpointer = std::thread::Builder::new()
+            .name("muster-checkpoint".into())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                let options = Arc::clone(&options);
+                let wal_dir = wal_dir.to_path_buf();
+                let revision = recovered.revision;
+                move || checkpointer(db, &shared, &wal_dir, revision, next_segment, &options)
+            })?;
+        let wal = WalWriter::new(
+            wal_dir.to_path_buf(),
+            next_segment,
+            options.segment_bytes,
+            options.fail_wal.clone(),
+        );
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("muster-storage".into())
             .spawn({
                 let shared = Arc::clone(&shared);
-                let revision = recovered.revision;
-                move || run(db, receiver, &shared, revision)
-            })?;
+                move || run(wal, receiver, &shared, &options)
+            });
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(error) => {
+                shared.close_queue();
+                let _ = checkpointer.join();
+                return Err(error.into());
+            }
+        };
         let inner = Inner {
             shared,
             path,
             sender: Some(sender),
             thread: Some(thread),
+            checkpointer: Some(checkpointer),
         };
         Ok((
             Storage {
@@ -429,7 +664,8 @@ impl Storage {
         }
     }
 
-    /// Counters: commits, batches, and the size of the file.
+    /// Counters: commits, batches, checkpoints, the log, and the size of the
+    /// database file.
     pub fn stats(&self) -> StorageStats {
         let shared = &self.inner.shared;
         let file_bytes = self
@@ -442,6 +678,9 @@ impl Storage {
             commits: shared.commits.load(Ordering::Relaxed),
             batches: shared.batches.load(Ordering::Relaxed),
             file_bytes,
+            checkpoints: shared.checkpoints.load(Ordering::Relaxed),
+            wal_bytes: shared.wal_bytes.load(Ordering::Relaxed),
+            pending_bytes: lock(&shared.queue).bytes as u64,
         }
     }
 
@@ -474,12 +713,20 @@ impl fmt::Debug for Storage {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel lets the thread commit what is queued and exit.
+        // Closing the channel lets the thread log what is queued and exit.
         drop(self.sender.take());
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
             error!("storage: the storage thread panicked");
+        }
+        // The storage thread closes the queue as it exits; again in case it
+        // panicked. The checkpointer then checkpoints what is left.
+        self.shared.close_queue();
+        if let Some(thread) = self.checkpointer.take()
+            && thread.join().is_err()
+        {
+            error!("storage: the checkpointer panicked");
         }
     }
 }
@@ -538,6 +785,12 @@ fn init(db: &Database) -> Result<(), StorageError> {
             .map(|value| value.value());
         match version {
             Some(FORMAT_VERSION) => {}
+            // Before the write-ahead log: the same tables, and no
+            // checkpoint (the log starts empty).
+            Some(1) => {
+                meta.insert(META_FORMAT_VERSION, FORMAT_VERSION)
+                    .map_err(db_error)?;
+            }
             Some(found) => {
                 return Err(StorageError::UnsupportedFormat {
                     found,
@@ -628,10 +881,236 @@ fn read_records<M: Message + Default>(
     Ok(out)
 }
 
-/// The storage thread: commits queued batches in groups until every
-/// [`Storage`] handle is gone and the queue is empty.
-fn run(db: Database, receiver: mpsc::Receiver<Request>, shared: &Shared, mut revision: i64) {
+/// The checkpoint position stored in the database: everything the log holds
+/// before it is in the database. `(0, 0)` if none (a new store, or one
+/// written before the log existed).
+fn read_checkpoint(db: &Database) -> Result<Position, StorageError> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let meta = txn.open_table(META).map_err(db_error)?;
+    let read = |name: &str| -> Result<u64, StorageError> {
+        Ok(meta
+            .get(name)
+            .map_err(db_error)?
+            .map_or(0, |value| u64::try_from(value.value()).unwrap_or(0)))
+    };
+    Ok(Position {
+        segment: read(META_WAL_SEGMENT)?,
+        offset: read(META_WAL_OFFSET)?,
+    })
+}
+
+/// Applies every record the log holds past the database's checkpoint to the
+/// database, in one durable write transaction that also moves the
+/// checkpoint past them, then deletes every segment (all of them are in the
+/// database now). Returns the number of the segment to log to next and
+/// how many records were replayed.
+///
+/// Replaying is idempotent: every change sets or removes a record by its
+/// key (events by revision, leases by id, users and roles by name, meta
+/// values), and the revision only moves up; so a crash before the
+/// replay's commit just replays the same records again.
+fn replay_wal(db: &Database, wal_dir: &Path) -> Result<(u64, usize), StorageError> {
+    if !wal_dir.exists() {
+        std::fs::create_dir_all(wal_dir)?;
+        if let Some(parent) = wal_dir.parent() {
+            wal::sync_dir(parent)?;
+        }
+    }
+    let from = read_checkpoint(db)?;
+    let segments = wal::list_segments(wal_dir)?;
+    let mut replayed = 0;
+    let mut txn = db.begin_write().map_err(db_error)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(db_error)?;
+    let last = {
+        let mut tables = Tables::open(&txn)?;
+        let mut revision = tables.stored_revision()?;
+        let mut high = revision;
+        let mut high_event = i64::MIN;
+        let last = wal::replay(wal_dir, from, |changes, _end| {
+            replayed += 1;
+            changes
+                .iter()
+                .try_for_each(|change| tables.apply(change, &mut high, &mut high_event))
+        })?;
+        if let Some(end) = last {
+            tables.finish(high, high_event, &mut revision)?;
+            tables.set_checkpoint(end)?;
+        }
+        last
+    };
+    if let Some(end) = last {
+        txn.commit().map_err(db_error)?;
+        info!(
+            records = replayed,
+            segment = end.segment,
+            offset = end.offset,
+            "storage: replayed the write-ahead log"
+        );
+    } else {
+        txn.abort().map_err(db_error)?;
+    }
+    for &seq in &segments {
+        wal::remove_segment(wal_dir, seq)?;
+    }
+    if !segments.is_empty() {
+        wal::sync_dir(wal_dir)?;
+    }
+    let next = segments
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .max(from.segment)
+        .max(last.map_or(0, |end| end.segment))
+        + 1;
+    Ok((next, replayed))
+}
+
+/// The tables of a write transaction, to apply changes to.
+struct Tables<'txn> {
+    events: redb::Table<'txn, (i64, i64), &'static [u8]>,
+    leases: redb::Table<'txn, i64, i64>,
+    meta: redb::Table<'txn, &'static str, i64>,
+    users: redb::Table<'txn, &'static str, &'static [u8]>,
+    roles: redb::Table<'txn, &'static str, &'static [u8]>,
+    /// Reused buffer for encoding records.
+    buf: Vec<u8>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StorageError> {
+        Ok(Tables {
+            events: txn.open_table(EVENTS).map_err(db_error)?,
+            leases: txn.open_table(LEASES).map_err(db_error)?,
+            meta: txn.open_table(META).map_err(db_error)?,
+            users: txn.open_table(AUTH_USERS).map_err(db_error)?,
+            roles: txn.open_table(AUTH_ROLES).map_err(db_error)?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The highest revision stored: of the meta table, or of the last event.
+    fn stored_revision(&self) -> Result<i64, StorageError> {
+        let meta = self
+            .meta
+            .get(META_REVISION)
+            .map_err(db_error)?
+            .map_or(0, |value| value.value());
+        let event = self
+            .events
+            .last()
+            .map_err(db_error)?
+            .map_or(0, |(key, _)| key.value().0);
+        Ok(meta.max(event))
+    }
+
+    /// Applies one change. `high` is raised to the highest revision seen,
+    /// `high_event` to the highest revision of an event written.
+    fn apply(
+        &mut self,
+        change: &Change,
+        high: &mut i64,
+        high_event: &mut i64,
+    ) -> Result<(), StorageError> {
+        match change {
+            Change::Event { rev, sub, event } => {
+                self.buf.clear();
+                // Writing into a Vec cannot run out of room.
+                let _ = event.encode(&mut self.buf);
+                self.events
+                    .insert((*rev, *sub), self.buf.as_slice())
+                    .map_err(db_error)?;
+                *high = (*high).max(*rev);
+                *high_event = (*high_event).max(*rev);
+            }
+            Change::Revision(rev) => *high = (*high).max(*rev),
+            Change::LeaseGrant(lease) => {
+                self.leases.insert(lease.id, lease.ttl).map_err(db_error)?;
+            }
+            Change::LeaseRevoke(id) => {
+                self.leases.remove(*id).map_err(db_error)?;
+            }
+            Change::Compact { revision, removed } => {
+                self.meta
+                    .insert(META_COMPACT_REVISION, *revision)
+                    .map_err(db_error)?;
+                for key in removed {
+                    self.events.remove(*key).map_err(db_error)?;
+                }
+                *high = (*high).max(*revision);
+            }
+            Change::AuthUser { name, user } => match user {
+                Some(user) => {
+                    let bytes = user.encode_to_vec();
+                    self.users
+                        .insert(name.as_str(), bytes.as_slice())
+                        .map_err(db_error)?;
+                }
+                None => {
+                    self.users.remove(name.as_str()).map_err(db_error)?;
+                }
+            },
+            Change::AuthRole { name, role } => match role {
+                Some(role) => {
+                    let bytes = role.encode_to_vec();
+                    self.roles
+                        .insert(name.as_str(), bytes.as_slice())
+                        .map_err(db_error)?;
+                }
+                None => {
+                    self.roles.remove(name.as_str()).map_err(db_error)?;
+                }
+            },
+            Change::AuthState { enabled, revision } => {
+                self.meta
+                    .insert(META_AUTH_ENABLED, i64::from(*enabled))
+                    .map_err(db_error)?;
+                self.meta
+                    .insert(
+                        META_AUTH_REVISION,
+                        i64::try_from(*revision).unwrap_or(i64::MAX),
+                    )
+                    .map_err(db_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the highest revision if the events do not say it. `revision`
+    /// is the one stored before; it becomes `high` (the caller commits).
+    fn finish(
+        &mut self,
+        high: i64,
+        high_event: i64,
+        revision: &mut i64,
+    ) -> Result<(), StorageError> {
+        // Recovery reads the revision back from the events themselves, so
+        // the meta table is written only when the revision moves past them.
+        if high > *revision && high > high_event {
+            self.meta.insert(META_REVISION, high).map_err(db_error)?;
+        }
+        *revision = (*revision).max(high);
+        Ok(())
+    }
+
+    fn set_checkpoint(&mut self, end: Position) -> Result<(), StorageError> {
+        let as_i64 = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.meta
+            .insert(META_WAL_SEGMENT, as_i64(end.segment))
+            .map_err(db_error)?;
+        self.meta
+            .insert(META_WAL_OFFSET, as_i64(end.offset))
+            .map_err(db_error)?;
+        Ok(())
+    }
+}
+
+/// The storage thread: logs queued batches in groups, one record and one
+/// fdatasync each, acknowledges them and hands them to the checkpointer,
+/// until every [`Storage`] handle is gone and the queue is empty.
+fn run(mut wal: WalWriter, receiver: mpsc::Receiver<Request>, shared: &Shared, options: &Options) {
     let mut group: Vec<Request> = Vec::new();
+    let mut record = Vec::new();
     while let Ok(first) = receiver.recv() {
         let mut bytes = first
             .changes
@@ -659,121 +1138,185 @@ fn run(db: Database, receiver: mpsc::Receiver<Request>, shared: &Shared, mut rev
         }
 
         // Earlier groups are all durable, so a group without changes is too.
-        let write = group.iter().any(|request| !request.changes.is_empty());
-        let result = if write {
-            write_group(&db, &group, &mut revision)
-        } else {
-            Ok(())
-        };
-        match result {
-            Ok(()) => {
-                if write {
-                    shared.commits.fetch_add(1, Ordering::Relaxed);
-                }
+        if group.iter().all(|request| request.changes.is_empty()) {
+            shared
+                .batches
+                .fetch_add(group.len() as u64, Ordering::Relaxed);
+            for request in group.drain(..) {
+                let _ = request.done.send(Ok(()));
+            }
+            continue;
+        }
+
+        wal::encode_record(
+            group.iter().flat_map(|request| &request.changes),
+            &mut record,
+        );
+        match wal.append(&mut record) {
+            Ok(end) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared
                     .batches
                     .fetch_add(group.len() as u64, Ordering::Relaxed);
-                debug!(batches = group.len(), bytes, "storage: committed");
-                for request in group.drain(..) {
-                    // The caller may have dropped its ticket; that is fine.
-                    let _ = request.done.send(Ok(()));
-                }
+                shared
+                    .wal_bytes
+                    .fetch_add(record.len() as u64, Ordering::Relaxed);
+                debug!(batches = group.len(), bytes, "storage: logged");
+                let batches = group
+                    .drain(..)
+                    .map(|request| {
+                        // The caller may have dropped its ticket; that is fine.
+                        let _ = request.done.send(Ok(()));
+                        request.changes
+                    })
+                    .collect();
+                shared.enqueue(
+                    Logged {
+                        batches,
+                        end,
+                        bytes,
+                    },
+                    options,
+                );
             }
             Err(error) => {
-                error!(%error, batches = group.len(), "storage: commit failed; storage is now failed");
+                let error = StorageError::from(error);
+                error!(%error, batches = group.len(), "storage: logging failed; storage is now failed");
                 let _ = shared.failed.set(error.clone());
                 for request in group.drain(..) {
                     let _ = request.done.send(Err(error.clone()));
                 }
             }
         }
+        if record.capacity() > 2 * MAX_GROUP_BYTES {
+            record = Vec::new();
+        }
     }
-    debug!("storage: all handles dropped, closing the database");
+    debug!("storage: all handles dropped, closing the log");
+    drop(wal);
+    shared.close_queue();
+}
+
+/// The checkpointer: applies logged groups to the database, many per write
+/// transaction (every [`CHECKPOINT_INTERVAL`] under load, or sooner once
+/// [`CHECKPOINT_BYTES`] are waiting), each transaction durable and moving
+/// the checkpoint; deletes the segments before it. On close, checkpoints
+/// everything and deletes every segment.
+fn checkpointer(
+    db: Database,
+    shared: &Shared,
+    wal_dir: &Path,
+    mut revision: i64,
+    mut oldest: u64,
+    options: &Options,
+) {
+    let mut last = Instant::now();
+    let mut position = None;
+    loop {
+        let (groups, closed) = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                if queue.closed
+                    || queue.bytes >= options.checkpoint_bytes
+                    || queue.bytes > options.max_pending_bytes
+                {
+                    break;
+                }
+                let now = Instant::now();
+                let due = last + options.checkpoint_interval;
+                if now >= due && !queue.groups.is_empty() {
+                    break;
+                }
+                let wait = due
+                    .checked_duration_since(now)
+                    .filter(|wait| !wait.is_zero())
+                    .unwrap_or(options.checkpoint_interval);
+                queue = shared
+                    .work
+                    .wait_timeout(queue, wait)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            (std::mem::take(&mut queue.groups), queue.closed)
+        };
+        if closed && !options.checkpoint_on_close {
+            break;
+        }
+        if let Some(end) = groups.last().map(|logged| logged.end) {
+            let started = Instant::now();
+            let bytes: usize = groups.iter().map(|logged| logged.bytes).sum();
+            if let Err(error) = checkpoint(&db, &groups, end, &mut revision) {
+                error!(%error, "storage: checkpoint failed; storage is now failed");
+                let _ = shared.failed.set(error);
+                break;
+            }
+            shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+            debug!(groups = groups.len(), bytes, elapsed = ?started.elapsed(), "storage: checkpointed");
+            position = Some(end);
+            drop(groups);
+            {
+                let mut queue = lock(&shared.queue);
+                queue.bytes = queue.bytes.saturating_sub(bytes);
+                shared.room.notify_all();
+            }
+            // Segments wholly before the checkpoint are not needed anymore.
+            if let Err(error) = remove_segments(wal_dir, &mut oldest, end.segment) {
+                warn!(%error, "storage: cannot delete old write-ahead log segments");
+            }
+        }
+        last = Instant::now();
+        if closed {
+            // Everything logged is in the database: the last segment too.
+            if let Some(end) = position
+                && let Err(error) = remove_segments(wal_dir, &mut oldest, end.segment + 1)
+            {
+                warn!(%error, "storage: cannot delete old write-ahead log segments");
+            }
+            break;
+        }
+    }
+    shared.stop_queue();
+    debug!(checkpoint = ?position, "storage: closing the database");
     drop(db);
 }
 
-/// Writes a group of batches in one durable write transaction. `revision` is
-/// the highest stored revision; it is updated only if the commit succeeds.
-fn write_group(db: &Database, group: &[Request], revision: &mut i64) -> Result<(), StorageError> {
+/// Deletes segments `*oldest..keep`, then sets `*oldest` to `keep`.
+fn remove_segments(wal_dir: &Path, oldest: &mut u64, keep: u64) -> std::io::Result<()> {
+    if *oldest >= keep {
+        return Ok(());
+    }
+    for seq in *oldest..keep {
+        wal::remove_segment(wal_dir, seq)?;
+    }
+    *oldest = keep;
+    wal::sync_dir(wal_dir)
+}
+
+/// Applies `groups` to the database in one durable write transaction that
+/// also records `end` as the checkpoint. `revision` is the highest stored
+/// revision; it is updated only if the commit succeeds.
+fn checkpoint(
+    db: &Database,
+    groups: &[Logged],
+    end: Position,
+    revision: &mut i64,
+) -> Result<(), StorageError> {
     let mut txn = db.begin_write().map_err(db_error)?;
     txn.set_durability(Durability::Immediate)
         .map_err(db_error)?;
     let mut high = *revision;
-    // The highest revision this group writes an event at: recovery reads
-    // the revision back from the events themselves, so the meta table (a
-    // B-tree of its own, copied on every write) is written only when the
-    // revision moves past them.
     let mut high_event = i64::MIN;
+    let mut stored = *revision;
     {
-        let mut events = txn.open_table(EVENTS).map_err(db_error)?;
-        let mut leases = txn.open_table(LEASES).map_err(db_error)?;
-        let mut meta = txn.open_table(META).map_err(db_error)?;
-        let mut users = txn.open_table(AUTH_USERS).map_err(db_error)?;
-        let mut roles = txn.open_table(AUTH_ROLES).map_err(db_error)?;
-        for change in group.iter().flat_map(|request| &request.changes) {
-            match change {
-                Change::Event { rev, sub, event } => {
-                    let bytes = event.encode_to_vec();
-                    events
-                        .insert((*rev, *sub), bytes.as_slice())
-                        .map_err(db_error)?;
-                    high = high.max(*rev);
-                    high_event = high_event.max(*rev);
-                }
-                Change::Revision(rev) => high = high.max(*rev),
-                Change::LeaseGrant(lease) => {
-                    leases.insert(lease.id, lease.ttl).map_err(db_error)?;
-                }
-                Change::LeaseRevoke(id) => {
-                    leases.remove(*id).map_err(db_error)?;
-                }
-                Change::Compact { revision, removed } => {
-                    meta.insert(META_COMPACT_REVISION, *revision)
-                        .map_err(db_error)?;
-                    for key in removed {
-                        events.remove(*key).map_err(db_error)?;
-                    }
-                    high = high.max(*revision);
-                }
-                Change::AuthUser { name, user } => match user {
-                    Some(user) => {
-                        let bytes = user.encode_to_vec();
-                        users
-                            .insert(name.as_str(), bytes.as_slice())
-                            .map_err(db_error)?;
-                    }
-                    None => {
-                        users.remove(name.as_str()).map_err(db_error)?;
-                    }
-                },
-                Change::AuthRole { name, role } => match role {
-                    Some(role) => {
-                        let bytes = role.encode_to_vec();
-                        roles
-                            .insert(name.as_str(), bytes.as_slice())
-                            .map_err(db_error)?;
-                    }
-                    None => {
-                        roles.remove(name.as_str()).map_err(db_error)?;
-                    }
-                },
-                Change::AuthState { enabled, revision } => {
-                    meta.insert(META_AUTH_ENABLED, i64::from(*enabled))
-                        .map_err(db_error)?;
-                    meta.insert(
-                        META_AUTH_REVISION,
-                        i64::try_from(*revision).unwrap_or(i64::MAX),
-                    )
-                    .map_err(db_error)?;
-                }
-            }
+        let mut tables = Tables::open(&txn)?;
+        for change in groups.iter().flat_map(|logged| &logged.batches).flatten() {
+            tables.apply(change, &mut high, &mut high_event)?;
         }
-        if high != *revision && high > high_event {
-            meta.insert(META_REVISION, high).map_err(db_error)?;
-        }
+        tables.finish(high, high_event, &mut stored)?;
+        tables.set_checkpoint(end)?;
     }
     txn.commit().map_err(db_error)?;
-    *revision = high;
+    *revision = stored;
     Ok(())
 }
 
