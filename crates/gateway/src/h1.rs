@@ -239,7 +239,7 @@ fn build(
     })
 }
 
-fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
+pub(crate) fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
     // Several values in one line must agree ("5, 5").
     let mut out: Option<u64> = None;
     for part in v.split(|b| *b == b',') {

@@ -58,6 +58,7 @@
 
 mod body;
 mod client;
+mod downstream;
 pub mod config;
 mod error;
 mod h1;
