@@ -255,6 +255,7 @@ where
                     Err(e) => {
                         tracing::debug!(peer = ?ctx.peer, error = %e, "refused a request");
                         refuse(&mut reader.io, &mut out, &e).await;
+                        linger(&mut reader.io).await;
                         return Outcome::Closed;
                     }
                 }
@@ -362,9 +363,27 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, e: &HeadEr
     out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
     rewind::write_date(out);
     out.extend_from_slice(b"\r\n");
-    if io.write_all(out).await.is_ok() && io.flush().await.is_ok() {
-        let _ = io.shutdown().await;
+    if io.write_all(out).await.is_err() || io.flush().await.is_err() {
+        return;
     }
+    let _ = io.shutdown().await;
+}
+
+/// After [`refuse`]: what the client still sends is read (for a moment,
+/// up to a bound) before the socket is dropped, so that the close does not
+/// reset the connection before the client has read the answer.
+async fn linger<I: AsyncRead + Unpin>(io: &mut I) {
+    let discard = async {
+        let mut sink = [0u8; 4096];
+        let mut left = DRAIN_MAX;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(io, &mut sink).await {
+                Ok(n) if n > 0 => left = left.saturating_sub(n as u64),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), discard).await;
 }
 
 /// What the answer's framing depends on, of its request.
