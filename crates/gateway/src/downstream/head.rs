@@ -46,7 +46,7 @@ pub(crate) struct RequestHead {
 #[derive(Debug)]
 pub(crate) enum Parsed {
     /// A complete head, consumed from the buffer.
-    Head(Box<RequestHead>),
+    Head(RequestHead),
     /// An HTTP/1.1 request carrying `Upgrade`: left in the buffer, for
     /// hyper to serve (with the rest of the connection).
     Upgrade,
@@ -206,7 +206,7 @@ fn build(buf: &mut BytesMut, found: RequestLine, spans: &mut [Span]) -> Result<P
         (None, Some(0) | None) => Framing::Empty,
         (None, Some(n)) => Framing::Length(n),
     };
-    Ok(Parsed::Head(Box::new(RequestHead {
+    Ok(Parsed::Head(RequestHead {
         method,
         uri,
         version: if http10 {
@@ -219,7 +219,7 @@ fn build(buf: &mut BytesMut, found: RequestLine, spans: &mut [Span]) -> Result<P
         keep_alive: !close && (!http10 || keep_alive),
         expect_continue: expect_continue && !http10,
         trailers,
-    })))
+    }))
 }
 
 #[cfg(test)]
@@ -229,7 +229,7 @@ mod tests {
     fn head(raw: &str) -> Result<Option<(RequestHead, BytesMut)>, HeadError> {
         let mut buf = BytesMut::from(raw);
         Ok(parse(&mut buf)?.map(|p| match p {
-            Parsed::Head(h) => (*h, buf),
+            Parsed::Head(h) => (h, buf),
             Parsed::Upgrade => panic!("an upgrade"),
         }))
     }

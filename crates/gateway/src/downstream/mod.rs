@@ -276,7 +276,6 @@ where
         };
         ctx.activity.start();
         let busy = Busy(ctx.activity);
-        let head = *head;
         reader.decoder = Decoder::new(head.body);
         reader.failed = false;
         reader.cont = if head.expect_continue && reader.decoder != Decoder::Done {
