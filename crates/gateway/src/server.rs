@@ -7,7 +7,9 @@
 //! upstream connections, upgrades) stays on that thread, so no request
 //! wakes another thread. Shared state (routes, balancers, metrics) is
 //! lock-free. Each connection speaks HTTP/1.1 or h2c (detected from its
-//! first bytes), with upgrades; shutdown drains gracefully. With TLS, the
+//! first bytes), with upgrades; shutdown drains gracefully. HTTP/1.1 is
+//! served by `crate::downstream`, which hands the connection to hyper for
+//! h2c and upgrades (and everything, with `MUSTER_GATEWAY_H1=hyper`). With TLS, the
 //! serving thread shakes hands first (so handshakes are spread over the
 //! threads too) and the connection then speaks HTTP/2 or HTTP/1.1 (ALPN,
 //! and the same detection).

@@ -194,9 +194,7 @@ fn build(buf: &mut BytesMut, found: RequestLine, spans: &mut [Span]) -> Result<P
     let body = match (chunked, length) {
         // Both: a request smuggling attempt, or a broken client.
         (Some(_), Some(_)) => {
-            return Err(HeadError::Bad(
-                "both content-length and transfer-encoding",
-            ));
+            return Err(HeadError::Bad("both content-length and transfer-encoding"));
         }
         (Some(_), None) if http10 => {
             return Err(HeadError::Bad("transfer-encoding in an HTTP/1.0 request"));

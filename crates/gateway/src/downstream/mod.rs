@@ -529,7 +529,9 @@ async fn write_response<I: AsyncWrite + Unpin>(
                     data.truncate(room as usize);
                     put(io, out, data).await?;
                     send(io, out).await?;
-                    return Err(std::io::Error::other("the answer's body is longer than its length"));
+                    return Err(std::io::Error::other(
+                        "the answer's body is longer than its length",
+                    ));
                 }
                 sent += data.len() as u64;
                 put(io, out, data).await?;

@@ -127,7 +127,10 @@ mod tests {
         let mut out = Vec::new();
         write_date(&mut out);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with("date: ") && text.ends_with(" GMT\r\n"), "{text}");
+        assert!(
+            text.starts_with("date: ") && text.ends_with(" GMT\r\n"),
+            "{text}"
+        );
         let parsed = httpdate::parse_http_date(&text[6..text.len() - 2]).unwrap();
         let off = SystemTime::now().duration_since(parsed).unwrap_or_default();
         assert!(off.as_secs() < 5);

@@ -87,8 +87,7 @@ impl Wire {
         let (status, headers, len) = loop {
             let mut lines = [httparse::EMPTY_HEADER; 64];
             let mut parsed = httparse::Response::new(&mut lines);
-            if let httparse::Status::Complete(len) = parsed.parse(&self.buf).expect("valid head")
-            {
+            if let httparse::Status::Complete(len) = parsed.parse(&self.buf).expect("valid head") {
                 let status = StatusCode::from_u16(parsed.code.unwrap()).unwrap();
                 let headers: Vec<(String, String)> = parsed
                     .headers
@@ -189,7 +188,10 @@ async fn http1_requests_on_the_wire(registry: Box<dyn Registry>) {
             .await;
         let r = wire.response(false).await;
         assert_eq!(r.status, StatusCode::OK, "request {i}");
-        assert_eq!(r.header("x-upstream-path"), Some(format!("/k/{i}").as_str()));
+        assert_eq!(
+            r.header("x-upstream-path"),
+            Some(format!("/k/{i}").as_str())
+        );
     }
 
     // HEAD: the headers, no body; the next answer follows at once.
@@ -219,8 +221,10 @@ async fn http1_requests_on_the_wire(registry: Box<dyn Registry>) {
 
     // Expect: 100-continue: the interim answer comes before the body is
     // sent, once the request is forwarded and its body asked for.
-    wire.send(b"PUT /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
-        .await;
+    wire.send(
+        b"PUT /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await;
     let interim = wire.response(false).await;
     assert_eq!(interim.status, StatusCode::CONTINUE);
     wire.send(b"hello").await;
@@ -315,7 +319,10 @@ async fn http1_connections_end_as_they_should(registry: Box<dyn Registry>) {
     let r = wire.response(false).await;
     assert_eq!(r.header("x-upstream-path"), Some("/next"));
     assert!(up.served() > before);
-    assert_eq!(common::get(&client, addr, "/x").await.status, StatusCode::OK);
+    assert_eq!(
+        common::get(&client, addr, "/x").await.status,
+        StatusCode::OK
+    );
     gw.shutdown().await;
 }
 
