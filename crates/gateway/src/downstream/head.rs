@@ -44,6 +44,10 @@ pub(crate) struct RequestHead {
 
 /// What [`parse`] found at the start of the buffer.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "returned once per request and unpacked at once; a box would be an allocation per request"
+)]
 pub(crate) enum Parsed {
     /// A complete head, consumed from the buffer.
     Head(RequestHead),
