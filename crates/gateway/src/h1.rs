@@ -156,11 +156,10 @@ fn build(
     let mut upgrade = None;
     let mut named: Vec<HeaderName> = Vec::new();
     for (name, start, n) in spans[..found.lines].iter_mut().filter_map(Option::take) {
-        let bytes = raw.slice(start..start + n);
-        let value = HeaderValue::from_maybe_shared(bytes.clone())
+        let value = HeaderValue::from_maybe_shared(raw.slice(start..start + n))
             .map_err(|_| ParseError::Head(format!("invalid value of header {name}")))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(&bytes)?;
+            let n = parse_length(value.as_bytes())?;
             if length.is_some_and(|l| l != n) {
                 return Err(ParseError::ContentLength);
             }
@@ -239,7 +238,7 @@ fn build(
     })
 }
 
-fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
+pub(crate) fn parse_length(v: &[u8]) -> Result<u64, ParseError> {
     // Several values in one line must agree ("5, 5").
     let mut out: Option<u64> = None;
     for part in v.split(|b| *b == b',') {

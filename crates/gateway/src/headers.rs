@@ -9,6 +9,7 @@ use http::header::{self, HeaderMap, HeaderName};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 /// `Trailer` is end to end: it announces trailer fields, which are relayed.
+#[cfg(test)]
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -75,7 +76,19 @@ impl ClientAddr {
 
 /// Whether `name` is a hop-by-hop header.
 pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
+    // By text: `HOP_BY_HOP.contains` made (and dropped) the array at each
+    // call, for every header of every request and answer.
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+    )
 }
 
 /// Whether a trailer field named `name` is relayed: end to end, and allowed
@@ -277,6 +290,16 @@ fn lists(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_by_text_is_the_list() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["host", "te-x", "x-upgrade", "content-length", "trailer"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+    }
 
     fn head(
         headers: &HeaderMap,

@@ -20,8 +20,9 @@
 //!
 //! 1. The listener (`server.rs`) speaks HTTP/1.1 and h2c on one port, or
 //!    with a certificate, HTTPS with HTTP/2 and HTTP/1.1 by ALPN (`tls.rs`;
-//!    the certificate follows its files). Requests hyper cannot parse get
-//!    400 from hyper itself.
+//!    the certificate follows its files). HTTP/1.1 is the gateway's own
+//!    (`downstream/`: malformed heads get 400, too large ones 431); h2c,
+//!    HTTP/2 and protocol upgrades are hyper's.
 //! 2. The gateway's own paths (health, metrics) are answered directly.
 //! 3. The route table (`route.rs`) picks the route: host-specific routes
 //!    first, then the longest prefix on segment boundaries. No route: 404
@@ -59,6 +60,7 @@
 mod body;
 mod client;
 pub mod config;
+mod downstream;
 mod error;
 mod h1;
 mod headers;

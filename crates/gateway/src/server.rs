@@ -7,7 +7,9 @@
 //! upstream connections, upgrades) stays on that thread, so no request
 //! wakes another thread. Shared state (routes, balancers, metrics) is
 //! lock-free. Each connection speaks HTTP/1.1 or h2c (detected from its
-//! first bytes), with upgrades; shutdown drains gracefully. With TLS, the
+//! first bytes), with upgrades; shutdown drains gracefully. HTTP/1.1 is
+//! served by `crate::downstream`, which hands the connection to hyper for
+//! h2c and upgrades (and everything, with `MUSTER_GATEWAY_H1=hyper`). With TLS, the
 //! serving thread shakes hands first (so handshakes are spread over the
 //! threads too) and the connection then speaks HTTP/2 or HTTP/1.1 (ALPN,
 //! and the same detection).
@@ -25,9 +27,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use muster_tls::TlsServer;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::client::UpstreamClient;
+use crate::downstream::{Outcome, Rewind};
 use crate::error::GatewayError;
 use crate::headers::ClientAddr;
 use crate::proxy::Proxy;
@@ -175,6 +180,7 @@ async fn worker(
         }
     });
     let builder = Arc::new(builder(None));
+    let own_h1 = crate::downstream::enabled();
     // Every connection's task holds a clone; the drain is over when the
     // receiver sees them all dropped.
     let (live, mut gone) = mpsc::channel::<()>(1);
@@ -191,60 +197,44 @@ async fn worker(
             continue;
         };
         let activity = Arc::new(Activity::default());
-        let shared = Arc::new((
-            proxy.clone(),
-            client.clone(),
-            ClientAddr::new(peer, tls.is_some()),
-            activity.clone(),
-        ));
-        let service = service_fn(move |req| {
-            let shared = shared.clone();
-            async move {
-                shared.3.start();
-                // Counted finished when the body is done, or right away if
-                // this future is dropped first (an HTTP/2 stream reset).
-                let finished = Finished(shared.3.clone());
-                let resp = shared.0.handle(&shared.1, req, &shared.2).await;
-                Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
-            }
-        });
         let live = live.clone();
+        let conn = Connection {
+            proxy: proxy.clone(),
+            client: client.clone(),
+            peer,
+            tls: tls.is_some(),
+            activity: activity.clone(),
+            builder: builder.clone(),
+            own_h1,
+        };
         let task = match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = Drainable::new(conn, activity.clone(), |c| c.graceful_shutdown());
-                tokio::spawn(async move {
-                    let _live = live;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                })
-            }
+            None => tokio::spawn(async move {
+                let _live = live;
+                conn.serve(stream, true).await;
+            }),
             // The handshake runs in the connection's task (bounded by its
             // own timeout, and by the watchdog like an incomplete head).
             Some(tls) => {
-                let (tls, builder, activity) = (tls.clone(), builder.clone(), activity.clone());
-                let metrics = proxy.metrics.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _live = live;
                     let stream = match tls.accept(stream, peer).await {
                         Ok(stream) => stream,
                         Err(e) => {
-                            metrics
+                            conn.proxy
+                                .metrics
                                 .tls_handshake_failures
                                 .fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(error = %e, "TLS handshake with a client failed");
                             return;
                         }
                     };
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = Drainable::new(conn, activity, |c| c.graceful_shutdown());
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    // HTTP/2 by ALPN: hyper's.
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(muster_tls::ALPN_H2);
+                    if h2 {
+                        conn.hyper(stream).await;
+                    } else {
+                        conn.serve(stream, true).await;
                     }
                 })
             }
@@ -261,6 +251,87 @@ async fn worker(
     }
     sweeper.abort();
     watching.abort();
+}
+
+/// A client connection, as its task serves it.
+struct Connection {
+    proxy: Arc<Proxy>,
+    client: UpstreamClient,
+    peer: SocketAddr,
+    tls: bool,
+    activity: Arc<Activity>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// HTTP/1.1 by the gateway's own codec (`crate::downstream`), else
+    /// all by hyper.
+    own_h1: bool,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 with the gateway's codec, handing the connection to
+    /// hyper for what that does not speak (h2c, upgrades). `sniff`: look
+    /// for the h2c preface.
+    async fn serve<I>(self, io: I, sniff: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if !self.own_h1 {
+            return self.hyper(io).await;
+        }
+        let peer = ClientAddr::new(self.peer, self.tls);
+        let ctx = crate::downstream::Ctx {
+            proxy: &self.proxy,
+            client: &self.client,
+            peer: &peer,
+            activity: &self.activity,
+        };
+        // The drain wakes the connection, which looks at the flag itself.
+        let served = Drainable::new(
+            crate::downstream::serve(io, ctx, sniff),
+            self.activity.clone(),
+            |_| {},
+        )
+        .await;
+        if let Outcome::Handoff(io, read) = served {
+            drop(peer);
+            self.hyper(Rewind::new(io, read.freeze())).await;
+        }
+    }
+
+    /// Serves the connection with hyper (HTTP/1.1 with upgrades, h2c, and
+    /// HTTP/2 over TLS).
+    async fn hyper<I>(self, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            proxy,
+            client,
+            peer,
+            tls,
+            activity,
+            builder,
+            ..
+        } = self;
+        let shared = Arc::new((proxy, client, ClientAddr::new(peer, tls), activity.clone()));
+        let service = service_fn(move |req| {
+            let shared = shared.clone();
+            async move {
+                shared.3.start();
+                // Counted finished when the body is done, or right away if
+                // this future is dropped first (an HTTP/2 stream reset).
+                let finished = Finished(shared.3.clone());
+                let resp = shared.0.handle(&shared.1, req, &shared.2).await;
+                Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
+            }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let conn = Drainable::new(conn, activity, |c| c.graceful_shutdown());
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    }
 }
 
 /// Serves the admin listener (metrics and health only) on the caller's

@@ -3,6 +3,7 @@
 //! instances that are not ejected.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -382,7 +383,34 @@ impl ServiceState {
 }
 
 /// One lane's handles on the instances' states, by id.
-type LaneMap = HashMap<String, Arc<LaneInstance>>;
+type LaneMap = HashMap<String, Arc<LaneInstance>, BuildHasherDefault<Fnv>>;
+
+/// FNV-1a, for the lane maps: they are keyed by instance ids (short, and
+/// from the registry, not from clients) and looked up on every request,
+/// where SipHash cost more than the rest of the lookup.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// One lane's handle on an instance's shared state: an allocation of its
 /// own, so that taking it for a request writes to a reference count only

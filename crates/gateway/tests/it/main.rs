@@ -6,6 +6,7 @@
 //! faster, smaller build. Run one area with `cargo test -p <crate> --test it <area>::`.
 
 mod common;
+mod h1;
 mod proxy;
 mod stream;
 mod tls;
