@@ -675,10 +675,11 @@ fn event_of(e: &pb::Event) -> Option<Event> {
     } else {
         EventKind::Put
     };
+    let kv = kv_of(kv);
     Some(Event {
         kind,
-        key: String::from_utf8_lossy(&kv.key).into_owned(),
-        value: String::from_utf8_lossy(&kv.value).into_owned(),
+        key: kv.key,
+        value: kv.value,
         mod_revision: kv.mod_revision,
         create_revision: kv.create_revision,
         version: kv.version,

@@ -3,7 +3,7 @@
 //! port, wipe.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use muster_server::{Server, ServerConfig};
@@ -34,59 +34,20 @@ impl EmbeddedNode {
     /// Starts a persistent embedded registry on a free loopback port, with
     /// a 1 s minimum lease TTL (as the harness's etcd has).
     pub fn start() -> io::Result<EmbeddedNode> {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-            .local_addr()?
-            .port();
-        let mut node = EmbeddedNode {
-            dir: tempfile::Builder::new()
-                .prefix("muster-embedded-")
-                .tempdir()?,
-            port,
-            min_lease_ttl: 1,
-            tls: None,
-            auth: crate::test_auth_config(None),
-            faults: None,
-            running: None,
-        };
-        node.restart()?;
-        Ok(node)
+        EmbeddedNode::launch(None, crate::test_auth_config(None), None)
     }
 
     /// [`EmbeddedNode::start`] injecting `faults` (`muster serve
     /// --faults`), kept across restarts.
     pub fn start_with_faults(faults: muster_server::faults::FaultSpec) -> io::Result<EmbeddedNode> {
-        let mut node = EmbeddedNode {
-            dir: tempfile::Builder::new()
-                .prefix("muster-embedded-")
-                .tempdir()?,
-            port: crate::free_port(),
-            min_lease_ttl: 1,
-            tls: None,
-            auth: crate::test_auth_config(None),
-            faults: Some(faults),
-            running: None,
-        };
-        node.restart()?;
-        Ok(node)
+        EmbeddedNode::launch(None, crate::test_auth_config(None), Some(faults))
     }
 
     /// [`EmbeddedNode::start`] with simple tokens that live `token_ttl`
     /// (`--auth-token-ttl`); passwords are hashed at bcrypt's lowest cost,
     /// as for every test registry (see [`RegistryOptions`](crate::RegistryOptions)).
     pub fn start_with_token_ttl(token_ttl: Duration) -> io::Result<EmbeddedNode> {
-        let mut node = EmbeddedNode {
-            dir: tempfile::Builder::new()
-                .prefix("muster-embedded-")
-                .tempdir()?,
-            port: crate::free_port(),
-            min_lease_ttl: 1,
-            tls: None,
-            auth: crate::test_auth_config(Some(token_ttl)),
-            faults: None,
-            running: None,
-        };
-        node.restart()?;
-        Ok(node)
+        EmbeddedNode::launch(None, crate::test_auth_config(Some(token_ttl)), None)
     }
 
     /// [`EmbeddedNode::start`] serving TLS with `pki`'s server certificate
@@ -101,15 +62,25 @@ impl EmbeddedNode {
         if client_cert_auth {
             tls = tls.with_client_ca(pki.ca(), true);
         }
+        EmbeddedNode::launch(Some(tls), crate::test_auth_config(None), None)
+    }
+
+    /// A node on a free loopback port and a fresh directory, with a 1 s
+    /// minimum lease TTL, started.
+    fn launch(
+        tls: Option<muster_tls::ServerTls>,
+        auth: muster_server::AuthConfig,
+        faults: Option<muster_server::faults::FaultSpec>,
+    ) -> io::Result<EmbeddedNode> {
         let mut node = EmbeddedNode {
             dir: tempfile::Builder::new()
                 .prefix("muster-embedded-")
                 .tempdir()?,
             port: crate::free_port(),
             min_lease_ttl: 1,
-            tls: Some(tls),
-            auth: crate::test_auth_config(None),
-            faults: None,
+            tls,
+            auth,
+            faults,
             running: None,
         };
         node.restart()?;

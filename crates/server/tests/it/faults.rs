@@ -41,6 +41,32 @@ fn get(key: &str) -> pb::RangeRequest {
     }
 }
 
+/// A lease of `ttl` seconds and an open keep-alive stream for it: its id,
+/// the request sender and the answers.
+async fn lease_kept_alive(
+    ch: &tonic::transport::Channel,
+    ttl: i64,
+) -> (
+    i64,
+    mpsc::Sender<pb::LeaseKeepAliveRequest>,
+    tonic::Streaming<pb::LeaseKeepAliveResponse>,
+) {
+    let mut lease = LeaseClient::new(ch.clone());
+    let id = lease
+        .lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let (tx, rx) = mpsc::channel(4);
+    let answers = lease
+        .lease_keep_alive(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (id, tx, answers)
+}
+
 /// Reads a watch stream until it ends with an error; returns it.
 async fn ended(stream: &mut tonic::Streaming<pb::WatchResponse>) -> tonic::Status {
     let end = tokio::time::timeout(DEADLINE, async {
@@ -95,19 +121,7 @@ async fn drop_watch_cuts_watches_and_nothing_else() {
     let ch = channel(&server).await;
     let mut kv = KvClient::new(ch.clone());
     // A keep-alive stream, opened before the watches, lives through them.
-    let mut lease = LeaseClient::new(ch.clone());
-    let id = lease
-        .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    let (ka_tx, ka_rx) = mpsc::channel(4);
-    let mut keepalive = lease
-        .lease_keep_alive(ReceiverStream::new(ka_rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (id, ka_tx, mut keepalive) = lease_kept_alive(&ch, 60).await;
     for key in [b"x".as_slice(), b"y"] {
         let (_tx, mut stream) = watch(ch.clone(), key, b"").await;
         let status = ended(&mut stream).await;
@@ -158,20 +172,8 @@ async fn a_doomed_lease_expires_although_it_is_kept_alive() {
     let server = server("lease-expire-early=100%").await;
     let ch = channel(&server).await;
     let mut kv = KvClient::new(ch.clone());
-    let mut lease = LeaseClient::new(ch.clone());
-    let id = lease
-        .lease_grant(pb::LeaseGrantRequest { ttl: 3, id: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let (id, ka_tx, mut keepalive) = lease_kept_alive(&ch, 3).await;
     kv.put(put("held", "1", id)).await.unwrap();
-    let (ka_tx, ka_rx) = mpsc::channel(4);
-    let mut keepalive = lease
-        .lease_keep_alive(ReceiverStream::new(ka_rx))
-        .await
-        .unwrap()
-        .into_inner();
     // Kept alive every 100 ms, far more often than its 3 s TTL needs.
     let start = Instant::now();
     let ttl = loop {
