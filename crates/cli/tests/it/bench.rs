@@ -304,14 +304,11 @@ fn robustness_runs_and_leaves_its_evidence(registry: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_muster"))
         .args(["bench", "robustness", "--registry", registry])
         .args(["--etcd-binary", "/usr/bin/etcd", "--duration", "6s"])
-        .args([
-            "--fault-every",
-            "1500ms",
-            "--faults",
-            "kill,cut,compact",
-            "--seed",
-            "5",
-        ])
+        // Faults that leave no write's outcome unknown, so that the check
+        // stays short on a loaded machine: the CLI is what is tested here;
+        // kill and cut are in muster-robustness's own test.
+        .args(["--fault-every", "1s", "--faults", "compact,drop-watch"])
+        .args(["--seed", "5", "--traffic-rate", "500"])
         .arg("--out")
         .arg(dir.path())
         .args(["-o", "json"])
