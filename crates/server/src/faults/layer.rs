@@ -6,6 +6,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::TryFutureExt;
+use futures_util::future::{Either, MapOk};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
@@ -64,7 +66,12 @@ where
 {
     type Response = Response<FaultBody<R>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    /// Without faults, the service's own future, unboxed: this layer sits
+    /// on every request's path.
+    type Future = Either<
+        MapOk<S::Future, fn(Response<R>) -> Response<FaultBody<R>>>,
+        BoxFuture<Result<Self::Response, S::Error>>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -72,15 +79,15 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(faults) = self.faults.clone() else {
-            let call = self.inner.call(req);
-            return Box::pin(async move { Ok(call.await?.map(FaultBody::plain)) });
+            let plain: fn(Response<R>) -> Response<FaultBody<R>> = |r| r.map(FaultBody::plain);
+            return Either::Left(self.inner.call(req).map_ok(plain));
         };
         // The clone that was made ready serves this request (tower's rule
         // for services called after an await).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let kind = stream_kind(req.uri().path());
-        Box::pin(async move {
+        Either::Right(Box::pin(async move {
             match faults.before_request() {
                 Before::Go => {}
                 Before::Wait(wait) => tokio::time::sleep(wait).await,
@@ -96,7 +103,7 @@ where
                 Some(guard) => FaultBody::cuttable(body, guard),
                 None => FaultBody::plain(body),
             }))
-        })
+        }))
     }
 }
 
