@@ -582,7 +582,7 @@ async fn watch_all(ch: Channel, mut stop: watch::Receiver<bool>) -> (Vec<WatchRe
             {
                 target = r.into_inner().header.map(|h| h.revision);
             }
-            give_up = Some(tokio::time::Instant::now() + Duration::from_secs(5));
+            give_up.get_or_insert(tokio::time::Instant::now() + Duration::from_secs(5));
         }
         if let Some(t) = target
             && next > t
@@ -629,7 +629,10 @@ async fn watch_all(ch: Channel, mut stop: watch::Receiver<bool>) -> (Vec<WatchRe
             let message = tokio::select! {
                 m = stream.message() => m,
                 _ = stop.changed(), if !*stop.borrow() => break,
-                _ = tokio::time::sleep(Duration::from_millis(100)), if target.is_some() => break,
+                // Once stopping, look up every 100 ms: for the target
+                // revision if it is not known yet (the lookup can fail
+                // while faults act), and for the give-up deadline.
+                _ = tokio::time::sleep(Duration::from_millis(100)), if *stop.borrow() => break,
             };
             let resp = match message {
                 Ok(Some(resp)) => resp,
