@@ -282,6 +282,9 @@ struct Load {
     ok: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     failures: Arc<std::sync::Mutex<Vec<String>>>,
     total: Arc<AtomicU64>,
+    /// Requests each worker has finished, so a caller can wait until every
+    /// request in flight at some moment has been counted.
+    done: Arc<Vec<AtomicU64>>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -292,10 +295,16 @@ impl Load {
         let ok = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let total = Arc::new(AtomicU64::new(0));
+        let done: Arc<Vec<AtomicU64>> = Arc::new((0..workers).map(|_| AtomicU64::new(0)).collect());
         let tasks = (0..workers)
-            .map(|_| {
-                let (ok, failures, total, stop_rx) =
-                    (ok.clone(), failures.clone(), total.clone(), stop_rx.clone());
+            .map(|w| {
+                let (ok, failures, total, done, stop_rx) = (
+                    ok.clone(),
+                    failures.clone(),
+                    total.clone(),
+                    done.clone(),
+                    stop_rx.clone(),
+                );
                 tokio::spawn(async move {
                     let client = http_client();
                     while !*stop_rx.borrow() {
@@ -310,6 +319,7 @@ impl Load {
                             Err(e) => failures.lock().unwrap().push(e),
                         }
                         total.fetch_add(1, Ordering::Relaxed);
+                        done[w].fetch_add(1, Ordering::Relaxed);
                     }
                 })
             })
@@ -318,9 +328,27 @@ impl Load {
             ok,
             failures,
             total,
+            done,
             stop,
             tasks,
         }
+    }
+
+    /// Waits until every worker has finished a request begun after this
+    /// call: anything in flight when it was called has been counted.
+    async fn settle(&self) {
+        let marks: Vec<u64> = self
+            .done
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect();
+        eventually("every request in flight is counted", || async {
+            self.done
+                .iter()
+                .zip(&marks)
+                .all(|(d, m)| d.load(Ordering::Relaxed) >= m + 2)
+        })
+        .await;
     }
 
     fn total(&self) -> u64 {
@@ -364,6 +392,9 @@ async fn killed_instance_is_retried_around_and_ejected(registry: Box<dyn Registr
         metric(&gw, "muster_gateway_ejections_total", &["instance=\"w-3\""]).unwrap_or(0.0) >= 1.0
     })
     .await;
+    // A response w-3 wrote just before it died may still be on its way to a
+    // worker; count it before taking the baseline.
+    load.settle().await;
     let before = load.count("w-3");
     load.wait_more(300).await;
     let (ok, failures) = load.finish().await;
