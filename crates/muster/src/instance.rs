@@ -440,6 +440,11 @@ pub use muster_proto::prefix_range_end;
 
 /// Splits `{prefix}/{service}/{id}` into service and id.
 pub fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String)> {
+    split_key(prefix, key).map(|(service, id)| (service.to_string(), id.to_string()))
+}
+
+/// [`parse_key`] without copying: the service and id as slices of `key`.
+pub(crate) fn split_key<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, &'k str)> {
     let key = std::str::from_utf8(key).ok()?;
     let rest = key.strip_prefix(prefix)?.strip_prefix('/')?;
     let (service, id) = rest.split_once('/')?;
@@ -447,7 +452,7 @@ pub fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String)> {
     {
         return None;
     }
-    Some((service.to_string(), id.to_string()))
+    Some((service, id))
 }
 
 #[cfg(test)]

@@ -510,7 +510,7 @@ impl Shared {
         for event in events {
             let Some(kv) = event.kv else { continue };
             last_rev = last_rev.max(kv.mod_revision);
-            let Some((_, id)) = source.parse_key(&kv.key) else {
+            let Some((_, id)) = source.split_key(&kv.key) else {
                 self.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(service = %self.name, key = %String::from_utf8_lossy(&kv.key), "skipping a key outside the layout");
                 continue;
@@ -521,14 +521,14 @@ impl Shared {
                 self.decode(part, &kv.key, &kv.value)
             };
             let prev = ids[part]
-                .remove(&id)
+                .remove(id)
                 .and_then(|table_id| table.remove(&table_id));
             let next = next.map(|mut i| {
                 let table_id = match &prev {
                     Some(old) => old.id.clone(),
-                    None => self.table_id(part, &id, &ids, |id| table.contains(id)),
+                    None => self.table_id(part, id, &ids, |id| table.contains(id)),
                 };
-                ids[part].insert(id.clone(), table_id.clone());
+                ids[part].insert(id.to_string(), table_id.clone());
                 i.id = table_id;
                 Arc::new(i)
             });

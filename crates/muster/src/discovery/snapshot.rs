@@ -82,7 +82,12 @@ impl Snapshot {
 
     /// This snapshot's instances as a [`Table`] to change.
     pub(crate) fn to_table(&self) -> Table {
-        Table(self.instances.clone())
+        // Room for one more: a change adds at most one instance per event,
+        // and most batches hold one event; an exact clone would reallocate
+        // (and copy) on the first addition.
+        let mut instances = Vec::with_capacity(self.instances.len() + 1);
+        instances.extend(self.instances.iter().cloned());
+        Table(instances)
     }
 }
 

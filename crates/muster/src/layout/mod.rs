@@ -243,8 +243,8 @@ impl Source {
     /// key not of the form `{prefix}/{service}/{id}`; an error (already
     /// counted in [`render_metrics`]) for a value the layout cannot read.
     pub fn decode(&self, key: &[u8], value: &[u8]) -> Option<Result<Instance>> {
-        let (service, id) = self.parse_key(key)?;
-        Some(decode_counted(self.layout, &service, &id, key, value))
+        let (service, id) = self.split_key(key)?;
+        Some(decode_counted(self.layout, service, id, key, value))
     }
 }
 
@@ -252,11 +252,17 @@ impl Source {
     /// Splits one of its keys into service and id ([`parse_key`]; muster's
     /// own layout takes only ids that are muster names).
     pub fn parse_key(&self, key: &[u8]) -> Option<(String, String)> {
+        self.split_key(key)
+            .map(|(service, id)| (service.to_string(), id.to_string()))
+    }
+
+    /// [`Source::parse_key`] without copying: slices of `key`.
+    pub(crate) fn split_key<'k>(&self, key: &'k [u8]) -> Option<(&'k str, &'k str)> {
         match self.layout {
             LayoutKind::Muster if !self.prefix.is_empty() => {
-                crate::instance::parse_key(&self.prefix, key)
+                crate::instance::split_key(&self.prefix, key)
             }
-            _ => parse_key(&self.prefix, key),
+            _ => split_key(&self.prefix, key),
         }
     }
 }
@@ -330,14 +336,25 @@ pub const MAX_FOREIGN_ID_LEN: usize = 512;
 /// use addresses, which may hold `/` or `[`), non-empty, at most
 /// [`MAX_FOREIGN_ID_LEN`] bytes, without control characters.
 pub fn parse_key(prefix: &str, key: &[u8]) -> Option<(String, String)> {
+    split_key(prefix, key).map(|(service, id)| (service.to_string(), id.to_string()))
+}
+
+/// [`parse_key`] without copying: the service and id as slices of `key`.
+fn split_key<'k>(prefix: &str, key: &'k [u8]) -> Option<(&'k str, &'k str)> {
     let key = std::str::from_utf8(key).ok()?;
-    let rest = key.strip_prefix(dir(prefix).as_str())?;
+    // What `dir(prefix)` strips, without building it.
+    let prefix = prefix.trim_end_matches('/');
+    let rest = if prefix.is_empty() {
+        key
+    } else {
+        key.strip_prefix(prefix)?.strip_prefix('/')?
+    };
     let (service, id) = rest.split_once('/')?;
     crate::instance::validate_name("service name", service).ok()?;
     if id.is_empty() || id.len() > MAX_FOREIGN_ID_LEN || id.chars().any(char::is_control) {
         return None;
     }
-    Some((service.to_string(), id.to_string()))
+    Some((service, id))
 }
 
 fn decode_counted(

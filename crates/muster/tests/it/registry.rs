@@ -490,6 +490,37 @@ fn injected(metrics: &str, fault: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Samples `service`'s table every millisecond until the returned flag is
+/// set, failing if a table ever lacks `id`; the task answers how many
+/// tables it looked at.
+fn always_listed(
+    service: &muster::discovery::Service,
+    id: &'static str,
+) -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (service, stop) = (service.clone(), stop.clone());
+        async move {
+            let mut looked = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let snapshot = service.snapshot();
+                assert!(
+                    snapshot.get(id).is_some(),
+                    "a table without the live instance {id}: {:?}",
+                    ids(&snapshot)
+                );
+                looked += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            looked
+        }
+    });
+    (stop, sampler)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_rides_out_dropped_watches_and_compaction() {
     let faults = "drop-watch=20/s,compact=200ms,seed=11".parse().unwrap();
@@ -501,24 +532,7 @@ async fn discovery_rides_out_dropped_watches_and_compaction() {
 
     // Every table a caller could pick from while the registry misbehaves
     // still holds the instance that never left.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = tokio::spawn({
-        let (user, stop) = (user.clone(), stop.clone());
-        async move {
-            let mut looked = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let snapshot = user.snapshot();
-                assert!(
-                    snapshot.get("stable").is_some(),
-                    "a table without the live instance: {:?}",
-                    ids(&snapshot)
-                );
-                looked += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            looked
-        }
-    });
+    let (stop, sampler) = always_listed(&user, "stable");
     // Churn until the faults have acted several times during it.
     let started = Instant::now();
     let mut last = 0;
@@ -560,6 +574,82 @@ async fn discovery_rides_out_dropped_watches_and_compaction() {
         ids(&user.snapshot()) == ["stable"]
     })
     .await;
+}
+
+/// The lease TTL of the instances that die in
+/// [`a_dead_instance_leaves_every_table_within_a_ttl_of_its_expiry`].
+const DYING_TTL: i64 = 2;
+/// What "one watch round trip" is allowed to take on a loaded 2-core
+/// machine, on top of the bound.
+const ROUND_TRIP_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// Issue 16's discovery guarantee under faults: an instance whose lease
+/// nobody keeps alive leaves every caller's table no later than one TTL
+/// after its lease expired (plus one watch round trip), while the instance
+/// that stays registered is never missing from any table.
+async fn dead_instances_leave_within_a_ttl_of_expiry(node: &dyn Registry, faulty: bool) {
+    let etcd = client(&node.endpoint());
+    let stable = Instance::new("user", "stable", "http://127.0.0.1:1");
+    let _registrar = registered(&etcd, DYING_TTL as u64, [stable]).await;
+    let user = follow(&etcd, "user").await;
+    let (stop, sampler) = always_listed(&user, "stable");
+    for round in 0..3 {
+        // A registration whose owner died at once: a lease granted and
+        // never kept alive, the key attached to it.
+        let id = format!("dead{round}");
+        let dead = Instance::new("user", id.as_str(), "http://127.0.0.1:3");
+        let lease = etcd.lease_grant(DYING_TTL).await.unwrap().id;
+        // The registry started the lease's clock before this instant: it
+        // expires by `granted + TTL`.
+        let granted = Instant::now();
+        etcd.put(muster_proto::PutRequest {
+            key: dead.key(muster::instance::DEFAULT_PREFIX).into_bytes(),
+            value: dead.encode().unwrap(),
+            lease,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        user.wait_for(DEADLINE, |s| s.get(&id).is_some())
+            .await
+            .expect("the instance is listed");
+        let bound = Duration::from_secs(2 * DYING_TTL as u64) + ROUND_TRIP_ALLOWANCE;
+        let left = user
+            .wait_for(bound.saturating_sub(granted.elapsed()), |s| {
+                s.get(&id).is_none()
+            })
+            .await;
+        assert!(
+            left.is_ok(),
+            "{id} still listed {:?} after its lease was granted (TTL {DYING_TTL}s): {:?}",
+            granted.elapsed(),
+            ids(&user.snapshot())
+        );
+    }
+    if faulty {
+        let m = node.metrics();
+        assert!(
+            injected(&m, "drop-watch") >= 1.0 && injected(&m, "compact") >= 1.0,
+            "the faults did not act: {m}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(sampler.await.unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_instance_leaves_every_table_within_a_ttl_of_its_expiry() {
+    muster_testkit::require_etcd();
+    let etcd = muster_testkit::EtcdNode::start().unwrap();
+    dead_instances_leave_within_a_ttl_of_expiry(&etcd, false).await;
+    drop(etcd);
+    // The embedded registry, misbehaving: watch streams dropped, history
+    // compacted under the watchers, every request delayed.
+    let faults = "drop-watch=5/s,compact=500ms,latency=2ms±2ms,seed=16"
+        .parse()
+        .unwrap();
+    let node = muster_testkit::EmbeddedNode::start_with_faults(faults).unwrap();
+    dead_instances_leave_within_a_ttl_of_expiry(&node, true).await;
 }
 
 async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Registry>) {
