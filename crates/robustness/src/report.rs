@@ -48,7 +48,7 @@ impl Report {
     /// against it.
     pub fn new(history: &History, watches: &[WatchRecord], options: CheckOptions) -> Report {
         let history = &watch::patch_history(history, watches);
-        match crate::check_history(history, options) {
+        match crate::check_history_with_watches(history, watches, options) {
             Verdict::Linearizable { state, .. } => Report {
                 linearizable: Linearizable::Yes,
                 watch_violations: watch::validate_against(&state, watches),
