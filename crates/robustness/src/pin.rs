@@ -142,14 +142,29 @@ pub fn pin_unknown(
     };
     let complete = complete && gapless_through == last;
     // Answered revokes: the revision in their answer is the one they made
-    // when the lease had keys, and the current one otherwise; either way
-    // a revision that fits one of them is not left to the unknown ones.
-    let revoked: HashSet<(i64, i64)> = ops
+    // when the lease had keys, and the current one otherwise. A revision
+    // that fits an answered revoke invoked before it existed is taken as
+    // the revoke's: had a lost delete made it instead, with the revoke
+    // finding no keys right after, the same changes at the same place in
+    // the order explain every answer (nothing that returned before the
+    // revoke was invoked saw the revision), unless a keep-alive could tell
+    // the lease was still there; then the revision stays ambiguous.
+    let kept_alive: HashSet<i64> = ops
         .iter()
-        .filter_map(|op| match (&op.request, &op.outcome) {
-            (Request::LeaseRevoke { id }, Outcome::Response(r)) => Some((*id, r.revision)),
+        .filter_map(|op| match op.request {
+            Request::LeaseKeepAlive { id } => Some(id),
             _ => None,
         })
+        .collect();
+    let revoked: HashMap<(i64, i64), u64> = ops
+        .iter()
+        .filter_map(|op| match (&op.request, &op.outcome) {
+            (Request::LeaseRevoke { id }, Outcome::Response(r)) if op.return_time.is_some() => {
+                Some(((*id, r.revision), op.invoke))
+            }
+            _ => None,
+        })
+        .filter(|((_, rev), invoke)| floor(*invoke) < *rev)
         .collect();
     let mut lease_of: HashMap<&str, i64> = HashMap::new();
     // revision -> candidate operations; operation -> its revisions.
@@ -165,19 +180,36 @@ pub fn pin_unknown(
                 .iter()
                 .map(|k| lease_of.get(k).copied().unwrap_or(0))
                 .collect();
+            let attached = |id: i64| {
+                leases.len() == 1
+                    && leases.contains(&id)
+                    && lease_of.values().filter(|l| **l == id).count() == keys.len()
+            };
+            let by_answered = leases
+                .first()
+                .filter(|&&l| attached(l) && revoked.contains_key(&(l, rev)));
             let mut set = BTreeSet::new();
+            match by_answered {
+                Some(l) if !kept_alive.contains(l) => {
+                    // The answered revoke's: no candidates.
+                    for e in events {
+                        update(&mut lease_of, e);
+                    }
+                    continue;
+                }
+                Some(_) => {
+                    open.insert(rev);
+                }
+                None => {}
+            }
             for &(i, kind, key, id) in &unknown {
                 if floor(ops[i].invoke) >= rev {
                     continue;
                 }
                 let fits = match kind {
                     Maker::Delete => keys.len() == 1 && keys.contains(key),
-                    Maker::Revoke => {
-                        // Every key attached to the lease, and only those.
-                        leases.len() == 1
-                            && leases.contains(&id)
-                            && lease_of.iter().filter(|(_, l)| **l == id).count() == keys.len()
-                    }
+                    // Every key attached to the lease, and only those.
+                    Maker::Revoke => attached(id),
                 };
                 if fits {
                     set.insert(i);
@@ -186,21 +218,14 @@ pub fn pin_unknown(
             }
             if leases.len() == 1
                 && let Some(&l) = leases.first()
-                && (may_expire.contains(&l) || revoked.contains(&(l, rev)))
+                && may_expire.contains(&l)
             {
                 open.insert(rev);
             }
             candidates.insert(rev, set);
         }
         for e in events {
-            match e.kind {
-                EventKind::Put if e.lease != 0 => {
-                    lease_of.insert(&e.key, e.lease);
-                }
-                _ => {
-                    lease_of.remove(e.key.as_str());
-                }
-            }
+            update(&mut lease_of, e);
         }
     }
 
@@ -309,4 +334,16 @@ fn refers_to_lease(op: &Operation, id: i64) -> bool {
         _ => false,
     };
     request || answer
+}
+
+/// Keeps each key's lease as the watch's events change it.
+fn update<'a>(lease_of: &mut HashMap<&'a str, i64>, e: &'a Event) {
+    match e.kind {
+        EventKind::Put if e.lease != 0 => {
+            lease_of.insert(&e.key, e.lease);
+        }
+        _ => {
+            lease_of.remove(e.key.as_str());
+        }
+    }
 }

@@ -85,6 +85,12 @@ pub struct Recorded {
     pub history: History,
     /// The watch streams.
     pub watches: Vec<WatchRecord>,
+    /// Operations recorded with an unknown outcome, before the watch
+    /// resolved what it could ([`patch_unknown`]).
+    pub lost_answers: usize,
+    /// What [`crate::pin::pin_unknown`] resolved of the lost deletes and
+    /// revokes.
+    pub pinned: crate::pin::PinStats,
 }
 
 /// Nanoseconds since `base`.
@@ -133,7 +139,17 @@ pub async fn run(
         .await
         .map_err(|e| format!("the watcher panicked: {e}"))?;
     history.operations.sort_by_key(|op| op.invoke);
-    let mut recorded = Recorded { history, watches };
+    let lost_answers = history
+        .operations
+        .iter()
+        .filter(|op| !op.is_known())
+        .count();
+    let mut recorded = Recorded {
+        history,
+        watches,
+        lost_answers,
+        pinned: Default::default(),
+    };
     patch_unknown(&mut recorded, complete);
     Ok(recorded)
 }
@@ -169,13 +185,14 @@ pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
             };
         !(unseen_put && watch_complete)
     });
-    let (history, _) = crate::pin::pin_unknown(
+    let (history, pinned) = crate::pin::pin_unknown(
         &history,
         &recorded.watches,
         watch_complete,
         &may_expire(&history),
     );
     recorded.history = history;
+    recorded.pinned = pinned;
 }
 
 /// The leases of `history` whose TTL could have run out before its last
