@@ -2,6 +2,7 @@
 # Lease TTL bound across kill -9: grant TTL 3 s, attach a key, kill -9 the
 # server 1 s later, restart at once, and time when the key is gone.
 set -u
+export ETCDCTL_API=3
 BIN=${MUSTER:-target/release/muster}
 D=$(mktemp -d); P=$((20000 + RANDOM % 20000)); H=$((P+1))
 E="--endpoints=127.0.0.1:$P"
