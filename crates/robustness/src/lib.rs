@@ -34,6 +34,7 @@
 pub mod history;
 pub mod linearizability;
 pub mod model;
+pub mod pin;
 pub mod proxy;
 pub mod report;
 pub mod run;
@@ -46,6 +47,18 @@ pub fn check_history(
     options: linearizability::CheckOptions,
 ) -> linearizability::Verdict<model::State> {
     let model = model::EtcdModel::new(history);
+    linearizability::check(&model, &history.operations, options)
+}
+
+/// Checks a recorded history against the etcd model, with what `watches`
+/// saw of its writes narrowing where lost writes may go
+/// ([`model::EtcdModel::with_watches`]).
+pub fn check_history_with_watches(
+    history: &history::History,
+    watches: &[watch::WatchRecord],
+    options: linearizability::CheckOptions,
+) -> linearizability::Verdict<model::State> {
+    let model = model::EtcdModel::with_watches(history, watches);
     linearizability::check(&model, &history.operations, options)
 }
 

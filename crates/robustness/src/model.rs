@@ -34,7 +34,7 @@ use crate::history::{
     Response, ResponseBody, TxnOp, TxnOpResult,
 };
 use crate::linearizability::Model;
-use crate::watch::{Event, EventKind};
+use crate::watch::{Event, EventKind, WatchRecord};
 
 /// The store at one point of a linearization. Cheap to clone (shared maps,
 /// copied on write).
@@ -546,6 +546,35 @@ impl Writer {
     }
 }
 
+/// The revision an answered operation says it made: a put's, a delete's
+/// that deleted, a transaction's that wrote. (A revoke's answer does not
+/// say: its header is the current revision when the lease had no keys.)
+pub fn claimed_revision(op: &Operation) -> Option<i64> {
+    match (&op.request, &op.outcome) {
+        (Request::Put { .. }, Outcome::Response(r)) => Some(r.revision),
+        (
+            Request::Delete { .. },
+            Outcome::Response(Response {
+                revision,
+                body: ResponseBody::Delete { deleted: 1.. },
+            }),
+        ) => Some(*revision),
+        (
+            Request::Txn { .. },
+            Outcome::Response(Response {
+                revision,
+                body: ResponseBody::Txn { results, .. },
+            }),
+        ) if results
+            .iter()
+            .any(|r| matches!(r, TxnOpResult::Put | TxnOpResult::Delete { deleted: 1.. })) =>
+        {
+            Some(*revision)
+        }
+        _ => None,
+    }
+}
+
 /// The etcd model for the [linearizability checker](crate::linearizability),
 /// over recorded [`Operation`]s.
 ///
@@ -562,6 +591,18 @@ impl Writer {
 pub struct EtcdModel {
     claimed: HashSet<i64>,
     observed: HashMap<(String, String), i64>,
+    watched: HashMap<i64, Vec<(EventKind, String, String)>>,
+}
+
+/// The changes of one revision as compared with the watch: kind, key and
+/// value, sorted.
+fn summary<'a>(events: impl IntoIterator<Item = &'a Event>) -> Vec<(EventKind, String, String)> {
+    let mut out: Vec<_> = events
+        .into_iter()
+        .map(|e| (e.kind, e.key.clone(), e.value.clone()))
+        .collect();
+    out.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
+    out
 }
 
 impl EtcdModel {
@@ -570,29 +611,7 @@ impl EtcdModel {
         let claimed = history
             .operations
             .iter()
-            .filter_map(|op| match (&op.request, &op.outcome) {
-                (Request::Put { .. }, Outcome::Response(r)) => Some(r.revision),
-                (
-                    Request::Delete { .. },
-                    Outcome::Response(Response {
-                        revision,
-                        body: ResponseBody::Delete { deleted: 1.. },
-                    }),
-                ) => Some(*revision),
-                (
-                    Request::Txn { .. },
-                    Outcome::Response(Response {
-                        revision,
-                        body: ResponseBody::Txn { results, .. },
-                    }),
-                ) if results.iter().any(|r| {
-                    matches!(r, TxnOpResult::Put | TxnOpResult::Delete { deleted: 1.. })
-                }) =>
-                {
-                    Some(*revision)
-                }
-                _ => None,
-            })
+            .filter_map(claimed_revision)
             .collect();
         let mut observed = HashMap::new();
         for op in &history.operations {
@@ -615,7 +634,25 @@ impl EtcdModel {
                 observed.insert((kv.key.clone(), kv.value.clone()), kv.mod_revision);
             }
         }
-        EtcdModel { claimed, observed }
+        EtcdModel {
+            claimed,
+            observed,
+            watched: HashMap::new(),
+        }
+    }
+
+    /// The model for checking `history` whose writes `watches` saw: an
+    /// operation of unknown outcome may only make a revision the watch
+    /// delivered if it made exactly the changes the watch delivered there.
+    /// (A watch that lies then shows as a history that is not
+    /// linearizable, instead of a watch violation.)
+    pub fn with_watches(history: &History, watches: &[WatchRecord]) -> EtcdModel {
+        let mut model = EtcdModel::new(history);
+        model.watched = crate::pin::events_by_revision(watches)
+            .into_iter()
+            .map(|(rev, events)| (rev, summary(&events)))
+            .collect();
+        model
     }
 }
 
@@ -649,6 +686,11 @@ impl Model for EtcdModel {
                         .is_some_and(|&rev| rev != next.revision)
             });
             if elsewhere {
+                return None;
+            }
+            if let Some(seen) = self.watched.get(&next.revision)
+                && *seen != summary(next.last_changes())
+            {
                 return None;
             }
         }

@@ -40,6 +40,98 @@ pub struct Report {
     pub watch_violations: Vec<WatchViolation>,
     /// For a violation, the operations around it.
     pub excerpt: Option<Excerpt>,
+    /// Acknowledged puts that a watch covering their revision did not
+    /// deliver as written (see [`lost_writes`]): nothing acknowledged may
+    /// be lost, across kill -9 restarts included.
+    #[serde(default)]
+    pub lost_writes: Vec<LostWrite>,
+}
+
+/// An acknowledged put that the watch does not show at its revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostWrite {
+    /// Its index in the history.
+    pub index: usize,
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: String,
+    /// The revision its answer named.
+    pub revision: i64,
+    /// What the watch delivered for the key at that revision, if anything.
+    pub watched: Option<crate::watch::Event>,
+}
+
+/// Every acknowledged put (a put, or a txn's put in the branch that ran)
+/// whose revision a watch stream covered (from its start to the last
+/// revision it delivered, in a stream without compaction) and that no
+/// stream delivered with its value at its revision. The watcher resumes
+/// after each break (kill -9 included) from the next revision, so this is
+/// the explicit form of "nothing acknowledged is lost": a write the
+/// registry forgot shows as another event at its revision, or none.
+pub fn lost_writes(history: &History, watches: &[WatchRecord]) -> Vec<LostWrite> {
+    use std::collections::HashMap;
+    let mut seen: HashMap<(i64, &str), &crate::watch::Event> = HashMap::new();
+    let mut covered: Vec<(i64, i64)> = Vec::new();
+    for w in watches {
+        let mut last = None;
+        let mut compacted = false;
+        for r in &w.responses {
+            compacted |= r.compact_revision > 0;
+            for e in &r.events {
+                seen.entry((e.mod_revision, &e.key)).or_insert(e);
+                last = Some(e.mod_revision);
+            }
+        }
+        let start = w.start_revision.max(1);
+        if let Some(last) = last
+            && !compacted
+            && w.start_revision > 0
+        {
+            covered.push((start, last));
+        }
+    }
+    let mut out = Vec::new();
+    for (index, op) in history.operations.iter().enumerate() {
+        let (Some(_), crate::history::Outcome::Response(r)) = (op.return_time, &op.outcome) else {
+            continue;
+        };
+        let puts: Vec<(&str, &str)> = match (&op.request, &r.body) {
+            (crate::history::Request::Put { key, value, .. }, _) => vec![(key, value)],
+            (
+                crate::history::Request::Txn {
+                    success, failure, ..
+                },
+                crate::history::ResponseBody::Txn { succeeded, .. },
+            ) => if *succeeded { success } else { failure }
+                .iter()
+                .filter_map(|o| match o {
+                    crate::history::TxnOp::Put { key, value, .. } => {
+                        Some((key.as_str(), value.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (key, value) in puts {
+            let rev = r.revision;
+            if !covered.iter().any(|&(a, b)| a <= rev && rev <= b) {
+                continue;
+            }
+            let watched = seen.get(&(rev, key)).copied();
+            if watched.is_none_or(|e| e.value != value || e.kind != crate::watch::EventKind::Put) {
+                out.push(LostWrite {
+                    index,
+                    key: key.to_string(),
+                    value: value.to_string(),
+                    revision: rev,
+                    watched: watched.cloned(),
+                });
+            }
+        }
+    }
+    out
 }
 
 impl Report {
@@ -48,33 +140,49 @@ impl Report {
     /// against it.
     pub fn new(history: &History, watches: &[WatchRecord], options: CheckOptions) -> Report {
         let history = &watch::patch_history(history, watches);
-        match crate::check_history(history, options) {
+        let lost = lost_writes(history, watches);
+        let mut report = match crate::check_history_with_watches(history, watches, options) {
             Verdict::Linearizable { state, .. } => Report {
                 linearizable: Linearizable::Yes,
                 watch_violations: watch::validate_against(&state, watches),
                 excerpt: None,
+                lost_writes: Vec::new(),
             },
             Verdict::Violation(v) => Report {
                 linearizable: Linearizable::No,
                 watch_violations: Vec::new(),
                 excerpt: Some(excerpt(history, &v)),
+                lost_writes: Vec::new(),
             },
             Verdict::Timeout { .. } => Report {
                 linearizable: Linearizable::Timeout,
                 watch_violations: Vec::new(),
                 excerpt: None,
+                lost_writes: Vec::new(),
             },
-        }
+        };
+        report.lost_writes = lost;
+        report
     }
 
-    /// `linearizable: yes|no|timeout, watch: ok|N violations`.
+    /// `linearizable: yes|no|timeout, watch: ok|N violations`, and
+    /// `, lost: N acknowledged writes` when there are any.
     pub fn line(&self) -> String {
-        verdict_line(self.linearizable, self.watch_violations.len())
+        let mut line = verdict_line(self.linearizable, self.watch_violations.len());
+        if !self.lost_writes.is_empty() {
+            line.push_str(&format!(
+                ", lost: {} acknowledged writes",
+                self.lost_writes.len()
+            ));
+        }
+        line
     }
 
     /// Whether nothing was found wrong.
     pub fn ok(&self) -> bool {
-        self.linearizable == Linearizable::Yes && self.watch_violations.is_empty()
+        self.linearizable == Linearizable::Yes
+            && self.watch_violations.is_empty()
+            && self.lost_writes.is_empty()
     }
 
     /// The report as pretty-printed JSON.

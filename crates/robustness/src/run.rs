@@ -125,8 +125,13 @@ pub struct RunConfig {
 pub struct Summary {
     /// Operations in the checked history.
     pub operations: usize,
-    /// Of which with unknown outcome.
+    /// Of which with unknown outcome (after the watch resolved what it
+    /// could).
     pub unknown: usize,
+    /// Answers lost (unknown outcome) before the watch resolved them.
+    pub lost_answers: usize,
+    /// Lost deletes and revokes pinned or dropped by the watch.
+    pub pinned: crate::pin::PinStats,
     /// Watch streams recorded.
     pub watches: usize,
     /// Faults injected, in order.
@@ -279,8 +284,9 @@ impl Drop for Node {
     }
 }
 
-/// Compacts at the registry's current revision; false if it could not.
-async fn compact(endpoint: &str) -> bool {
+/// Compacts at the registry's current revision (`endpoint`:
+/// `http://host:port`); false if it could not.
+pub async fn compact(endpoint: &str) -> bool {
     let Ok(ch) = tonic::transport::Channel::from_shared(endpoint.to_string()) else {
         return false;
     };
@@ -379,7 +385,12 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
             injected.push(kind);
         }
     }
-    let Recorded { history, watches } = traffic
+    let Recorded {
+        history,
+        watches,
+        lost_answers,
+        pinned,
+    } = traffic
         .await
         .map_err(|e| format!("the traffic panicked: {e}"))??;
     drop(proxy);
@@ -411,6 +422,8 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
             .filter(|op| !op.is_known())
             .count(),
         watches: watches.len(),
+        lost_answers,
+        pinned,
         injected,
         report,
         checked_in,

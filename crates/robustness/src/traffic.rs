@@ -85,6 +85,12 @@ pub struct Recorded {
     pub history: History,
     /// The watch streams.
     pub watches: Vec<WatchRecord>,
+    /// Operations recorded with an unknown outcome, before the watch
+    /// resolved what it could ([`patch_unknown`]).
+    pub lost_answers: usize,
+    /// What [`crate::pin::pin_unknown`] resolved of the lost deletes and
+    /// revokes.
+    pub pinned: crate::pin::PinStats,
 }
 
 /// Nanoseconds since `base`.
@@ -133,7 +139,17 @@ pub async fn run(
         .await
         .map_err(|e| format!("the watcher panicked: {e}"))?;
     history.operations.sort_by_key(|op| op.invoke);
-    let mut recorded = Recorded { history, watches };
+    let lost_answers = history
+        .operations
+        .iter()
+        .filter(|op| !op.is_known())
+        .count();
+    let mut recorded = Recorded {
+        history,
+        watches,
+        lost_answers,
+        pinned: Default::default(),
+    };
     patch_unknown(&mut recorded, complete);
     Ok(recorded)
 }
@@ -145,8 +161,10 @@ pub async fn run(
 /// when the watch saw every revision, did not happen and has no effect to
 /// check (a txn that did not put took its read-only branch or was not
 /// applied), so it is dropped. A grant whose id the client never learned is
-/// dropped too: nothing refers to its lease. What stays unknown (deletes,
-/// revokes, puts when the watch missed revisions) is left to the checker.
+/// dropped too: nothing refers to its lease. Deletes and revokes are then
+/// pinned to the revisions the watch shows they made, or dropped
+/// ([`crate::pin::pin_unknown`]); what stays ambiguous is left to the
+/// checker.
 pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
     let mut history = crate::watch::patch_history(&recorded.history, &recorded.watches);
     history.operations.retain(|op| {
@@ -167,7 +185,45 @@ pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
             };
         !(unseen_put && watch_complete)
     });
+    let (history, pinned) = crate::pin::pin_unknown(
+        &history,
+        &recorded.watches,
+        watch_complete,
+        &may_expire(&history),
+    );
     recorded.history = history;
+    recorded.pinned = pinned;
+}
+
+/// The leases of `history` whose TTL could have run out before its last
+/// recorded instant (keep-alives not counted: an overestimate).
+pub fn may_expire(history: &History) -> std::collections::HashSet<i64> {
+    let end = history
+        .operations
+        .iter()
+        .map(|op| op.return_time.unwrap_or(op.invoke))
+        .max()
+        .unwrap_or(0);
+    history
+        .operations
+        .iter()
+        .filter_map(|op| {
+            let Request::LeaseGrant { ttl, id } = &op.request else {
+                return None;
+            };
+            let id = match &op.outcome {
+                Outcome::Response(Response {
+                    body: ResponseBody::LeaseGrant { id },
+                    ..
+                }) => *id,
+                _ => *id,
+            };
+            let ttl_nanos = u64::try_from(*ttl)
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000);
+            (id != 0 && op.invoke.saturating_add(ttl_nanos) <= end).then_some(id)
+        })
+        .collect()
 }
 
 struct Client {

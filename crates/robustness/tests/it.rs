@@ -1,6 +1,6 @@
 //! The robustness check in its short form, on both backends: random
 //! conflicting traffic while the registry is killed and restarted and the
-//! clients' connections are cut, then the recorded history checked for
+//! clients' connections are cut and the history compacted, then the recorded history checked for
 //! linearizability and every watch response validated against it. Real
 //! etcd is the control: if it fails there, the checker is wrong.
 
@@ -40,7 +40,9 @@ fn check(recorded: &traffic::Recorded, seed: u64, what: &str) {
         CheckOptions::default(),
     );
     eprintln!(
-        "{what}: {ops} operations ({unknown} unknown), {} watch streams; {} (checked in {:?}; seed {seed})",
+        "{what}: {ops} operations ({unknown} unknown; {} answers lost, {:?}), {} watch streams; {} (checked in {:?}; seed {seed})",
+        recorded.lost_answers,
+        recorded.pinned,
         recorded.watches.len(),
         report.line(),
         started.elapsed()
@@ -92,22 +94,29 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
     };
     let config = TrafficConfig {
         clients: 6,
-        duration: Duration::from_secs(8),
+        duration: Duration::from_secs(20),
         seed,
+        // Paced, so that the debug build checks the history in seconds.
+        rate: 400,
         ..TrafficConfig::default()
     };
     let base = Instant::now();
     let run = tokio::spawn(async move { traffic::run(&target, &config, base).await });
     // The fault schedule (the traffic's timeline, not a wait for a
-    // condition): a crash and restart, then a cut and restore.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    node.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    node.restart().unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.cut();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.restore();
+    // condition): crash and restart, cut and restore, compaction, twice.
+    let direct = format!("http://127.0.0.1:{}", node.client_port());
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        node.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        node.restart().unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.restore();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        muster_robustness::run::compact(&direct).await;
+    }
     let recorded = run.await.unwrap().unwrap();
     check(&recorded, seed, node.name());
 }

@@ -57,13 +57,18 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
     let written = match format {
         Format::Text => writeln!(
             out,
-            "robustness: {}: {} operations ({} unknown), {} watch streams, faults: {}\n\
+            "robustness: {}: {} operations ({} unknown; {} answers lost, resolved from the watch: \
+             {} deletes and {} revokes pinned, {} dropped), {} watch streams, faults: {}\n\
              robustness: {verdict} (checked in {:.2} s)\n\
              robustness: history, watches and report in {}\n\
              robustness: seed {seed} (repeat with --seed {seed})",
             backend.name(),
             summary.operations,
             summary.unknown,
+            summary.lost_answers,
+            summary.pinned.pinned_deletes,
+            summary.pinned.pinned_revokes,
+            summary.pinned.dropped,
             summary.watches,
             summary.faults_text(),
             summary.checked_in.as_secs_f64(),
@@ -78,6 +83,10 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
                 "seed": seed,
                 "operations": summary.operations,
                 "unknown": summary.unknown,
+                "lost_answers": summary.lost_answers,
+                "pinned_deletes": summary.pinned.pinned_deletes,
+                "pinned_revokes": summary.pinned.pinned_revokes,
+                "dropped": summary.pinned.dropped,
                 "watch_streams": summary.watches,
                 "faults": summary.injected.iter().map(|k| k.name()).collect::<Vec<_>>(),
                 "verdict": verdict,

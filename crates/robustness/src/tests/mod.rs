@@ -4,6 +4,7 @@
 mod generate;
 mod histories;
 mod model_rules;
+mod pins;
 mod watches;
 
 use crate::history::*;
