@@ -330,6 +330,7 @@ impl Proxy {
                     head: &head,
                     body: body.as_mut(),
                     chunked,
+                    sent,
                 };
                 let result = within(
                     deadline,
