@@ -94,6 +94,11 @@ pub(crate) struct Outbound<'a, B> {
     pub(crate) body: Option<&'a mut B>,
     /// The body is sent with chunked coding (the head says so).
     pub(crate) chunked: bool,
+    /// When the request is sent, as the caller read the clock: the pool
+    /// goes by it (idle connections' age at checkout, and the idle time of
+    /// a connection whose answer came complete with its head), rather than
+    /// reading the clock twice more.
+    pub(crate) sent: Instant,
 }
 
 impl<B> std::fmt::Debug for Outbound<'_, B> {
@@ -175,7 +180,7 @@ impl UpstreamClient {
         let pooled = if fresh {
             None
         } else {
-            self.checkout(authority, tls.map_or(0, |t| t.id))
+            self.checkout(authority, tls.map_or(0, |t| t.id), req.sent)
         };
         let reused = pooled.is_some();
         let mut conn = match pooled {
@@ -284,6 +289,7 @@ impl UpstreamClient {
             Decoder::new(head.framing),
             keep_alive,
             Arc::downgrade(&self.pool),
+            req.sent,
         );
         Ok(Answer {
             status: head.status,
@@ -294,13 +300,12 @@ impl UpstreamClient {
     }
 
     /// The most recently used idle connection to `key` that is still open.
-    fn checkout(&self, key: &Authority, tls: u64) -> Option<Box<Conn>> {
+    fn checkout(&self, key: &Authority, tls: u64, now: Instant) -> Option<Box<Conn>> {
         let mut idle = self
             .pool
             .idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
         // Exact bytes: cheaper than `Authority`'s case-insensitive equality.
         while let Some(i) = idle
             .iter()
@@ -497,7 +502,16 @@ impl ResponseBody {
         }
     }
 
-    fn new(mut conn: Box<Conn>, mut decoder: Decoder, keep_alive: bool, pool: Weak<Pool>) -> Self {
+    /// `sent`: when the request was sent, the idle time's start of a
+    /// connection whose answer is complete with its head (one round trip
+    /// early at most, against the pool's idle timeout).
+    fn new(
+        mut conn: Box<Conn>,
+        mut decoder: Decoder,
+        keep_alive: bool,
+        pool: Weak<Pool>,
+        sent: Instant,
+    ) -> Self {
         // Decode what came with the head: a small body is complete now,
         // and its connection free for the next request.
         let mut ready = None;
@@ -527,7 +541,7 @@ impl ResponseBody {
             pool,
         };
         if !failed && body.decoder == Decoder::Done {
-            body.release();
+            body.release_at(sent);
         }
         body
     }
@@ -535,6 +549,11 @@ impl ResponseBody {
     /// The body is complete: the connection goes back to the pool if it
     /// can carry another request.
     fn release(&mut self) {
+        self.release_at(Instant::now());
+    }
+
+    /// [`release`](Self::release), idle since `since`.
+    fn release_at(&mut self, since: Instant) {
         let Some(conn) = self.conn.take() else { return };
         if !self.keep_alive || !conn.buf.is_empty() {
             return;
@@ -543,10 +562,7 @@ impl ResponseBody {
             pool.idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
+                .push(Idle { conn, since });
         }
     }
 }
@@ -752,6 +768,7 @@ mod tests {
             head: &|out: &mut Vec<u8>| out.extend_from_slice(&head),
             body: None,
             chunked: false,
+            sent: Instant::now(),
         };
         client.send(authority, None, outbound, fresh).await
     }
@@ -774,6 +791,7 @@ mod tests {
             head: &|out: &mut Vec<u8>| out.extend_from_slice(head),
             body: Some(body),
             chunked,
+            sent: Instant::now(),
         };
         client.send(authority, None, outbound, true).await
     }

@@ -320,7 +320,7 @@ impl Connection {
                 // Counted finished when the body is done, or right away if
                 // this future is dropped first (an HTTP/2 stream reset).
                 let finished = Finished(shared.3.clone());
-                let resp = shared.0.handle(&shared.1, req, &shared.2).await;
+                let resp = shared.0.handle(&shared.1, req, &shared.2, None).await;
                 Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
             }
         });

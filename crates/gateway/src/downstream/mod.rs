@@ -27,7 +27,7 @@ mod head;
 mod rewind;
 
 use std::future::poll_fn;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -236,6 +236,9 @@ where
         failed: false,
     };
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BUF);
+    // The route timeout's timer, reset for each request (not registered
+    // with the timer driver until the first).
+    let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     let mut sniff = sniff;
     loop {
         let head = loop {
@@ -297,7 +300,10 @@ where
         *req.uri_mut() = head.uri;
         *req.version_mut() = head.version;
         *req.headers_mut() = head.headers;
-        let resp = ctx.proxy.handle(ctx.client, req, ctx.peer).await;
+        let resp = ctx
+            .proxy
+            .handle(ctx.client, req, ctx.peer, Some(timer.as_mut()))
+            .await;
         let unread = reader.decoder != Decoder::Done;
         // A body nobody asked for after `Expect: 100-continue` may never
         // come; a long one is not worth reading.

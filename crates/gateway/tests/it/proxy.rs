@@ -782,6 +782,90 @@ async fn idle_client_connections_are_closed(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// One HTTP/1.1 answer read off a raw connection: its status and body
+/// (the gateway's answers here all carry a `Content-Length`).
+async fn read_answer(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return (status, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A client connection keeps one timer for the route timeout from one
+/// request to the next: a shorter timeout after a longer one still fires
+/// on time, one that fired does not fail the next request, and it fires
+/// again for the one after.
+async fn route_timeout_holds_from_request_to_request(registry: Box<dyn Registry>) {
+    let env = Env::new(&*registry).await;
+    let _a = env.upstream("web", "w-1").await;
+    let gw = env
+        .gateway(vec![
+            Route::new("/slow", "web")
+                .strip_prefix()
+                .timeout(Duration::from_millis(300)),
+            Route::new("/", "web"),
+        ])
+        .await;
+    let addr = gw.local_addr();
+    wait_routed(&http_client(), addr, "/status/200").await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The default route's 30 s timeout first.
+    s.write_all(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut s, &mut buf).await, (200, "w-1".into()));
+    for round in 0..2 {
+        // Half a body: the upstream answers only once it has all of it.
+        let started = Instant::now();
+        s.write_all(b"POST /slow/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+            .await
+            .unwrap();
+        let (status, _) = read_answer(&mut s, &mut buf).await;
+        let took = started.elapsed();
+        assert_eq!(status, 504, "round {round}");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+            "round {round}: 504 after {took:?}"
+        );
+        // The rest of the body, which the gateway reads and drops.
+        s.write_all(b"67890").await.unwrap();
+        // The timer fired: the next request is not failed by it.
+        s.write_all(b"GET /slow/status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_answer(&mut s, &mut buf).await,
+            (200, "w-1".into()),
+            "round {round}"
+        );
+    }
+    gw.shutdown().await;
+}
+
 muster_testkit::on_both!(
     traffic_spreads_across_instances,
     new_instance_gets_traffic_quickly,
@@ -793,6 +877,7 @@ muster_testkit::on_both!(
     registry_outage_keeps_last_known_instances,
     routes_file_is_hot_reloaded,
     slow_upstream_times_out_and_5xx_passes_through,
+    route_timeout_holds_from_request_to_request,
     methods_and_framings_pass_through,
     idle_client_connections_are_closed,
 );
