@@ -313,6 +313,17 @@ cpu_per_put() {
         awk -v t="$ticks" -v o="$ops" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f\n", t / hz / o * 1e6 }'
     done
 }
+# muster/etcd throughput of WORKLOAD in each round: the two runs of a round
+# are back to back, so their ratio is less exposed to drifting background
+# load than the ratio of medians.
+round_ratios() {
+    local w=$1 round
+    for round in $(seq 1 "$ROUNDS"); do
+        awk -v a="$(jnum "$WORK/muster.$w.$round.json" ops_per_sec)" \
+            -v b="$(jnum "$WORK/etcd.$w.$round.json" ops_per_sec)" \
+            'BEGIN { if (b > 0) printf "%.2f\n", a / b; else print 0 }'
+    done
+}
 # Machine CPU busy (%) during each put round, and the server's share.
 machine_busy() {
     local s=$1 round ticks b0 t0 b1 t1
@@ -364,6 +375,11 @@ m=$(jnum "$WORK/muster.populate.json" seconds)
 e=$(jnum "$WORK/etcd.populate.json" seconds)
 row "populate $KEYS keys (txns of 128 puts), s" "$(fmt2 "$m")" "$(fmt2 "$e")" "$(ratio "$m" "$e")" ""
 echo
+for w in put range txn keepalive; do
+    r=$(round_ratios "$w")
+    echo "$w, muster/etcd in each round: $(paste -sd ' ' <<<"$r")" \
+        "(min $(sort -g <<<"$r" | head -n 1), median $(median <<<"$r"), max $(sort -g <<<"$r" | tail -n 1))"
+done
 for s in muster etcd; do
     echo "$s: machine CPU busy during the put rounds: $(machine_busy "$s" | paste -sd ' ')"
 done

@@ -179,6 +179,26 @@ impl Server {
         let services =
             Services::new(core.clone(), endpoint, progress_every).with_cert_identity(cert_identity);
         let max = service::TRANSPORT_LIMIT_BYTES;
+        // Plaintext connections are served by `inline` (see there), over
+        // the same services and fault layer.
+        let plain: inline::Svc = {
+            use tower::Layer;
+            let routes = tonic::service::Routes::new(
+                pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(
+                pb::watch_server::WatchServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(
+                pb::lease_server::LeaseServer::new(services.clone()).max_decoding_message_size(max),
+            )
+            .add_service(pb::maintenance_server::MaintenanceServer::new(
+                services.clone(),
+            ))
+            .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
+            .add_service(pb::auth_server::AuthServer::new(services.clone()));
+            faults::FaultLayer::new(core.faults().cloned()).layer(routes.prepare())
+        };
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -209,12 +229,8 @@ impl Server {
                 tokio::spawn(logged(router.serve_with_incoming_shutdown(incoming, stop)))
             }
             None => {
-                // The builder's tcp_nodelay does not apply to a custom
-                // incoming stream: without this, small responses wait
-                // ~40 ms for the client's delayed ACK.
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                tokio::spawn(logged(router.serve_with_incoming_shutdown(incoming, stop)))
+                drop(router);
+                tokio::spawn(inline::serve(listener, plain, stop))
             }
         };
         tracing::info!(
@@ -302,4 +318,158 @@ fn random_id() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish() | 1
+}
+
+/// Plaintext gRPC serving in which each connection's requests run inside
+/// the connection's own task, instead of one spawned task per request (as
+/// tonic's `serve` does, through hyper's executor).
+///
+/// Why: under many concurrent unary calls (64 clients putting), the
+/// requests of one group commit are acknowledged together. With a task per
+/// request, tokio runs the connection task right after each request task
+/// that completes (it wakes it into the LIFO slot), so each response went
+/// out in its own `writev` (0.65 per put, each also paying for the loopback
+/// delivery); a request task per call also costs a spawn and a wake-up.
+/// Here the acknowledged requests of a connection are polled one after the
+/// other and the connection flushes their responses in one write. Requests
+/// of one connection share a worker thread (connections still spread over
+/// the workers).
+mod inline {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::task::Poll;
+
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use tower::ServiceExt;
+
+    type Spawned = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// hyper's executor for one connection: futures it is given (the
+    /// connection's requests) are queued for the connection's task to poll.
+    #[derive(Clone, Default)]
+    struct Queue(Arc<Mutex<Vec<Spawned>>>);
+
+    impl<F> hyper::rt::Executor<F> for Queue
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        fn execute(&self, fut: F) {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Box::pin(fut));
+        }
+    }
+
+    impl Queue {
+        fn take(&self) -> Vec<Spawned> {
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+        }
+    }
+
+    /// The service every connection gets a clone of.
+    pub(super) type Svc = crate::faults::FaultService<tonic::service::Routes>;
+
+    /// Accepts on `listener` until `stop` resolves, then asks every
+    /// connection to finish (HTTP/2 GOAWAY: requests in flight complete)
+    /// and waits for them.
+    pub(super) async fn serve(listener: TcpListener, svc: Svc, stop: impl Future<Output = ()>) {
+        let (signal, watcher) = watch::channel(());
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut stop => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors and the like: try again shortly.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    continue;
+                }
+            };
+            // Without it, small responses wait ~40 ms for the peer's
+            // delayed ACK.
+            let _ = stream.set_nodelay(true);
+            let info = tonic::transport::server::TcpConnectInfo {
+                local_addr: stream.local_addr().ok(),
+                remote_addr: Some(remote),
+            };
+            tokio::spawn(connection(stream, info, svc.clone(), watcher.clone()));
+        }
+        // Close the listening socket now, not after the drain.
+        drop(listener);
+        drop(watcher);
+        let _ = signal.send(());
+        signal.closed().await;
+    }
+
+    async fn connection(
+        stream: tokio::net::TcpStream,
+        info: tonic::transport::server::TcpConnectInfo,
+        svc: Svc,
+        mut stop: watch::Receiver<()>,
+    ) {
+        let remote: Option<SocketAddr> = info.remote_addr;
+        let svc = svc.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(info.clone());
+            req.map(tonic::body::Body::new)
+        });
+        let queue = Queue::default();
+        // tonic's settings (its `Server::builder()` defaults): HTTP/2 only,
+        // no limit on concurrent streams (watch streams), hyper's timer.
+        let mut builder = Builder::new(queue.clone()).http2_only();
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(None)
+            .max_pending_accept_reset_streams(None)
+            .max_local_error_reset_streams(None);
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let mut conn = std::pin::pin!(conn);
+        let mut requests: FuturesUnordered<Spawned> = FuturesUnordered::new();
+        let mut conn_done = false;
+        let mut stopping = false;
+        // A dropped sender (the server aborted) stops too. `stop` itself
+        // lives until the connection is done: the server waits for that.
+        let mut stopped = std::pin::pin!(stop.changed());
+        std::future::poll_fn(|cx| {
+            if !stopping && stopped.as_mut().poll(cx).is_ready() {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            loop {
+                // Requests first: the responses they complete go out with
+                // the connection's next flush, together.
+                while let Poll::Ready(Some(())) = requests.poll_next_unpin(cx) {}
+                if !conn_done && let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    conn_done = true;
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, ?remote, "connection ended");
+                    }
+                }
+                let new = queue.take();
+                if new.is_empty() {
+                    break;
+                }
+                requests.extend(new);
+            }
+            if conn_done && requests.is_empty() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
 }

@@ -313,7 +313,9 @@ impl Core {
             let applied = f(&mut state)?;
             // An event's prev_kv is the value from before the write, so a
             // key touched twice takes its lease from its earlier event.
+            // (A single event, as of every put, needs no map.)
             let mut leases = std::collections::HashMap::new();
+            let single = applied.events.len() == 1;
             for e in &applied.events {
                 let key =
                     e.kv.as_ref()
@@ -328,14 +330,15 @@ impl Core {
                 } else {
                     0
                 };
-                leases.insert(key, new);
+                if !single {
+                    leases.insert(key, new);
+                }
                 state.lessor.reattach(key, prev, new);
             }
-            let mut changes: Vec<Change> = applied
-                .events
-                .iter()
-                .enumerate()
-                .map(|(sub, event)| Change::Event {
+            let mut changes: Vec<Change> =
+                Vec::with_capacity(applied.events.len() + 1 + applied.extra.len());
+            changes.extend(applied.events.iter().enumerate().map(|(sub, event)| {
+                Change::Event {
                     rev: applied.revision,
                     sub: sub as i64,
                     // Restore rebuilds prev_kv from the key's history:
@@ -345,8 +348,8 @@ impl Core {
                         kv: event.kv.clone(),
                         prev_kv: None,
                     },
-                })
-                .collect();
+                }
+            }));
             if !applied.events.is_empty() {
                 changes.push(Change::Revision(applied.revision));
             }
@@ -431,15 +434,20 @@ impl Core {
         req: pb::PutRequest,
         caller: &Caller,
     ) -> Result<pb::PutResponse, Status> {
-        let check = |st: &State| {
-            let guard = st.guard(caller);
-            if guard.active() {
-                crate::mvcc::check_put_request(&req).map_err(mvcc_status)?;
-                guard.put(&req)?;
-            }
-            Ok(())
-        };
-        let (mut resp, rev) = self.kv(check, |txn, leases| txn.put(&req, leases)).await?;
+        // One closure, so that the request is checked by reference and
+        // then moved into the store (its value is not copied).
+        let (mut resp, rev) = self
+            .write(|st| {
+                let guard = st.guard(caller);
+                if guard.active() {
+                    crate::mvcc::check_put_request(&req).map_err(mvcc_status)?;
+                    guard.put(&req)?;
+                }
+                Self::kv_write(st, |txn, lessor| {
+                    txn.put_owned(req, &|id| lessor.contains(id))
+                })
+            })
+            .await?;
         resp.header = self.header(rev);
         Ok(resp)
     }

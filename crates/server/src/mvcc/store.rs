@@ -537,11 +537,11 @@ impl Store {
         lease: i64,
         rev: Revision,
     ) -> Event {
-        if !self.index.contains_key(key) {
-            self.index.insert(key.to_vec(), KeyIndex::new());
-        }
-        let Some(ki) = self.index.get_mut(key) else {
-            unreachable!("key index inserted above");
+        // One search of the index for a key that exists (the common
+        // overwrite); a new key pays for a second one, on insertion.
+        let ki = match self.index.get_mut(key) {
+            Some(ki) => ki,
+            None => self.index.entry(key.to_vec()).or_default(),
         };
         let found = ki.get(rev.main);
         // A put creating the key has none, even if the key existed before

@@ -159,7 +159,22 @@ impl<'a> WriteTxn<'a> {
         if req.lease != 0 && !lease_exists(req.lease) {
             return Err(MvccError::LeaseNotFound);
         }
-        self.apply_put(req)
+        self.apply_put(req, None)
+    }
+
+    /// [`WriteTxn::put`] taking the request, so that its value moves into
+    /// the store instead of being copied (the put path of the server).
+    pub fn put_owned(
+        &mut self,
+        mut req: PutRequest,
+        lease_exists: &dyn Fn(i64) -> bool,
+    ) -> Result<PutResponse, MvccError> {
+        check_put_request(&req)?;
+        if req.lease != 0 && !lease_exists(req.lease) {
+            return Err(MvccError::LeaseNotFound);
+        }
+        let value = std::mem::take(&mut req.value);
+        self.apply_put(&req, Some(value))
     }
 
     /// etcd's `DeleteRange` over `[key, range_end)` (empty `range_end`: the
@@ -249,7 +264,13 @@ impl<'a> WriteTxn<'a> {
         (self.store.current_rev, changes)
     }
 
-    fn apply_put(&mut self, p: &PutRequest) -> Result<PutResponse, MvccError> {
+    /// Applies `p`; `owned` is `p`'s value when the caller moved it out
+    /// (then `p.value` is not read).
+    fn apply_put(
+        &mut self,
+        p: &PutRequest,
+        owned: Option<Vec<u8>>,
+    ) -> Result<PutResponse, MvccError> {
         let cur = self.cur_rev();
         let ignore = p.ignore_value || p.ignore_lease;
         let prev: Option<KeyValue> = if ignore || p.prev_kv {
@@ -263,11 +284,11 @@ impl<'a> WriteTxn<'a> {
                 if p.ignore_value {
                     prev.value.clone()
                 } else {
-                    p.value.clone()
+                    owned.unwrap_or_else(|| p.value.clone())
                 },
                 if p.ignore_lease { prev.lease } else { p.lease },
             ),
-            (_, false) => (p.value.clone(), p.lease),
+            (_, false) => (owned.unwrap_or_else(|| p.value.clone()), p.lease),
         };
         let rev = self.next_rev();
         let event = self.store.put_record(&p.key, value, lease, rev);
@@ -331,7 +352,7 @@ impl<'a> WriteTxn<'a> {
                     Some(Response::ResponseRange(resp))
                 }
                 Some(Request::RequestPut(p)) => {
-                    let mut resp = self.apply_put(p)?;
+                    let mut resp = self.apply_put(p, None)?;
                     // etcd: the write's revision.
                     resp.header = revision_header(self.begin_rev + 1);
                     Some(Response::ResponsePut(resp))
