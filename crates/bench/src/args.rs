@@ -129,6 +129,12 @@ pub struct BenchArgs {
         help_heading = "robustness"
     )]
     pub(crate) faults: muster_robustness::run::FaultList,
+    /// robustness, `--registry muster` only: also run the registry with
+    /// `muster serve --faults SPEC`, the fault injection users get
+    /// (`latency=2ms±2ms,drop-watch=2/s,unavailable=200ms/5s,compact=1s`);
+    /// everything but `lease-expire-early`, which the model does not know.
+    #[arg(long, value_name = "SPEC", help_heading = "robustness")]
+    pub(crate) serve_faults: Option<String>,
     /// robustness: mean time between two faults.
     #[arg(long, default_value = "3s", value_parser = parse_duration, help_heading = "robustness")]
     pub(crate) fault_every: Duration,

@@ -26,6 +26,10 @@ pub enum Backend {
     Muster {
         /// The muster binary.
         exe: PathBuf,
+        /// `muster serve --faults SPEC`: the registry's own fault injection
+        /// (the one users get) on top of the run's faults. Everything but
+        /// `lease-expire-early`, which the model does not know.
+        faults: Option<String>,
     },
     /// etcd, single member.
     Etcd {
@@ -136,6 +140,9 @@ pub struct Summary {
     pub watches: usize,
     /// Faults injected, in order.
     pub injected: Vec<FaultKind>,
+    /// What the registry's own `--faults` injected, by fault (as its
+    /// `/metrics` counted them at the end, since its last restart).
+    pub registry_faults: Vec<(String, u64)>,
     /// The verdict.
     pub report: Report,
     /// How long the check took.
@@ -209,7 +216,7 @@ impl Node {
             .map_err(|e| format!("cannot write {}: {e}", self.log.display()))?;
         let client = format!("http://127.0.0.1:{}", self.port);
         let mut cmd = match &self.backend {
-            Backend::Muster { exe } => {
+            Backend::Muster { exe, faults } => {
                 let mut c = Command::new(exe);
                 c.arg("serve")
                     .arg("--data-dir")
@@ -218,6 +225,9 @@ impl Node {
                     .arg(format!("127.0.0.1:{}", self.port))
                     .arg("--http-listen")
                     .arg(format!("127.0.0.1:{}", self.http_port));
+                if let Some(spec) = faults {
+                    c.arg("--faults").arg(spec);
+                }
                 c
             }
             Backend::Etcd { binary } => {
@@ -251,8 +261,14 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                // Its last words (a refused flag, a data directory in use)
+                // say more than the status.
+                let last = std::fs::read_to_string(&self.log)
+                    .ok()
+                    .and_then(|log| last_words(&log))
+                    .unwrap_or_default();
                 return Err(format!(
-                    "{} exited ({status}); see {}",
+                    "{} exited ({status}): {last}; see {}",
                     self.backend.name(),
                     self.log.display()
                 ));
@@ -269,6 +285,34 @@ impl Node {
         Ok(())
     }
 
+    /// `muster_faults_injected_total` by fault, from the registry's
+    /// `/metrics` (empty for etcd, or when it cannot be read).
+    fn faults_injected(&self) -> Vec<(String, u64)> {
+        use std::io::{Read, Write};
+        if !matches!(
+            self.backend,
+            Backend::Muster {
+                faults: Some(_),
+                ..
+            }
+        ) {
+            return Vec::new();
+        }
+        let Ok(mut conn) = TcpStream::connect((Ipv4Addr::LOCALHOST, self.http_port)) else {
+            return Vec::new();
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut body = String::new();
+        if conn
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .and_then(|()| conn.read_to_string(&mut body))
+            .is_err()
+        {
+            return Vec::new();
+        }
+        parse_injected(&body)
+    }
+
     /// SIGKILL: no shutdown, no flush.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -282,6 +326,30 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The line of a registry's log that says why it stopped: its last error
+/// line (clap's usage hint comes after it), else its last line.
+fn last_words(log: &str) -> Option<String> {
+    let lines = || log.lines().rev().map(str::trim).filter(|l| !l.is_empty());
+    lines()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or_else(|| lines().next())
+        .map(str::to_owned)
+}
+
+/// The `muster_faults_injected_total{fault="NAME"} N` lines of a metrics
+/// text, the faults that acted.
+fn parse_injected(metrics: &str) -> Vec<(String, u64)> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("muster_faults_injected_total{fault=\""))
+        .filter_map(|rest| {
+            let (name, value) = rest.split_once("\"} ")?;
+            let n = value.trim().parse::<f64>().ok()? as u64;
+            (n > 0).then(|| (name.to_string(), n))
+        })
+        .collect()
 }
 
 /// Compacts at the registry's current revision (`endpoint`:
@@ -328,6 +396,17 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
             "{} already holds a run (its data/); choose another directory or remove it",
             config.dir.display()
         ));
+    }
+    if let Backend::Muster {
+        faults: Some(spec), ..
+    } = &config.backend
+        && spec.contains("lease-expire-early")
+    {
+        return Err(
+            "lease-expire-early cannot be checked: the model does not know lease expiry; \
+             leave it out of the registry's faults"
+                .into(),
+        );
     }
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| format!("cannot create {}: {e}", config.dir.display()))?;
@@ -395,6 +474,8 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
         .map_err(|e| format!("the traffic panicked: {e}"))??;
     drop(proxy);
     drop(watch_proxy);
+    // Read before the kill: the counters live in the process.
+    let registry_faults = node.faults_injected();
     node.kill();
 
     let write = |name: &str, text: String| {
@@ -425,6 +506,7 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
         lost_answers,
         pinned,
         injected,
+        registry_faults,
         report,
         checked_in,
         dir: config.dir.clone(),
@@ -434,6 +516,31 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_what_the_registrys_faults_did() {
+        let metrics = "# HELP muster_faults_injected_total x\n\
+            muster_faults_injected_total{fault=\"drop-watch\"} 3\n\
+            muster_faults_injected_total{fault=\"latency\"} 1200\n\
+            muster_faults_injected_total{fault=\"compact\"} 0\n\
+            muster_faults_unavailable 0\n";
+        assert_eq!(
+            parse_injected(metrics),
+            [("drop-watch".to_string(), 3), ("latency".to_string(), 1200)]
+        );
+        assert!(parse_injected("").is_empty());
+    }
+
+    #[test]
+    fn a_registry_that_stopped_says_why() {
+        let clap = "error: invalid value 'x' for '--faults <FAULTS>': unknown fault\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            last_words(clap).unwrap(),
+            "error: invalid value 'x' for '--faults <FAULTS>': unknown fault"
+        );
+        assert_eq!(last_words("starting\nlistening\n\n").unwrap(), "listening");
+        assert_eq!(last_words(""), None);
+    }
 
     #[test]
     fn fault_lists_parse() {

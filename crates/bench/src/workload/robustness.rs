@@ -24,7 +24,14 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
                 doing: "finding this program to run its registry",
                 cause: e.to_string(),
             })?,
+            faults: args.serve_faults.clone(),
         },
+        RobustnessRegistry::Etcd if args.serve_faults.is_some() => {
+            return Err(Error::Setup {
+                doing: "starting etcd",
+                cause: "--serve-faults is muster serve's fault injection; etcd has none".into(),
+            });
+        }
         RobustnessRegistry::Etcd => Backend::Etcd {
             binary: args.etcd_binary.clone(),
         },
@@ -58,7 +65,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
         Format::Text => writeln!(
             out,
             "robustness: {}: {} operations ({} unknown; {} answers lost, resolved from the watch: \
-             {} deletes and {} revokes pinned, {} dropped), {} watch streams, faults: {}\n\
+             {} deletes and {} revokes pinned, {} dropped), {} watch streams, faults: {}{}\n\
              robustness: {verdict} (checked in {:.2} s)\n\
              robustness: history, watches and report in {}\n\
              robustness: seed {seed} (repeat with --seed {seed})",
@@ -71,6 +78,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             summary.pinned.dropped,
             summary.watches,
             summary.faults_text(),
+            registry_faults_text(&summary.registry_faults),
             summary.checked_in.as_secs_f64(),
             summary.dir.display(),
         ),
@@ -89,6 +97,12 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
                 "dropped": summary.pinned.dropped,
                 "watch_streams": summary.watches,
                 "faults": summary.injected.iter().map(|k| k.name()).collect::<Vec<_>>(),
+                "serve_faults": args.serve_faults,
+                "serve_faults_injected": summary
+                    .registry_faults
+                    .iter()
+                    .map(|(name, n)| (name.clone(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
                 "verdict": verdict,
                 "ok": summary.report.ok(),
                 "checked_seconds": summary.checked_in.as_secs_f64(),
@@ -108,4 +122,16 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             failure: format!("{verdict}; see {}", summary.dir.display()),
         })
     }
+}
+
+/// `; the registry's own: drop-watch 12, latency 3400` (empty without).
+fn registry_faults_text(injected: &[(String, u64)]) -> String {
+    if injected.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = injected
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    format!("; the registry's own: {}", parts.join(", "))
 }

@@ -345,6 +345,68 @@ fn robustness_runs_and_leaves_its_evidence(registry: &str) {
     assert!(err.contains("unknown fault \"explode\""), "{err}");
 }
 
+/// The suite also drives the fault injection users get: `muster serve
+/// --faults`, counted from the registry's own /metrics; a fault the model
+/// cannot judge, or a registry without `--faults`, is refused.
+#[test]
+fn robustness_with_the_registrys_own_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["bench", "robustness", "--duration", "6s"])
+        .args(["--fault-every", "2s", "--faults", "compact"])
+        .args([
+            "--serve-faults",
+            "drop-watch=2/s,latency=1ms±1ms,unavailable=100ms/2s,seed=3",
+        ])
+        .args(["--seed", "6", "--traffic-rate", "500"])
+        .arg("--out")
+        .arg(dir.path())
+        .args(["-o", "json"])
+        .output()
+        .expect("muster bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(
+        report["verdict"], "linearizable: yes, watch: ok",
+        "{report}"
+    );
+    let injected = &report["serve_faults_injected"];
+    for fault in ["drop-watch", "latency"] {
+        assert!(
+            injected[fault].as_u64().is_some_and(|n| n >= 1),
+            "{fault} never acted: {report}"
+        );
+    }
+
+    for (args, says) in [
+        (
+            vec!["--serve-faults", "lease-expire-early=5%"],
+            "lease-expire-early cannot be checked",
+        ),
+        (
+            vec!["--registry", "etcd", "--serve-faults", "latency=1ms"],
+            "etcd has none",
+        ),
+    ] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(["bench", "robustness", "--duration", "1s"])
+            .args(args)
+            .arg("--out")
+            .arg(dir.path().join("refused"))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+}
+
 #[test]
 fn robustness_on_muster_serve() {
     robustness_runs_and_leaves_its_evidence("muster");
