@@ -179,44 +179,32 @@ impl Server {
         let services =
             Services::new(core.clone(), endpoint, progress_every).with_cert_identity(cert_identity);
         let max = service::TRANSPORT_LIMIT_BYTES;
-        // Plaintext connections are served by `inline` (see there), over
-        // the same services and fault layer.
+        // Every service, once: plaintext connections are served by
+        // `inline` (see there) and TLS ones by tonic's server, over the
+        // same routes and fault layer.
+        let routes = tonic::service::Routes::new(
+            pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::watch_server::WatchServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::lease_server::LeaseServer::new(services.clone()).max_decoding_message_size(max),
+        )
+        .add_service(pb::maintenance_server::MaintenanceServer::new(
+            services.clone(),
+        ))
+        .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
+        .add_service(pb::auth_server::AuthServer::new(services));
         let plain: inline::Svc = {
             use tower::Layer;
-            let routes = tonic::service::Routes::new(
-                pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(
-                pb::watch_server::WatchServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(
-                pb::lease_server::LeaseServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(pb::maintenance_server::MaintenanceServer::new(
-                services.clone(),
-            ))
-            .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
-            .add_service(pb::auth_server::AuthServer::new(services.clone()));
-            faults::FaultLayer::new(core.faults().cloned()).layer(routes.prepare())
+            faults::FaultLayer::new(core.faults().cloned()).layer(routes.clone().prepare())
         };
         let (shutdown, on_shutdown) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .layer(faults::FaultLayer::new(core.faults().cloned()))
-            .add_service(
-                pb::kv_server::KvServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(
-                pb::watch_server::WatchServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(
-                pb::lease_server::LeaseServer::new(services.clone()).max_decoding_message_size(max),
-            )
-            .add_service(pb::maintenance_server::MaintenanceServer::new(
-                services.clone(),
-            ))
-            .add_service(pb::cluster_server::ClusterServer::new(services.clone()))
-            .add_service(pb::auth_server::AuthServer::new(services));
+            .add_routes(routes);
         let stop = async {
             let _ = on_shutdown.await;
         };

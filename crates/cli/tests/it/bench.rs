@@ -292,25 +292,14 @@ fn propagation_callers_in_child_processes(backend: &common::Backend) {
 
 crate::on_both!(propagation_callers_in_child_processes);
 
-/// `muster bench robustness` starts its own registry (this binary's serve,
-/// or etcd), breaks it, checks it, says so on one line, and exits non-zero
-/// on a malformed fault list; everything stays in the directory it names.
-fn robustness_runs_and_leaves_its_evidence(registry: &str) {
-    if registry == "etcd" && !std::path::Path::new("/usr/bin/etcd").exists() {
-        eprintln!("skipping: no /usr/bin/etcd");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+/// Runs `muster bench robustness ARGS --out DIR -o json`, asserting that it
+/// succeeds with a clean verdict; its JSON report.
+fn robustness_report(args: &[&str], dir: &std::path::Path) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_muster"))
-        .args(["bench", "robustness", "--registry", registry])
-        .args(["--etcd-binary", "/usr/bin/etcd", "--duration", "6s"])
-        // Faults that leave no write's outcome unknown, so that the check
-        // stays short on a loaded machine: the CLI is what is tested here;
-        // kill and cut are in muster-robustness's own test.
-        .args(["--fault-every", "1s", "--faults", "compact,drop-watch"])
-        .args(["--seed", "5", "--traffic-rate", "500"])
+        .args(["bench", "robustness"])
+        .args(args)
         .arg("--out")
-        .arg(dir.path())
+        .arg(dir)
         .args(["-o", "json"])
         .output()
         .expect("muster bench runs");
@@ -325,6 +314,40 @@ fn robustness_runs_and_leaves_its_evidence(registry: &str) {
     assert_eq!(
         report["verdict"], "linearizable: yes, watch: ok",
         "{report}"
+    );
+    report
+}
+
+/// `muster bench robustness` starts its own registry (this binary's serve,
+/// or etcd), breaks it, checks it, says so on one line, and exits non-zero
+/// on a malformed fault list; everything stays in the directory it names.
+fn robustness_runs_and_leaves_its_evidence(registry: &str) {
+    if registry == "etcd" && !std::path::Path::new("/usr/bin/etcd").exists() {
+        eprintln!("skipping: no /usr/bin/etcd");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let report = robustness_report(
+        &[
+            "--registry",
+            registry,
+            "--etcd-binary",
+            "/usr/bin/etcd",
+            "--duration",
+            "6s",
+            // Faults that leave no write's outcome unknown, so that the
+            // check stays short on a loaded machine: the CLI is what is
+            // tested here; kill and cut are in muster-robustness's own test.
+            "--fault-every",
+            "1s",
+            "--faults",
+            "compact,drop-watch",
+            "--seed",
+            "5",
+            "--traffic-rate",
+            "500",
+        ],
+        dir.path(),
     );
     assert_eq!(report["seed"], 5, "{report}");
     assert!(field(&report, "operations") > 100, "{report}");
@@ -351,30 +374,22 @@ fn robustness_runs_and_leaves_its_evidence(registry: &str) {
 #[test]
 fn robustness_with_the_registrys_own_faults() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_muster"))
-        .args(["bench", "robustness", "--duration", "6s"])
-        .args(["--fault-every", "2s", "--faults", "compact"])
-        .args([
+    let report = robustness_report(
+        &[
+            "--duration",
+            "6s",
+            "--fault-every",
+            "2s",
+            "--faults",
+            "compact",
             "--serve-faults",
             "drop-watch=2/s,latency=1ms±1ms,unavailable=100ms/2s,seed=3",
-        ])
-        .args(["--seed", "6", "--traffic-rate", "500"])
-        .arg("--out")
-        .arg(dir.path())
-        .args(["-o", "json"])
-        .output()
-        .expect("muster bench runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    assert_eq!(
-        report["verdict"], "linearizable: yes, watch: ok",
-        "{report}"
+            "--seed",
+            "6",
+            "--traffic-rate",
+            "500",
+        ],
+        dir.path(),
     );
     let injected = &report["serve_faults_injected"];
     for fault in ["drop-watch", "latency"] {

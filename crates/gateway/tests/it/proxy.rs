@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 use muster::Status;
-use muster_gateway::{Gateway, Route};
+use muster_gateway::{Gateway, GatewayHandle, Route};
 use muster_testkit::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -541,17 +541,22 @@ async fn routes_file_is_hot_reloaded(registry: Box<dyn Registry>) {
     gw.shutdown().await;
 }
 
+/// A gateway with `/slow/...` under a 300 ms route timeout (prefix
+/// stripped) and everything else under the default one, both to `web`.
+async fn slow_route_gateway(env: &Env) -> GatewayHandle {
+    env.gateway(vec![
+        Route::new("/slow", "web")
+            .strip_prefix()
+            .timeout(Duration::from_millis(300)),
+        Route::new("/", "web"),
+    ])
+    .await
+}
+
 async fn slow_upstream_times_out_and_5xx_passes_through(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let _a = env.upstream("web", "w-1").await;
-    let gw = env
-        .gateway(vec![
-            Route::new("/slow", "web")
-                .strip_prefix()
-                .timeout(Duration::from_millis(300)),
-            Route::new("/", "web"),
-        ])
-        .await;
+    let gw = slow_route_gateway(&env).await;
     let client = http_client();
     let addr = gw.local_addr();
     // 5xx answers pass through unchanged.
@@ -821,14 +826,7 @@ async fn read_answer(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> (u16, 
 async fn route_timeout_holds_from_request_to_request(registry: Box<dyn Registry>) {
     let env = Env::new(&*registry).await;
     let _a = env.upstream("web", "w-1").await;
-    let gw = env
-        .gateway(vec![
-            Route::new("/slow", "web")
-                .strip_prefix()
-                .timeout(Duration::from_millis(300)),
-            Route::new("/", "web"),
-        ])
-        .await;
+    let gw = slow_route_gateway(&env).await;
     let addr = gw.local_addr();
     wait_routed(&http_client(), addr, "/status/200").await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
