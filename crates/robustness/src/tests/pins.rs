@@ -49,6 +49,32 @@ fn delete(key: &str) -> Request {
     Request::Delete { key: key.into() }
 }
 
+/// Client 1 grants lease 7 (revision 1), then puts `a` = 1 on it
+/// (revision 2): the start of the histories where a key's delete event may
+/// be its lease's.
+fn lease_7_holding_a() -> Vec<Operation> {
+    vec![
+        op(
+            1,
+            0,
+            Some(5),
+            Request::LeaseGrant { ttl: 600, id: 7 },
+            ok(1, ResponseBody::LeaseGrant { id: 7 }),
+        ),
+        op(
+            1,
+            6,
+            Some(10),
+            Request::Put {
+                key: "a".into(),
+                value: "1".into(),
+                lease: 7,
+            },
+            put_ok(2),
+        ),
+    ]
+}
+
 fn pin(history: &[Operation], watches: &[WatchRecord], complete: bool) -> (History, PinStats) {
     pin_unknown(
         &History {
@@ -130,25 +156,8 @@ fn two_lost_deletes_of_one_key_stay_unknown() {
 fn a_delete_or_a_revoke_of_the_same_key_stays_unknown() {
     // `a` is attached to lease 7: its delete event may be the delete's or
     // the revoke's.
-    let ops = vec![
-        op(
-            1,
-            0,
-            Some(5),
-            Request::LeaseGrant { ttl: 600, id: 7 },
-            ok(1, ResponseBody::LeaseGrant { id: 7 }),
-        ),
-        op(
-            1,
-            6,
-            Some(10),
-            Request::Put {
-                key: "a".into(),
-                value: "1".into(),
-                lease: 7,
-            },
-            put_ok(2),
-        ),
+    let mut ops = lease_7_holding_a();
+    ops.extend([
         op(2, 20, None, delete("a"), Outcome::Unknown),
         op(
             3,
@@ -157,7 +166,7 @@ fn a_delete_or_a_revoke_of_the_same_key_stays_unknown() {
             Request::LeaseRevoke { id: 7 },
             Outcome::Unknown,
         ),
-    ];
+    ]);
     let w = watch(vec![
         ev(EventKind::Put, "a", "1", 2, 7),
         ev(EventKind::Delete, "a", "", 3, 0),
@@ -359,25 +368,8 @@ fn an_acknowledged_put_the_watch_lost_is_reported() {
 
 #[test]
 fn a_revision_an_answered_revoke_made_is_not_a_lost_deletes() {
-    let ops = vec![
-        op(
-            1,
-            0,
-            Some(5),
-            Request::LeaseGrant { ttl: 600, id: 7 },
-            ok(1, ResponseBody::LeaseGrant { id: 7 }),
-        ),
-        op(
-            1,
-            6,
-            Some(10),
-            Request::Put {
-                key: "a".into(),
-                value: "1".into(),
-                lease: 7,
-            },
-            put_ok(2),
-        ),
+    let mut ops = lease_7_holding_a();
+    ops.extend([
         op(2, 20, None, delete("a"), Outcome::Unknown),
         op(
             1,
@@ -386,7 +378,7 @@ fn a_revision_an_answered_revoke_made_is_not_a_lost_deletes() {
             Request::LeaseRevoke { id: 7 },
             ok(3, ResponseBody::LeaseRevoke),
         ),
-    ];
+    ]);
     let w = watch(vec![
         ev(EventKind::Put, "a", "1", 2, 7),
         ev(EventKind::Delete, "a", "", 3, 0),

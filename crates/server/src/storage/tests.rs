@@ -906,6 +906,22 @@ fn every_kind_of_change() -> (Vec<Vec<Change>>, Recovered) {
 }
 
 /// Commits `batches` one by one under `options`, then drops the storage.
+/// The put of `k{rev}` (100 bytes of value) at `rev`: one small record.
+fn small_put(rev: i64) -> Vec<Change> {
+    vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))]
+}
+
+/// Logs `puts` small puts (revisions 1..=puts) in 4 KiB segments, never
+/// checkpointed, closes the log; its segments in order.
+async fn logged_small_puts(dir: &Path, puts: i64) -> Vec<PathBuf> {
+    let options = Options {
+        segment_bytes: 4096,
+        ..crash_options()
+    };
+    commit_all(dir, options, (1..=puts).map(small_put).collect()).await;
+    segment_paths(dir)
+}
+
 async fn commit_all(dir: &Path, options: Options, batches: Vec<Vec<Change>>) {
     let (storage, _) = Storage::open_with(dir, options).unwrap();
     for batch in batches {
@@ -1108,15 +1124,7 @@ async fn a_damaged_record_before_valid_ones_is_corruption() {
 #[tokio::test]
 async fn a_damaged_segment_before_a_valid_one_is_corruption() {
     let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        segment_bytes: 4096,
-        ..crash_options()
-    };
-    let batches = (1..=100)
-        .map(|rev| vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))])
-        .collect();
-    commit_all(dir.path(), options, batches).await;
-    let segments = segment_paths(dir.path());
+    let segments = logged_small_puts(dir.path(), 100).await;
     assert!(segments.len() > 3, "{segments:?}");
     // The last record of the second segment, torn.
     let (start, end) = *records_of(&segments[1]).last().unwrap();
@@ -1136,15 +1144,9 @@ async fn a_damaged_segment_before_a_valid_one_is_corruption() {
 #[tokio::test]
 async fn segments_rotate_and_are_deleted_once_checkpointed() {
     const PUTS: i64 = 300;
-    let batch = |rev: i64| vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))];
     // Rotation without checkpoints: every segment is replayed.
     let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        segment_bytes: 4096,
-        ..crash_options()
-    };
-    commit_all(dir.path(), options, (1..=PUTS).map(batch).collect()).await;
-    let segments = segment_paths(dir.path());
+    let segments = logged_small_puts(dir.path(), PUTS).await;
     assert!(segments.len() > 10, "{}", segments.len());
     for segment in &segments {
         assert_eq!(std::fs::metadata(segment).unwrap().len(), 4096);
@@ -1164,7 +1166,7 @@ async fn segments_rotate_and_are_deleted_once_checkpointed() {
     };
     let (storage, _) = Storage::open_with(dir.path(), options).unwrap();
     for rev in 1..=PUTS {
-        storage.commit(batch(rev)).await.unwrap();
+        storage.commit(small_put(rev)).await.unwrap();
     }
     wait_until("checkpoints", || storage.stats().pending_bytes == 0).await;
     wait_until("old segments deleted", || {
@@ -1213,10 +1215,7 @@ async fn the_checkpointer_falling_behind_holds_the_writers_back() {
         ..Options::default()
     };
     let (storage, _) = Storage::open_with(dir.path(), options).unwrap();
-    commit_concurrently(&storage, 8, 25, |_, _, rev| {
-        vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))]
-    })
-    .await;
+    commit_concurrently(&storage, 8, 25, |_, _, rev| small_put(rev)).await;
     let stats = storage.stats();
     println!("{stats:?}");
     // Each 2000 bytes of changes waited for a checkpoint.
@@ -1275,15 +1274,7 @@ async fn a_record_of_another_segment_does_not_count() {
     // As if a crash left blocks of an old segment in a new one: a record
     // valid where it was written is not valid anywhere else.
     let dir = tempfile::tempdir().unwrap();
-    let options = Options {
-        segment_bytes: 4096,
-        ..crash_options()
-    };
-    let batches = (1..=40)
-        .map(|rev| vec![put(rev, 0, &format!("k{rev}"), &"v".repeat(100))])
-        .collect();
-    commit_all(dir.path(), options, batches).await;
-    let segments = segment_paths(dir.path());
+    let segments = logged_small_puts(dir.path(), 40).await;
     assert!(segments.len() >= 2);
     let first = std::fs::read(&segments[0]).unwrap();
     let (start, end) = records_of(&segments[0])[0];
