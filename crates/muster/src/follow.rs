@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use muster_proto as pb;
 use tokio::sync::broadcast;
 
+use crate::client::watch::Sink;
 use crate::client::{Etcd, WatchEvent, WatchOptions, backoff};
 use crate::error::Result;
 use crate::instance;
@@ -44,6 +45,15 @@ pub(crate) trait Follower: Send + Sync + 'static {
         received: Instant,
         etcd: &Etcd,
     ) -> impl Future<Output = ()> + Send;
+    /// Whether [`Follower::apply_events_now`] applies batches: they are
+    /// then applied on the watch stream's task as they arrive, instead of
+    /// travelling through the watcher's channel to the follow task.
+    const INLINE: bool = false;
+    /// One watch batch, applied at once (it must not wait); only called
+    /// when [`Follower::INLINE`].
+    fn apply_events_now(&self, revision: i64, events: Vec<pb::Event>, received: Instant) {
+        let _ = (revision, events, received);
+    }
     /// Every change up to `revision` has been delivered.
     fn progress(&self, revision: i64);
     /// The owner's staleness.
@@ -173,6 +183,31 @@ pub(crate) async fn list(
     }
 }
 
+/// For an inline follower, the sink that applies its events and progress
+/// on the watch stream's task.
+fn sink<T: Follower>(weak: &Weak<T>) -> Option<Sink> {
+    if !T::INLINE {
+        return None;
+    }
+    let weak = weak.clone();
+    Some(Box::new(move |event| {
+        let Some(owner) = weak.upgrade() else {
+            return false;
+        };
+        match event {
+            WatchEvent::Events {
+                revision,
+                events,
+                received,
+            } => owner.apply_events_now(revision, events, received),
+            WatchEvent::Progress { revision } => owner.progress(revision),
+            _ => return true,
+        }
+        owner.staleness().fresh();
+        true
+    }))
+}
+
 /// Keeps `weak`'s owner current with `prefix`, which it listed at `listed`,
 /// until the owner is dropped.
 pub(crate) async fn follow<T: Follower>(
@@ -214,7 +249,7 @@ pub(crate) async fn follow<T: Follower>(
             },
         };
         let options = WatchOptions::prefix(prefix.as_bytes().to_vec()).from_revision(revision + 1);
-        let mut watcher = match etcd.watch(options).await {
+        let mut watcher = match etcd.watch_into(options, sink(&weak)).await {
             Ok(w) => w,
             Err(e) => {
                 let label = weak.upgrade().map(|o| o.label()).unwrap_or_default();

@@ -898,10 +898,22 @@ impl Etcd {
     /// a point, watch from a known revision (a read's header revision + 1),
     /// as discovery does.
     pub async fn watch(&self, options: WatchOptions) -> Result<Watcher> {
+        self.watch_into(options, None).await
+    }
+
+    /// [`Etcd::watch`], with events and progress handed to `sink` on the
+    /// watch stream's task instead of the returned watcher (see
+    /// [`watch::Sink`]); disconnects, resumes and terminal events still
+    /// arrive on the watcher.
+    pub(crate) async fn watch_into(
+        &self,
+        options: WatchOptions,
+        sink: Option<watch::Sink>,
+    ) -> Result<Watcher> {
         self.inner
             .watch_hub
             .get_or_init(|| watch::Hub::start(self.clone()))
-            .subscribe(options)
+            .subscribe(options, sink)
             .await
     }
 

@@ -27,6 +27,12 @@
 //!   retried once the same way (some servers said so for an expired token,
 //!   etcd issue 12385); refused again, it ends the watcher with
 //!   [`WatchEvent::PermissionDenied`], naming the key range.
+//!
+//! Inside the crate a watcher may instead hand its events and progress to
+//! a [`Sink`] the hub calls on its own task, as each response is decoded
+//! (discovery's tables, whose apply never waits): one channel hop and one
+//! task wake-up less per change and watcher. Everything else (disconnects,
+//! resumes and terminal events) still goes through the channel.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -241,11 +247,17 @@ impl Drop for Watcher {
     }
 }
 
-#[derive(Debug)]
+/// Takes a watcher's [`WatchEvent::Events`] and [`WatchEvent::Progress`]
+/// on the hub's task, in order; `false` once its owner is gone (the watch
+/// is then cancelled). It must not wait: every watcher of the handle waits
+/// on it.
+pub(crate) type Sink = Box<dyn FnMut(WatchEvent) -> bool + Send>;
+
 enum Cmd {
     Subscribe {
         options: WatchOptions,
         tx: mpsc::Sender<WatchEvent>,
+        sink: Option<Sink>,
         reply: oneshot::Sender<u64>,
     },
     Cancel(u64),
@@ -291,11 +303,20 @@ impl Hub {
         }
     }
 
-    pub(crate) async fn subscribe(&self, options: WatchOptions) -> Result<Watcher> {
+    pub(crate) async fn subscribe(
+        &self,
+        options: WatchOptions,
+        sink: Option<Sink>,
+    ) -> Result<Watcher> {
         let (tx, rx) = mpsc::channel(WATCHER_BUFFER);
         let (reply, id) = oneshot::channel();
         self.cmd
-            .send(Cmd::Subscribe { options, tx, reply })
+            .send(Cmd::Subscribe {
+                options,
+                tx,
+                sink,
+                reply,
+            })
             .map_err(|_| Error::Closed("watch hub"))?;
         let id = id.await.map_err(|_| Error::Closed("watch hub"))?;
         Ok(Watcher {
@@ -318,6 +339,8 @@ impl Hub {
 struct Sub {
     options: WatchOptions,
     tx: mpsc::Sender<WatchEvent>,
+    /// Where events and progress go instead of `tx`, when set.
+    sink: Option<Sink>,
     /// The next revision to deliver; 0 until the first create answers.
     next_rev: i64,
     /// The server-side watch id on the current stream.
@@ -328,6 +351,21 @@ struct Sub {
     /// etcd said `permission denied` to its last create: once more (on a
     /// stream with a fresh token) and it ends.
     denied_once: bool,
+}
+
+impl Sub {
+    /// Hands a progress notification to the sink or the channel (dropped
+    /// when the channel is full: a later one carries the same news);
+    /// `false` when the sink's owner is gone.
+    fn deliver(&mut self, event: WatchEvent) -> bool {
+        match self.sink.as_mut() {
+            Some(sink) => sink(event),
+            None => {
+                let _ = self.tx.try_send(event);
+                true
+            }
+        }
+    }
 }
 
 struct Task {
@@ -467,8 +505,13 @@ impl Task {
 
     fn apply_offline(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Subscribe { options, tx, reply } => {
-                let id = self.add(options, tx);
+            Cmd::Subscribe {
+                options,
+                tx,
+                sink,
+                reply,
+            } => {
+                let id = self.add(options, tx, sink);
                 let _ = reply.send(id);
             }
             Cmd::Cancel(id) => {
@@ -481,7 +524,12 @@ impl Task {
         }
     }
 
-    fn add(&mut self, options: WatchOptions, tx: mpsc::Sender<WatchEvent>) -> u64 {
+    fn add(
+        &mut self,
+        options: WatchOptions,
+        tx: mpsc::Sender<WatchEvent>,
+        sink: Option<Sink>,
+    ) -> u64 {
         let id = self.next_sub;
         self.next_sub += 1;
         let next_rev = options.start_revision.max(0);
@@ -490,6 +538,7 @@ impl Task {
             Sub {
                 options,
                 tx,
+                sink,
                 next_rev,
                 watch_id: None,
                 created: false,
@@ -550,8 +599,8 @@ impl Task {
             tokio::select! {
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => return StreamEnd::Exit,
-                    Some(Cmd::Subscribe { options, tx: sub_tx, reply }) => {
-                        let id = self.add(options, sub_tx);
+                    Some(Cmd::Subscribe { options, tx: sub_tx, sink, reply }) => {
+                        let id = self.add(options, sub_tx, sink);
                         let _ = reply.send(id);
                         outgoing.extend(self.create_request(id));
                     }
@@ -632,10 +681,19 @@ impl Task {
         }
         if watch_id == -1 && !resp.created && !resp.canceled && resp.events.is_empty() {
             // Answer to a progress request: every synced watcher is current.
-            for sub in self.subs.values_mut().filter(|s| s.created && !s.paused) {
+            let mut gone = Vec::new();
+            for (&id, sub) in self.subs.iter_mut().filter(|(_, s)| s.created && !s.paused) {
                 if revision + 1 > sub.next_rev {
                     sub.next_rev = revision + 1;
-                    let _ = sub.tx.try_send(WatchEvent::Progress { revision });
+                    if !sub.deliver(WatchEvent::Progress { revision }) {
+                        gone.push(id);
+                    }
+                }
+            }
+            for id in gone {
+                if let Some(w) = self.subs.remove(&id).and_then(|s| s.watch_id) {
+                    self.by_watch.remove(&w);
+                    outgoing.push(Self::cancel_request(w));
                 }
             }
             return None;
@@ -683,7 +741,11 @@ impl Task {
         if resp.events.is_empty() {
             if revision + 1 > sub.next_rev {
                 sub.next_rev = revision + 1;
-                let _ = sub.tx.try_send(WatchEvent::Progress { revision });
+                if !sub.deliver(WatchEvent::Progress { revision }) {
+                    self.by_watch.remove(&watch_id);
+                    self.subs.remove(&sub_id);
+                    outgoing.push(Self::cancel_request(watch_id));
+                }
             }
             return None;
         }
@@ -697,11 +759,22 @@ impl Task {
             .last()
             .and_then(|e| e.kv.as_ref())
             .map_or(0, |kv| kv.mod_revision);
-        match sub.tx.try_send(WatchEvent::Events {
+        let batch = WatchEvent::Events {
             revision,
             events: resp.events,
             received,
-        }) {
+        };
+        let sent = match sub.sink.as_mut() {
+            Some(sink) => match sink(batch) {
+                true => Ok(()),
+                false => Err(mpsc::error::TrySendError::Closed(())),
+            },
+            None => sub.tx.try_send(batch).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+                mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+            }),
+        };
+        match sent {
             Ok(()) => sub.next_rev = sub.next_rev.max(last + 1),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // Too slow: stop the server-side watch and catch up from

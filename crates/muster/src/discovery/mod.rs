@@ -613,6 +613,12 @@ impl Follower for Part {
         received: Instant,
         _: &Etcd,
     ) {
+        self.apply_events_now(revision, events, received);
+    }
+
+    const INLINE: bool = true;
+
+    fn apply_events_now(&self, revision: i64, events: Vec<pb::Event>, received: Instant) {
         if let Some(shared) = self.shared.upgrade() {
             shared.apply_events(self.index, revision, events);
             shared.apply.observe(received.elapsed());

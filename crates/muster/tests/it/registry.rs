@@ -697,6 +697,43 @@ async fn one_keepalive_stream_and_one_watch_stream_per_process(node: Box<dyn Reg
     assert_eq!(watch_streams, 1.0);
 }
 
+/// A table applies its changes on the watch stream's own task; once the
+/// table is dropped its watch must still be cancelled on the registry, and
+/// the tables left on the same stream must keep following.
+#[tokio::test]
+async fn a_dropped_table_cancels_its_watch_and_the_others_keep_following() {
+    let node = muster_testkit::EmbeddedNode::start().unwrap();
+    let watchers = || {
+        muster_testkit::metric_value(&node.metrics(), "muster_registry_watchers", &[])
+            .unwrap_or(-1.0)
+    };
+    // The registrar's own watchers (of its keys) come first.
+    let etcd = client(&node.endpoint());
+    let registrar = registered(&etcd, 5, [Instance::new("user", "a", "http://127.0.0.1:1")]).await;
+    eventually("the registrar's watch", || async { watchers() >= 1.0 }).await;
+    let others = client(&node.endpoint());
+    let base = watchers();
+    let kept = follow(&others, "user").await;
+    let dropped = follow(&others, "user").await;
+    eventually("two more watchers on the registry", || async {
+        watchers() == base + 2.0
+    })
+    .await;
+    drop(dropped);
+    eventually("the dropped table's watch cancelled", || async {
+        watchers() == base + 1.0
+    })
+    .await;
+    registrar
+        .register(Instance::new("user", "b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    eventually("the kept table sees the change", || async {
+        kept.snapshot().len() == 2
+    })
+    .await;
+}
+
 async fn fails_over_to_the_next_endpoint(node: Box<dyn Registry>) {
     let etcd = muster::Etcd::connect(config(vec![dead_endpoint(), node.endpoint()])).unwrap();
     let a = Instance::new("user", "a", "http://127.0.0.1:1");
