@@ -15,8 +15,18 @@
 //!   so do revoke and keep-alive of a missing lease; a read at a revision
 //!   ahead of the store fails with "future revision".
 //!
-//! Not modelled in this slice: lease expiry (traffic must use TTLs longer
-//! than the run, or revoke explicitly), compaction (a `Compacted` error is
+//! * Lease expiry is the registry's own revoke, [`Request::LeaseExpire`]:
+//!   the run adds one of unknown outcome for every lease whose TTL could run
+//!   out during the history, so it may take effect at any point after the
+//!   lease was granted, or never; the watch pins most of them to the
+//!   revision that deleted the lease's keys ([`crate::pin`]). The model has
+//!   no clock: when it may happen is [`crate::lease`]'s check.
+//! * A keep-alive answered with TTL > 0 means the lease existed at its
+//!   linearization point, one answered TTL 0 that it did not; its header
+//!   revision is not checked (a keep-alive is served by the lessor, apart
+//!   from the store).
+//!
+//! Not modelled: compaction (a `Compacted` error is
 //! accepted as a no-op anywhere), `prev_kv`, and grants of unknown outcome
 //! that let the server choose the id (they are treated as never applied).
 //!
@@ -216,6 +226,17 @@ impl State {
                 if let Some(ok) = self.serializable_read(request, observed) {
                     return ok.then(|| self.clone());
                 }
+                if let (Request::LeaseKeepAlive { id }, ResponseBody::LeaseKeepAlive { ttl }) =
+                    (request, &observed.body)
+                {
+                    return ((*ttl > 0) == self.has_lease(*id)).then(|| self.clone());
+                }
+                // Every other answer names the revision after it: the
+                // current one or the next. Anything else cannot fit here
+                // (a cheap test before running the request).
+                if observed.revision != self.revision && observed.revision != self.revision + 1 {
+                    return None;
+                }
                 let granted = match (&request, &observed.body) {
                     (Request::LeaseGrant { .. }, ResponseBody::LeaseGrant { id }) => Some(*id),
                     _ => None,
@@ -387,7 +408,7 @@ impl State {
                 Arc::make_mut(&mut next.leases).insert(id, BTreeSet::new());
                 respond(next, ResponseBody::LeaseGrant { id })
             }
-            Request::LeaseRevoke { id } => {
+            Request::LeaseRevoke { id } | Request::LeaseExpire { id } => {
                 let Some(keys) = self.leases.get(id) else {
                     return Err(EtcdError::LeaseNotFound);
                 };
@@ -402,7 +423,8 @@ impl State {
                 if !self.has_lease(*id) {
                     return Err(EtcdError::LeaseNotFound);
                 }
-                respond(self.clone(), ResponseBody::LeaseKeepAlive)
+                // Any TTL > 0: the model keeps no time.
+                respond(self.clone(), ResponseBody::LeaseKeepAlive { ttl: 1 })
             }
         }
     }
