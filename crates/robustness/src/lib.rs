@@ -42,6 +42,7 @@ pub mod pin;
 pub mod proxy;
 pub mod report;
 pub mod run;
+mod shard;
 pub mod traffic;
 pub mod watch;
 

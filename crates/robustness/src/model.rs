@@ -44,6 +44,7 @@ use crate::history::{
     Response, ResponseBody, TxnOp, TxnOpResult,
 };
 use crate::linearizability::Model;
+use crate::shard::Sharded;
 use crate::watch::{Event, EventKind, WatchRecord};
 
 /// The store at one point of a linearization. Cheap to clone (shared maps,
@@ -51,8 +52,8 @@ use crate::watch::{Event, EventKind, WatchRecord};
 #[derive(Debug, Clone)]
 pub struct State {
     revision: i64,
-    kvs: Arc<BTreeMap<String, KeyValue>>,
-    leases: Arc<BTreeMap<i64, BTreeSet<String>>>,
+    kvs: Sharded<String, KeyValue>,
+    leases: Sharded<i64, BTreeSet<String>>,
     log: Option<Arc<LogNode>>,
     log_hash: u64,
 }
@@ -111,8 +112,8 @@ impl State {
     pub fn new() -> State {
         State {
             revision: 1,
-            kvs: Arc::default(),
-            leases: Arc::default(),
+            kvs: Sharded::default(),
+            leases: Sharded::default(),
             log: None,
             log_hash: 0,
         }
@@ -184,8 +185,9 @@ impl State {
         if revision >= self.revision {
             return self
                 .kvs
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
+                .sorted()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(prefix))
                 .map(|(_, kv)| kv.clone())
                 .collect();
         }
@@ -405,7 +407,7 @@ impl State {
                     return Err(EtcdError::Other("lease already exists".into()));
                 }
                 let mut next = self.clone();
-                Arc::make_mut(&mut next.leases).insert(id, BTreeSet::new());
+                next.leases.insert(id, BTreeSet::new());
                 respond(next, ResponseBody::LeaseGrant { id })
             }
             Request::LeaseRevoke { id } | Request::LeaseExpire { id } => {
@@ -416,7 +418,7 @@ impl State {
                 for key in keys {
                     w.delete(key);
                 }
-                Arc::make_mut(&mut w.leases).remove(id);
+                w.leases.remove(id);
                 respond(w.finish(), ResponseBody::LeaseRevoke)
             }
             Request::LeaseKeepAlive { id } => {
@@ -463,8 +465,8 @@ fn event_kv(e: &Event) -> KeyValue {
 /// The changes of one request, all at revision `current + 1`.
 struct Writer {
     base: i64,
-    kvs: Arc<BTreeMap<String, KeyValue>>,
-    leases: Arc<BTreeMap<i64, BTreeSet<String>>>,
+    kvs: Sharded<String, KeyValue>,
+    leases: Sharded<i64, BTreeSet<String>>,
     log: Option<Arc<LogNode>>,
     log_hash: u64,
     events: Vec<Event>,
@@ -483,10 +485,10 @@ impl Writer {
     }
 
     fn detach(&mut self, key: &str, lease: i64) {
-        if lease != 0
-            && let Some(keys) = Arc::make_mut(&mut self.leases).get_mut(&lease)
-        {
-            keys.remove(key);
+        if lease != 0 {
+            self.leases.update(&lease, false, |keys| {
+                keys.remove(key);
+            });
         }
     }
 
@@ -497,10 +499,9 @@ impl Writer {
             self.detach(key, old.lease);
         }
         if lease != 0 {
-            Arc::make_mut(&mut self.leases)
-                .entry(lease)
-                .or_default()
-                .insert(key.to_string());
+            self.leases.update(&lease, true, |keys| {
+                keys.insert(key.to_string());
+            });
         }
         let kv = KeyValue {
             key: key.to_string(),
@@ -519,11 +520,11 @@ impl Writer {
             version: kv.version,
             lease,
         });
-        Arc::make_mut(&mut self.kvs).insert(key.to_string(), kv);
+        self.kvs.insert(key.to_string(), kv);
     }
 
     fn delete(&mut self, key: &str) -> i64 {
-        let Some(old) = Arc::make_mut(&mut self.kvs).remove(key) else {
+        let Some(old) = self.kvs.remove(key) else {
             return 0;
         };
         self.detach(key, old.lease);

@@ -415,6 +415,20 @@ fn recheck_a_recorded_run() {
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
+    let t = std::time::Instant::now();
+    let leases = crate::lease::check(&pinned, &w, &outages);
+    println!(
+        "lease check: {:?} ({} expired)",
+        t.elapsed(),
+        leases.expired
+    );
+    let t = std::time::Instant::now();
+    let verdict = crate::check_history_with_watches(&pinned, &w, CheckOptions::default());
+    println!(
+        "linearizability: {:?} ({})",
+        t.elapsed(),
+        verdict.is_linearizable()
+    );
     let report =
         crate::report::Report::with_outages(&pinned, &w, &outages, CheckOptions::default());
     println!("{} in {:?}", report.line(), started.elapsed());
