@@ -430,8 +430,9 @@ pub async fn run(config: &RunConfig) -> Result<Summary, String> {
         && spec.contains("lease-expire-early")
     {
         return Err(
-            "lease-expire-early breaks the lease TTL guarantee on purpose, which the run \
-             checks (it would only report it); leave it out of the registry's faults"
+            "lease-expire-early cannot be checked: it breaks the lease TTL guarantee on \
+             purpose, which the run checks (it would only be reported); leave it out of the \
+             registry's faults"
                 .into(),
         );
     }

@@ -66,8 +66,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
         Format::Text => writeln!(
             out,
             "robustness: {}: {} operations ({} unknown; {} answers lost, resolved from the watch: \
-             {} deletes and {} revokes pinned, {} dropped), {} watch streams, faults: {}{}, \
-             {}\n\
+             {} deletes and {} revokes pinned, {} dropped), {} watch streams, {}, faults: {}{}\n\
              robustness: {verdict} (checked in {:.2} s)\n\
              robustness: history, watches and report in {}\n\
              robustness: seed {seed} (repeat with --seed {seed})",
@@ -79,9 +78,9 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             summary.pinned.pinned_revokes,
             summary.pinned.dropped,
             summary.watches,
+            leases_text(&summary.report.leases),
             summary.faults_text(),
             registry_faults_text(&summary.registry_faults),
-            leases_text(&summary.report.leases),
             summary.checked_in.as_secs_f64(),
             summary.dir.display(),
         ),
