@@ -132,7 +132,8 @@ pub struct BenchArgs {
     /// robustness, `--registry muster` only: also run the registry with
     /// `muster serve --faults SPEC`, the fault injection users get
     /// (`latency=2ms±2ms,drop-watch=2/s,unavailable=200ms/5s,compact=1s`);
-    /// everything but `lease-expire-early`, which the model does not know.
+    /// everything but `lease-expire-early`, which breaks the lease TTL
+    /// guarantee the run checks.
     #[arg(long, value_name = "SPEC", help_heading = "robustness")]
     pub(crate) serve_faults: Option<String>,
     /// robustness: mean time between two faults.
@@ -153,6 +154,12 @@ pub struct BenchArgs {
     /// history's length.
     #[arg(long, default_value_t = 1000, help_heading = "robustness")]
     pub(crate) traffic_rate: u32,
+    /// robustness: also keep-alive every abandoned short lease right at
+    /// its expected expiry and, when answered TTL 0, put onto it (which
+    /// must fail): catches a registry that says a lease is gone before it
+    /// revoked it.
+    #[arg(long, help_heading = "robustness")]
+    pub(crate) lease_edge_probes: bool,
     /// robustness: give the linearizability check at most this long.
     #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "robustness")]
     pub(crate) check_timeout: Duration,

@@ -122,13 +122,27 @@ pub enum Request {
         /// The lease.
         id: i64,
     },
-    /// One keep-alive of a lease. A no-op for the model (expiry is not
-    /// modelled), except that a definite "lease not found" must be true.
+    /// One keep-alive of a lease. For the model, a check of whether the
+    /// lease exists (answered TTL > 0) or not (TTL 0, etcd's answer for an
+    /// unknown or expired lease); renewal times are [`crate::lease`]'s.
     LeaseKeepAlive {
         /// The lease.
         id: i64,
     },
+    /// The registry's own revoke of a lease whose TTL ran out. Never sent:
+    /// the run adds one of unknown outcome (invoked when the lease was
+    /// granted, client [`REGISTRY`]) for every lease that could expire
+    /// during the history, which the watch may pin to the revision that
+    /// deleted its keys ([`crate::pin`]). The model applies it as a revoke.
+    LeaseExpire {
+        /// The lease.
+        id: i64,
+    },
 }
+
+/// The client of the synthetic [`Request::LeaseExpire`] operations: the
+/// registry itself.
+pub const REGISTRY: ClientId = u32::MAX;
 
 impl Request {
     /// Whether the request can never change the store (reads, keep-alives).
@@ -270,7 +284,13 @@ pub enum ResponseBody {
     /// Answer to [`Request::LeaseRevoke`].
     LeaseRevoke,
     /// Answer to [`Request::LeaseKeepAlive`].
-    LeaseKeepAlive,
+    LeaseKeepAlive {
+        /// The TTL the lease was renewed to; `0`: the lease does not exist
+        /// (etcd answers so, without an error, for an unknown or expired
+        /// lease).
+        #[serde(default)]
+        ttl: i64,
+    },
 }
 
 /// The result of one op inside a transaction.

@@ -13,6 +13,9 @@
 //!   [`linearizability::Model`], with [`model::EtcdModel`] for histories.
 //! * [`watch`]: validation of recorded watch streams against the writes of
 //!   the linearization.
+//! * [`lease`]: the lease guarantees said plainly: no key read after its
+//!   lease ended, no lease outliving its TTL (across restarts) or expiring
+//!   before it.
 //! * [`report`]: the verdict line and a minimal failing excerpt.
 //!
 //! ```
@@ -27,17 +30,19 @@
 //! };
 //! let history = History { operations: vec![put] };
 //! let report = Report::new(&history, &[], CheckOptions::default());
-//! assert_eq!(report.line(), "linearizable: yes, watch: ok");
+//! assert_eq!(report.line(), "linearizable: yes, watch: ok, leases: ok");
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod history;
+pub mod lease;
 pub mod linearizability;
 pub mod model;
 pub mod pin;
 pub mod proxy;
 pub mod report;
 pub mod run;
+mod shard;
 pub mod traffic;
 pub mod watch;
 

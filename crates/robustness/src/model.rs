@@ -15,8 +15,18 @@
 //!   so do revoke and keep-alive of a missing lease; a read at a revision
 //!   ahead of the store fails with "future revision".
 //!
-//! Not modelled in this slice: lease expiry (traffic must use TTLs longer
-//! than the run, or revoke explicitly), compaction (a `Compacted` error is
+//! * Lease expiry is the registry's own revoke, [`Request::LeaseExpire`]:
+//!   the run adds one of unknown outcome for every lease whose TTL could run
+//!   out during the history, so it may take effect at any point after the
+//!   lease was granted, or never; the watch pins most of them to the
+//!   revision that deleted the lease's keys ([`crate::pin`]). The model has
+//!   no clock: when it may happen is [`crate::lease`]'s check.
+//! * A keep-alive answered with TTL > 0 means the lease existed at its
+//!   linearization point, one answered TTL 0 that it did not; its header
+//!   revision is not checked (a keep-alive is served by the lessor, apart
+//!   from the store).
+//!
+//! Not modelled: compaction (a `Compacted` error is
 //! accepted as a no-op anywhere), `prev_kv`, and grants of unknown outcome
 //! that let the server choose the id (they are treated as never applied).
 //!
@@ -34,6 +44,7 @@ use crate::history::{
     Response, ResponseBody, TxnOp, TxnOpResult,
 };
 use crate::linearizability::Model;
+use crate::shard::Sharded;
 use crate::watch::{Event, EventKind, WatchRecord};
 
 /// The store at one point of a linearization. Cheap to clone (shared maps,
@@ -41,8 +52,8 @@ use crate::watch::{Event, EventKind, WatchRecord};
 #[derive(Debug, Clone)]
 pub struct State {
     revision: i64,
-    kvs: Arc<BTreeMap<String, KeyValue>>,
-    leases: Arc<BTreeMap<i64, BTreeSet<String>>>,
+    kvs: Sharded<String, KeyValue>,
+    leases: Sharded<i64, BTreeSet<String>>,
     log: Option<Arc<LogNode>>,
     log_hash: u64,
 }
@@ -101,8 +112,8 @@ impl State {
     pub fn new() -> State {
         State {
             revision: 1,
-            kvs: Arc::default(),
-            leases: Arc::default(),
+            kvs: Sharded::default(),
+            leases: Sharded::default(),
             log: None,
             log_hash: 0,
         }
@@ -174,8 +185,9 @@ impl State {
         if revision >= self.revision {
             return self
                 .kvs
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
+                .sorted()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with(prefix))
                 .map(|(_, kv)| kv.clone())
                 .collect();
         }
@@ -215,6 +227,17 @@ impl State {
             Outcome::Response(observed) => {
                 if let Some(ok) = self.serializable_read(request, observed) {
                     return ok.then(|| self.clone());
+                }
+                if let (Request::LeaseKeepAlive { id }, ResponseBody::LeaseKeepAlive { ttl }) =
+                    (request, &observed.body)
+                {
+                    return ((*ttl > 0) == self.has_lease(*id)).then(|| self.clone());
+                }
+                // Every other answer names the revision after it: the
+                // current one or the next. Anything else cannot fit here
+                // (a cheap test before running the request).
+                if observed.revision != self.revision && observed.revision != self.revision + 1 {
+                    return None;
                 }
                 let granted = match (&request, &observed.body) {
                     (Request::LeaseGrant { .. }, ResponseBody::LeaseGrant { id }) => Some(*id),
@@ -384,10 +407,10 @@ impl State {
                     return Err(EtcdError::Other("lease already exists".into()));
                 }
                 let mut next = self.clone();
-                Arc::make_mut(&mut next.leases).insert(id, BTreeSet::new());
+                next.leases.insert(id, BTreeSet::new());
                 respond(next, ResponseBody::LeaseGrant { id })
             }
-            Request::LeaseRevoke { id } => {
+            Request::LeaseRevoke { id } | Request::LeaseExpire { id } => {
                 let Some(keys) = self.leases.get(id) else {
                     return Err(EtcdError::LeaseNotFound);
                 };
@@ -395,14 +418,15 @@ impl State {
                 for key in keys {
                     w.delete(key);
                 }
-                Arc::make_mut(&mut w.leases).remove(id);
+                w.leases.remove(id);
                 respond(w.finish(), ResponseBody::LeaseRevoke)
             }
             Request::LeaseKeepAlive { id } => {
                 if !self.has_lease(*id) {
                     return Err(EtcdError::LeaseNotFound);
                 }
-                respond(self.clone(), ResponseBody::LeaseKeepAlive)
+                // Any TTL > 0: the model keeps no time.
+                respond(self.clone(), ResponseBody::LeaseKeepAlive { ttl: 1 })
             }
         }
     }
@@ -441,8 +465,8 @@ fn event_kv(e: &Event) -> KeyValue {
 /// The changes of one request, all at revision `current + 1`.
 struct Writer {
     base: i64,
-    kvs: Arc<BTreeMap<String, KeyValue>>,
-    leases: Arc<BTreeMap<i64, BTreeSet<String>>>,
+    kvs: Sharded<String, KeyValue>,
+    leases: Sharded<i64, BTreeSet<String>>,
     log: Option<Arc<LogNode>>,
     log_hash: u64,
     events: Vec<Event>,
@@ -461,10 +485,10 @@ impl Writer {
     }
 
     fn detach(&mut self, key: &str, lease: i64) {
-        if lease != 0
-            && let Some(keys) = Arc::make_mut(&mut self.leases).get_mut(&lease)
-        {
-            keys.remove(key);
+        if lease != 0 {
+            self.leases.update(&lease, false, |keys| {
+                keys.remove(key);
+            });
         }
     }
 
@@ -475,10 +499,9 @@ impl Writer {
             self.detach(key, old.lease);
         }
         if lease != 0 {
-            Arc::make_mut(&mut self.leases)
-                .entry(lease)
-                .or_default()
-                .insert(key.to_string());
+            self.leases.update(&lease, true, |keys| {
+                keys.insert(key.to_string());
+            });
         }
         let kv = KeyValue {
             key: key.to_string(),
@@ -497,11 +520,11 @@ impl Writer {
             version: kv.version,
             lease,
         });
-        Arc::make_mut(&mut self.kvs).insert(key.to_string(), kv);
+        self.kvs.insert(key.to_string(), kv);
     }
 
     fn delete(&mut self, key: &str) -> i64 {
-        let Some(old) = Arc::make_mut(&mut self.kvs).remove(key) else {
+        let Some(old) = self.kvs.remove(key) else {
             return 0;
         };
         self.detach(key, old.lease);

@@ -30,8 +30,14 @@
 //! The watch is assumed to cover every key written (the traffic watches its
 //! whole prefix and writes nothing else), so that a revision it did not
 //! deliver is a gap; with gaps before `r`, `r` is not used. Lease expiry is
-//! another maker of delete-only revisions: leases whose TTL could have run
-//! out during the history (`may_expire`) make their revisions ambiguous.
+//! another maker of delete-only revisions: the run adds a
+//! [`Request::LeaseExpire`] of unknown outcome for every lease that could
+//! expire, a candidate like a lost revoke of the same lease, so a revision
+//! whose only candidate is the expiry is pinned to it. An expiry left a
+//! candidate of no revision, with a complete watch, is dropped unless an
+//! answer saw the lease gone (a keep-alive answered TTL 0, "lease not
+//! found"). Leases that could expire without such an operation in the
+//! history (`may_expire`) make their revisions ambiguous.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -128,7 +134,9 @@ pub fn pin_unknown(
         .filter(|(_, op)| !op.is_known())
         .filter_map(|(i, op)| match &op.request {
             Request::Delete { key } => Some((i, Maker::Delete, key.as_str(), 0)),
-            Request::LeaseRevoke { id } => Some((i, Maker::Revoke, "", *id)),
+            Request::LeaseRevoke { id } | Request::LeaseExpire { id } => {
+                Some((i, Maker::Revoke, "", *id))
+            }
             _ => None,
         })
         .collect();
@@ -294,6 +302,7 @@ pub fn pin_unknown(
             && match op.request {
                 Request::Delete { .. } => true,
                 Request::LeaseRevoke { id } => unobservable(i, id),
+                Request::LeaseExpire { id } => !seen_gone(ops, id),
                 _ => false,
             };
         if drop {
@@ -305,6 +314,25 @@ pub fn pin_unknown(
     (out, stats)
 }
 
+/// Whether an answer says lease `id` was gone: a keep-alive answered TTL
+/// 0, or "lease not found" for a request naming it. An expiry that made no
+/// revision (the lease had no keys left) matters to nothing else: without
+/// such an answer, the history explained with it is explained without it
+/// (every answer that saw the lease came before it), so it is dropped.
+fn seen_gone(ops: &[Operation], id: i64) -> bool {
+    ops.iter().any(|op| match (&op.request, &op.outcome) {
+        (
+            Request::LeaseKeepAlive { id: l },
+            Outcome::Response(Response {
+                body: ResponseBody::LeaseKeepAlive { ttl: 0 },
+                ..
+            }),
+        ) => *l == id,
+        (_, Outcome::Error(crate::history::EtcdError::LeaseNotFound)) => refers_to_lease(op, id),
+        _ => false,
+    })
+}
+
 /// Whether `op` refers to lease `id` (grants, attaches, keeps alive,
 /// revokes it, or read a key attached to it).
 fn refers_to_lease(op: &Operation, id: i64) -> bool {
@@ -312,6 +340,7 @@ fn refers_to_lease(op: &Operation, id: i64) -> bool {
         Request::Put { lease, .. } => *lease == id,
         Request::LeaseGrant { id: l, .. }
         | Request::LeaseRevoke { id: l }
+        | Request::LeaseExpire { id: l }
         | Request::LeaseKeepAlive { id: l } => *l == id,
         Request::Txn {
             success, failure, ..

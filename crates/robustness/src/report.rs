@@ -45,6 +45,9 @@ pub struct Report {
     /// be lost, across kill -9 restarts included.
     #[serde(default)]
     pub lost_writes: Vec<LostWrite>,
+    /// The lease guarantees ([`crate::lease`]).
+    #[serde(default)]
+    pub leases: crate::lease::LeaseReport,
 }
 
 /// An acknowledged put that the watch does not show at its revision.
@@ -139,7 +142,19 @@ impl Report {
     /// [`watch::patch_history`]) and, if it is linearizable, `watches`
     /// against it.
     pub fn new(history: &History, watches: &[WatchRecord], options: CheckOptions) -> Report {
+        Report::with_outages(history, watches, &[], options)
+    }
+
+    /// As [`Report::new`], for a run that had `outages` (which the lease
+    /// TTL check counts from, [`crate::lease::check`]).
+    pub fn with_outages(
+        history: &History,
+        watches: &[WatchRecord],
+        outages: &[crate::lease::Outage],
+        options: CheckOptions,
+    ) -> Report {
         let history = &watch::patch_history(history, watches);
+        let leases = crate::lease::check(history, watches, outages);
         let lost = lost_writes(history, watches);
         let mut report = match crate::check_history_with_watches(history, watches, options) {
             Verdict::Linearizable { state, .. } => Report {
@@ -147,28 +162,35 @@ impl Report {
                 watch_violations: watch::validate_against(&state, watches),
                 excerpt: None,
                 lost_writes: Vec::new(),
+                leases: Default::default(),
             },
             Verdict::Violation(v) => Report {
                 linearizable: Linearizable::No,
                 watch_violations: Vec::new(),
                 excerpt: Some(excerpt(history, &v)),
                 lost_writes: Vec::new(),
+                leases: Default::default(),
             },
             Verdict::Timeout { .. } => Report {
                 linearizable: Linearizable::Timeout,
                 watch_violations: Vec::new(),
                 excerpt: None,
                 lost_writes: Vec::new(),
+                leases: Default::default(),
             },
         };
         report.lost_writes = lost;
+        report.leases = leases;
         report
     }
 
-    /// `linearizable: yes|no|timeout, watch: ok|N violations`, and
-    /// `, lost: N acknowledged writes` when there are any.
+    /// `linearizable: yes|no|timeout, watch: ok|N violations, leases:
+    /// ok|...` ([`crate::lease::LeaseReport::line`]), and `, lost: N
+    /// acknowledged writes` when there are any.
     pub fn line(&self) -> String {
         let mut line = verdict_line(self.linearizable, self.watch_violations.len());
+        line.push_str(", ");
+        line.push_str(&self.leases.line());
         if !self.lost_writes.is_empty() {
             line.push_str(&format!(
                 ", lost: {} acknowledged writes",
@@ -183,6 +205,7 @@ impl Report {
         self.linearizable == Linearizable::Yes
             && self.watch_violations.is_empty()
             && self.lost_writes.is_empty()
+            && self.leases.ok()
     }
 
     /// The report as pretty-printed JSON.

@@ -10,8 +10,15 @@
 //! effect, as in etcd's model. Reads with unknown results constrain nothing
 //! and are left out.
 //!
-//! Leases are granted with TTLs longer than any run and are not kept
-//! alive: their expiry is not part of what this traffic checks (revoke is).
+//! Leases are of two kinds. Most are granted with TTLs longer than any run
+//! and revoked explicitly. The others ([`TrafficConfig::short_lease_ttl`],
+//! 2–4 s) expire during the run: each gets keys of its own
+//! (`key-l{client}-{n}`, written once, with the lease, and read back now
+//! and then), is kept alive by `LeaseKeepAlive` requests every third of its
+//! TTL for up to [`TrafficConfig::keep_alive_for`], then abandoned; a third
+//! of the abandoned ones get one more keep-alive after their TTL, which
+//! must be answered TTL 0. Expiry is the registry's own revoke: the run adds
+//! one of unknown outcome per lease that could expire ([`add_expiries`]).
 
 use std::time::{Duration, Instant};
 
@@ -42,8 +49,22 @@ pub struct TrafficConfig {
     pub request_timeout: Duration,
     /// Seeds every client's choices (client `i` uses `seed + i`).
     pub seed: u64,
-    /// TTL of granted leases, in seconds (longer than the run).
+    /// TTL of the long leases, in seconds (longer than the run).
     pub lease_ttl: i64,
+    /// TTLs of the short leases, in seconds (from, to; inclusive), which
+    /// expire during the run; `None`: no short leases.
+    pub short_lease_ttl: Option<(i64, i64)>,
+    /// How long a short lease is kept alive at most (each one for a random
+    /// share of it) before it is abandoned.
+    pub keep_alive_for: Duration,
+    /// Also send every abandoned short lease a keep-alive right at its
+    /// expected expiry (0–20 ms after the last keep-alive's send time plus
+    /// the TTL) and, when that is answered TTL 0, a put onto the lease,
+    /// which must fail: a registry that answers TTL 0 for a lease it has
+    /// not revoked yet shows as a history that is not linearizable. (etcd
+    /// answers a keep-alive of an expired lease only once its revoke is
+    /// applied.)
+    pub edge_probes: bool,
     /// Requests per second across all clients (0: as fast as answered).
     /// The checker's work grows with the history: etcd's suite paces its
     /// traffic too.
@@ -59,6 +80,11 @@ impl Default for TrafficConfig {
             request_timeout: Duration::from_secs(2),
             seed: 1,
             lease_ttl: 600,
+            // etcd raises TTLs below 1.5 election timeouts (2 s by default)
+            // to that: 2 s is the shortest both registries grant as asked.
+            short_lease_ttl: Some((2, 4)),
+            keep_alive_for: Duration::from_secs(6),
+            edge_probes: false,
             rate: 0,
         }
     }
@@ -116,7 +142,7 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.duration;
     let (stop_tx, stop) = watch::channel(false);
     let watch_endpoint = target.watch_endpoint.as_ref().unwrap_or(&target.endpoint);
-    let watcher = tokio::spawn(watch_all(channel(watch_endpoint)?, stop));
+    let watcher = tokio::spawn(watch_all(channel(watch_endpoint)?, stop, base));
     let mut clients = Vec::new();
     for id in 0..config.clients {
         let ch = channel(&target.endpoint)?;
@@ -166,7 +192,8 @@ pub async fn run(
 /// ([`crate::pin::pin_unknown`]); what stays ambiguous is left to the
 /// checker.
 pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
-    let mut history = crate::watch::patch_history(&recorded.history, &recorded.watches);
+    let with_expiries = add_expiries(&recorded.history);
+    let mut history = crate::watch::patch_history(&with_expiries, &recorded.watches);
     history.operations.retain(|op| {
         if op.is_known() {
             return true;
@@ -185,14 +212,137 @@ pub fn patch_unknown(recorded: &mut Recorded, watch_complete: bool) {
             };
         !(unseen_put && watch_complete)
     });
-    let (history, pinned) = crate::pin::pin_unknown(
-        &history,
-        &recorded.watches,
-        watch_complete,
-        &may_expire(&history),
-    );
+    // Leases whose expiry is not in the history as an operation: their
+    // deletes stay ambiguous.
+    let expiring: std::collections::HashSet<i64> = history
+        .operations
+        .iter()
+        .filter_map(|op| match op.request {
+            Request::LeaseExpire { id } => Some(id),
+            _ => None,
+        })
+        .collect();
+    let unmodelled = may_expire(&history)
+        .difference(&expiring)
+        .copied()
+        .collect();
+    let (history, pinned) =
+        crate::pin::pin_unknown(&history, &recorded.watches, watch_complete, &unmodelled);
     recorded.history = history;
     recorded.pinned = pinned;
+}
+
+/// `history` with one [`Request::LeaseExpire`] of unknown outcome (client
+/// [`crate::history::REGISTRY`]) for every lease granted once whose TTL
+/// could have run out before the end ([`may_expire`]), unless it is there
+/// already. It is invoked at the grant's invocation, or later: after the
+/// invocation of the last answer that saw the lease alive (a keep-alive
+/// answered TTL > 0, a put attaching a key to it, a linearizable read of a
+/// key attached to it), since the expiry took effect after that answer's
+/// linearization point, itself after its invocation. So it may be placed
+/// anywhere the registry could have placed it, or nowhere.
+pub fn add_expiries(history: &History) -> History {
+    use std::collections::HashMap;
+    let mut grants: HashMap<i64, (usize, u64)> = HashMap::new();
+    let mut expiring = std::collections::HashSet::new();
+    for op in &history.operations {
+        match (&op.request, &op.outcome) {
+            (
+                Request::LeaseGrant { .. },
+                Outcome::Response(Response {
+                    body: ResponseBody::LeaseGrant { id },
+                    ..
+                }),
+            ) => {
+                let g = grants.entry(*id).or_insert((0, op.invoke));
+                g.0 += 1;
+                g.1 = g.1.min(op.invoke);
+            }
+            (Request::LeaseExpire { id }, _) => {
+                expiring.insert(*id);
+            }
+            _ => {}
+        }
+    }
+    let candidates = may_expire(history);
+    let mut since: HashMap<i64, u64> = grants
+        .iter()
+        .filter(|(id, (n, _))| *n == 1 && candidates.contains(id) && !expiring.contains(id))
+        .map(|(id, (_, invoke))| (*id, *invoke))
+        .collect();
+    for op in &history.operations {
+        for id in saw_alive(op) {
+            if let Some(t) = since.get_mut(&id) {
+                *t = (*t).max(op.invoke);
+            }
+        }
+    }
+    let mut out = history.clone();
+    let mut added: Vec<(i64, u64)> = since.into_iter().collect();
+    added.sort_unstable();
+    out.operations
+        .extend(added.into_iter().map(|(id, invoke)| Operation {
+            client: crate::history::REGISTRY,
+            invoke,
+            return_time: None,
+            request: Request::LeaseExpire { id },
+            outcome: Outcome::Unknown,
+        }));
+    out.operations.sort_by_key(|op| op.invoke);
+    out
+}
+
+/// The leases an answered operation saw alive at its linearization point.
+fn saw_alive(op: &Operation) -> Vec<i64> {
+    let Outcome::Response(r) = &op.outcome else {
+        return Vec::new();
+    };
+    let kv_leases = |kvs: &mut dyn Iterator<Item = &KeyValue>| -> Vec<i64> {
+        kvs.map(|kv| kv.lease).filter(|l| *l != 0).collect()
+    };
+    match (&op.request, &r.body) {
+        (Request::LeaseKeepAlive { id }, ResponseBody::LeaseKeepAlive { ttl }) if *ttl > 0 => {
+            vec![*id]
+        }
+        (Request::Put { lease, .. }, ResponseBody::Put) if *lease != 0 => vec![*lease],
+        (
+            Request::Get {
+                revision: 0,
+                serializable: false,
+                ..
+            },
+            ResponseBody::Get { kv },
+        ) => kv_leases(&mut kv.iter()),
+        (
+            Request::Range {
+                revision: 0,
+                serializable: false,
+                ..
+            },
+            ResponseBody::Range { kvs },
+        ) => kv_leases(&mut kvs.iter()),
+        (
+            Request::Txn {
+                success, failure, ..
+            },
+            ResponseBody::Txn { succeeded, results },
+        ) => {
+            let ran = if *succeeded { success } else { failure };
+            let mut out: Vec<i64> = ran
+                .iter()
+                .filter_map(|o| match o {
+                    TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
+                    _ => None,
+                })
+                .collect();
+            out.extend(results.iter().filter_map(|r| match r {
+                TxnOpResult::Get { kv: Some(kv) } if kv.lease != 0 => Some(kv.lease),
+                _ => None,
+            }));
+            out
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// The leases of `history` whose TTL could have run out before its last
@@ -226,14 +376,38 @@ pub fn may_expire(history: &History) -> std::collections::HashSet<i64> {
         .collect()
 }
 
+/// A short lease a client keeps alive, until `until`.
+struct Short {
+    id: i64,
+    ttl: i64,
+    /// When its last keep-alive (or its grant's answer) was sent.
+    last_sent: tokio::time::Instant,
+    next_keep_alive: tokio::time::Instant,
+    until: tokio::time::Instant,
+}
+
 struct Client {
     id: ClientId,
     kv: KvClient<Channel>,
     lease: LeaseClient<Channel>,
     rng: fastrand::Rng,
     keys: u32,
-    /// Leases this client granted and has not seen revoked.
+    /// Long leases this client granted and has not seen revoked.
     leases: Vec<i64>,
+    /// Short leases it keeps alive.
+    short: Vec<Short>,
+    /// Abandoned short leases to send one more keep-alive, and when.
+    probes: Vec<(tokio::time::Instant, i64)>,
+    /// Requests to send before any other (a short lease's puts).
+    pending: std::collections::VecDeque<Request>,
+    /// The keys of its latest short leases, to read back.
+    lease_keys: std::collections::VecDeque<String>,
+    next_lease_key: u64,
+    short_ttl: Option<(i64, i64)>,
+    keep_alive_for: Duration,
+    edge_probes: bool,
+    /// Leases probed at their expiry, awaiting the answer.
+    edge_probed: std::collections::HashSet<i64>,
     /// The last version this client saw of each key (for txn compares).
     versions: Vec<i64>,
     next_value: u64,
@@ -249,6 +423,15 @@ impl Client {
             rng: fastrand::Rng::with_seed(config.seed.wrapping_add(u64::from(id))),
             keys: config.keys.max(1),
             leases: Vec::new(),
+            short: Vec::new(),
+            probes: Vec::new(),
+            pending: Default::default(),
+            lease_keys: Default::default(),
+            next_lease_key: 0,
+            short_ttl: config.short_lease_ttl,
+            keep_alive_for: config.keep_alive_for,
+            edge_probes: config.edge_probes,
+            edge_probed: Default::default(),
             versions: vec![0; config.keys.max(1) as usize],
             next_value: 0,
             timeout: config.request_timeout,
@@ -266,11 +449,60 @@ impl Client {
         format!("c{}-{}", self.id, self.next_value)
     }
 
-    /// The next request, by weight: get 30, put 25, delete 10, txn 20,
-    /// lease grant 5, put with a lease 5, lease revoke 5.
+    /// What is due before any random request: a short lease's puts, a
+    /// keep-alive (every third of the TTL), a probe of an abandoned lease.
+    /// Short leases whose keep-alive time is over are abandoned here.
+    fn due(&mut self, now: tokio::time::Instant) -> Option<Request> {
+        if let Some(r) = self.pending.pop_front() {
+            return Some(r);
+        }
+        let mut i = 0;
+        while i < self.short.len() {
+            if self.short[i].until <= now {
+                let s = self.short.swap_remove(i);
+                if self.edge_probes {
+                    let after = Duration::from_secs(s.ttl as u64)
+                        + Duration::from_millis(self.rng.u64(..=20));
+                    self.probes.push((s.last_sent + after, s.id));
+                    self.edge_probed.insert(s.id);
+                }
+                if self.rng.u32(..3) == 0 {
+                    let after = Duration::from_secs(s.ttl as u64) + Duration::from_secs(2);
+                    self.probes.push((now + after, s.id));
+                }
+                continue;
+            }
+            i += 1;
+        }
+        if let Some(at) = self.probes.iter().position(|(t, _)| *t <= now) {
+            let (_, id) = self.probes.swap_remove(at);
+            return Some(Request::LeaseKeepAlive { id });
+        }
+        let s = self.short.iter_mut().find(|s| s.next_keep_alive <= now)?;
+        s.next_keep_alive = now + Duration::from_millis(s.ttl as u64 * 1000 / 3);
+        s.last_sent = now;
+        Some(Request::LeaseKeepAlive { id: s.id })
+    }
+
+    /// The next request, by weight: get 30 (a sixth of them of a short
+    /// lease's key, when there is one), put 25, delete 10, txn 20, long
+    /// lease grant 4, short lease grant 1 (long without short leases), put
+    /// with a long lease 5, lease revoke 5.
     fn next_request(&mut self) -> Request {
         let (i, key) = self.key();
         match self.rng.u32(..100) {
+            0..5 if !self.lease_keys.is_empty() => Request::Get {
+                key: self.lease_keys[self.rng.usize(..self.lease_keys.len())].clone(),
+                revision: 0,
+                serializable: false,
+            },
+            89 if self.short_ttl.is_some() => {
+                let (from, to) = self.short_ttl.unwrap_or((2, 2));
+                Request::LeaseGrant {
+                    ttl: self.rng.i64(from..=to.max(from)),
+                    id: 0,
+                }
+            }
             0..30 => Request::Get {
                 key,
                 revision: 0,
@@ -341,8 +573,11 @@ impl Client {
             if let Some(pace) = pace.as_mut() {
                 pace.tick().await;
             }
-            let mut request = self.next_request();
-            if let Request::LeaseGrant { ttl, .. } = &mut request {
+            let mut request = match self.due(tokio::time::Instant::now()) {
+                Some(r) => r,
+                None => self.next_request(),
+            };
+            if let Request::LeaseGrant { ttl: ttl @ 0, .. } = &mut request {
                 *ttl = config.lease_ttl;
             }
             let invoke = nanos(base);
@@ -356,7 +591,12 @@ impl Client {
             };
             self.learn(&request, &outcome);
             let unknown = matches!(outcome, Outcome::Unknown);
-            if !(unknown && request.is_read_only()) {
+            // A keep-alive of unknown outcome may have renewed its lease:
+            // the lease check needs it.
+            let keep = !unknown
+                || !request.is_read_only()
+                || matches!(request, Request::LeaseKeepAlive { .. });
+            if keep {
                 ops.push(Operation {
                     client: self.id,
                     invoke,
@@ -376,8 +616,17 @@ impl Client {
     /// Keeps what the traffic needs from an answer: versions for the next
     /// compares, granted leases.
     fn learn(&mut self, request: &Request, outcome: &Outcome) {
-        let Outcome::Response(resp) = outcome else {
-            return;
+        let gone = |s: &mut Vec<Short>, id: i64| s.retain(|s| s.id != id);
+        let resp = match outcome {
+            Outcome::Response(resp) => resp,
+            Outcome::Error(EtcdError::LeaseNotFound) => {
+                if let Request::Put { lease, .. } | Request::LeaseKeepAlive { id: lease } = request
+                {
+                    gone(&mut self.short, *lease);
+                }
+                return;
+            }
+            _ => return,
         };
         let mut seen = |kv: &Option<KeyValue>, key: &str| {
             if let Some(i) = key
@@ -397,7 +646,49 @@ impl Client {
                     }
                 }
             }
+            (ResponseBody::LeaseGrant { id }, Request::LeaseGrant { ttl, .. })
+                if self.short_ttl.is_some_and(|(_, to)| *ttl <= to.max(2)) && *id != 0 =>
+            {
+                let now = tokio::time::Instant::now();
+                let ttl = *ttl;
+                let keep = self.keep_alive_for.mul_f64(self.rng.f64());
+                self.short.push(Short {
+                    id: *id,
+                    ttl,
+                    last_sent: now,
+                    next_keep_alive: now + Duration::from_millis(ttl as u64 * 1000 / 3),
+                    until: now + keep,
+                });
+                for _ in 0..=self.rng.u32(..2) {
+                    self.next_lease_key += 1;
+                    let key = format!("{KEY_PREFIX}l{}-{}", self.id, self.next_lease_key);
+                    self.lease_keys.push_back(key.clone());
+                    if self.lease_keys.len() > 8 {
+                        self.lease_keys.pop_front();
+                    }
+                    let value = self.value();
+                    self.pending.push_back(Request::Put {
+                        key,
+                        value,
+                        lease: *id,
+                    });
+                }
+            }
             (ResponseBody::LeaseGrant { id }, _) => self.leases.push(*id),
+            (ResponseBody::LeaseKeepAlive { ttl: 0 }, Request::LeaseKeepAlive { id }) => {
+                gone(&mut self.short, *id);
+                if self.edge_probed.remove(id) {
+                    // Gone, so this must fail with "lease not found".
+                    self.next_lease_key += 1;
+                    let key = format!("{KEY_PREFIX}l{}-{}", self.id, self.next_lease_key);
+                    let value = self.value();
+                    self.pending.push_front(Request::Put {
+                        key,
+                        value,
+                        lease: *id,
+                    });
+                }
+            }
             _ => {}
         }
     }
@@ -428,8 +719,36 @@ impl Client {
                     Err(s) => failure(&s),
                 }
             }
-            Request::Range { .. } | Request::LeaseKeepAlive { .. } => {
+            Request::Range { .. } | Request::LeaseExpire { .. } => {
                 Outcome::Error(EtcdError::Other("not generated".into()))
+            }
+            Request::LeaseKeepAlive { id } => {
+                // One request on a stream of its own, and its one answer.
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                if tx
+                    .send(pb::LeaseKeepAliveRequest { id: *id })
+                    .await
+                    .is_err()
+                {
+                    return Outcome::Unknown;
+                }
+                let stream = self
+                    .lease
+                    .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await;
+                let outcome = match stream {
+                    Ok(s) => match s.into_inner().message().await {
+                        Ok(Some(r)) => response(
+                            r.header.as_ref(),
+                            ResponseBody::LeaseKeepAlive { ttl: r.ttl },
+                        ),
+                        Ok(None) => Outcome::Unknown,
+                        Err(s) => failure(&s),
+                    },
+                    Err(s) => failure(&s),
+                };
+                drop(tx);
+                outcome
             }
             Request::Put { key, value, lease } => {
                 match self.kv.put(put_request(key, value, *lease)).await {
@@ -617,7 +936,11 @@ fn result_of(op: pb::ResponseOp) -> TxnOpResult {
 /// stream from the revision after the last one delivered, until `stop` and
 /// the watch has reached the registry's revision at that moment (or a few
 /// seconds passed). Each stream is one [`WatchRecord`].
-async fn watch_all(ch: Channel, mut stop: watch::Receiver<bool>) -> (Vec<WatchRecord>, bool) {
+async fn watch_all(
+    ch: Channel,
+    mut stop: watch::Receiver<bool>,
+    base: Instant,
+) -> (Vec<WatchRecord>, bool) {
     let mut records = Vec::new();
     let mut next = 1;
     let mut kv = KvClient::new(ch.clone());
@@ -707,6 +1030,7 @@ async fn watch_all(ch: Channel, mut stop: watch::Receiver<bool>) -> (Vec<WatchRe
                 events,
                 compact_revision: resp.compact_revision,
                 canceled,
+                received: nanos(base),
             });
             if resp.compact_revision > 0 {
                 // Revisions below it are gone: the watch is no longer a

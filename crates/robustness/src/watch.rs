@@ -104,6 +104,10 @@ pub struct WatchResponseRecord {
     /// Whether the server canceled the watch with this response.
     #[serde(default)]
     pub canceled: bool,
+    /// When it arrived (monotonic nanoseconds, the history's clock; `0`
+    /// when not recorded).
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// A broken watch guarantee. `watch` is the index of the record.

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use muster_robustness::lease::Outage;
 use muster_robustness::linearizability::CheckOptions;
 use muster_robustness::report::Report;
 use muster_robustness::traffic::{self, Target, TrafficConfig};
@@ -25,7 +26,7 @@ fn clock_seed() -> u64 {
         .map_or(1, |d| d.as_nanos() as u64)
 }
 
-fn check(recorded: &traffic::Recorded, seed: u64, what: &str) {
+fn check(recorded: &traffic::Recorded, outages: &[Outage], seed: u64, what: &str) {
     let ops = recorded.history.operations.len();
     let unknown = recorded
         .history
@@ -34,20 +35,31 @@ fn check(recorded: &traffic::Recorded, seed: u64, what: &str) {
         .filter(|op| !op.is_known())
         .count();
     let started = Instant::now();
-    let report = Report::new(
+    let report = Report::with_outages(
         &recorded.history,
         &recorded.watches,
+        outages,
         CheckOptions::default(),
     );
     eprintln!(
-        "{what}: {ops} operations ({unknown} unknown; {} answers lost, {:?}), {} watch streams; {} (checked in {:?}; seed {seed})",
+        "{what}: {ops} operations ({unknown} unknown; {} answers lost, {:?}), {} watch streams, \
+         {} leases expired ({} timed, at most {:+.2} s past their TTL); {} (checked in {:?}; seed {seed})",
         recorded.lost_answers,
         recorded.pinned,
         recorded.watches.len(),
+        report.leases.expired,
+        report.leases.timed,
+        report.leases.max_over_ttl.unwrap_or(0.0),
         report.line(),
         started.elapsed()
     );
     assert!(ops > 100, "{what}: too little traffic to check: {ops}");
+    // Short leases really expired during the run.
+    assert!(
+        report.leases.expired > 0,
+        "{what}: no lease expired: {:?}",
+        report.leases
+    );
     // The check can fail: the same history with one read's answer changed
     // is caught.
     let mut corrupted = recorded.history.clone();
@@ -101,24 +113,39 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
         ..TrafficConfig::default()
     };
     let base = Instant::now();
+    let now = move || base.elapsed().as_nanos() as u64;
     let run = tokio::spawn(async move { traffic::run(&target, &config, base).await });
     // The fault schedule (the traffic's timeline, not a wait for a
     // condition): crash and restart, cut and restore, compaction, twice.
     let direct = format!("http://127.0.0.1:{}", node.client_port());
+    let mut outages = Vec::new();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let start = now();
         node.kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
         node.restart().unwrap();
+        muster_robustness::run::answering(&direct, Duration::from_secs(30)).await;
+        outages.push(Outage {
+            kind: "kill".into(),
+            start,
+            end: now(),
+        });
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let start = now();
         proxy.cut();
         tokio::time::sleep(Duration::from_millis(500)).await;
         proxy.restore();
+        outages.push(Outage {
+            kind: "cut".into(),
+            start,
+            end: now(),
+        });
         tokio::time::sleep(Duration::from_secs(2)).await;
         muster_robustness::run::compact(&direct).await;
     }
     let recorded = run.await.unwrap().unwrap();
-    check(&recorded, seed, node.name());
+    check(&recorded, &outages, seed, node.name());
 }
 
 muster_testkit::on_both!(traffic_stays_linearizable_through_kills_and_cuts);

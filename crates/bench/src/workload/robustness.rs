@@ -47,6 +47,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             duration: args.duration,
             seed,
             rate: args.traffic_rate,
+            edge_probes: args.lease_edge_probes,
             ..TrafficConfig::default()
         },
         check_timeout: args.check_timeout,
@@ -65,7 +66,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
         Format::Text => writeln!(
             out,
             "robustness: {}: {} operations ({} unknown; {} answers lost, resolved from the watch: \
-             {} deletes and {} revokes pinned, {} dropped), {} watch streams, faults: {}{}\n\
+             {} deletes and {} revokes pinned, {} dropped), {} watch streams, {}, faults: {}{}\n\
              robustness: {verdict} (checked in {:.2} s)\n\
              robustness: history, watches and report in {}\n\
              robustness: seed {seed} (repeat with --seed {seed})",
@@ -77,6 +78,7 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             summary.pinned.pinned_revokes,
             summary.pinned.dropped,
             summary.watches,
+            leases_text(&summary.report.leases),
             summary.faults_text(),
             registry_faults_text(&summary.registry_faults),
             summary.checked_in.as_secs_f64(),
@@ -103,6 +105,9 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
                     .iter()
                     .map(|(name, n)| (name.clone(), json!(n)))
                     .collect::<serde_json::Map<_, _>>(),
+                "leases_expired": summary.report.leases.expired,
+                "leases_timed": summary.report.leases.timed,
+                "lease_max_seconds_over_ttl": summary.report.leases.max_over_ttl,
                 "verdict": verdict,
                 "ok": summary.report.ok(),
                 "checked_seconds": summary.checked_in.as_secs_f64(),
@@ -121,6 +126,17 @@ pub(crate) async fn run(plan: &Plan<'_>, format: Format, mut out: impl Write) ->
             workload: "robustness",
             failure: format!("{verdict}; see {}", summary.dir.display()),
         })
+    }
+}
+
+/// `leases expired: 40 (31 timed, at most +0.43 s past their TTL)`.
+fn leases_text(leases: &muster_robustness::lease::LeaseReport) -> String {
+    match leases.max_over_ttl {
+        Some(over) => format!(
+            "leases expired: {} ({} timed, at most {over:+.2} s past their TTL)",
+            leases.expired, leases.timed
+        ),
+        None => format!("leases expired: {}", leases.expired),
     }
 }
 

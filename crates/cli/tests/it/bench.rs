@@ -312,7 +312,7 @@ fn robustness_report(args: &[&str], dir: &std::path::Path) -> Value {
     let report: Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(
-        report["verdict"], "linearizable: yes, watch: ok",
+        report["verdict"], "linearizable: yes, watch: ok, leases: ok",
         "{report}"
     );
     report

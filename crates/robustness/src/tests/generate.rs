@@ -222,6 +222,7 @@ fn ten_thousand_operations_check_quickly() {
             events,
             compact_revision: 0,
             canceled: false,
+            received: 0,
         })
         .collect();
     let watch = WatchRecord {

@@ -230,7 +230,7 @@ fn report_line_and_excerpt() {
     };
     let report = Report::new(&history, &[], CheckOptions::default());
     assert_eq!(report.linearizable, Linearizable::No);
-    assert_eq!(report.line(), "linearizable: no, watch: ok");
+    assert_eq!(report.line(), "linearizable: no, watch: ok, leases: ok");
     let excerpt = report.excerpt.as_ref().expect("an excerpt");
     let indices: Vec<usize> = excerpt.operations.iter().map(|o| o.index).collect();
     assert_eq!(indices, vec![0, 1], "the far-away put is not part of it");

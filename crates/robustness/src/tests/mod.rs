@@ -3,6 +3,7 @@
 
 mod generate;
 mod histories;
+mod leases;
 mod model_rules;
 mod pins;
 mod watches;

@@ -34,6 +34,7 @@ fn watch(events: Vec<Event>) -> Vec<WatchRecord> {
                 events: vec![e],
                 compact_revision: 0,
                 canceled: false,
+                received: 0,
             }),
         }
     }
@@ -409,6 +410,27 @@ fn recheck_a_recorded_run() {
     let (pinned, stats) = pin_unknown(&history, &w, true, &HashSet::new());
     println!("{stats:?} in {:?}", started.elapsed());
     let started = std::time::Instant::now();
-    let report = crate::report::Report::new(&pinned, &w, CheckOptions::default());
+    // Runs before the lease check have no outages.json.
+    let outages: Vec<crate::lease::Outage> = std::fs::read_to_string(dir.join("outages.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let t = std::time::Instant::now();
+    let leases = crate::lease::check(&pinned, &w, &outages);
+    println!(
+        "lease check: {:?} ({} expired)",
+        t.elapsed(),
+        leases.expired
+    );
+    let t = std::time::Instant::now();
+    let verdict = crate::check_history_with_watches(&pinned, &w, CheckOptions::default());
+    println!(
+        "linearizability: {:?} ({})",
+        t.elapsed(),
+        verdict.is_linearizable()
+    );
+    let report =
+        crate::report::Report::with_outages(&pinned, &w, &outages, CheckOptions::default());
     println!("{} in {:?}", report.line(), started.elapsed());
+    println!("{:?}", report.leases);
 }

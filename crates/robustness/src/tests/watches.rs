@@ -42,6 +42,7 @@ fn resp(header: i64, events: Vec<Event>) -> WatchResponseRecord {
         events,
         compact_revision: 0,
         canceled: false,
+        received: 0,
     }
 }
 
@@ -288,6 +289,9 @@ fn report_counts_watch_violations() {
     };
     let watch = all(vec![resp(2, vec![e[0].clone(), e[0].clone()])]);
     let report = crate::report::Report::new(&history, &[watch], Default::default());
-    assert_eq!(report.line(), "linearizable: yes, watch: 1 violation");
+    assert_eq!(
+        report.line(),
+        "linearizable: yes, watch: 1 violation, leases: ok"
+    );
     assert!(!report.ok());
 }
