@@ -370,10 +370,10 @@ impl Proxy {
                     } else {
                         route.service.success(&state);
                     }
-                    let mut resp = Response::new(GatewayBody::empty());
-                    *resp.status_mut() = answer.status;
-                    *resp.headers_mut() = answer.headers;
                     if let Some(upgrade) = answer.upgraded {
+                        let mut resp = Response::new(GatewayBody::empty());
+                        *resp.status_mut() = answer.status;
+                        *resp.headers_mut() = answer.headers.to_map();
                         let (protocol, upgraded) = *upgrade;
                         let Some(client_upgrade) = client_upgrade else {
                             tracing::warn!(service = %route.route.service, instance = %state.id, "upstream switched protocols unasked");
@@ -393,8 +393,13 @@ impl Proxy {
                         tunnel(client_upgrade, upgraded, target_instance.into_in_flight());
                         return resp;
                     }
-                    *resp.body_mut() =
-                        GatewayBody::upstream(answer.body, target_instance.into_in_flight());
+                    // The header lines go with the body, as they came.
+                    let mut resp = Response::new(GatewayBody::upstream(
+                        answer.body,
+                        target_instance.into_in_flight(),
+                        answer.headers,
+                    ));
+                    *resp.status_mut() = answer.status;
                     return resp;
                 }
                 Ok(Err(e)) => {
