@@ -257,7 +257,7 @@ impl Proxy {
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
             );
-            if bodyless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            if bodyless && crate::headers::find(&parts.headers, &header::CONTENT_LENGTH).is_none() {
                 RequestFraming::None
             } else {
                 RequestFraming::Length(0)
@@ -538,7 +538,9 @@ fn reject<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 fn request_host(req: &http::request::Parts) -> Option<Cow<'_, str>> {
     let raw = match req.uri.authority() {
         Some(a) => a.as_str(),
-        None => req.headers.get(header::HOST)?.to_str().ok()?,
+        None => crate::headers::find(&req.headers, &header::HOST)?
+            .to_str()
+            .ok()?,
     };
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
