@@ -332,12 +332,13 @@ impl Proxy {
                     chunked,
                     sent,
                 };
-                let result = within(
-                    deadline,
-                    timer.as_mut().map(Pin::as_mut),
-                    client.send(authority, tls, outbound, fresh),
-                )
-                .await;
+                // Pinned here, where it stays: `within` borrows it rather
+                // than moving it into its own state (two copies of the
+                // send's future saved).
+                let result = {
+                    let send = pin!(client.send(authority, tls, outbound, fresh));
+                    within(deadline, timer.as_mut().map(Pin::as_mut), send).await
+                };
                 match result {
                     Ok(Err(SendError::Stale(e)))
                         if !fresh && idempotent && body.as_ref().is_none_or(|b| !b.started()) =>
@@ -585,7 +586,7 @@ struct Elapsed;
 async fn within<F: Future>(
     deadline: Instant,
     timer: Option<Pin<&mut Sleep>>,
-    fut: F,
+    mut fut: Pin<&mut F>,
 ) -> Result<F::Output, Elapsed> {
     let Some(mut timer) = timer else {
         return tokio::time::timeout_at(deadline.into(), fut)
@@ -593,7 +594,6 @@ async fn within<F: Future>(
             .map_err(|_| Elapsed);
     };
     timer.as_mut().reset(deadline.into());
-    let mut fut = pin!(fut);
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));
