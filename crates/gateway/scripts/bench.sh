@@ -200,7 +200,7 @@ echo
 awk -v g="${MRPS[sat.gateway]}" -v n="${MRPS[sat.nginx]}" 'BEGIN { printf "gateway/nginx throughput (saturation): %.2fx (target >= 0.9x)\n", g/n }'
 printf 'gateway/nginx throughput (saturation) by round:'
 for round in $(seq 1 "$ROUNDS"); do
-    awk -v g="$(rps "$WORK/sat.gateway.$round")" -v n="$(rps "$WORK/sat.nginx.$round")" 'BEGIN { printf " %.2fx", n > 0 ? g/n : 0 }'
+    awk -v g="$(rps "$WORK/sat.gateway.$round")" -v n="$(rps "$WORK/sat.nginx.$round")" 'BEGIN { printf " %.2fx", (n > 0 ? g / n : 0) }'
 done
 echo
 if [[ -n "$TLS" ]]; then
