@@ -4,9 +4,12 @@
 #   gateway  `muster gateway` (release) routing / to three upstream instances;
 #   nginx    nginx with the same three instances as an upstream block
 #            (keepalive to the upstreams, access log off);
-# in the same run, in rounds alternating the targets, so the figures share
-# the machine's state. The upstreams are crates/gateway/examples/upstream.rs
-# (hyper, answers "ok"), registered in a real etcd.
+# in the same run, in rounds alternating the targets (in reverse order every
+# other round), so the figures share the machine's state; the saturation
+# ratio is given per round too. The upstreams are crates/gateway/examples/upstream.rs
+# (hyper, answers "ok"), registered in a real etcd. Both proxies run one
+# worker per core (the gateway's default --workers, nginx's
+# worker_processes auto).
 #
 # Two loads:
 #   saturation  $CONNS (64) connections, $THREADS wrk threads, $DURATION each:
@@ -150,7 +153,15 @@ fi
 for t in "${TARGETS[@]}"; do wrk -t1 -c8 -d2s "${URL[$t]}" >/dev/null; done # warm up
 
 for round in $(seq 1 "$ROUNDS"); do
-    for t in "${TARGETS[@]}"; do
+    # Every other round runs the targets in reverse order, so neither
+    # proxy always follows the same one (the machine's state after a run,
+    # the upstreams' warm connections, go to each in turn).
+    order=("${TARGETS[@]}")
+    if (( round % 2 == 0 )); then
+        order=()
+        for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
+    fi
+    for t in "${order[@]}"; do
         wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${URL[$t]}" >"$WORK/sat.$t.$round" 2>&1
         if [[ -n "$TLS" ]]; then
             wrk -t"$THREADS" -c"$CLOSE_CONNS" -d"$DURATION" --latency -H "Connection: close" "${URL[$t]}" \
@@ -187,6 +198,11 @@ for load in "${LOADS[@]}"; do
 done
 echo
 awk -v g="${MRPS[sat.gateway]}" -v n="${MRPS[sat.nginx]}" 'BEGIN { printf "gateway/nginx throughput (saturation): %.2fx (target >= 0.9x)\n", g/n }'
+printf 'gateway/nginx throughput (saturation) by round:'
+for round in $(seq 1 "$ROUNDS"); do
+    awk -v g="$(rps "$WORK/sat.gateway.$round")" -v n="$(rps "$WORK/sat.nginx.$round")" 'BEGIN { printf " %.2fx", (n > 0 ? g / n : 0) }'
+done
+echo
 if [[ -n "$TLS" ]]; then
     awk -v g="${MRPS[close.gateway]}" -v n="${MRPS[close.nginx]}" 'BEGIN { printf "gateway/nginx throughput (a TLS handshake per request): %.2fx\n", g/n }'
     exit 0

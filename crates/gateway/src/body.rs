@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use muster::balance::InFlight;
 
 use crate::client::ResponseBody;
+use crate::h1::RawHeaders;
 use crate::watchdog::Finished;
 
 /// The body of a response the gateway gives: either its own small answer
@@ -34,6 +35,9 @@ enum Kind {
         /// Counts the request as in flight to its instance until the
         /// response body is done (or the client goes away).
         in_flight: Option<InFlight>,
+        /// The answer's header lines as the upstream sent them, until the
+        /// server side takes them ([`GatewayBody::take_headers`]).
+        headers: Option<RawHeaders>,
     },
 }
 
@@ -55,13 +59,33 @@ impl GatewayBody {
         }
     }
 
-    /// An upstream's body, holding the request's in-flight guard.
-    pub(crate) fn upstream(body: ResponseBody, in_flight: Option<InFlight>) -> Self {
-        let mut kind = Kind::Upstream { body, in_flight };
+    /// An upstream's body, holding the request's in-flight guard, and the
+    /// answer's header lines (the response's header map stays empty: the
+    /// gateway's HTTP/1.1 side writes the lines as they came, hyper's side
+    /// makes a map of them, see [`into_hyper`]).
+    pub(crate) fn upstream(
+        body: ResponseBody,
+        in_flight: Option<InFlight>,
+        headers: RawHeaders,
+    ) -> Self {
+        let mut kind = Kind::Upstream {
+            body,
+            in_flight,
+            headers: Some(headers),
+        };
         done(&mut kind);
         GatewayBody {
             kind,
             finished: None,
+        }
+    }
+
+    /// The upstream's header lines, if this is an upstream's body and
+    /// they were not taken yet.
+    pub(crate) fn take_headers(&mut self) -> Option<RawHeaders> {
+        match &mut self.kind {
+            Kind::Upstream { headers, .. } => headers.take(),
+            Kind::Full(_) => None,
         }
     }
 
@@ -111,12 +135,33 @@ impl Body for GatewayBody {
 /// Once the upstream body is complete (or failed), the request stops
 /// counting as in flight.
 fn done(kind: &mut Kind) {
-    if let Kind::Upstream { body, in_flight } = kind
+    if let Kind::Upstream {
+        body, in_flight, ..
+    } = kind
         && in_flight.is_some()
         && body.is_end_stream()
     {
         in_flight.take();
     }
+}
+
+/// `resp` as hyper takes it: the upstream's header lines (see
+/// [`GatewayBody::upstream`]) in its header map.
+pub(crate) fn into_hyper(mut resp: http::Response<GatewayBody>) -> http::Response<GatewayBody> {
+    if let Some(raw) = resp.body_mut().take_headers() {
+        let map = raw.to_map();
+        let headers = resp.headers_mut();
+        if headers.is_empty() {
+            *headers = map;
+        } else {
+            for (name, value) in map {
+                if let Some(name) = name {
+                    headers.append(name, value);
+                }
+            }
+        }
+    }
+    resp
 }
 
 /// A client's request body on its way upstream. It remembers whether any

@@ -115,8 +115,8 @@ impl<B> std::fmt::Debug for Outbound<'_, B> {
 #[derive(Debug)]
 pub(crate) struct Answer {
     pub(crate) status: StatusCode,
-    /// End-to-end headers only.
-    pub(crate) headers: HeaderMap,
+    /// End-to-end headers only, as they came.
+    pub(crate) headers: h1::RawHeaders,
     pub(crate) body: ResponseBody,
     /// For `101 Switching Protocols`: the protocol and the connection.
     /// Boxed: rare, and the answer is moved several times on its way out.
@@ -925,7 +925,7 @@ mod tests {
         .await;
         let client = client();
         let answer = answer(&client, &authority, true).await.unwrap();
-        assert_eq!(answer.headers["trailer"], "x-digest");
+        assert_eq!(answer.headers.to_map()["trailer"], "x-digest");
         // Complete with its head, yet not sized: trailers need a chunked
         // answer to an HTTP/1.1 client.
         assert_eq!(answer.body.size_hint().exact(), None);

@@ -6,7 +6,7 @@
 //! Pure functions over buffers; [`crate::client`] does the I/O.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 /// Most header lines a response may have (as hyper's default).
@@ -50,8 +50,9 @@ pub(crate) enum Framing {
 #[derive(Debug)]
 pub(crate) struct Head {
     pub(crate) status: StatusCode,
-    /// End-to-end headers only (hop-by-hop ones are left out).
-    pub(crate) headers: HeaderMap,
+    /// End-to-end headers only (hop-by-hop ones are left out), as they
+    /// came.
+    pub(crate) headers: RawHeaders,
     pub(crate) framing: Framing,
     /// Whether the connection may carry another request afterwards.
     pub(crate) keep_alive: bool,
@@ -59,35 +60,131 @@ pub(crate) struct Head {
     pub(crate) upgrade: Option<HeaderValue>,
 }
 
+/// The end-to-end header lines of an upstream's answer, ready to be
+/// written to an HTTP/1.1 client as they are: a slice of the head the
+/// upstream sent when nothing in it had to change (the common case: no
+/// allocation, no copy, no header map), else the lines kept, copied.
+/// [`to_map`](Self::to_map) makes the header map for hyper's side
+/// (HTTP/2, upgrades).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RawHeaders {
+    /// Whole lines, each ending with CRLF.
+    lines: Bytes,
+    /// The `Content-Length` among the lines (one line, digits only).
+    pub(crate) length: Option<u64>,
+    /// A `Date` line is among them.
+    pub(crate) has_date: bool,
+    /// A `Trailer` line is among them.
+    pub(crate) has_trailer: bool,
+}
+
+impl RawHeaders {
+    /// The header lines, each ending with CRLF.
+    pub(crate) fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// The same headers in a header map.
+    pub(crate) fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        let mut at = 0;
+        while at < self.lines.len() {
+            let rest = &self.lines[at..];
+            let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let line = &rest[..eol];
+            if let Some(colon) = line.iter().position(|b| *b == b':') {
+                let value = &line[colon + 1..];
+                let lead = value.len() - value.trim_ascii_start().len();
+                let trimmed = value.trim_ascii();
+                let start = at + colon + 1 + lead;
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(&line[..colon]),
+                    HeaderValue::from_maybe_shared(self.lines.slice(start..start + trimmed.len())),
+                ) {
+                    map.append(name, value);
+                }
+            }
+            at += eol + 2;
+        }
+        map
+    }
+}
+
 /// Parses a response head at the start of `buf`. `Ok(None)`: incomplete.
-/// On success, the head's bytes are consumed from `buf`; the header values
-/// are slices of them (split off `buf`, neither copied nor allocated).
+/// On success, the head's bytes are consumed from `buf`; the header lines
+/// are a slice of them (split off `buf`, neither copied nor allocated)
+/// unless some had to be left out.
 pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, ParseError> {
     // Most answers have a handful of headers: a small array first (cheap
     // to set up), the full one only if that is not enough.
     let mut few = [httparse::EMPTY_HEADER; 16];
-    let mut few_spans = [const { None }; 16];
+    let mut few_spans = [Span::default(); 16];
     let scanned = match scan(buf, &mut few, &mut few_spans) {
         Err(ParseError::TooLarge) if buf.len() <= MAX_HEAD => {
             let mut many = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut many_spans = vec![None; MAX_HEADERS];
+            let mut many_spans = vec![Span::default(); MAX_HEADERS];
             let scanned = scan(buf, &mut many, &mut many_spans)?;
             return Ok(match scanned {
-                Some(line) => Some(build(buf, line, &mut many_spans, method)?),
+                Some(line) => Some(build(buf, line, &many_spans, method)?),
                 None => None,
             });
         }
         other => other?,
     };
     Ok(match scanned {
-        Some(line) => Some(build(buf, line, &mut few_spans, method)?),
+        Some(line) => Some(build(buf, line, &few_spans, method)?),
         None => None,
     })
 }
 
-/// A header line found by [`scan`]: its name, and where its value is in
-/// the head.
-type Span = Option<(HeaderName, usize, usize)>;
+/// A header line found by [`scan`]: where its name and value are in the
+/// head, and what the gateway makes of it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    name: usize,
+    name_len: usize,
+    value: usize,
+    value_len: usize,
+    /// Where the line ends (after its CRLF; 0: not CRLF-terminated right
+    /// after the value).
+    end: usize,
+    kind: Kind,
+}
+
+/// The headers that matter to the gateway, by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Upgrade,
+    /// Hop-by-hop, besides the above.
+    Hop,
+    Date,
+    Trailer,
+}
+
+fn kind(name: &[u8]) -> Kind {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        2 if is("te") => Kind::Hop,
+        4 if is("date") => Kind::Date,
+        7 if is("upgrade") => Kind::Upgrade,
+        7 if is("trailer") => Kind::Trailer,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::Hop,
+        14 if is("content-length") => Kind::ContentLength,
+        16 if is("proxy-connection") => Kind::Hop,
+        17 if is("transfer-encoding") => Kind::TransferEncoding,
+        18 if is("proxy-authenticate") => Kind::Hop,
+        19 if is("proxy-authorization") => Kind::Hop,
+        _ => Kind::Other,
+    }
+}
 
 /// What [`scan`] found besides the headers.
 #[derive(Debug, Clone, Copy)]
@@ -101,7 +198,7 @@ struct StatusLine {
 }
 
 /// Parses the head with room for `lines.len()` header lines, recording
-/// each line's name and value position in `spans`.
+/// each line's position and kind in `spans`.
 fn scan<'b>(
     buf: &'b [u8],
     lines: &mut [httparse::Header<'b>],
@@ -118,16 +215,35 @@ fn scan<'b>(
     if len > MAX_HEAD {
         return Err(ParseError::TooLarge);
     }
+    let head = &buf[..len];
     let base = buf.as_ptr() as usize;
-    for (line, span) in res.headers.iter().zip(spans.iter_mut()) {
-        let name = HeaderName::from_bytes(line.name.as_bytes())
-            .map_err(|_| ParseError::Head(format!("invalid header name {:?}", line.name)))?;
-        // httparse's values are slices of the head.
-        let start = (line.value.as_ptr() as usize)
+    // httparse's names and values are slices of the head.
+    let at = |part: &[u8]| {
+        (part.as_ptr() as usize)
             .checked_sub(base)
-            .filter(|start| start + line.value.len() <= len)
-            .ok_or_else(|| ParseError::Head(format!("invalid value of header {name}")))?;
-        *span = Some((name, start, line.value.len()));
+            .filter(|start| start + part.len() <= len)
+            .ok_or_else(|| ParseError::Head("invalid header line".into()))
+    };
+    for (line, span) in res.headers.iter().zip(spans.iter_mut()) {
+        let name = at(line.name.as_bytes())?;
+        let value = at(line.value)?;
+        if value < name + line.name.len() {
+            return Err(ParseError::Head("invalid header line".into()));
+        }
+        let after = value + line.value.len();
+        let end = if head.get(after..after + 2) == Some(b"\r\n") {
+            after + 2
+        } else {
+            0
+        };
+        *span = Span {
+            name,
+            name_len: line.name.len(),
+            value,
+            value_len: line.value.len(),
+            end,
+            kind: kind(line.name.as_bytes()),
+        };
     }
     Ok(Some(StatusLine {
         len,
@@ -141,76 +257,71 @@ fn scan<'b>(
 fn build(
     buf: &mut BytesMut,
     found: StatusLine,
-    spans: &mut [Span],
+    spans: &[Span],
     method: &Method,
 ) -> Result<Head, ParseError> {
     let raw = buf.split_to(found.len).freeze();
     let (code, http10) = (found.code, found.http10);
     let status = StatusCode::from_u16(code)
         .map_err(|_| ParseError::Head(format!("invalid status code {code}")))?;
-    let mut headers = HeaderMap::with_capacity(found.lines);
+    let spans = &spans[..found.lines];
+    let value = |s: &Span| &raw[s.value..s.value + s.value_len];
     let mut length: Option<u64> = None;
+    let mut length_lines = 0usize;
+    let mut length_plain = true;
     let mut chunked = false;
     let mut transfer_coded = false;
     let mut close = http10;
     let mut upgrade = None;
-    let mut named: Vec<HeaderName> = Vec::new();
-    for (name, start, n) in spans[..found.lines].iter_mut().filter_map(Option::take) {
-        let value = HeaderValue::from_maybe_shared(raw.slice(start..start + n))
-            .map_err(|_| ParseError::Head(format!("invalid value of header {name}")))?;
-        if name == header::CONTENT_LENGTH {
-            let n = parse_length(value.as_bytes())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ParseError::ContentLength);
+    // Names listed in Connection (rare).
+    let mut named: Vec<&[u8]> = Vec::new();
+    for s in spans {
+        match s.kind {
+            Kind::ContentLength => {
+                let v = value(s);
+                let n = parse_length(v)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(ParseError::ContentLength);
+                }
+                length = Some(n);
+                length_lines += 1;
+                length_plain &= v.iter().all(u8::is_ascii_digit);
             }
-            length = Some(n);
-        } else if name == header::TRANSFER_ENCODING {
-            transfer_coded = true;
-            // Chunked must be the last coding; anything else is read to
-            // the close.
-            chunked = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-            continue;
-        } else if name == header::CONNECTION {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    close = true;
-                } else if token.eq_ignore_ascii_case("keep-alive") {
-                    if http10 {
-                        close = false;
+            Kind::TransferEncoding => {
+                transfer_coded = true;
+                // Chunked must be the last coding; anything else is read
+                // to the close.
+                chunked = value(s)
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            Kind::Connection => {
+                for token in value(s).split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if http10 {
+                            close = false;
+                        }
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                        named.push(token);
                     }
-                } else if !token.is_empty()
-                    && !token.eq_ignore_ascii_case("upgrade")
-                    && let Ok(n) = HeaderName::from_bytes(token.as_bytes())
-                {
-                    named.push(n);
                 }
             }
-            continue;
-        } else if name == header::UPGRADE {
-            upgrade = Some(value);
-            continue;
+            Kind::Upgrade => {
+                upgrade = Some(
+                    HeaderValue::from_maybe_shared(raw.slice(s.value..s.value + s.value_len))
+                        .map_err(|_| ParseError::Head("invalid value of header upgrade".into()))?,
+                );
+            }
+            _ => {}
         }
-        if crate::headers::is_hop_by_hop(&name) {
-            continue;
-        }
-        headers.append(name, value);
     }
-    for name in named {
-        headers.remove(name);
-    }
-    let framing = if method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let bodyless = status.is_informational() || status == StatusCode::NO_CONTENT;
+    let framing = if method == Method::HEAD || bodyless || status == StatusCode::NOT_MODIFIED {
         Framing::Empty
     } else if transfer_coded {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 6.3).
-        headers.remove(header::CONTENT_LENGTH);
         if chunked {
             Framing::Chunked
         } else {
@@ -227,9 +338,78 @@ fn build(
             }
         }
     };
+    // Content-Length goes with Transfer-Encoding (which overrides it, RFC
+    // 9112 6.3) and from 1xx and 204 answers (which must not have it);
+    // several lines, or a list, become one line.
+    let keep_length = !transfer_coded && !bodyless;
+    let forwarded_length = length.filter(|_| keep_length);
+    let rewrite_length = keep_length && length.is_some() && (length_lines > 1 || !length_plain);
+    let kept = |s: &Span| match s.kind {
+        Kind::Other => {
+            named.is_empty() || {
+                let name = &raw[s.name..s.name + s.name_len];
+                !named.iter().any(|n| n.eq_ignore_ascii_case(name))
+            }
+        }
+        Kind::Date | Kind::Trailer => true,
+        Kind::ContentLength => keep_length,
+        _ => false,
+    };
+    let mut has_date = false;
+    let mut has_trailer = false;
+    // One run of whole lines, each CRLF-terminated right after its
+    // value: forwarded as a slice of the head.
+    let mut run: Option<(usize, usize)> = None;
+    let mut contiguous = !rewrite_length;
+    for s in spans {
+        if !kept(s) {
+            continue;
+        }
+        has_date |= s.kind == Kind::Date;
+        has_trailer |= s.kind == Kind::Trailer;
+        if s.end == 0 {
+            contiguous = false;
+        }
+        if !contiguous {
+            continue;
+        }
+        run = match run {
+            None => Some((s.name, s.end)),
+            Some((start, end)) if end == s.name => Some((start, s.end)),
+            Some(_) => {
+                contiguous = false;
+                None
+            }
+        };
+    }
+    let lines = if contiguous {
+        run.map_or_else(Bytes::new, |(start, end)| raw.slice(start..end))
+    } else {
+        let mut out = Vec::with_capacity(raw.len());
+        let mut length_written = false;
+        for s in spans.iter().filter(|s| kept(s)) {
+            if s.kind == Kind::ContentLength && rewrite_length {
+                if !length_written && let Some(n) = forwarded_length {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(n.to_string().as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                length_written = true;
+                continue;
+            }
+            out.extend_from_slice(&raw[s.name..s.value + s.value_len]);
+            out.extend_from_slice(b"\r\n");
+        }
+        Bytes::from(out)
+    };
     Ok(Head {
         status,
-        headers,
+        headers: RawHeaders {
+            lines,
+            length: forwarded_length,
+            has_date,
+            has_trailer,
+        },
         framing,
         keep_alive: !close,
         upgrade: (status == StatusCode::SWITCHING_PROTOCOLS)
@@ -461,6 +641,7 @@ pub(crate) fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn head(raw: &str, method: &Method) -> Result<Option<(Head, BytesMut)>, ParseError> {
         let mut buf = BytesMut::from(raw);
@@ -509,14 +690,14 @@ mod tests {
         assert_eq!(h.status, 200);
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);
-        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(h.headers.to_map().get_all("x-a").iter().count(), 2);
         assert_eq!(&rest[..], b"ok");
 
         let (h, _) =
             get("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n");
         assert_eq!(h.framing, Framing::Chunked);
-        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
-        assert!(!h.headers.contains_key(header::TRANSFER_ENCODING));
+        assert!(!h.headers.to_map().contains_key(header::CONTENT_LENGTH));
+        assert!(!h.headers.to_map().contains_key(header::TRANSFER_ENCODING));
 
         let (h, _) = get("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
@@ -524,7 +705,7 @@ mod tests {
         assert!(!h.keep_alive);
         let (h, _) = get("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n");
         assert!(!h.keep_alive);
-        assert!(!h.headers.contains_key(header::CONNECTION));
+        assert!(!h.headers.to_map().contains_key(header::CONNECTION));
         let (h, _) = head(
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
             &Method::HEAD,
@@ -532,7 +713,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(h.framing, Framing::Empty);
-        assert_eq!(h.headers[header::CONTENT_LENGTH], "5");
+        assert_eq!(h.headers.to_map()[header::CONTENT_LENGTH], "5");
         let (h, _) = get("HTTP/1.1 304 Not Modified\r\n\r\n");
         assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
     }
@@ -542,8 +723,50 @@ mod tests {
         let (h, _) = get(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nX-End: 2\r\nContent-Length: 0\r\n\r\n",
         );
-        assert_eq!(h.headers.len(), 2, "{:?}", h.headers);
-        assert!(h.headers.contains_key("x-end"));
+        assert_eq!(h.headers.to_map().len(), 2, "{:?}", h.headers.to_map());
+        assert!(h.headers.to_map().contains_key("x-end"));
+    }
+
+    #[test]
+    fn header_lines_pass_as_they_came() {
+        // Nothing to leave out: a slice of the head, case and all.
+        let (h, _) = get("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: x\r\nX-A:  1\r\n\r\nok");
+        assert_eq!(
+            h.headers.lines(),
+            b"Content-Length: 2\r\nDate: x\r\nX-A:  1\r\n"
+        );
+        assert_eq!(h.headers.length, Some(2));
+        assert!(h.headers.has_date && !h.headers.has_trailer);
+        assert_eq!(h.headers.to_map()["x-a"], "1");
+
+        // Hop-by-hop lines are left out: the rest is copied.
+        let (h, _) = get(
+            "HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\nTrailer: x-t\r\nContent-Length: 2\r\n\r\n",
+        );
+        assert_eq!(
+            h.headers.lines(),
+            b"X-A: 1\r\nTrailer: x-t\r\nContent-Length: 2\r\n"
+        );
+        assert!(h.headers.has_trailer && !h.headers.has_date);
+
+        // Trailing white space goes.
+        let (h, _) = get("HTTP/1.1 200 OK\r\nX-A: 1 \t\r\n\r\n");
+        assert_eq!(h.headers.lines(), b"X-A: 1\r\n");
+
+        // Several lengths become one line; LF-only lines get their CR.
+        let (h, _) = get("HTTP/1.1 200 OK\nContent-Length: 3, 3\nContent-Length: 3\nX-B: 2\n\n");
+        assert_eq!(h.headers.lines(), b"content-length: 3\r\nX-B: 2\r\n");
+        assert_eq!(h.headers.length, Some(3));
+
+        // A 204 must not have a length; chunked answers drop it too.
+        let (h, _) = get("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-C: 3\r\n\r\n");
+        assert_eq!(
+            (h.headers.lines(), h.headers.length),
+            (&b"X-C: 3\r\n"[..], None)
+        );
+        let (h, _) =
+            get("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n");
+        assert_eq!((h.headers.lines(), h.headers.length), (&b""[..], None));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::Method;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
 /// `Trailer` is end to end: it announces trailer fields, which are relayed.
@@ -97,13 +97,6 @@ pub(crate) fn is_relayed_trailer(name: &HeaderName) -> bool {
     !is_hop_by_hop(name) && !NOT_IN_TRAILERS.contains(name)
 }
 
-/// Whether the client accepts trailer fields in the answer (`TE: trailers`;
-/// HTTP/2 clients such as gRPC's send it too). The gateway relays them, so
-/// it asks the upstream for them in turn.
-fn accepts_trailers(headers: &HeaderMap) -> bool {
-    lists(headers, header::TE, "trailers")
-}
-
 /// A request as it goes upstream: what [`write_request_head`] needs.
 #[derive(Debug)]
 pub(crate) struct Outgoing<'a> {
@@ -150,9 +143,17 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
     out.extend_from_slice(r.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // Names listed in Connection (rare; the common values are keep-alive,
-    // close and upgrade).
+    // close and upgrade), and `TE: trailers`: one pass over the headers,
+    // cheaper than two lookups in a map of a few (each hashes its name).
     let mut named: Vec<HeaderName> = Vec::new();
-    for value in r.headers.get_all(header::CONNECTION) {
+    let mut trailers = false;
+    for (name, value) in r.headers {
+        if *name == header::TE {
+            trailers |= lists_token(value, "trailers");
+        }
+        if *name != header::CONNECTION {
+            continue;
+        }
         for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
             if !token.is_empty()
                 && !token.eq_ignore_ascii_case("close")
@@ -227,7 +228,7 @@ pub(crate) fn write_request_head(out: &mut Vec<u8>, r: &Outgoing<'_>) {
         out.push(b'"');
     }
     out.extend_from_slice(b"\r\n");
-    if accepts_trailers(r.headers) {
+    if trailers {
         // TE is hop-by-hop; only its `trailers` token is passed on.
         out.extend_from_slice(b"te: trailers\r\n");
     }
@@ -274,22 +275,57 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Whether the comma-separated values of `name` list `token` (ignoring
 /// case and any `;` parameters).
 fn lists(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',').any(|t| {
-                t.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case(token)
-            })
+    headers.get_all(name).iter().any(|v| lists_token(v, token))
+}
+
+/// Whether the comma-separated `value` lists `token` (see [`lists`]).
+fn lists_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',').any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(token)
         })
     })
+}
+
+/// Most headers a map may have for [`find`] to scan it rather than look
+/// the name up.
+const SCAN_MAX: usize = 8;
+
+/// `headers.get(name)`: a scan of a small map (a client's request has a
+/// handful of headers; comparing those names is cheaper than hashing one,
+/// about 80-140 instructions a lookup), a lookup in a larger one.
+pub(crate) fn find<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderValue> {
+    if headers.len() > SCAN_MAX {
+        return headers.get(name);
+    }
+    headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_is_get_for_small_and_large_maps() {
+        for n in [0, 3, SCAN_MAX, SCAN_MAX + 5] {
+            let mut map = HeaderMap::new();
+            for i in 0..n {
+                map.append(
+                    HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from(i),
+                );
+            }
+            map.append(header::HOST, HeaderValue::from_static("a"));
+            map.append(header::HOST, HeaderValue::from_static("b"));
+            assert_eq!(find(&map, &header::HOST), map.get(header::HOST), "{n}");
+            assert_eq!(find(&map, &header::HOST).unwrap(), "a");
+            assert_eq!(find(&map, &header::UPGRADE), None);
+        }
+    }
 
     #[test]
     fn hop_by_hop_by_text_is_the_list() {

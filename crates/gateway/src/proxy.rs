@@ -257,7 +257,7 @@ impl Proxy {
                 parts.method,
                 Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
             );
-            if bodyless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            if bodyless && crate::headers::find(&parts.headers, &header::CONTENT_LENGTH).is_none() {
                 RequestFraming::None
             } else {
                 RequestFraming::Length(0)
@@ -332,12 +332,13 @@ impl Proxy {
                     chunked,
                     sent,
                 };
-                let result = within(
-                    deadline,
-                    timer.as_mut().map(Pin::as_mut),
-                    client.send(authority, tls, outbound, fresh),
-                )
-                .await;
+                // Pinned here, where it stays: `within` borrows it rather
+                // than moving it into its own state (two copies of the
+                // send's future saved).
+                let result = {
+                    let send = pin!(client.send(authority, tls, outbound, fresh));
+                    within(deadline, timer.as_mut().map(Pin::as_mut), send).await
+                };
                 match result {
                     Ok(Err(SendError::Stale(e)))
                         if !fresh && idempotent && body.as_ref().is_none_or(|b| !b.started()) =>
@@ -370,10 +371,10 @@ impl Proxy {
                     } else {
                         route.service.success(&state);
                     }
-                    let mut resp = Response::new(GatewayBody::empty());
-                    *resp.status_mut() = answer.status;
-                    *resp.headers_mut() = answer.headers;
                     if let Some(upgrade) = answer.upgraded {
+                        let mut resp = Response::new(GatewayBody::empty());
+                        *resp.status_mut() = answer.status;
+                        *resp.headers_mut() = answer.headers.to_map();
                         let (protocol, upgraded) = *upgrade;
                         let Some(client_upgrade) = client_upgrade else {
                             tracing::warn!(service = %route.route.service, instance = %state.id, "upstream switched protocols unasked");
@@ -393,8 +394,13 @@ impl Proxy {
                         tunnel(client_upgrade, upgraded, target_instance.into_in_flight());
                         return resp;
                     }
-                    *resp.body_mut() =
-                        GatewayBody::upstream(answer.body, target_instance.into_in_flight());
+                    // The header lines go with the body, as they came.
+                    let mut resp = Response::new(GatewayBody::upstream(
+                        answer.body,
+                        target_instance.into_in_flight(),
+                        answer.headers,
+                    ));
+                    *resp.status_mut() = answer.status;
                     return resp;
                 }
                 Ok(Err(e)) => {
@@ -533,7 +539,9 @@ fn reject<B>(req: &Request<B>) -> Option<Response<GatewayBody>> {
 fn request_host(req: &http::request::Parts) -> Option<Cow<'_, str>> {
     let raw = match req.uri.authority() {
         Some(a) => a.as_str(),
-        None => req.headers.get(header::HOST)?.to_str().ok()?,
+        None => crate::headers::find(&req.headers, &header::HOST)?
+            .to_str()
+            .ok()?,
     };
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // [v6]:port
@@ -578,7 +586,7 @@ struct Elapsed;
 async fn within<F: Future>(
     deadline: Instant,
     timer: Option<Pin<&mut Sleep>>,
-    fut: F,
+    mut fut: Pin<&mut F>,
 ) -> Result<F::Output, Elapsed> {
     let Some(mut timer) = timer else {
         return tokio::time::timeout_at(deadline.into(), fut)
@@ -586,7 +594,6 @@ async fn within<F: Future>(
             .map_err(|_| Elapsed);
     };
     timer.as_mut().reset(deadline.into());
-    let mut fut = pin!(fut);
     poll_fn(|cx| {
         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(out));

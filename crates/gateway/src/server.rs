@@ -321,6 +321,7 @@ impl Connection {
                 // this future is dropped first (an HTTP/2 stream reset).
                 let finished = Finished(shared.3.clone());
                 let resp = shared.0.handle(&shared.1, req, &shared.2, None).await;
+                let resp = crate::body::into_hyper(resp);
                 Ok::<_, Infallible>(resp.map(|body| body.counted(finished)))
             }
         });

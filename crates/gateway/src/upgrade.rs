@@ -16,7 +16,7 @@ use crate::headers::connection_has;
 /// upgrade` with an `Upgrade` header).
 pub(crate) fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
+        && crate::headers::find(headers, &header::UPGRADE).is_some()
         && connection_has(headers, "upgrade")
 }
 

@@ -454,6 +454,17 @@ async fn write_response<I: AsyncWrite + Unpin>(
         announced |= *name == header::TRAILER;
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    // An upstream's header lines, as they came (the proxy left out the
+    // hop-by-hop ones, and a Content-Length a 1xx or 204 must not have).
+    let raw = body.take_headers();
+    if let Some(raw) = &raw {
+        out.extend_from_slice(raw.lines());
+        if length.is_none() {
+            length = raw.length;
+        }
+        has_date |= raw.has_date;
+        announced |= raw.has_trailer;
+    }
     let hint = body.size_hint().exact();
     let framing = if no_body {
         // The length a GET would have had, when the gateway knows it.
@@ -561,7 +572,10 @@ async fn write_response<I: AsyncWrite + Unpin>(
         Framing::Chunked => {
             out.extend_from_slice(b"0\r\n");
             if let Some(t) = trailers {
-                write_trailers(out, &parts.headers, &t);
+                match &raw {
+                    Some(raw) => write_trailers(out, &raw.to_map(), &t),
+                    None => write_trailers(out, &parts.headers, &t),
+                }
             }
             out.extend_from_slice(b"\r\n");
         }
