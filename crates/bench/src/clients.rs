@@ -17,6 +17,42 @@ use crate::recorder::{Recorder, Summary};
 use crate::report::Report;
 use crate::units::{duration_as_secs, three_decimals};
 
+/// Runs `work` (a closed-loop workload: connecting, the clients, their
+/// report) on a current-thread runtime of its own, on a thread of its own,
+/// and waits for it.
+///
+/// Why: on the multi-thread runtime a task woken by the one running goes
+/// next (the LIFO slot). When a client queues a request on its connection,
+/// the connection's task (hyper's HTTP/2 client) is woken and runs at
+/// once, writing that one request: about two `writev` per put (its
+/// HEADERS, then its DATA from the body's own task), each paying for the
+/// loopback delivery. A current-thread runtime runs woken tasks in order:
+/// the clients woken by a batch of responses all queue their next requests
+/// before the connection's task runs and writes them together. The same
+/// client goes to every registry, so this only makes the load generator
+/// lighter. Within a current-thread runtime already (tests), or if the
+/// runtime cannot start, `work` runs where it is.
+pub(crate) async fn on_own_runtime<T: Send>(work: impl Future<Output = T> + Send) -> T {
+    use tokio::runtime::{Builder, Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() != RuntimeFlavor::MultiThread {
+        return work.await;
+    }
+    let runtime = match Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(_) => return work.await,
+    };
+    tokio::task::block_in_place(|| {
+        let result = std::thread::scope(|scope| {
+            scope
+                .spawn(|| runtime.block_on(work))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        runtime.shutdown_background();
+        result
+    })
+}
+
 /// What a set of clients recorded, and how long they ran.
 #[derive(Debug)]
 pub(crate) struct Run {

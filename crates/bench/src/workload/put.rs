@@ -2,13 +2,17 @@
 
 use crate::args::Plan;
 use crate::clients::{
-    ClosedLoop, KvWorker, NoFields, closed_loop, closed_loop_report, run_clients,
+    ClosedLoop, KvWorker, NoFields, closed_loop, closed_loop_report, on_own_runtime, run_clients,
 };
 use crate::error::Error;
 use crate::report::Report;
 
 /// Runs `put` for `--duration`.
 pub(crate) async fn run(plan: &Plan<'_>) -> Result<Report<ClosedLoop<NoFields>>, Error> {
+    on_own_runtime(run_here(plan)).await
+}
+
+async fn run_here(plan: &Plan<'_>) -> Result<Report<ClosedLoop<NoFields>>, Error> {
     let args = plan.args;
     let (load, channels) = plan.open(args.clients as usize).await?;
     let run = run_clients(load.clients, Some(args.duration), |c, deadline| {
