@@ -216,13 +216,15 @@ impl pb::lease_server::Lease for Services {
         core.counters
             .keepalive_streams
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stream = req.into_inner().map(move |msg| {
-            msg.map(|r| {
+        let stream = req.into_inner().then(move |msg| {
+            let core = core.clone();
+            async move {
+                let r = msg?;
                 core.counters
                     .keepalive_messages
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                core.lease_renew(r.id)
-            })
+                Ok(core.lease_keep_alive(r.id).await)
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

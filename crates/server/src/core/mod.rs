@@ -583,6 +583,27 @@ impl Core {
         }
     }
 
+    /// `Lease.LeaseKeepAlive`, one message: [`Core::lease_renew`], except
+    /// that a lease whose time is up but which the expirer has not revoked
+    /// yet is revoked first, as etcd answers such a keep-alive only once the
+    /// lease is gone. Otherwise a put could still attach a key to a lease
+    /// that a keep-alive already reported dead.
+    pub async fn lease_keep_alive(&self, id: i64) -> pb::LeaseKeepAliveResponse {
+        let resp = self.lease_renew(id);
+        if resp.ttl > 0 || !self.read().lessor.contains(id) {
+            return resp;
+        }
+        // Gone either way: revoked here, or by the expirer meanwhile.
+        if let Err(e) = self.lease_revoke(id, &Caller::System).await {
+            tracing::debug!(lease = format_args!("{id:x}"), error = %e, "lease expiry on keep-alive");
+        }
+        pb::LeaseKeepAliveResponse {
+            header: self.header(self.committed()),
+            id,
+            ttl: 0,
+        }
+    }
+
     /// The `lease-expire-early` fault, on a grant or renewal at `now`.
     fn maybe_doom(&self, lessor: &mut Lessor, id: i64, ttl: i64, now: Instant) {
         if let Some(faults) = &self.faults
@@ -787,5 +808,76 @@ async fn expirer(core: Arc<Core>) {
                 .clamp(Duration::from_millis(10), Duration::from_millis(500))
         });
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A core with its publisher but no expirer, so that a lease whose time
+    /// is up stays unrevoked until something else revokes it.
+    fn core_without_expirer() -> (Arc<Core>, tokio::task::JoinHandle<()>) {
+        let (storage, recovered) = Storage::in_memory();
+        let header = HeaderInfo {
+            cluster_id: 1,
+            member_id: 1,
+        };
+        let config = CoreConfig {
+            min_lease_ttl: 1,
+            ..CoreConfig::default()
+        };
+        let core = Core::new(storage, recovered, header, config, AuthConfig::default());
+        let publisher = tokio::spawn(publisher(core.clone()));
+        (core, publisher)
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_answered_ttl_0_means_puts_onto_the_lease_fail() {
+        let (core, publisher) = core_without_expirer();
+        let id = core.lease_grant(7, 1).await.unwrap().id;
+        core.put(
+            pb::PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                lease: id,
+                ..Default::default()
+            },
+            &Caller::System,
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !core.read().lessor.expired(Instant::now()).contains(&id) {
+            assert!(Instant::now() < deadline, "the lease's time never ran out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(core.lease_keep_alive(id).await.ttl, 0);
+        let put = core
+            .put(
+                pb::PutRequest {
+                    key: b"late".to_vec(),
+                    value: b"v".to_vec(),
+                    lease: id,
+                    ..Default::default()
+                },
+                &Caller::System,
+            )
+            .await;
+        let status = put.expect_err("a put onto a lease reported dead");
+        assert_eq!(status.message(), "etcdserver: requested lease not found");
+        // Its key went with it, in the revoke.
+        let range = core
+            .range(
+                &pb::RangeRequest {
+                    key: b"k".to_vec(),
+                    ..Default::default()
+                },
+                &Caller::System,
+            )
+            .unwrap();
+        assert!(range.kvs.is_empty(), "{range:?}");
+        assert_eq!(core.lease_time_to_live(id, false).ttl, -1);
+        publisher.abort();
     }
 }
