@@ -450,11 +450,9 @@ struct Queue {
     stopped: bool,
 }
 
-/// One group, as logged: its record (the checkpointer applies the changes
-/// from it, so the batches themselves are freed as soon as they are logged,
-/// and events go to the database in the encoding the log holds).
+/// One group, as logged.
 struct Logged {
-    record: Vec<u8>,
+    batches: Vec<Vec<Change>>,
     /// The log position just past the group's record.
     end: Position,
     bytes: usize,
@@ -1016,13 +1014,14 @@ impl<'txn> Tables<'txn> {
     ) -> Result<(), StorageError> {
         match change {
             Change::Event { rev, sub, event } => {
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.clear();
+                self.buf.clear();
                 // Writing into a Vec cannot run out of room.
-                let _ = event.encode(&mut buf);
-                let inserted = self.insert_event(*rev, *sub, &buf, high, high_event);
-                self.buf = buf;
-                inserted?;
+                let _ = event.encode(&mut self.buf);
+                self.events
+                    .insert((*rev, *sub), self.buf.as_slice())
+                    .map_err(db_error)?;
+                *high = (*high).max(*rev);
+                *high_event = (*high_event).max(*rev);
             }
             Change::Revision(rev) => *high = (*high).max(*rev),
             Change::LeaseGrant(lease) => {
@@ -1074,21 +1073,6 @@ impl<'txn> Tables<'txn> {
                     .map_err(db_error)?;
             }
         }
-        Ok(())
-    }
-
-    /// Stores an event record, `event` already encoded.
-    fn insert_event(
-        &mut self,
-        rev: i64,
-        sub: i64,
-        event: &[u8],
-        high: &mut i64,
-        high_event: &mut i64,
-    ) -> Result<(), StorageError> {
-        self.events.insert((rev, sub), event).map_err(db_error)?;
-        *high = (*high).max(rev);
-        *high_event = (*high_event).max(rev);
         Ok(())
     }
 
@@ -1178,13 +1162,22 @@ fn run(mut wal: WalWriter, receiver: mpsc::Receiver<Request>, shared: &Shared, o
                     .wal_bytes
                     .fetch_add(record.len() as u64, Ordering::Relaxed);
                 debug!(batches = group.len(), bytes, "storage: logged");
-                for request in group.drain(..) {
-                    // The caller may have dropped its ticket; that is fine.
-                    let _ = request.done.send(Ok(()));
-                }
-                let capacity = record.capacity().min(2 * MAX_GROUP_BYTES);
-                let record = std::mem::replace(&mut record, Vec::with_capacity(capacity));
-                shared.enqueue(Logged { record, end, bytes }, options);
+                let batches = group
+                    .drain(..)
+                    .map(|request| {
+                        // The caller may have dropped its ticket; that is fine.
+                        let _ = request.done.send(Ok(()));
+                        request.changes
+                    })
+                    .collect();
+                shared.enqueue(
+                    Logged {
+                        batches,
+                        end,
+                        bytes,
+                    },
+                    options,
+                );
             }
             Err(error) => {
                 let error = StorageError::from(error);
@@ -1299,25 +1292,6 @@ fn remove_segments(wal_dir: &Path, oldest: &mut u64, keep: u64) -> std::io::Resu
     wal::sync_dir(wal_dir)
 }
 
-/// Why applying a logged record failed: the database, or (a bug) the
-/// record itself.
-enum CheckpointError {
-    Storage(StorageError),
-    Decode(String),
-}
-
-impl From<StorageError> for CheckpointError {
-    fn from(error: StorageError) -> Self {
-        CheckpointError::Storage(error)
-    }
-}
-
-impl From<String> for CheckpointError {
-    fn from(reason: String) -> Self {
-        CheckpointError::Decode(reason)
-    }
-}
-
 /// Applies `groups` to the database in one durable write transaction that
 /// also records `end` as the checkpoint. `revision` is the highest stored
 /// revision; it is updated only if the commit succeeds.
@@ -1335,23 +1309,8 @@ fn checkpoint(
     let mut stored = *revision;
     {
         let mut tables = Tables::open(&txn)?;
-        for logged in groups {
-            wal::for_each_change(wal::record_payload(&logged.record), |change| match change {
-                wal::RawChange::Event { rev, sub, event } => Ok::<_, CheckpointError>(
-                    tables.insert_event(rev, sub, event, &mut high, &mut high_event)?,
-                ),
-                wal::RawChange::Other(change) => {
-                    Ok(tables.apply(&change, &mut high, &mut high_event)?)
-                }
-            })
-            .map_err(|reason: CheckpointError| match reason {
-                CheckpointError::Storage(error) => error,
-                CheckpointError::Decode(reason) => StorageError::CorruptWal {
-                    segment: end.segment,
-                    offset: 0,
-                    reason: format!("a logged record does not decode: {reason}"),
-                },
-            })?;
+        for change in groups.iter().flat_map(|logged| &logged.batches).flatten() {
+            tables.apply(change, &mut high, &mut high_event)?;
         }
         tables.finish(high, high_event, &mut stored)?;
         tables.set_checkpoint(end)?;

@@ -303,113 +303,62 @@ impl<'a> Decoder<'a> {
 
 /// Decodes a record's payload back into its changes.
 pub(super) fn decode_changes(payload: &[u8]) -> Result<Vec<Change>, String> {
-    let mut changes = Vec::new();
-    for_each_change(payload, |change| {
-        changes.push(match change {
-            RawChange::Event { rev, sub, event } => Change::Event {
-                rev,
-                sub,
-                event: Event::decode(event).map_err(|error| format!("event: {error}"))?,
-            },
-            RawChange::Other(change) => change,
-        });
-        Ok::<_, String>(())
-    })?;
-    Ok(changes)
-}
-
-/// A change of a record's payload, an event still in its protobuf encoding
-/// (which is how the database stores it).
-pub(super) enum RawChange<'a> {
-    /// [`Change::Event`], its event encoded.
-    Event {
-        /// Main revision of the event.
-        rev: i64,
-        /// Sub revision of the event.
-        sub: i64,
-        /// The prost-encoded [`Event`].
-        event: &'a [u8],
-    },
-    /// Any other change, decoded.
-    Other(Change),
-}
-
-/// The payload of a record from [`encode_record`] (its header says how long).
-pub(super) fn record_payload(record: &[u8]) -> &[u8] {
-    let len = record
-        .get(4..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, |b| u32::from_le_bytes(b) as usize);
-    record.get(HEADER..HEADER + len).unwrap_or_default()
-}
-
-/// Calls `f` with each change of a record's payload in order, events left
-/// encoded; stops at the first error (of decoding, or of `f`).
-pub(super) fn for_each_change<'a, E: From<String>>(
-    payload: &'a [u8],
-    mut f: impl FnMut(RawChange<'a>) -> Result<(), E>,
-) -> Result<(), E> {
     let mut decoder = Decoder { rest: payload };
+    let mut changes = Vec::new();
     while !decoder.rest.is_empty() {
-        f(next_change(&mut decoder)?)?;
-    }
-    Ok(())
-}
-
-fn next_change<'a>(decoder: &mut Decoder<'a>) -> Result<RawChange<'a>, String> {
-    let change = match decoder.u8()? {
-        TAG_EVENT => {
-            return Ok(RawChange::Event {
+        let change = match decoder.u8()? {
+            TAG_EVENT => Change::Event {
                 rev: decoder.i64()?,
                 sub: decoder.i64()?,
-                event: decoder.bytes()?,
-            });
-        }
-        TAG_REVISION => Change::Revision(decoder.i64()?),
-        TAG_LEASE_GRANT => Change::LeaseGrant(LeaseRecord {
-            id: decoder.i64()?,
-            ttl: decoder.i64()?,
-        }),
-        TAG_LEASE_REVOKE => Change::LeaseRevoke(decoder.i64()?),
-        TAG_COMPACT => {
-            let revision = decoder.i64()?;
-            let count = decoder.u32()? as usize;
-            // Each pair is 16 bytes: a count beyond that is damage, not
-            // a reason to allocate.
-            if count > decoder.rest.len() / 16 {
-                return Err(format!("compaction of {count} records in a short record"));
+                event: decoder.message::<Event>("event")?,
+            },
+            TAG_REVISION => Change::Revision(decoder.i64()?),
+            TAG_LEASE_GRANT => Change::LeaseGrant(LeaseRecord {
+                id: decoder.i64()?,
+                ttl: decoder.i64()?,
+            }),
+            TAG_LEASE_REVOKE => Change::LeaseRevoke(decoder.i64()?),
+            TAG_COMPACT => {
+                let revision = decoder.i64()?;
+                let count = decoder.u32()? as usize;
+                // Each pair is 16 bytes: a count beyond that is damage, not
+                // a reason to allocate.
+                if count > decoder.rest.len() / 16 {
+                    return Err(format!("compaction of {count} records in a short record"));
+                }
+                let mut removed = Vec::with_capacity(count);
+                for _ in 0..count {
+                    removed.push((decoder.i64()?, decoder.i64()?));
+                }
+                Change::Compact { revision, removed }
             }
-            let mut removed = Vec::with_capacity(count);
-            for _ in 0..count {
-                removed.push((decoder.i64()?, decoder.i64()?));
+            TAG_AUTH_USER => {
+                let name = decoder.string()?;
+                let user = if decoder.flag()? {
+                    Some(decoder.message::<authpb::User>("user")?)
+                } else {
+                    None
+                };
+                Change::AuthUser { name, user }
             }
-            Change::Compact { revision, removed }
-        }
-        TAG_AUTH_USER => {
-            let name = decoder.string()?;
-            let user = if decoder.flag()? {
-                Some(decoder.message::<authpb::User>("user")?)
-            } else {
-                None
-            };
-            Change::AuthUser { name, user }
-        }
-        TAG_AUTH_ROLE => {
-            let name = decoder.string()?;
-            let role = if decoder.flag()? {
-                Some(decoder.message::<authpb::Role>("role")?)
-            } else {
-                None
-            };
-            Change::AuthRole { name, role }
-        }
-        TAG_AUTH_STATE => Change::AuthState {
-            enabled: decoder.flag()?,
-            revision: decoder.u64()?,
-        },
-        tag => return Err(format!("unknown change tag {tag}")),
-    };
-    Ok(RawChange::Other(change))
+            TAG_AUTH_ROLE => {
+                let name = decoder.string()?;
+                let role = if decoder.flag()? {
+                    Some(decoder.message::<authpb::Role>("role")?)
+                } else {
+                    None
+                };
+                Change::AuthRole { name, role }
+            }
+            TAG_AUTH_STATE => Change::AuthState {
+                enabled: decoder.flag()?,
+                revision: decoder.u64()?,
+            },
+            tag => return Err(format!("unknown change tag {tag}")),
+        };
+        changes.push(change);
+    }
+    Ok(changes)
 }
 
 // --- Reading --------------------------------------------------------------
