@@ -10,18 +10,6 @@ use crate::watch::{Event, EventKind, WatchRecord, WatchResponseRecord};
 
 const S: u64 = 1_000_000_000;
 
-fn ev(kind: EventKind, key: &str, value: &str, rev: i64, lease: i64) -> Event {
-    Event {
-        kind,
-        key: key.into(),
-        value: value.into(),
-        mod_revision: rev,
-        create_revision: if kind == EventKind::Put { rev } else { 0 },
-        version: i64::from(kind == EventKind::Put),
-        lease,
-    }
-}
-
 /// One stream from revision 1, one response per event, each received at
 /// the time given with it.
 fn watch(events: Vec<(Event, u64)>) -> Vec<WatchRecord> {

@@ -65,3 +65,23 @@ pub(crate) fn kv(key: &str, value: &str, create: i64, modified: i64, version: i6
         lease: 0,
     }
 }
+
+/// A watch event of `kind` on `key` at `rev` (a put creates its key).
+pub(crate) fn ev(
+    kind: crate::watch::EventKind,
+    key: &str,
+    value: &str,
+    rev: i64,
+    lease: i64,
+) -> crate::watch::Event {
+    use crate::watch::{Event, EventKind};
+    Event {
+        kind,
+        key: key.into(),
+        value: value.into(),
+        mod_revision: rev,
+        create_revision: if kind == EventKind::Put { rev } else { 0 },
+        version: i64::from(kind == EventKind::Put),
+        lease,
+    }
+}

@@ -11,18 +11,6 @@ use crate::linearizability::CheckOptions;
 use crate::pin::{PinStats, pin_unknown};
 use crate::watch::{Event, EventKind, WatchRecord, WatchResponseRecord, patch_history};
 
-fn ev(kind: EventKind, key: &str, value: &str, rev: i64, lease: i64) -> Event {
-    Event {
-        kind,
-        key: key.into(),
-        value: value.into(),
-        mod_revision: rev,
-        create_revision: if kind == EventKind::Put { rev } else { 0 },
-        version: i64::from(kind == EventKind::Put),
-        lease,
-    }
-}
-
 /// One stream from revision 1, one response per revision.
 fn watch(events: Vec<Event>) -> Vec<WatchRecord> {
     let mut responses: Vec<WatchResponseRecord> = Vec::new();
