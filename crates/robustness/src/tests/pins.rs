@@ -38,16 +38,16 @@ fn delete(key: &str) -> Request {
     Request::Delete { key: key.into() }
 }
 
-/// Client 1 grants lease 7 (revision 1), then puts `a` = 1 on it
-/// (revision 2): the start of the histories where a key's delete event may
-/// be its lease's.
-fn lease_7_holding_a() -> Vec<Operation> {
+/// Client 1 grants lease 7 for `ttl` seconds (revision 1), then puts
+/// `a` = 1 on it (revision 2): the start of the histories where a key's
+/// delete event may be its lease's.
+fn lease_7_holding_a(ttl: i64) -> Vec<Operation> {
     vec![
         op(
             1,
             0,
             Some(5),
-            Request::LeaseGrant { ttl: 600, id: 7 },
+            Request::LeaseGrant { ttl, id: 7 },
             ok(1, ResponseBody::LeaseGrant { id: 7 }),
         ),
         op(
@@ -145,7 +145,7 @@ fn two_lost_deletes_of_one_key_stay_unknown() {
 fn a_delete_or_a_revoke_of_the_same_key_stays_unknown() {
     // `a` is attached to lease 7: its delete event may be the delete's or
     // the revoke's.
-    let mut ops = lease_7_holding_a();
+    let mut ops = lease_7_holding_a(600);
     ops.extend([
         op(2, 20, None, delete("a"), Outcome::Unknown),
         op(
@@ -261,33 +261,14 @@ fn forced_choices_propagate() {
 
 #[test]
 fn a_revision_an_expiry_may_have_made_is_not_pinned() {
-    let ops = vec![
-        op(
-            1,
-            0,
-            Some(5),
-            Request::LeaseGrant { ttl: 1, id: 7 },
-            ok(1, ResponseBody::LeaseGrant { id: 7 }),
-        ),
-        op(
-            1,
-            6,
-            Some(10),
-            Request::Put {
-                key: "a".into(),
-                value: "1".into(),
-                lease: 7,
-            },
-            put_ok(2),
-        ),
-        op(
-            2,
-            20,
-            None,
-            Request::LeaseRevoke { id: 7 },
-            Outcome::Unknown,
-        ),
-    ];
+    let mut ops = lease_7_holding_a(1);
+    ops.push(op(
+        2,
+        20,
+        None,
+        Request::LeaseRevoke { id: 7 },
+        Outcome::Unknown,
+    ));
     let w = watch(vec![
         ev(EventKind::Put, "a", "1", 2, 7),
         ev(EventKind::Delete, "a", "", 3, 0),
@@ -357,7 +338,7 @@ fn an_acknowledged_put_the_watch_lost_is_reported() {
 
 #[test]
 fn a_revision_an_answered_revoke_made_is_not_a_lost_deletes() {
-    let mut ops = lease_7_holding_a();
+    let mut ops = lease_7_holding_a(600);
     ops.extend([
         op(2, 20, None, delete("a"), Outcome::Unknown),
         op(
