@@ -718,6 +718,28 @@ mod tests {
         assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
     }
 
+    /// `kind` keeps its own list (by length, on the hot path): it must
+    /// name every hop-by-hop header of the shared one, in any case.
+    #[test]
+    fn every_hop_by_hop_name_is_a_dropped_kind() {
+        for name in &crate::headers::HOP_BY_HOP {
+            for spelled in [
+                name.as_str().to_string(),
+                name.as_str().to_ascii_uppercase(),
+            ] {
+                let k = kind(spelled.as_bytes());
+                assert!(
+                    !matches!(
+                        k,
+                        Kind::Other | Kind::Date | Kind::Trailer | Kind::ContentLength
+                    ),
+                    "{spelled}: {k:?}"
+                );
+            }
+        }
+        assert_eq!(kind(b"X-Hop"), Kind::Other);
+    }
+
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
         let (h, _) = get(

@@ -9,19 +9,19 @@
 //!   keys with lease `L` and a modification revision `< R`
 //!   ([`StaleRead`]). The linearizability check rules this out too; this is
 //!   the same guarantee said plainly, reported on its own.
-//! * **No lease outlives its TTL by more than [`TTL_SLACK`].** For every
+//! * **No lease outlives its TTL by more than [`TTL_SLACK_NANOS`].** For every
 //!   expiry the watch pinned to the revision that deleted its keys, the time
 //!   the watch delivered that deletion, minus the latest of the grant's
 //!   return, the last keep-alive answered TTL > 0, and the end of the last
 //!   outage before it ([`Outage`]: a kill -9 and restart, a cut, a dropped
-//!   watch), is at most the TTL plus [`TTL_SLACK`] ([`TtlViolation`],
+//!   watch), is at most the TTL plus [`TTL_SLACK_NANOS`] ([`TtlViolation`],
 //!   `outlived`). A lease with a keep-alive of unknown outcome since the
 //!   last restart is not timed: that keep-alive may have renewed it.
 //! * **No lease expires before its TTL.** For every lease granted once and
 //!   never revoked explicitly, the first sign that it was gone (the watch
 //!   delivering its expiry, a keep-alive answered TTL 0, "lease not found")
 //!   comes no earlier than the TTL after the invocation of its grant or of
-//!   its last keep-alive answered TTL > 0, minus [`EARLY_SLACK`]
+//!   its last keep-alive answered TTL > 0, minus [`EARLY_SLACK_NANOS`]
 //!   (`early`).
 //!
 //! The slack: etcd 3.4 checks for expired leases every 500 ms and, when its
@@ -46,13 +46,9 @@ use crate::watch::{EventKind, WatchRecord};
 /// How much later than its TTL a lease may expire (see the module
 /// documentation).
 pub const TTL_SLACK_NANOS: u64 = 2_000_000_000;
-/// [`TTL_SLACK_NANOS`] as a duration.
-pub const TTL_SLACK: std::time::Duration = std::time::Duration::from_nanos(TTL_SLACK_NANOS);
 /// How much earlier than its TTL a lease may seem to expire (timers and
 /// clocks of one machine).
 pub const EARLY_SLACK_NANOS: u64 = 100_000_000;
-/// [`EARLY_SLACK_NANOS`] as a duration.
-pub const EARLY_SLACK: std::time::Duration = std::time::Duration::from_nanos(EARLY_SLACK_NANOS);
 
 /// A time the run interrupted the registry or the watch, on the history's
 /// clock (monotonic nanoseconds).
@@ -98,13 +94,6 @@ pub struct TtlViolation {
     pub gone: u64,
 }
 
-impl TtlViolation {
-    /// How long after `from` the lease was seen gone, in seconds.
-    pub fn lived_seconds(&self) -> f64 {
-        self.gone.saturating_sub(self.from) as f64 / 1e9
-    }
-}
-
 /// What [`check`] found.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LeaseReport {
@@ -117,9 +106,9 @@ pub struct LeaseReport {
     pub max_over_ttl: Option<f64>,
     /// Keys read after their lease ended.
     pub stale_reads: Vec<StaleRead>,
-    /// Leases that outlived their TTL by more than [`TTL_SLACK`].
+    /// Leases that outlived their TTL by more than [`TTL_SLACK_NANOS`].
     pub outlived: Vec<TtlViolation>,
-    /// Leases gone before their TTL (less [`EARLY_SLACK`]).
+    /// Leases gone before their TTL (less [`EARLY_SLACK_NANOS`]).
     pub early: Vec<TtlViolation>,
 }
 

@@ -353,17 +353,31 @@ struct Sub {
     denied_once: bool,
 }
 
+/// What became of an event handed to a watcher.
+enum Delivery {
+    Sent,
+    /// Its channel is full (never for a sink).
+    Full,
+    /// Its owner is gone.
+    Gone,
+}
+
 impl Sub {
-    /// Hands a progress notification to the sink or the channel (dropped
-    /// when the channel is full: a later one carries the same news);
-    /// `false` when the sink's owner is gone.
-    fn deliver(&mut self, event: WatchEvent) -> bool {
+    /// Hands `event` to the sink, or else to the channel.
+    fn deliver(&mut self, event: WatchEvent) -> Delivery {
         match self.sink.as_mut() {
-            Some(sink) => sink(event),
-            None => {
-                let _ = self.tx.try_send(event);
-                true
+            Some(sink) => {
+                if sink(event) {
+                    Delivery::Sent
+                } else {
+                    Delivery::Gone
+                }
             }
+            None => match self.tx.try_send(event) {
+                Ok(()) => Delivery::Sent,
+                Err(mpsc::error::TrySendError::Full(_)) => Delivery::Full,
+                Err(mpsc::error::TrySendError::Closed(_)) => Delivery::Gone,
+            },
         }
     }
 }
@@ -604,14 +618,7 @@ impl Task {
                         let _ = reply.send(id);
                         outgoing.extend(self.create_request(id));
                     }
-                    Some(Cmd::Cancel(id)) => {
-                        if let Some(sub) = self.subs.remove(&id)
-                            && let Some(w) = sub.watch_id
-                        {
-                            self.by_watch.remove(&w);
-                            outgoing.push(Self::cancel_request(w));
-                        }
-                    }
+                    Some(Cmd::Cancel(id)) => self.forget(id, &mut outgoing),
                 },
                 msg = stream.message() => match msg {
                     Ok(Some(resp)) => {
@@ -681,20 +688,18 @@ impl Task {
         }
         if watch_id == -1 && !resp.created && !resp.canceled && resp.events.is_empty() {
             // Answer to a progress request: every synced watcher is current.
+            // A full channel drops it: a later one carries the same news.
             let mut gone = Vec::new();
             for (&id, sub) in self.subs.iter_mut().filter(|(_, s)| s.created && !s.paused) {
                 if revision + 1 > sub.next_rev {
                     sub.next_rev = revision + 1;
-                    if !sub.deliver(WatchEvent::Progress { revision }) {
+                    if let Delivery::Gone = sub.deliver(WatchEvent::Progress { revision }) {
                         gone.push(id);
                     }
                 }
             }
             for id in gone {
-                if let Some(w) = self.subs.remove(&id).and_then(|s| s.watch_id) {
-                    self.by_watch.remove(&w);
-                    outgoing.push(Self::cancel_request(w));
-                }
+                self.forget(id, outgoing);
             }
             return None;
         }
@@ -741,10 +746,8 @@ impl Task {
         if resp.events.is_empty() {
             if revision + 1 > sub.next_rev {
                 sub.next_rev = revision + 1;
-                if !sub.deliver(WatchEvent::Progress { revision }) {
-                    self.by_watch.remove(&watch_id);
-                    self.subs.remove(&sub_id);
-                    outgoing.push(Self::cancel_request(watch_id));
+                if let Delivery::Gone = sub.deliver(WatchEvent::Progress { revision }) {
+                    self.forget(sub_id, outgoing);
                 }
             }
             return None;
@@ -759,24 +762,13 @@ impl Task {
             .last()
             .and_then(|e| e.kv.as_ref())
             .map_or(0, |kv| kv.mod_revision);
-        let batch = WatchEvent::Events {
+        match sub.deliver(WatchEvent::Events {
             revision,
             events: resp.events,
             received,
-        };
-        let sent = match sub.sink.as_mut() {
-            Some(sink) => match sink(batch) {
-                true => Ok(()),
-                false => Err(mpsc::error::TrySendError::Closed(())),
-            },
-            None => sub.tx.try_send(batch).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
-                mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
-            }),
-        };
-        match sent {
-            Ok(()) => sub.next_rev = sub.next_rev.max(last + 1),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        }) {
+            Delivery::Sent => sub.next_rev = sub.next_rev.max(last + 1),
+            Delivery::Full => {
                 // Too slow: stop the server-side watch and catch up from
                 // history once the watcher has drained its backlog.
                 tracing::warn!(
@@ -793,13 +785,17 @@ impl Task {
                     outgoing.push(Self::cancel_request(w));
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.by_watch.remove(&watch_id);
-                self.subs.remove(&sub_id);
-                outgoing.push(Self::cancel_request(watch_id));
-            }
+            Delivery::Gone => self.forget(sub_id, outgoing),
         }
         None
+    }
+
+    /// Drops watcher `sub_id` and cancels its server-side watch, if any.
+    fn forget(&mut self, sub_id: u64, outgoing: &mut Vec<pb::WatchRequest>) {
+        if let Some(w) = self.subs.remove(&sub_id).and_then(|s| s.watch_id) {
+            self.by_watch.remove(&w);
+            outgoing.push(Self::cancel_request(w));
+        }
     }
 
     /// etcd refused to create watch `watch_id` for `refusal`: replace the
