@@ -9,23 +9,26 @@ use std::time::Duration;
 use common::*;
 use muster::grpc::{BalancedChannel, ChannelConfig};
 use muster::{Instance, Registrar, RegistrarConfig, Status};
-use muster_proto::maintenance_client::MaintenanceClient;
-use muster_proto::maintenance_server::{Maintenance, MaintenanceServer};
-use muster_proto::{StatusRequest, StatusResponse};
+use muster_proto::cluster_client::ClusterClient;
+use muster_proto::cluster_server::{Cluster, ClusterServer};
+use muster_proto::{Member, MemberListRequest, MemberListResponse};
 use muster_testkit::Registry;
 use tokio_stream::StreamExt;
 
-/// A gRPC server that answers Status with its own id as the version.
+/// A gRPC server that answers MemberList with one member named by its id.
 struct Echo(String);
 
 #[tonic::async_trait]
-impl Maintenance for Echo {
-    async fn status(
+impl Cluster for Echo {
+    async fn member_list(
         &self,
-        _req: tonic::Request<StatusRequest>,
-    ) -> Result<tonic::Response<StatusResponse>, tonic::Status> {
-        Ok(tonic::Response::new(StatusResponse {
-            version: self.0.clone(),
+        _req: tonic::Request<MemberListRequest>,
+    ) -> Result<tonic::Response<MemberListResponse>, tonic::Status> {
+        Ok(tonic::Response::new(MemberListResponse {
+            members: vec![Member {
+                name: self.0.clone(),
+                ..Default::default()
+            }],
             ..Default::default()
         }))
     }
@@ -52,7 +55,7 @@ impl GrpcInstance {
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
-                .add_service(MaintenanceServer::new(Echo(id)))
+                .add_service(ClusterServer::new(Echo(id)))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
                 .unwrap();
@@ -76,13 +79,19 @@ impl Drop for GrpcInstance {
     }
 }
 
-/// Status is a read: marked idempotent, so a call that was on the wire when
-/// its instance died may be sent again to another.
+/// MemberList is a read: marked idempotent, so a call that was on the wire
+/// when its instance died may be sent again to another.
 async fn call(channel: &BalancedChannel) -> Result<String, tonic::Status> {
-    let mut req = tonic::Request::new(StatusRequest {});
+    let mut req = tonic::Request::new(MemberListRequest::default());
     req.extensions_mut().insert(muster::grpc::Idempotent);
-    let resp = MaintenanceClient::new(channel.clone()).status(req).await?;
-    Ok(resp.into_inner().version)
+    let resp = ClusterClient::new(channel.clone()).member_list(req).await?;
+    Ok(resp
+        .into_inner()
+        .members
+        .into_iter()
+        .next()
+        .map(|m| m.name)
+        .unwrap_or_default())
 }
 
 async fn calls_spread_over_instances_and_survive_one_dying(node: Box<dyn Registry>) {
