@@ -163,6 +163,11 @@ impl Lessor {
         })
     }
 
+    /// The TTL a lease was granted (`None` for an unknown lease).
+    pub fn granted_ttl(&self, id: i64) -> Option<i64> {
+        self.leases.get(&id).map(|l| l.ttl)
+    }
+
     /// Every lease id, the soonest to expire first (etcd's `LeaseLeases`
     /// order).
     pub fn ids(&self) -> Vec<i64> {

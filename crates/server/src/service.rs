@@ -499,16 +499,19 @@ impl pb::maintenance_server::Maintenance for Services {
 
     async fn hash(
         &self,
-        _req: Request<pb::HashRequest>,
+        req: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        Err(Status::unimplemented("hash is not implemented yet"))
+        let caller = self.caller(&req)?;
+        self.core.hash_all(&caller).map(Response::new)
     }
 
     async fn hash_kv(
         &self,
-        _req: Request<pb::HashKvRequest>,
+        req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
-        Err(Status::unimplemented("hashkv is not implemented yet"))
+        let caller = self.caller(&req)?;
+        let revision = req.get_ref().revision;
+        self.core.hash_kv(revision, &caller).map(Response::new)
     }
 
     async fn snapshot(
@@ -520,9 +523,11 @@ impl pb::maintenance_server::Maintenance for Services {
 
     async fn move_leader(
         &self,
-        _req: Request<pb::MoveLeaderRequest>,
+        req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented("move-leader is not implemented yet"))
+        let caller = self.caller(&req)?;
+        let target = req.get_ref().target_id;
+        self.core.move_leader(target, &caller).map(Response::new)
     }
 
     async fn status(

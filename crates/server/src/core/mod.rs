@@ -726,6 +726,7 @@ impl History for Core {
 }
 
 mod auth;
+mod maintenance;
 
 /// Stamps `header` on a txn response. The responses nested in it keep
 /// what the store gave them: etcd's nested headers carry only a revision.

@@ -1641,6 +1641,24 @@ fn restore_round_trip() {
         st.compact_revision(),
     );
     assert_same(&st, &restored);
+    // The same history hashes the same, at every revision HashKV accepts.
+    for rev in [0, 13, 17, st.revision()] {
+        assert_eq!(
+            st.hash_kv(rev, st.revision()),
+            restored.hash_kv(rev, restored.revision()),
+            "hash at {rev}"
+        );
+    }
+    assert_eq!(st.hash_kv(12, st.revision()), Err(MvccError::Compacted));
+    assert_eq!(
+        st.hash_kv(st.revision() + 1, st.revision()),
+        Err(MvccError::FutureRevision)
+    );
+    assert_ne!(
+        st.hash_kv(13, st.revision()),
+        st.hash_kv(14, st.revision()),
+        "a revision's records are in its hash"
+    );
     // Without sub revisions: renumbered, but the same state.
     let plain = Store::restore(stored.values().cloned(), st.compact_revision());
     assert_same(&st, &plain);

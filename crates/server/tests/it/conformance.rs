@@ -183,6 +183,13 @@ async fn etcdctl_drives_the_embedded_registry() {
     assert!(health.0, "{}", health.2);
     let members = run(&["member", "list"]);
     assert!(members.contains("muster"), "{members}");
+    let hashkv = run(&["endpoint", "hashkv", "--write-out=json"]);
+    assert!(hashkv.contains("\"hash\":"), "{hashkv}");
+    // Leadership to the one member, the leader (its id in hex, as etcdctl
+    // prints member ids).
+    let id = members.split(',').next().unwrap_or_default().trim();
+    let (ok, out, err) = etcdctl(ep, &["move-leader", id], None);
+    assert!(ok, "move-leader {id}: {out} {err}");
     let (ok, _, err) = etcdctl(ep, &["compaction", "3"], None);
     assert!(ok, "{err}");
 }

@@ -12,6 +12,7 @@ mod conformance;
 mod differential;
 mod faults;
 mod go_clients;
+mod maintenance;
 mod restart;
 mod tls;
 mod watch;
