@@ -418,6 +418,21 @@ enum StreamEnd {
     Exit,
 }
 
+/// The start revision to ask for a watcher whose next revision is `next`:
+/// one early, so that a compaction cannot cut its history silently.
+///
+/// etcd answers a watch from revision `r` with a compacted response only
+/// when `r` is below the compact revision, and compaction at exactly `r`
+/// removes a deletion made at `r` (a tombstone at the compact revision is
+/// dropped). A watcher resuming at `r` would then miss that deletion and
+/// hear nothing about it. Asking from `r - 1`, a revision it has seen,
+/// turns that case into a compacted response (`r - 1` is below the compact
+/// revision), upon which the caller lists again; the events of `r - 1`
+/// that come again are dropped on arrival.
+fn overlap_start(next: i64) -> i64 {
+    if next > 1 { next - 1 } else { next }
+}
+
 impl Task {
     async fn run(mut self) {
         let mut attempt = 0u32;
@@ -579,7 +594,7 @@ impl Task {
                 pb::WatchCreateRequest {
                     key: sub.options.key.clone(),
                     range_end: sub.options.range_end.clone(),
-                    start_revision: sub.next_rev,
+                    start_revision: overlap_start(sub.next_rev),
                     progress_notify: true,
                     filters: Vec::new(),
                     prev_kv: sub.options.prev_kv,
@@ -751,6 +766,22 @@ impl Task {
                 }
             }
             return None;
+        }
+        let mut resp = resp;
+        if resp
+            .events
+            .first()
+            .and_then(|e| e.kv.as_ref())
+            .is_some_and(|kv| kv.mod_revision < sub.next_rev)
+        {
+            // The revision before the one asked for, sent again because the
+            // watch starts one early (see `overlap_start`): seen already.
+            let next = sub.next_rev;
+            resp.events
+                .retain(|e| e.kv.as_ref().is_some_and(|kv| kv.mod_revision >= next));
+            if resp.events.is_empty() {
+                return None;
+            }
         }
         let first = resp
             .events

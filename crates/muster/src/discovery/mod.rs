@@ -500,7 +500,10 @@ impl Shared {
         );
     }
 
-    fn apply_events(&self, part: usize, revision: i64, events: Vec<pb::Event>) {
+    /// Applies a watch response received at `received`, timing it up to the
+    /// moment the new snapshot is stored (observed just before, so that a
+    /// caller woken by the new snapshot finds the change timed).
+    fn apply_events(&self, part: usize, revision: i64, events: Vec<pb::Event>, received: Instant) {
         let mut ids = self.ids.lock().expect("ids lock");
         let current = self.snapshot.load_full();
         let mut table = current.to_table();
@@ -548,11 +551,9 @@ impl Shared {
             }
         }
         let revision = revision.max(last_rev);
-        self.publish(
-            table.into_snapshot(self.name.clone(), revision),
-            last_rev,
-            changes,
-        );
+        let snapshot = table.into_snapshot(self.name.clone(), revision);
+        self.apply.observe(received.elapsed());
+        self.publish(snapshot, last_rev, changes);
     }
 
     fn progress(&self, revision: i64) {
@@ -620,8 +621,7 @@ impl Follower for Part {
 
     fn apply_events_now(&self, revision: i64, events: Vec<pb::Event>, received: Instant) {
         if let Some(shared) = self.shared.upgrade() {
-            shared.apply_events(self.index, revision, events);
-            shared.apply.observe(received.elapsed());
+            shared.apply_events(self.index, revision, events, received);
         }
     }
 

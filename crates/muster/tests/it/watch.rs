@@ -135,7 +135,66 @@ async fn a_lagging_subscriber_gets_a_reset_with_the_current_table(node: Box<dyn 
     }
 }
 
+/// A deletion at exactly the compact revision is gone from history (etcd
+/// drops a tombstone at the compact revision), and etcd serves a watch from
+/// that revision without a word about it. The library asks one revision
+/// early, so a watcher resuming there hears of the compaction instead of
+/// silently missing the deletion; and a watch from just after it is
+/// served, without the revision it asked to skip.
+async fn a_watch_from_a_compacted_deletion_is_told_of_the_compaction(node: Box<dyn Registry>) {
+    let etcd = client(&node.endpoint());
+    put(&etcd, "/cut/k", b"v").await;
+    let deleted = etcd
+        .delete_range(muster_proto::DeleteRangeRequest {
+            key: b"/cut/k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    etcd.compact(deleted, true).await.unwrap();
+
+    let mut cut = etcd
+        .watch(WatchOptions::prefix("/cut/").from_revision(deleted))
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(DEADLINE, cut.next()).await.unwrap() {
+            Some(WatchEvent::Compacted { compact_revision }) => {
+                assert_eq!(compact_revision, deleted);
+                break;
+            }
+            Some(WatchEvent::Events { events, .. }) => {
+                panic!("events instead of the compaction: {events:?}")
+            }
+            Some(other) => assert!(!other.is_terminal(), "{other:?}"),
+            None => panic!("watcher ended without a word"),
+        }
+    }
+
+    // From the next revision: served, and the first event is the next write.
+    let mut next = etcd
+        .watch(WatchOptions::prefix("/cut/").from_revision(deleted + 1))
+        .await
+        .unwrap();
+    put(&etcd, "/cut/later", b"x").await;
+    loop {
+        match tokio::time::timeout(DEADLINE, next.next()).await.unwrap() {
+            Some(WatchEvent::Events { events, .. }) => {
+                let kv = events[0].kv.as_ref().unwrap();
+                assert_eq!(kv.key, b"/cut/later");
+                break;
+            }
+            Some(other) => assert!(!other.is_terminal(), "{other:?}"),
+            None => panic!("watcher ended"),
+        }
+    }
+}
+
 muster_testkit::on_both!(
+    a_watch_from_a_compacted_deletion_is_told_of_the_compaction,
     a_slow_watcher_catches_up_in_order_without_blocking_others,
     a_large_service_is_listed_in_pages_at_one_revision,
     a_lagging_subscriber_gets_a_reset_with_the_current_table,
