@@ -459,10 +459,22 @@
       $("st-revision").textContent = fmtCount(st.revision);
       $("st-keys").textContent = fmtCount(st.keys);
       $("st-keys").title = fmtCount(st.prefix_keys) + " under the prefix";
-      $("st-db").textContent = fmtBytes(st.db_size);
-      $("st-db").title = fmtBytes(st.db_size_in_use) + " in use";
+      $("st-db").textContent =
+        fmtBytes(st.db_size) + (st.quota ? " of " + fmtBytes(st.quota) : "");
+      $("st-db").title = fmtBytes(st.db_size_in_use) + " in use" +
+        (st.quota ? "; writes are refused past the quota" : "");
+      const alarms = st.alarms || [];
+      $("st-db").classList.toggle("bad", alarms.length > 0);
       $("st-version").textContent = st.version || "—";
-      const problems = [...(st.errors || [])];
+      const problems = alarms.map((a) =>
+        a === "NOSPACE"
+          ? "Alarm NOSPACE: the database passed its space quota; writes are refused until space is freed (delete, compact, defragment) and the alarm is disarmed."
+          : "Alarm " + a + ".",
+      );
+      // Status errors repeat the alarms ("memberID:… alarm:NOSPACE").
+      for (const e of st.errors || []) {
+        if (!alarms.some((a) => e.includes("alarm:" + a))) problems.push(e);
+      }
       if (typeof st.catalog_stale_ms === "number") {
         problems.push(
           "Live updates interrupted for " + fmtDuration(st.catalog_stale_ms) +

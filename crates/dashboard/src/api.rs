@@ -257,6 +257,11 @@ pub struct RegistryStatus {
     pub db_size: i64,
     /// The part of it in use, in bytes.
     pub db_size_in_use: i64,
+    /// The space quota in bytes, when known (see `Dashboard::set_quota`).
+    pub quota: Option<u64>,
+    /// Active alarms, by type (`NOSPACE`, `CORRUPT`); empty when there are
+    /// none or the client may not ask.
+    pub alarms: Vec<String>,
     /// The leader's member id (hex); empty without a leader.
     pub leader: String,
     /// The leader's name, when the member list has it.
@@ -325,6 +330,21 @@ pub(crate) async fn registry_status(dashboard: &Dashboard) -> Result<RegistrySta
             None
         }
     };
+    let alarms = match etcd.alarms().await {
+        Ok(alarms) => alarms
+            .iter()
+            .map(|a| {
+                muster_proto::AlarmType::try_from(a.alarm).map_or_else(
+                    |_| format!("alarm {}", a.alarm),
+                    |t| t.as_str_name().to_string(),
+                )
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list alarms");
+            Vec::new()
+        }
+    };
     let header = status.header.unwrap_or_default();
     let health = dashboard.catalog().health();
     Ok(RegistryStatus {
@@ -336,6 +356,8 @@ pub(crate) async fn registry_status(dashboard: &Dashboard) -> Result<RegistrySta
         prefix_keys,
         db_size: status.db_size,
         db_size_in_use: status.db_size_in_use,
+        quota: dashboard.quota(),
+        alarms,
         leader: if status.leader == 0 {
             String::new()
         } else {

@@ -133,6 +133,9 @@ struct Inner {
     reading: tokio::sync::Mutex<()>,
     closed: watch::Sender<bool>,
     auth: auth::Auth,
+    /// The registry's space quota in bytes, when the process serving the
+    /// dashboard knows it (etcd's API does not report it).
+    quota: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -165,8 +168,23 @@ impl Dashboard {
                 leases: Mutex::new(HashMap::new()),
                 reading: tokio::sync::Mutex::new(()),
                 closed: watch::channel(false).0,
+                quota: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Shows `bytes` as the registry's space quota next to its database
+    /// size (`muster serve` knows its own; etcd's API does not say).
+    pub fn set_quota(&self, bytes: u64) {
+        self.inner
+            .quota
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The quota set with [`Dashboard::set_quota`], if any.
+    pub(crate) fn quota(&self) -> Option<u64> {
+        let q = self.inner.quota.load(std::sync::atomic::Ordering::Relaxed);
+        (q > 0).then_some(q)
     }
 
     /// The followed catalog.

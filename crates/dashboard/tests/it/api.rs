@@ -213,6 +213,33 @@ async fn status_answers(registry: Box<dyn Registry>) {
     assert_eq!(v["is_leader"], true, "a single member leads: {v}");
     assert!(!v["version"].as_str().unwrap().is_empty(), "{v}");
     assert!(v["catalog_stale_ms"].is_null(), "{v}");
+    assert!(
+        v["quota"].is_null(),
+        "etcd's API does not tell the quota: {v}"
+    );
+    assert_eq!(v["alarms"], serde_json::json!([]), "{v}");
+
+    // An alarm raised on the member shows, and goes once disarmed; a quota
+    // the serving process knows shows next to the size.
+    served.dashboard.set_quota(1 << 30);
+    let etcd = muster::Etcd::connect(muster::Config::new([registry.endpoint()])).unwrap();
+    let member = etcd.status().await.unwrap().header.unwrap().member_id;
+    let alarm = |action| muster_proto::AlarmRequest {
+        action: action as i32,
+        member_id: member,
+        alarm: muster_proto::AlarmType::Nospace as i32,
+    };
+    etcd.alarm(alarm(muster_proto::alarm_request::AlarmAction::Activate))
+        .await
+        .unwrap();
+    let v = get_json(&served.url("/api/status")).await;
+    assert_eq!(v["alarms"], serde_json::json!(["NOSPACE"]), "{v}");
+    assert_eq!(v["quota"], 1u64 << 30, "{v}");
+    etcd.alarm(alarm(muster_proto::alarm_request::AlarmAction::Deactivate))
+        .await
+        .unwrap();
+    let v = get_json(&served.url("/api/status")).await;
+    assert_eq!(v["alarms"], serde_json::json!([]), "{v}");
     registrar.shutdown().await.unwrap();
 }
 

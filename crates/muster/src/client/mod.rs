@@ -927,6 +927,28 @@ impl Etcd {
         .await
     }
 
+    /// The cluster's active alarms (`Maintenance.Alarm` GET), as etcdctl's
+    /// `alarm list`: NOSPACE once the backend passed its space quota.
+    pub async fn alarms(&self) -> Result<Vec<pb::AlarmMember>> {
+        self.alarm(pb::AlarmRequest {
+            action: pb::alarm_request::AlarmAction::Get as i32,
+            member_id: 0,
+            alarm: pb::AlarmType::None as i32,
+        })
+        .await
+        .map(|resp| resp.alarms)
+    }
+
+    /// `Maintenance.Alarm`: lists (GET), raises (ACTIVATE) or disarms
+    /// (DEACTIVATE, as etcdctl's `alarm disarm`) alarms. Each action has the
+    /// same effect done twice, so a call lost to a failover is sent again.
+    pub async fn alarm(&self, req: pb::AlarmRequest) -> Result<pb::AlarmResponse> {
+        self.call(Retry::Idempotent, req, |ch, r| async move {
+            MaintenanceClient::new(ch).alarm(r).await
+        })
+        .await
+    }
+
     /// The cluster's members.
     pub async fn member_list(&self) -> Result<pb::MemberListResponse> {
         self.call(
