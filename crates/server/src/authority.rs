@@ -869,6 +869,36 @@ mod tests {
         let _ = serve.await;
     }
 
+    proptest::proptest! {
+        /// Any header block bytes, any framing flags: no panic, no hang,
+        /// and the same output however the bytes arrive.
+        #[test]
+        fn arbitrary_blocks_never_panic(
+            prefix in proptest::collection::vec(proptest::num::u8::ANY, 0..8),
+            fragment in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            flags in proptest::num::u8::ANY,
+            split in 0usize..64,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            // A URL authority first (the connection is rewritten), then
+            // the arbitrary block, maybe split over a CONTINUATION.
+            let mut enc = Encoder::new();
+            let url = request(&mut enc, Some(b"http://127.0.0.1:2379"), b"/a");
+            let mut block = prefix;
+            block.extend_from_slice(&fragment);
+            let split = split.min(block.len());
+            let input = connection(&[
+                frame(HEADERS, END_HEADERS, 1, &url),
+                frame(HEADERS, flags & !END_HEADERS, 3, &block[..split]),
+                frame(CONTINUATION, END_HEADERS, 3, &block[split..]),
+                frame(HEADERS, flags, 5, &block),
+            ]);
+            let whole = runtime.block_on(through(&input, 4096, 4096));
+            let trickled = runtime.block_on(through(&input, 1, 1));
+            proptest::prop_assert_eq!(whole, trickled);
+        }
+    }
+
     #[test]
     fn authorities() {
         assert!(valid_authority(b"127.0.0.1:2379"));
