@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+mod authority;
 pub mod core;
 pub mod faults;
 pub mod lease;
@@ -213,7 +214,9 @@ impl Server {
                 tasks.push(tls.spawn_reloader());
                 // Handshakes happen in TlsServer's accept loop (which sets
                 // TCP_NODELAY); tonic sees the peer certificates.
-                let incoming = tls.incoming(listener);
+                let incoming = tokio_stream::StreamExt::map(tls.incoming(listener), |s| {
+                    s.map(authority::AuthorityFix::new)
+                });
                 tokio::spawn(logged(router.serve_with_incoming_shutdown(incoming, stop)))
             }
             None => {
@@ -423,7 +426,10 @@ mod inline {
             .max_concurrent_streams(None)
             .max_pending_accept_reset_streams(None)
             .max_local_error_reset_streams(None);
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = builder.serve_connection(
+            TokioIo::new(crate::authority::AuthorityFix::new(stream)),
+            TowerToHyperService::new(svc),
+        );
         let mut conn = std::pin::pin!(conn);
         let mut requests: FuturesUnordered<Spawned> = FuturesUnordered::new();
         let mut conn_done = false;

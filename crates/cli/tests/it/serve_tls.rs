@@ -188,6 +188,21 @@ fn etcdctl_put_get_watch_over_mutual_tls() {
     let get = run(etcdctl(&serve.endpoint, &pki, client, &["get", "/tls/a"]));
     assert!(get.status.success(), "{}", text(&get.stderr));
     assert_eq!(text(&get.stdout), "/tls/a\none\n");
+    // `endpoint status` with an https:// endpoint, through the TLS stream's
+    // `:authority` wrapper (etcdctl 3.4 sends a URL as `:authority` over
+    // plaintext, see serve.rs; over TLS it sends `host:port`).
+    let status = run(etcdctl(
+        &serve.endpoint,
+        &pki,
+        client,
+        &["endpoint", "status", "-w", "json"],
+    ));
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    assert!(
+        text(&status.stdout).contains(&format!("\"Endpoint\":\"{}\"", serve.endpoint)),
+        "{}",
+        text(&status.stdout)
+    );
 
     // From revision 1: the watch sees the put above whenever it starts.
     let mut watch = etcdctl(
