@@ -23,12 +23,11 @@ fn require_etcdctl() -> bool {
     )
 }
 
-/// etcdctl (API v3) against `endpoint`, given as `host:port`: for
-/// `endpoint status` etcdctl 3.4 sends a URL endpoint as the HTTP/2
-/// `:authority`, which Rust's h2 rejects as malformed (Go's server accepts
-/// it).
+/// etcdctl (API v3) against `endpoint`, a URL as users give it (for
+/// `endpoint status` and the maintenance commands etcdctl 3.4 then sends
+/// the URL as the HTTP/2 `:authority`, which the server accepts as etcd
+/// does: see the server's `authority` module).
 fn etcdctl_command(endpoint: &str) -> Command {
-    let endpoint = endpoint.trim_start_matches("http://");
     let mut cmd = Command::new("etcdctl");
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={endpoint}"));
