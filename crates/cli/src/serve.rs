@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// The most operations in one transaction branch.
     #[arg(long, default_value_t = 128)]
     max_txn_ops: usize,
+    /// The space quota in bytes: past it, the NOSPACE alarm is raised and
+    /// writes that could grow the store are refused until space is freed
+    /// (delete, compact, defragment) and the alarm disarmed. 0: etcd's
+    /// default, 2 GiB.
+    #[arg(long, default_value_t = 0)]
+    quota_backend_bytes: u64,
     /// Automatic compaction: `revision` keeps the last N revisions,
     /// `periodic` keeps a time window of history.
     #[arg(long, value_parser = ["revision", "periodic"], requires = "auto_compaction_retention")]
@@ -237,6 +243,7 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
     config = config
         .with_listen(args.listen)
         .with_min_lease_ttl(args.min_lease_ttl)
+        .with_quota_backend_bytes(args.quota_backend_bytes)
         .with_auth(args.auth_config());
     if args.max_request_bytes == 0 || args.max_txn_ops == 0 {
         anyhow::bail!("--max-request-bytes and --max-txn-ops must be positive");

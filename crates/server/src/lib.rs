@@ -24,6 +24,7 @@
 //! connections while open ones (watch streams) keep theirs.
 #![forbid(unsafe_code)]
 
+pub mod alarm;
 pub mod auth;
 mod authority;
 pub mod core;
@@ -127,6 +128,13 @@ impl ServerConfig {
     /// Sets the minimum lease TTL in seconds.
     pub fn with_min_lease_ttl(mut self, seconds: i64) -> Self {
         self.core.min_lease_ttl = seconds;
+        self
+    }
+
+    /// Sets the space quota in bytes (`--quota-backend-bytes`; 0: etcd's
+    /// default, 2 GiB). See [`alarm`].
+    pub fn with_quota_backend_bytes(mut self, bytes: u64) -> Self {
+        self.core.quota_backend_bytes = bytes;
         self
     }
 }

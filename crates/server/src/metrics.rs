@@ -107,6 +107,37 @@ pub fn render(core: &Core) -> String {
         stats.file_bytes as f64,
     );
     m.single(
+        "muster_mvcc_db_total_size_in_bytes",
+        "gauge",
+        "Size of the database file, as etcd's etcd_mvcc_db_total_size_in_bytes: what the space quota is checked against.",
+        stats.file_bytes as f64,
+    );
+    m.single(
+        "muster_server_quota_backend_bytes",
+        "gauge",
+        "The space quota in bytes, as etcd's etcd_server_quota_backend_bytes.",
+        core.quota_bytes() as f64,
+    );
+    let alarms = core.alarms();
+    let active = |t: muster_proto::AlarmType| {
+        f64::from(u8::from(alarms.iter().any(|a| a.alarm == t as i32)))
+    };
+    m.family(
+        "muster_server_alarm",
+        "gauge",
+        "1 while an alarm of the type is active (NOSPACE: database space exceeded).",
+        &[
+            (
+                r#"alarm="NOSPACE""#,
+                active(muster_proto::AlarmType::Nospace),
+            ),
+            (
+                r#"alarm="CORRUPT""#,
+                active(muster_proto::AlarmType::Corrupt),
+            ),
+        ],
+    );
+    m.single(
         "muster_uptime_seconds",
         "gauge",
         "Seconds since the server started.",

@@ -485,16 +485,16 @@ impl pb::maintenance_server::Maintenance for Services {
 
     async fn alarm(
         &self,
-        _req: Request<pb::AlarmRequest>,
+        req: Request<pb::AlarmRequest>,
     ) -> Result<Response<pb::AlarmResponse>, Status> {
-        Err(Status::unimplemented("alarms are not implemented yet"))
+        self.core.alarm(req.get_ref()).await.map(Response::new)
     }
 
     async fn defragment(
         &self,
         _req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        Err(Status::unimplemented("defragment is not implemented yet"))
+        self.core.defragment().await.map(Response::new)
     }
 
     async fn hash(
@@ -545,7 +545,12 @@ impl pb::maintenance_server::Maintenance for Services {
             raft_index: committed as u64,
             raft_term: 1,
             raft_applied_index: committed as u64,
-            errors: Vec::new(),
+            errors: self
+                .core
+                .alarms()
+                .iter()
+                .map(crate::alarm::status_error)
+                .collect(),
             db_size_in_use: stats.file_bytes as i64,
             is_learner: false,
         }))

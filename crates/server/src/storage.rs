@@ -435,6 +435,8 @@ struct Shared {
     work: Condvar,
     /// Signalled when the checkpointer made room (or stopped).
     room: Condvar,
+    /// The alarms stored when the storage was opened.
+    alarms: Mutex<Vec<AlarmRecord>>,
 }
 
 /// Logged groups on their way to the database.
@@ -448,6 +450,9 @@ struct Queue {
     closed: bool,
     /// The checkpointer has exited (or failed): nothing more is taken.
     stopped: bool,
+    /// Commands for the checkpointer (defragment, alarms), run after it
+    /// checkpointed what is queued.
+    commands: Vec<Command>,
 }
 
 /// One group, as logged.
@@ -501,6 +506,8 @@ impl Shared {
         let mut queue = lock(&self.queue);
         queue.stopped = true;
         queue.groups.clear();
+        // Their callers see the storage closed.
+        queue.commands.clear();
         self.room.notify_all();
     }
 }
@@ -587,6 +594,7 @@ impl Storage {
             "storage: recovered"
         );
         let shared = Arc::new(Shared::default());
+        *lock(&shared.alarms) = read_alarms(&db)?;
         let options = Arc::new(options);
         let checkpointer = std::thread::Builder::new()
             .name("muster-checkpoint".into())
@@ -1203,7 +1211,7 @@ fn run(mut wal: WalWriter, receiver: mpsc::Receiver<Request>, shared: &Shared, o
 /// the checkpoint; deletes the segments before it. On close, checkpoints
 /// everything and deletes every segment.
 fn checkpointer(
-    db: Database,
+    mut db: Database,
     shared: &Shared,
     wal_dir: &Path,
     mut revision: i64,
@@ -1217,6 +1225,7 @@ fn checkpointer(
             let mut queue = lock(&shared.queue);
             loop {
                 if queue.closed
+                    || !queue.commands.is_empty()
                     || queue.bytes >= options.checkpoint_bytes
                     || queue.bytes > options.max_pending_bytes
                 {
@@ -1237,8 +1246,15 @@ fn checkpointer(
                     .unwrap_or_else(PoisonError::into_inner)
                     .0;
             }
-            (std::mem::take(&mut queue.groups), queue.closed)
+            (
+                (
+                    std::mem::take(&mut queue.groups),
+                    std::mem::take(&mut queue.commands),
+                ),
+                queue.closed,
+            )
         };
+        let (groups, commands) = groups;
         if closed && !options.checkpoint_on_close {
             break;
         }
@@ -1263,6 +1279,9 @@ fn checkpointer(
             if let Err(error) = remove_segments(wal_dir, &mut oldest, end.segment) {
                 warn!(%error, "storage: cannot delete old write-ahead log segments");
             }
+        }
+        for command in commands {
+            run_command(&mut db, shared, command);
         }
         last = Instant::now();
         if closed {
@@ -1322,3 +1341,215 @@ fn checkpoint(
 
 #[cfg(test)]
 mod tests;
+
+// ---------------------------------------------------------------------------
+// Alarms and defragmentation (issue 17).
+//
+// Both are commands to the checkpointer, the owner of the database: it runs
+// them once it has checkpointed every group queued before them.
+
+/// Prefix of the `meta` records of active alarms: `alarm/<type>/<member>`
+/// (type as etcd's `AlarmType` number, member in 16 hex digits), value 1.
+const META_ALARM_PREFIX: &str = "alarm/";
+
+/// An alarm as persisted: the member that raised it and etcd's `AlarmType`
+/// number (1 NOSPACE, 2 CORRUPT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AlarmRecord {
+    /// The member id (0 is a valid id, as in etcd).
+    pub member: u64,
+    /// etcd's `AlarmType` number.
+    pub alarm: i32,
+}
+
+fn alarm_key(record: AlarmRecord) -> String {
+    format!("{META_ALARM_PREFIX}{}/{:016x}", record.alarm, record.member)
+}
+
+/// The database file's size before and after a [`Storage::defragment`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Defragmented {
+    /// Bytes before.
+    pub before: u64,
+    /// Bytes after.
+    pub after: u64,
+    /// Whether redb found anything to compact.
+    pub compacted: bool,
+}
+
+enum Command {
+    Defragment {
+        path: PathBuf,
+        done: oneshot::Sender<Result<Defragmented, StorageError>>,
+    },
+    Alarm {
+        record: AlarmRecord,
+        active: bool,
+        done: oneshot::Sender<Result<(), StorageError>>,
+    },
+}
+
+fn run_command(db: &mut Database, shared: &Shared, command: Command) {
+    match command {
+        Command::Defragment { path, done } => {
+            let size = || std::fs::metadata(&path).map_or(0, |m| m.len());
+            let before = size();
+            let started = Instant::now();
+            let result = db
+                .compact()
+                .map_err(db_error)
+                .map(|compacted| Defragmented {
+                    before,
+                    after: size(),
+                    compacted,
+                });
+            match &result {
+                Ok(d) => info!(
+                    before_bytes = d.before,
+                    after_bytes = d.after,
+                    elapsed = ?started.elapsed(),
+                    "storage: defragmented the database"
+                ),
+                // The database is unchanged: redb compacts in transactions.
+                Err(error) => warn!(%error, "storage: defragmentation failed"),
+            }
+            let _ = done.send(result);
+        }
+        Command::Alarm {
+            record,
+            active,
+            done,
+        } => {
+            let result = write_alarm(db, record, active);
+            if let Err(error) = &result {
+                error!(%error, "storage: cannot store an alarm; storage is now failed");
+                let _ = shared.failed.set(error.clone());
+            }
+            let _ = done.send(result);
+        }
+    }
+}
+
+fn write_alarm(db: &Database, record: AlarmRecord, active: bool) -> Result<(), StorageError> {
+    let mut txn = db.begin_write().map_err(db_error)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(db_error)?;
+    {
+        let mut meta = txn.open_table(META).map_err(db_error)?;
+        let key = alarm_key(record);
+        if active {
+            meta.insert(key.as_str(), 1).map_err(db_error)?;
+        } else {
+            meta.remove(key.as_str()).map_err(db_error)?;
+        }
+    }
+    txn.commit().map_err(db_error)
+}
+
+/// The alarms stored in `db`, in (member, type) order.
+fn read_alarms(db: &Database) -> Result<Vec<AlarmRecord>, StorageError> {
+    let txn = db.begin_read().map_err(db_error)?;
+    let meta = txn.open_table(META).map_err(db_error)?;
+    let mut alarms = Vec::new();
+    // '0' follows '/': the range holds exactly the prefixed keys.
+    for entry in meta.range("alarm/".."alarm0").map_err(db_error)? {
+        let (key, _) = entry.map_err(db_error)?;
+        let key = key.value();
+        let parsed = key
+            .strip_prefix(META_ALARM_PREFIX)
+            .and_then(|rest| rest.split_once('/'))
+            .and_then(|(alarm, member)| {
+                Some(AlarmRecord {
+                    alarm: alarm.parse().ok()?,
+                    member: u64::from_str_radix(member, 16).ok()?,
+                })
+            });
+        match parsed {
+            Some(record) => alarms.push(record),
+            None => warn!(key, "storage: ignoring a malformed alarm record"),
+        }
+    }
+    alarms.sort();
+    Ok(alarms)
+}
+
+impl Storage {
+    /// Runs `command` on the checkpointer once it checkpointed everything
+    /// queued; `None` when the checkpointer is gone.
+    fn send_command(&self, command: Command) -> Result<(), StorageError> {
+        let shared = &self.inner.shared;
+        let mut queue = lock(&shared.queue);
+        if queue.stopped {
+            return Err(StorageError::Closed);
+        }
+        queue.commands.push(command);
+        shared.work.notify_one();
+        Ok(())
+    }
+
+    /// The alarms stored when the storage was opened (none in memory).
+    pub fn stored_alarms(&self) -> Vec<AlarmRecord> {
+        lock(&self.inner.shared.alarms).clone()
+    }
+
+    /// Stores (`active`) or removes an alarm, durably (nothing in memory).
+    /// Queued by this call, so calls take effect in their order; the future
+    /// resolves once the change is on disk.
+    pub fn set_alarm(
+        &self,
+        record: AlarmRecord,
+        active: bool,
+    ) -> impl Future<Output = Result<(), StorageError>> + Send + 'static {
+        let queued = if self.is_in_memory() {
+            None
+        } else {
+            let (done, receiver) = oneshot::channel();
+            Some(
+                self.send_command(Command::Alarm {
+                    record,
+                    active,
+                    done,
+                })
+                .map(|()| receiver),
+            )
+        };
+        async move {
+            match queued {
+                None => Ok(()),
+                Some(Err(error)) => Err(error),
+                Some(Ok(receiver)) => receiver.await.unwrap_or(Err(StorageError::Closed)),
+            }
+        }
+    }
+
+    /// Checkpoints everything logged so far, then compacts the database
+    /// file (redb's `Database::compact`), giving back to the file system
+    /// the pages freed by compactions and deletes. Writes go on meanwhile:
+    /// they are logged (and acknowledged) as usual, and wait in the
+    /// checkpointer's queue, the storage thread waiting once
+    /// [`MAX_PENDING_BYTES`] are queued. In memory: nothing to do.
+    pub async fn defragment(&self) -> Result<Defragmented, StorageError> {
+        let Some(path) = self.path().map(Path::to_path_buf) else {
+            return Ok(Defragmented {
+                before: 0,
+                after: 0,
+                compacted: false,
+            });
+        };
+        if let Some(error) = self.inner.shared.failed_error() {
+            return Err(error);
+        }
+        let (done, receiver) = oneshot::channel();
+        self.send_command(Command::Defragment { path, done })?;
+        receiver.await.unwrap_or(Err(StorageError::Closed))
+    }
+
+    /// Size of the database file in bytes (0 in memory): as etcd's
+    /// backend size (`etcd_mvcc_db_total_size_in_bytes`), what the space
+    /// quota is checked against.
+    pub fn file_bytes(&self) -> u64 {
+        self.path()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |metadata| metadata.len())
+    }
+}

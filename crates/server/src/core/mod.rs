@@ -58,6 +58,9 @@ pub struct CoreConfig {
     pub auto_compaction: Option<AutoCompaction>,
     /// Faults to inject (`muster serve --faults`); none by default.
     pub faults: Option<FaultSpec>,
+    /// The space quota in bytes (`--quota-backend-bytes`; 0: etcd's
+    /// default, 2 GiB).
+    pub quota_backend_bytes: u64,
 }
 
 impl Default for CoreConfig {
@@ -68,6 +71,7 @@ impl Default for CoreConfig {
             min_lease_ttl: 2,
             auto_compaction: None,
             faults: None,
+            quota_backend_bytes: crate::alarm::DEFAULT_QUOTA_BYTES,
         }
     }
 }
@@ -123,6 +127,9 @@ pub struct Core {
     /// Request counters.
     pub counters: Counters,
     faults: Option<Arc<Faults>>,
+    /// The space quota and the active alarms.
+    quota: crate::alarm::Quota,
+    alarms: crate::alarm::Alarms,
 }
 
 impl std::fmt::Debug for Core {
@@ -205,6 +212,7 @@ impl Core {
         }
         let committed = store.revision();
         let hub = WatchHub::new(header, committed);
+        let alarms = crate::alarm::Alarms::new(storage.stored_alarms());
         let core = Arc::new(Core {
             state: RwLock::new(State {
                 store,
@@ -226,6 +234,8 @@ impl Core {
             throttle: Throttle::default(),
             counters: Counters::default(),
             faults: config.faults.clone().map(Faults::new),
+            quota: crate::alarm::Quota::new(config.quota_backend_bytes),
+            alarms,
             config,
         });
         let history: Arc<dyn History> = core.clone();
@@ -434,6 +444,7 @@ impl Core {
         req: pb::PutRequest,
         caller: &Caller,
     ) -> Result<pb::PutResponse, Status> {
+        self.check_quota(crate::alarm::put_cost(&req)).await?;
         // One closure, so that the request is checked by reference and
         // then moved into the store (its value is not copied).
         let (mut resp, rev) = self
@@ -479,6 +490,7 @@ impl Core {
         req: pb::TxnRequest,
         caller: &Caller,
     ) -> Result<pb::TxnResponse, Status> {
+        self.check_quota(crate::alarm::txn_cost(&req)).await?;
         let max_ops = self.config.max_txn_ops;
         let check = |st: &State| {
             let guard = st.guard(caller);
@@ -513,6 +525,7 @@ impl Core {
 
     /// `Lease.LeaseGrant`.
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<pb::LeaseGrantResponse, Status> {
+        self.check_quota(crate::alarm::LEASE_COST).await?;
         let ((id, ttl), rev) = self
             .write(|st| {
                 let ttl = st.lessor.effective_ttl(ttl).map_err(lease_status)?;
@@ -727,6 +740,7 @@ impl History for Core {
 
 mod auth;
 mod maintenance;
+mod quota;
 
 /// Stamps `header` on a txn response. The responses nested in it keep
 /// what the store gave them: etcd's nested headers carry only a revision.

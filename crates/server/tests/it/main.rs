@@ -13,6 +13,7 @@ mod differential;
 mod faults;
 mod go_clients;
 mod maintenance;
+mod quota;
 mod restart;
 mod tls;
 mod watch;

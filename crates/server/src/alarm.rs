@@ -1,0 +1,186 @@
+//! The space quota and alarms, as etcd's (`--quota-backend-bytes`,
+//! `Maintenance.Alarm`).
+//!
+//! The store's size is the size of the database file
+//! ([`crate::storage::Storage::file_bytes`]), as etcd's is the size of its
+//! bbolt file (`etcd_mvcc_db_total_size_in_bytes`, what `etcdctl endpoint
+//! status` shows as DB SIZE), plus the bytes logged in the write-ahead log
+//! but not yet checkpointed into the file (they are on their way into it:
+//! without them a burst of writes would run up to a checkpoint's worth
+//! past the quota). The size is measured at most every 50 ms.
+//!
+//! As etcd 3.4: a write that could grow the store (a put, a transaction
+//! with a put in a branch, a lease grant) is refused with
+//! [`no_space`] when the size plus its cost reaches the quota, and the
+//! refusal raises the NOSPACE alarm; while a NOSPACE alarm is active every
+//! such write is refused (`applierV3Capped`), whatever the size. Reads,
+//! watches, deletes, transactions without puts, compactions, lease revokes
+//! and keep-alives go on. Disarming the alarm lets writes through again;
+//! if the store is still over quota, the next write's check raises it
+//! again.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use muster_proto as pb;
+use tonic::Status;
+
+use crate::storage::{AlarmRecord, Storage};
+
+/// etcd's default quota: 2 GiB (`--quota-backend-bytes 0` means it too).
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
+
+/// etcd's `ErrGRPCNoSpace` message.
+pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+
+/// etcd's per-key overhead in its quota cost of a put.
+const KV_OVERHEAD: u64 = 256;
+
+/// etcd's quota cost of a lease grant.
+pub const LEASE_COST: u64 = 64;
+
+/// How long a measured size is reused by the quota check.
+const SIZE_REFRESH: Duration = Duration::from_millis(50);
+
+/// etcd's answer to a write refused for want of space.
+pub fn no_space() -> Status {
+    Status::resource_exhausted(NO_SPACE)
+}
+
+/// etcd's quota cost of a put.
+pub fn put_cost(req: &pb::PutRequest) -> u64 {
+    (req.key.len() + req.value.len()) as u64 + KV_OVERHEAD
+}
+
+/// etcd's quota cost of a transaction: the cost of the puts of its costlier
+/// branch (nested transactions not counted, as etcd). 0: it cannot grow
+/// the store.
+pub fn txn_cost(req: &pb::TxnRequest) -> u64 {
+    let branch = |ops: &[pb::RequestOp]| {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(pb::request_op::Request::RequestPut(put)) => put_cost(put),
+                _ => 0,
+            })
+            .sum::<u64>()
+    };
+    branch(&req.success).max(branch(&req.failure))
+}
+
+/// The space quota and the size it is checked against.
+#[derive(Debug)]
+pub struct Quota {
+    limit: u64,
+    size: AtomicU64,
+    measured: Mutex<Option<Instant>>,
+}
+
+impl Quota {
+    /// A quota of `limit` bytes (0: [`DEFAULT_QUOTA_BYTES`]).
+    pub fn new(limit: u64) -> Quota {
+        Quota {
+            limit: if limit == 0 {
+                DEFAULT_QUOTA_BYTES
+            } else {
+                limit
+            },
+            size: AtomicU64::new(0),
+            measured: Mutex::new(None),
+        }
+    }
+
+    /// The quota in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The store's size, measured at most [`SIZE_REFRESH`] ago (`fresh`:
+    /// now).
+    pub fn size(&self, storage: &Storage, fresh: bool) -> u64 {
+        let mut measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
+        if fresh || measured.is_none_or(|at| at.elapsed() >= SIZE_REFRESH) {
+            let stats = storage.stats();
+            // What is logged but not checkpointed yet is on its way into
+            // the file: counting it keeps a burst of writes from running
+            // far past the quota before the next checkpoint.
+            let size = stats.file_bytes + stats.pending_bytes;
+            self.size.store(size, Ordering::Relaxed);
+            *measured = Some(Instant::now());
+        }
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write costing `cost` fits: etcd's `backendQuota.Available`.
+    pub fn fits(&self, size: u64, cost: u64) -> bool {
+        cost == 0 || size.saturating_add(cost) < self.limit
+    }
+}
+
+/// The active alarms.
+#[derive(Debug, Default)]
+pub struct Alarms {
+    active: Mutex<BTreeSet<AlarmRecord>>,
+    nospace: AtomicBool,
+}
+
+impl Alarms {
+    /// The alarms read back from storage.
+    pub fn new(stored: Vec<AlarmRecord>) -> Alarms {
+        let alarms = Alarms::default();
+        let mut set = alarms.lock();
+        set.extend(stored);
+        alarms.update(&set);
+        drop(set);
+        alarms
+    }
+
+    /// Locks the set; [`Alarms::update`] after changing it.
+    pub fn lock(&self) -> MutexGuard<'_, BTreeSet<AlarmRecord>> {
+        self.active.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Refreshes the flags from `set`, the locked set.
+    pub fn update(&self, set: &BTreeSet<AlarmRecord>) {
+        let nospace = set.iter().any(|r| r.alarm == pb::AlarmType::Nospace as i32);
+        self.nospace.store(nospace, Ordering::Release);
+    }
+
+    /// Whether a NOSPACE alarm is active (of any member).
+    pub fn nospace(&self) -> bool {
+        self.nospace.load(Ordering::Acquire)
+    }
+
+    /// The active alarms of type `alarm` (every alarm for NONE), as etcd's
+    /// `AlarmStore.Get`.
+    pub fn list(&self, alarm: i32) -> Vec<pb::AlarmMember> {
+        self.lock()
+            .iter()
+            .filter(|r| alarm == pb::AlarmType::None as i32 || r.alarm == alarm)
+            .map(|r| member(*r))
+            .collect()
+    }
+
+    /// Whether any alarm of type `alarm` is active.
+    pub fn any(&self, alarm: i32) -> bool {
+        self.lock().iter().any(|r| r.alarm == alarm)
+    }
+}
+
+/// An alarm as the API gives it.
+pub fn member(record: AlarmRecord) -> pb::AlarmMember {
+    pb::AlarmMember {
+        member_id: record.member,
+        alarm: record.alarm,
+    }
+}
+
+/// An alarm as etcd's `Status.errors` lists it: gogo-proto's compact text
+/// form, `memberID:<decimal> alarm:NOSPACE ` (with the trailing space).
+pub fn status_error(alarm: &pb::AlarmMember) -> String {
+    let name = pb::AlarmType::try_from(alarm.alarm)
+        .map(|t| t.as_str_name().to_string())
+        .unwrap_or_else(|_| alarm.alarm.to_string());
+    format!("memberID:{} alarm:{name} ", alarm.member_id)
+}
