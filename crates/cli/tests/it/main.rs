@@ -15,6 +15,7 @@ mod dashboard;
 mod demo;
 mod dns;
 mod ops;
+mod quota;
 mod register;
 mod seed;
 mod serve;

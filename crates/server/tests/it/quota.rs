@@ -335,10 +335,26 @@ fn etcd_with_quota() -> Option<EtcdNode> {
     )
 }
 
+/// A persistent server on `dir` (with `quota`), once the previous one let go
+/// of the directory: a server just shut down may still be dropping its
+/// last connection tasks, which hold the database open.
+async fn reopen(dir: &std::path::Path, quota: u64) -> Server {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let config = ServerConfig::persistent(dir).with_quota_backend_bytes(quota);
+        match Server::start(config).await {
+            Ok(server) => return server,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the directory is still open; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot reopen {dir:?}: {e}"),
+        }
+    }
+}
+
 async fn muster_with_quota(dir: &std::path::Path) -> Server {
-    Server::start(ServerConfig::persistent(dir).with_quota_backend_bytes(QUOTA))
-        .await
-        .unwrap()
+    reopen(dir, QUOTA).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -431,9 +447,7 @@ async fn the_alarm_survives_a_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn defragment_shrinks_the_file_after_a_delete_and_a_compaction() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::persistent(dir.path()))
-        .await
-        .unwrap();
+    let server = reopen(dir.path(), 0).await;
     let ch = channel(&server).await;
     let mut kv = KvClient::new(ch.clone());
     let mut maint = MaintenanceClient::new(ch);
@@ -493,9 +507,7 @@ async fn defragment_shrinks_the_file_after_a_delete_and_a_compaction() {
     assert_eq!(got.kvs[0].value, b"kept");
     server.shutdown().await;
     // And nothing was lost: the data reads back after a restart.
-    let server = Server::start(ServerConfig::persistent(dir.path()))
-        .await
-        .unwrap();
+    let server = reopen(dir.path(), 0).await;
     let mut kv = KvClient::new(channel(&server).await);
     let got = kv
         .range(pb::RangeRequest {
@@ -555,9 +567,7 @@ async fn the_default_quota_is_etcds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_during_a_defragment_are_not_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(ServerConfig::persistent(dir.path()))
-        .await
-        .unwrap();
+    let server = reopen(dir.path(), 0).await;
     let ch = channel(&server).await;
     let mut kv = KvClient::new(ch.clone());
     // Something to compact away, so the defragments have work to do.
@@ -607,9 +617,7 @@ async fn writes_during_a_defragment_are_not_lost() {
     let acked = writer.await.unwrap();
     drop(kv);
     server.shutdown().await;
-    let server = Server::start(ServerConfig::persistent(dir.path()))
-        .await
-        .unwrap();
+    let server = reopen(dir.path(), 0).await;
     let count = KvClient::new(channel(&server).await)
         .range(pb::RangeRequest {
             key: b"new/".to_vec(),
