@@ -1,0 +1,86 @@
+//! `muster serve --quota-backend-bytes` driven by etcdctl, as an operator
+//! would: fill until `database space exceeded`, `alarm list`, free the
+//! space (`del`, `compact`, `defrag`), `alarm disarm`, write again.
+
+use std::ffi::OsStr;
+
+use crate::common::{self, etcdctl, free_port, text};
+
+const QUOTA: u64 = 4 << 20;
+
+fn metrics(http: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(http).expect("HTTP address");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn etcdctl_fills_the_quota_then_frees_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let quota = QUOTA.to_string();
+    let server = common::serve(
+        port,
+        &[
+            OsStr::new("--data-dir"),
+            dir.path().as_os_str(),
+            OsStr::new("--quota-backend-bytes"),
+            OsStr::new(&quota),
+        ],
+    );
+    let endpoint = format!("127.0.0.1:{port}");
+    let value = "x".repeat(100 << 10);
+    let mut acked = 0;
+    let refused = loop {
+        assert!(acked < 1000, "the quota was never reached");
+        let out = muster_testkit::etcdctl_at(&endpoint, &["put", &format!("q/{acked:05}"), &value])
+            .unwrap();
+        if !out.status.success() {
+            break text(&out.stderr);
+        }
+        acked += 1;
+    };
+    assert!(
+        refused.contains("etcdserver: mvcc: database space exceeded"),
+        "{refused}"
+    );
+    let alarms = etcdctl(&endpoint, &["alarm", "list"]);
+    assert!(alarms.contains("alarm:NOSPACE"), "{alarms}");
+    let m = metrics(&server.1);
+    assert_eq!(
+        muster_testkit::metric_value(&m, "muster_server_alarm", &[r#"alarm="NOSPACE""#]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        muster_testkit::metric_value(&m, "muster_server_quota_backend_bytes", &[]),
+        Some(QUOTA as f64)
+    );
+    assert!(
+        muster_testkit::metric_value(&m, "muster_mvcc_db_total_size_in_bytes", &[]).unwrap() > 0.0
+    );
+    // Reads still work.
+    let count = etcdctl(
+        &endpoint,
+        &["get", "q/", "--prefix", "--keys-only", "-w", "json"],
+    );
+    let count: serde_json::Value = serde_json::from_str(&count).unwrap();
+    assert_eq!(count["count"], acked);
+
+    let deleted = etcdctl(&endpoint, &["del", "q/", "--prefix", "-w", "json"]);
+    let deleted: serde_json::Value = serde_json::from_str(&deleted).unwrap();
+    let rev = deleted["header"]["revision"].as_i64().unwrap();
+    etcdctl(&endpoint, &["compact", &rev.to_string(), "--physical"]);
+    let defrag = etcdctl(&endpoint, &["defrag"]);
+    assert!(defrag.contains("Finished defragmenting"), "{defrag}");
+    etcdctl(&endpoint, &["alarm", "disarm"]);
+    assert_eq!(etcdctl(&endpoint, &["alarm", "list"]).trim(), "");
+    assert_eq!(etcdctl(&endpoint, &["put", "after", "v"]).trim(), "OK");
+}
