@@ -492,9 +492,10 @@ impl pb::maintenance_server::Maintenance for Services {
 
     async fn defragment(
         &self,
-        _req: Request<pb::DefragmentRequest>,
+        req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
-        self.core.defragment().await.map(Response::new)
+        let caller = self.caller(&req)?;
+        self.core.defragment(&caller).await.map(Response::new)
     }
 
     async fn hash(

@@ -84,3 +84,37 @@ fn etcdctl_fills_the_quota_then_frees_it() {
     assert_eq!(etcdctl(&endpoint, &["alarm", "list"]).trim(), "");
     assert_eq!(etcdctl(&endpoint, &["put", "after", "v"]).trim(), "OK");
 }
+
+/// With auth on, `defrag` needs the root role and `alarm list` does not,
+/// as etcd's `authMaintenanceServer`; the same answers from etcd and muster.
+fn defrag_needs_root(backend: &common::Backend) {
+    let endpoint = backend.endpoint();
+    common::enable_auth(&endpoint);
+    let ep = endpoint.trim_start_matches("http://");
+    let alice = muster_testkit::etcdctl_at(ep, &["--user", "alice:alicepw", "defrag"]).unwrap();
+    assert!(!alice.status.success());
+    let err = text(&alice.stderr);
+    // etcd passes the auth error through untranslated.
+    assert!(
+        err.contains("code = Unknown desc = auth: permission denied"),
+        "{err}"
+    );
+    let alarms =
+        muster_testkit::etcdctl_at(ep, &["--user", "alice:alicepw", "alarm", "list"]).unwrap();
+    assert!(alarms.status.success(), "{}", text(&alarms.stderr));
+    let root = etcdctl(ep, &["--user", "root:rootpw", "defrag"]);
+    assert!(root.contains("Finished defragmenting"), "{root}");
+}
+
+#[test]
+fn defrag_needs_root_on_muster() {
+    defrag_needs_root(&common::Backend::embedded());
+}
+
+#[test]
+fn defrag_needs_root_on_etcd() {
+    let Some(etcd) = common::Backend::etcd() else {
+        return;
+    };
+    defrag_needs_root(&etcd);
+}

@@ -6,6 +6,7 @@ use tonic::Status;
 
 use super::Core;
 use crate::alarm::{self, no_space};
+use crate::auth::Caller;
 use crate::storage::AlarmRecord;
 
 impl Core {
@@ -113,9 +114,17 @@ impl Core {
 
     /// `Maintenance.Defragment`: checkpoints, then compacts the database
     /// file, online (see [`crate::storage::Storage::defragment`]). In
-    /// memory there is nothing to do.
-    pub async fn defragment(&self) -> Result<pb::DefragmentResponse, Status> {
+    /// memory there is nothing to do. With access control on, only the
+    /// root role may (etcd's `authMaintenanceServer`).
+    pub async fn defragment(&self, caller: &Caller) -> Result<pb::DefragmentResponse, Status> {
         self.check_alive()?;
+        if let Err(e) = self.read().auth.check_admin(caller) {
+            // etcd's `authMaintenanceServer` passes the auth package's own
+            // error through, untranslated: code Unknown, "auth: ...".
+            let msg = e.to_string();
+            let msg = msg.strip_prefix("etcdserver: ").unwrap_or(&msg);
+            return Err(Status::unknown(format!("auth: {msg}")));
+        }
         let done = self
             .storage
             .defragment()
