@@ -18,6 +18,12 @@
 //! and keep-alives go on. Disarming the alarm lets writes through again;
 //! if the store is still over quota, the next write's check raises it
 //! again.
+//!
+//! A CORRUPT alarm (only raised by `Maintenance.Alarm` here: muster has no
+//! corruption check) refuses every write with [`CORRUPT`], as etcd's
+//! `applierV3Corrupt`: puts, deletes, transactions that write, compactions,
+//! lease grants and revokes; reads and read-only transactions go on.
+//! Lease expiry goes on too (etcd's would be refused and retried).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +43,10 @@ pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 
 /// etcd's per-key overhead in its quota cost of a put.
 const KV_OVERHEAD: u64 = 256;
+
+/// etcd's `ErrGRPCCorrupt` message (code DataLoss): a write while a
+/// CORRUPT alarm is active.
+pub const CORRUPT: &str = "etcdserver: corrupt cluster";
 
 /// etcd's quota cost of a lease grant.
 pub const LEASE_COST: u64 = 64;
@@ -123,6 +133,7 @@ impl Quota {
 pub struct Alarms {
     active: Mutex<BTreeSet<AlarmRecord>>,
     nospace: AtomicBool,
+    corrupt: AtomicBool,
 }
 
 impl Alarms {
@@ -145,6 +156,13 @@ impl Alarms {
     pub fn update(&self, set: &BTreeSet<AlarmRecord>) {
         let nospace = set.iter().any(|r| r.alarm == pb::AlarmType::Nospace as i32);
         self.nospace.store(nospace, Ordering::Release);
+        let corrupt = set.iter().any(|r| r.alarm == pb::AlarmType::Corrupt as i32);
+        self.corrupt.store(corrupt, Ordering::Release);
+    }
+
+    /// Whether a CORRUPT alarm is active (of any member).
+    pub fn corrupt(&self) -> bool {
+        self.corrupt.load(Ordering::Acquire)
     }
 
     /// Whether a NOSPACE alarm is active (of any member).
@@ -160,11 +178,6 @@ impl Alarms {
             .filter(|r| alarm == pb::AlarmType::None as i32 || r.alarm == alarm)
             .map(|r| member(*r))
             .collect()
-    }
-
-    /// Whether any alarm of type `alarm` is active.
-    pub fn any(&self, alarm: i32) -> bool {
-        self.lock().iter().any(|r| r.alarm == alarm)
     }
 }
 

@@ -444,6 +444,7 @@ impl Core {
         req: pb::PutRequest,
         caller: &Caller,
     ) -> Result<pb::PutResponse, Status> {
+        self.check_corrupt()?;
         self.check_quota(crate::alarm::put_cost(&req)).await?;
         // One closure, so that the request is checked by reference and
         // then moved into the store (its value is not copied).
@@ -469,6 +470,7 @@ impl Core {
         req: pb::DeleteRangeRequest,
         caller: &Caller,
     ) -> Result<pb::DeleteRangeResponse, Status> {
+        self.check_corrupt()?;
         let check = |st: &State| {
             let guard = st.guard(caller);
             if guard.active() {
@@ -490,6 +492,9 @@ impl Core {
         req: pb::TxnRequest,
         caller: &Caller,
     ) -> Result<pb::TxnResponse, Status> {
+        if !crate::mvcc::is_read_only(&req) {
+            self.check_corrupt()?;
+        }
         self.check_quota(crate::alarm::txn_cost(&req)).await?;
         let max_ops = self.config.max_txn_ops;
         let check = |st: &State| {
@@ -508,6 +513,7 @@ impl Core {
 
     /// `KV.Compact`.
     pub async fn compact(&self, revision: i64) -> Result<pb::CompactionResponse, Status> {
+        self.check_corrupt()?;
         let (_, rev) = self
             .write(|st| {
                 let compacted = st.store.compact(revision).map_err(mvcc_status)?;
@@ -525,6 +531,7 @@ impl Core {
 
     /// `Lease.LeaseGrant`.
     pub async fn lease_grant(&self, id: i64, ttl: i64) -> Result<pb::LeaseGrantResponse, Status> {
+        self.check_corrupt()?;
         self.check_quota(crate::alarm::LEASE_COST).await?;
         let ((id, ttl), rev) = self
             .write(|st| {
@@ -553,6 +560,10 @@ impl Core {
         id: i64,
         caller: &Caller,
     ) -> Result<pb::LeaseRevokeResponse, Status> {
+        // Expiry goes on (etcd's would retry until disarmed).
+        if *caller != Caller::System {
+            self.check_corrupt()?;
+        }
         let (_, rev) = self
             .write(|st| {
                 if !st.lessor.contains(id) {

@@ -40,6 +40,16 @@ impl Core {
         Err(no_space())
     }
 
+    /// Refuses a write while a CORRUPT alarm is active (etcd's
+    /// `applierV3Corrupt`: every write, reads and read-only transactions
+    /// aside).
+    pub(crate) fn check_corrupt(&self) -> Result<(), Status> {
+        if self.alarms.corrupt() {
+            return Err(Status::data_loss(alarm::CORRUPT));
+        }
+        Ok(())
+    }
+
     /// The space quota in bytes.
     pub fn quota_bytes(&self) -> u64 {
         self.quota.limit()

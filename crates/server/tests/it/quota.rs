@@ -631,3 +631,116 @@ async fn writes_during_a_defragment_are_not_lost() {
         .count;
     assert_eq!(count, acked as i64);
 }
+
+/// A CORRUPT alarm refuses every write (etcd's `applierV3Corrupt`), while
+/// reads and read-only transactions go on, until it is disarmed.
+async fn corrupt_alarm(endpoint: &str) {
+    let ch = connect(endpoint).await;
+    let mut kv = KvClient::new(ch.clone());
+    let mut lease = LeaseClient::new(ch.clone());
+    let mut maint = MaintenanceClient::new(ch);
+    kv.put(put_req("k", b"v".to_vec())).await.unwrap();
+    let id = lease
+        .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let corrupt = pb::AlarmRequest {
+        action: AlarmAction::Activate as i32,
+        member_id: 1,
+        alarm: pb::AlarmType::Corrupt as i32,
+    };
+    maint.alarm(corrupt).await.unwrap();
+    let refused = |status: tonic::Status| {
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+        assert_eq!(
+            status.message(),
+            "etcdserver: corrupt cluster",
+            "{status:?}"
+        );
+    };
+    refused(kv.put(put_req("k", b"w".to_vec())).await.unwrap_err());
+    refused(
+        kv.delete_range(pb::DeleteRangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    let txn_delete = pb::TxnRequest {
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestDeleteRange(
+                pb::DeleteRangeRequest {
+                    key: b"absent".to_vec(),
+                    ..Default::default()
+                },
+            )),
+        }],
+        ..Default::default()
+    };
+    refused(kv.txn(txn_delete).await.unwrap_err());
+    refused(
+        kv.compact(pb::CompactionRequest {
+            revision: 1,
+            physical: false,
+        })
+        .await
+        .unwrap_err(),
+    );
+    refused(
+        lease
+            .lease_grant(pb::LeaseGrantRequest { ttl: 60, id: 0 })
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        lease
+            .lease_revoke(pb::LeaseRevokeRequest { id })
+            .await
+            .unwrap_err(),
+    );
+    // Reads go on.
+    let got = kv
+        .range(pb::RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.kvs[0].value, b"v");
+    let txn_read = pb::TxnRequest {
+        success: vec![pb::RequestOp {
+            request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    };
+    kv.txn(txn_read).await.unwrap();
+    maint
+        .alarm(pb::AlarmRequest {
+            action: AlarmAction::Deactivate as i32,
+            ..corrupt
+        })
+        .await
+        .unwrap();
+    kv.put(put_req("k", b"w".to_vec())).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_corrupt_alarm() {
+    let Some(etcd) = etcd_with_quota() else {
+        return;
+    };
+    corrupt_alarm(&etcd.endpoint()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn muster_corrupt_alarm() {
+    let server = Server::start(ServerConfig::in_memory()).await.unwrap();
+    corrupt_alarm(&server.endpoint()).await;
+}
