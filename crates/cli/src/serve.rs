@@ -322,6 +322,9 @@ pub async fn run(global: &GlobalArgs, args: ServeArgs) -> anyhow::Result<()> {
             let core = server.core().clone();
             dashboard.set_auth_check(move || core.auth_summary().0);
             dashboard.set_secure_cookies(http.tls().is_some());
+            // The quota next to the database size (etcd's API has no call
+            // for it; we know our own).
+            dashboard.set_quota(server.core().quota_bytes());
             // DNS rebinding protection for the dashboard's pages (not for
             // /metrics and /health, which scrapers reach by any name).
             let mut routes = dashboard.router();

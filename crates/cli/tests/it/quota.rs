@@ -8,17 +8,23 @@ use crate::common::{self, etcdctl, free_port, text};
 
 const QUOTA: u64 = 4 << 20;
 
-fn metrics(http: &str) -> String {
+/// The body of `GET path` on `muster serve`'s HTTP address.
+fn http_get(http: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(http).expect("HTTP address");
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out
+    out.split_once("\r\n\r\n")
+        .map_or(out.clone(), |(_, body)| body.to_string())
+}
+
+fn metrics(http: &str) -> String {
+    http_get(http, "/metrics")
 }
 
 #[test]
@@ -66,6 +72,12 @@ fn etcdctl_fills_the_quota_then_frees_it() {
     assert!(
         muster_testkit::metric_value(&m, "muster_mvcc_db_total_size_in_bytes", &[]).unwrap() > 0.0
     );
+    // The dashboard shows the alarm and the quota next to the size.
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(&server.1, "/api/status")).expect("status JSON");
+    assert_eq!(status["alarms"], serde_json::json!(["NOSPACE"]), "{status}");
+    assert_eq!(status["quota"], QUOTA, "{status}");
+    assert!(status["db_size"].as_i64().unwrap() > 0, "{status}");
     // Reads still work.
     let count = etcdctl(
         &endpoint,
