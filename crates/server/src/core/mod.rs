@@ -811,6 +811,69 @@ async fn expirer(core: Arc<Core>) {
     }
 }
 
+impl Core {
+    /// A consistent copy of the state for `Maintenance.Snapshot`, at the
+    /// committed revision: every event record up to it (under its
+    /// `(revision, sub revision)`), the leases with their granted TTLs,
+    /// and the auth store. Taken under the state's read lock (writers wait
+    /// for the copy, readers do not); events of writes applied but not yet
+    /// durable are left out. Needs the root role when auth is on, as
+    /// etcd's snapshot does. Leases and auth changes in flight (applied,
+    /// not yet durable) are included as applied.
+    pub fn snapshot_view(&self, caller: &Caller) -> Result<Recovered, Status> {
+        self.check_alive()?;
+        let st = self.read();
+        if self.auth_enabled() && *caller != Caller::System {
+            st.auth.check_admin(caller)?;
+        }
+        // Read under the lock: every write at or below it is applied.
+        let committed = self.committed();
+        let events = st
+            .store
+            .records
+            .iter()
+            .take_while(|(rev, _)| rev.main <= committed)
+            .map(|(rev, rec)| {
+                let r#type = if rec.tombstone {
+                    pb::EventType::Delete
+                } else {
+                    pb::EventType::Put
+                };
+                (
+                    (rev.main, rev.sub),
+                    pb::Event {
+                        r#type: r#type as i32,
+                        kv: Some(rec.kv.clone()),
+                        prev_kv: None,
+                    },
+                )
+            })
+            .collect();
+        let now = Instant::now();
+        let mut leases: Vec<LeaseRecord> = st
+            .lessor
+            .ids()
+            .into_iter()
+            .filter_map(|id| {
+                st.lessor
+                    .time_to_live(id, now)
+                    .map(|t| LeaseRecord { id, ttl: t.granted })
+            })
+            .collect();
+        let auth = st.auth.export();
+        let compact_revision = st.store.compact_revision().max(0);
+        drop(st);
+        leases.sort_by_key(|l| l.id);
+        Ok(Recovered {
+            events,
+            compact_revision,
+            leases,
+            revision: committed.max(compact_revision),
+            auth,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
