@@ -24,12 +24,16 @@
 //! - `3` lease: id i64, granted TTL i64 (seconds);
 //! - `4` user: a prost-encoded [`authpb::User`] (with its bcrypt hash);
 //! - `5` role: a prost-encoded [`authpb::Role`];
+//! - `7` padding, once, just before the end record: zero bytes, as many
+//!   as make the length before the trailer a multiple of 512;
 //! - `6` end, last and once: the numbers of event, lease, user and role
 //!   records, u64 each (32 bytes).
 //!
 //! As etcd's snapshot stream (a bbolt file followed by its SHA-256), the
 //! stream ends with the SHA-256 of what precedes it, so `etcdctl snapshot
-//! save` accepts ours (it checks only the trailer).
+//! save` accepts ours: it checks only the trailer, and that the length
+//! before it is a multiple of 512 (a bbolt file is whole pages), hence the
+//! padding.
 //!
 //! # Leases
 //!
@@ -66,6 +70,14 @@ const TAG_LEASE: u8 = 3;
 const TAG_USER: u8 = 4;
 const TAG_ROLE: u8 = 5;
 const TAG_END: u8 = 6;
+const TAG_PAD: u8 = 7;
+
+/// The length before the trailer is a multiple of this (see the padding
+/// record).
+pub const ALIGN: usize = 512;
+
+/// Length of the end record, its header included.
+const END_RECORD_BYTES: usize = 5 + 32;
 
 /// Why a snapshot was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,6 +166,80 @@ pub fn verify_trailer(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
     Ok(content)
 }
 
+/// Checks a snapshot stream's SHA-256 trailer as the stream arrives, in
+/// constant memory: every byte but the last [`HASH_BYTES`] is hashed.
+pub struct TrailerCheck {
+    context: ring::digest::Context,
+    tail: Vec<u8>,
+    len: u64,
+}
+
+impl std::fmt::Debug for TrailerCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrailerCheck")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for TrailerCheck {
+    fn default() -> Self {
+        TrailerCheck {
+            context: ring::digest::Context::new(&ring::digest::SHA256),
+            tail: Vec::with_capacity(2 * HASH_BYTES),
+            len: 0,
+        }
+    }
+}
+
+impl TrailerCheck {
+    /// Adds the next bytes of the stream.
+    pub fn update(&mut self, mut chunk: &[u8]) {
+        self.len += chunk.len() as u64;
+        if chunk.len() >= HASH_BYTES {
+            self.context.update(&self.tail);
+            self.tail.clear();
+            let (body, tail) = chunk.split_at(chunk.len() - HASH_BYTES);
+            self.context.update(body);
+            chunk = tail;
+        }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > HASH_BYTES {
+            let extra = self.tail.len() - HASH_BYTES;
+            self.context.update(&self.tail[..extra]);
+            self.tail.drain(..extra);
+        }
+    }
+
+    /// Bytes seen so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was seen.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the last [`HASH_BYTES`] bytes are the SHA-256 of the rest.
+    pub fn finish(self) -> Result<(), SnapshotError> {
+        if self.tail.len() < HASH_BYTES {
+            return Err(SnapshotError::TooShort {
+                len: self.tail.len(),
+                min: HASH_BYTES,
+            });
+        }
+        let found = self.context.finish();
+        if found.as_ref() != self.tail.as_slice() {
+            return Err(SnapshotError::HashMismatch {
+                expected: hex(&self.tail),
+                found: hex(found.as_ref()),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Whether `bytes` start as a muster snapshot (an etcd snapshot does not).
 pub fn is_muster_snapshot(bytes: &[u8]) -> bool {
     bytes.starts_with(&MAGIC)
@@ -208,6 +294,9 @@ pub fn encode(state: &Recovered) -> Vec<u8> {
             let _ = role.encode(p);
         });
     }
+    let used = out.len() + 5 + END_RECORD_BYTES;
+    let pad = (ALIGN - used % ALIGN) % ALIGN;
+    record(&mut out, TAG_PAD, |p| p.resize(p.len() + pad, 0));
     record(&mut out, TAG_END, |p| {
         for n in [
             state.events.len(),
@@ -375,6 +464,11 @@ pub fn decode(bytes: &[u8]) -> Result<Recovered, SnapshotError> {
                     }
                 }
             }
+            TAG_PAD => {
+                if p.iter().any(|b| *b != 0) {
+                    return Err(corrupt(offset, "padding that is not zeros"));
+                }
+            }
             other => return Err(corrupt(offset, format!("unknown record type {other}"))),
         }
     }
@@ -494,6 +588,7 @@ mod tests {
         let state = sample();
         let bytes = encode(&state);
         assert!(is_muster_snapshot(&bytes));
+        assert_eq!((bytes.len() - HASH_BYTES) % ALIGN, 0);
         assert_eq!(decode(&bytes).unwrap(), state);
         let st = status(&bytes).unwrap();
         assert_eq!(st.revision, 6);
@@ -582,5 +677,22 @@ mod tests {
         drop(storage);
         // A second restore into the same directory is refused.
         assert!(crate::storage::create_from_state(&target, &state).is_err());
+    }
+    #[test]
+    fn trailer_check_in_any_chunking() {
+        let bytes = encode(&sample());
+        for step in [1, 7, 31, 32, 33, 100, bytes.len()] {
+            let mut check = TrailerCheck::default();
+            for chunk in bytes.chunks(step) {
+                check.update(chunk);
+            }
+            assert_eq!(check.len(), bytes.len() as u64);
+            check.finish().unwrap();
+            let mut check = TrailerCheck::default();
+            for chunk in bytes[..bytes.len() - 1].chunks(step) {
+                check.update(chunk);
+            }
+            assert!(check.finish().is_err(), "step {step}");
+        }
     }
 }

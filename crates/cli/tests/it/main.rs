@@ -19,3 +19,4 @@ mod register;
 mod seed;
 mod serve;
 mod serve_tls;
+mod snapshot;
