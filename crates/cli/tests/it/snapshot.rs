@@ -405,3 +405,59 @@ fn save_from_etcd() {
         text(&out.stderr)
     );
 }
+
+/// With auth on, a snapshot needs root; the restored server has auth on,
+/// with the same users and passwords.
+#[test]
+fn auth_state_survives_a_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_serve, ep) = serve_dir(&tmp.path().join("auth"));
+    common::enable_auth(&ep);
+    let file = tmp.path().join("auth.snap");
+    let save = |user: Option<&str>| {
+        let mut args: Vec<&OsStr> = Vec::new();
+        if let Some(user) = user {
+            args.extend([OsStr::new("--user"), OsStr::new(user)]);
+        }
+        args.extend([OsStr::new("snapshot"), "save".as_ref(), file.as_os_str()]);
+        muster(&ep, &args)
+    };
+    for user in [None, Some("alice:alicepw")] {
+        let out = save(user);
+        assert!(!out.status.success(), "{user:?} saved a snapshot");
+        assert!(!file.exists());
+    }
+    let out = save(Some("root:rootpw"));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restored = tmp.path().join("restored");
+    muster_ok(
+        &ep,
+        &[
+            "snapshot".as_ref(),
+            "restore".as_ref(),
+            file.as_os_str(),
+            "--data-dir".as_ref(),
+            restored.as_os_str(),
+        ],
+    );
+    let (_copy, ep2) = serve_dir(&restored);
+    // Anonymous requests are refused: auth is on.
+    let out = muster_testkit::etcdctl_at(&ep2, &["get", "/x"]).unwrap();
+    assert!(!out.status.success(), "auth is off after the restore");
+    // The users log in with their passwords and keep their roles.
+    let users = etcdctl(&ep2, &["--user", "root:rootpw", "user", "list"]);
+    assert_eq!(
+        users.split_whitespace().collect::<Vec<_>>(),
+        ["alice", "dash", "root"]
+    );
+    etcdctl(
+        &ep2,
+        &[
+            "--user",
+            "alice:alicepw",
+            "get",
+            "/muster/services/web/",
+            "--prefix",
+        ],
+    );
+}
