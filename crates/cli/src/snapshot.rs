@@ -178,7 +178,7 @@ async fn save(global: &GlobalArgs, file: &Path) -> anyhow::Result<()> {
             "revision": revision,
         })),
         Output::Table => print(&format!(
-            "Snapshot saved at {} ({total} bytes, revision {revision})",
+            "Snapshot saved at {} ({total} bytes, revision {revision})\n",
             file.display()
         )),
     }
@@ -239,9 +239,8 @@ fn restore(file: &Path, dir: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let _ = std::io::stdout().flush();
     print(&format!(
-        "Restored {} into {} (revision {}, {} records, {} leases)",
+        "Restored {} into {} (revision {}, {} records, {} leases)\n",
         file.display(),
         dir.display(),
         state.revision,

@@ -520,8 +520,19 @@ impl pb::maintenance_server::Maintenance for Services {
         let caller = self.caller(&req)?;
         let core = self.core.clone();
         let (revision, bytes) = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let view = core.snapshot_view(&caller)?;
-            Ok::<_, Status>((view.revision, crate::snapshot::encode(&view)))
+            let copied = started.elapsed();
+            let bytes = crate::snapshot::encode(&view);
+            tracing::info!(
+                revision = view.revision,
+                records = view.events.len(),
+                bytes = bytes.len(),
+                copy_ms = copied.as_secs_f64() * 1e3,
+                encode_ms = (started.elapsed() - copied).as_secs_f64() * 1e3,
+                "snapshot: sending"
+            );
+            Ok::<_, Status>((view.revision, bytes))
         })
         .await
         .map_err(|e| Status::internal(format!("snapshot task failed: {e}")))??;
