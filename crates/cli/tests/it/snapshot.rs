@@ -312,9 +312,11 @@ fn snapshot_under_write_load_is_one_revision() {
         })
         .collect();
     // Let every writer get going first.
+    // Enough history that the server copies it in several chunks (4096
+    // records per hold of its read lock).
     common::wait_for("writes from every writer", || {
-        let (_, kvs) = dump(&ep);
-        (kvs.len() == 2 * WRITERS).then_some(())
+        let (revision, kvs) = dump(&ep);
+        (kvs.len() == 2 * WRITERS && revision > 6000).then_some(())
     });
     let file = tmp.path().join("loaded.snap");
     muster_ok(
