@@ -862,7 +862,9 @@ impl Core {
                 .collect();
             leases.sort_by_key(|l| l.id);
             let auth = st.auth.export();
-            let mut events = Vec::new();
+            // Sized once (an upper bound): growing it would copy it all
+            // under the lock.
+            let mut events = Vec::with_capacity(st.store.records.len());
             let mut last = None;
             let mut st = Some(st);
             let mut longest = Duration::ZERO;
