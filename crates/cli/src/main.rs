@@ -22,6 +22,7 @@ mod ls;
 mod output;
 mod register;
 mod serve;
+mod snapshot;
 mod watch;
 
 use clap::{Parser, Subcommand};
@@ -85,6 +86,10 @@ enum Command {
     Certs(certs::CertsArgs),
     /// Print a shell completion script (bash, zsh or fish) to stdout.
     Completions(completions::CompletionsArgs),
+    /// Snapshots: save one from the endpoint, restore one into a new data
+    /// directory, check one.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,6 +140,7 @@ fn main() -> std::process::ExitCode {
             Command::Dns(args) => done(dns::run(&cli.global, args).await),
             Command::Demo(args) => done(demo::run(&cli.global, args).await),
             Command::Bench(args) => done(bench::run(&cli.global, args).await),
+            Command::Snapshot(command) => done(snapshot::run(&cli.global, command).await),
         }
     });
     match result {

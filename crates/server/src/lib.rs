@@ -33,6 +33,7 @@ pub mod lease;
 pub mod metrics;
 pub mod mvcc;
 pub mod service;
+pub mod snapshot;
 pub mod storage;
 pub mod watch;
 

@@ -1339,6 +1339,79 @@ fn checkpoint(
     Ok(())
 }
 
+/// Writes a new data directory in `dir` holding `state` (as a snapshot
+/// restore needs): the database with every event under its own `(revision,
+/// sub revision)`, the leases, the revisions and the auth store, in one
+/// durable transaction, and an empty log. [`Storage::open`] then reads
+/// `state` back. `dir` is created if missing and must not hold a database
+/// already ([`StorageError::Io`] with `AlreadyExists` if it does).
+pub fn create_from_state(dir: &Path, state: &Recovered) -> Result<(), StorageError> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(FILE_NAME);
+    if path.exists() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} already exists", path.display()),
+        )
+        .into());
+    }
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(&path)
+        .map_err(db_error)?;
+    init(&db)?;
+    let mut txn = db.begin_write().map_err(db_error)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(db_error)?;
+    {
+        let mut tables = Tables::open(&txn)?;
+        let mut high = 0;
+        let mut high_event = i64::MIN;
+        let mut changes: Vec<Change> = Vec::new();
+        changes.push(Change::Compact {
+            revision: state.compact_revision,
+            removed: Vec::new(),
+        });
+        changes.push(Change::Revision(state.revision));
+        changes.extend(state.leases.iter().copied().map(Change::LeaseGrant));
+        changes.extend(state.auth.users.iter().map(|user| Change::AuthUser {
+            name: String::from_utf8_lossy(&user.name).into_owned(),
+            user: Some(user.clone()),
+        }));
+        changes.extend(state.auth.roles.iter().map(|role| Change::AuthRole {
+            name: String::from_utf8_lossy(&role.name).into_owned(),
+            role: Some(role.clone()),
+        }));
+        changes.push(Change::AuthState {
+            enabled: state.auth.enabled,
+            revision: state.auth.revision,
+        });
+        for change in &changes {
+            tables.apply(change, &mut high, &mut high_event)?;
+        }
+        for ((rev, sub), event) in &state.events {
+            let change = Change::Event {
+                rev: *rev,
+                sub: *sub,
+                event: Event {
+                    prev_kv: None,
+                    ..event.clone()
+                },
+            };
+            tables.apply(&change, &mut high, &mut high_event)?;
+        }
+        let mut stored = 0;
+        tables.finish(high, high_event, &mut stored)?;
+    }
+    txn.commit().map_err(db_error)?;
+    drop(db);
+    let wal_dir = dir.join(WAL_DIR);
+    std::fs::create_dir_all(&wal_dir)?;
+    wal::sync_dir(&wal_dir)?;
+    wal::sync_dir(dir)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -20,3 +20,4 @@ mod register;
 mod seed;
 mod serve;
 mod serve_tls;
+mod snapshot;

@@ -445,3 +445,16 @@ impl AuthStore {
         Ok(((), self.commit(vec![change])))
     }
 }
+
+impl AuthStore {
+    /// The whole store as storage keeps it (users with their bcrypt
+    /// hashes, in name order), for snapshots.
+    pub fn export(&self) -> RecoveredAuth {
+        RecoveredAuth {
+            enabled: self.enabled,
+            revision: self.revision,
+            users: self.users.values().cloned().collect(),
+            roles: self.roles.values().cloned().collect(),
+        }
+    }
+}
