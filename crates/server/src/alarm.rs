@@ -1,13 +1,15 @@
 //! The space quota and alarms, as etcd's (`--quota-backend-bytes`,
 //! `Maintenance.Alarm`).
 //!
-//! The store's size is the size of the database file
-//! ([`crate::storage::Storage::file_bytes`]), as etcd's is the size of its
-//! bbolt file (`etcd_mvcc_db_total_size_in_bytes`, what `etcdctl endpoint
-//! status` shows as DB SIZE), plus the bytes logged in the write-ahead log
-//! but not yet checkpointed into the file (they are on their way into it:
-//! without them a burst of writes would run up to a checkpoint's worth
-//! past the quota). The size is measured at most every 50 ms.
+//! The store's size is the bytes of the history it keeps
+//! ([`crate::mvcc::Store::bytes`]: every record's key and value plus a
+//! fixed allowance per record), what etcd reports as DB SIZE IN USE. etcd
+//! 3.4 checks its bbolt file's high-water mark instead; redb grows its
+//! file in doubling steps and leaves pages half full on appends (a
+//! million 1 KB values take a 2.2 GB file), so the file size would refuse
+//! writes at half the data etcd takes under the same quota. Deletes and
+//! compaction free quota at once; defragmenting gives the file space back
+//! to the file system. The size is measured at most every 50 ms.
 //!
 //! As etcd 3.4: a write that could grow the store (a put, a transaction
 //! with a put in a branch, a lease grant) is refused with
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant};
 use muster_proto as pb;
 use tonic::Status;
 
-use crate::storage::{AlarmRecord, Storage};
+use crate::storage::AlarmRecord;
 
 /// etcd's default quota: 2 GiB (`--quota-backend-bytes 0` means it too).
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
@@ -106,17 +108,12 @@ impl Quota {
         self.limit
     }
 
-    /// The store's size, measured at most [`SIZE_REFRESH`] ago (`fresh`:
-    /// now).
-    pub fn size(&self, storage: &Storage, fresh: bool) -> u64 {
+    /// The store's size as `measure` gives it, measured at most
+    /// [`SIZE_REFRESH`] ago (`fresh`: now).
+    pub fn size(&self, measure: impl FnOnce() -> u64, fresh: bool) -> u64 {
         let mut measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
         if fresh || measured.is_none_or(|at| at.elapsed() >= SIZE_REFRESH) {
-            let stats = storage.stats();
-            // What is logged but not checkpointed yet is on its way into
-            // the file: counting it keeps a burst of writes from running
-            // far past the quota before the next checkpoint.
-            let size = stats.file_bytes + stats.pending_bytes;
-            self.size.store(size, Ordering::Relaxed);
+            self.size.store(measure(), Ordering::Relaxed);
             *measured = Some(Instant::now());
         }
         self.size.load(Ordering::Relaxed)

@@ -109,8 +109,14 @@ pub fn render(core: &Core) -> String {
     m.single(
         "muster_mvcc_db_total_size_in_bytes",
         "gauge",
-        "Size of the database file, as etcd's etcd_mvcc_db_total_size_in_bytes: what the space quota is checked against.",
+        "Size of the database file, as etcd's etcd_mvcc_db_total_size_in_bytes.",
         stats.file_bytes as f64,
+    );
+    m.single(
+        "muster_mvcc_db_total_size_in_use_in_bytes",
+        "gauge",
+        "Bytes of the history the store keeps, as etcd's etcd_mvcc_db_total_size_in_use_in_bytes: what the space quota is checked against.",
+        core.data_bytes() as f64,
     );
     m.single(
         "muster_server_quota_backend_bytes",

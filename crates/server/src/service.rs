@@ -586,7 +586,7 @@ impl pb::maintenance_server::Maintenance for Services {
                 .iter()
                 .map(crate::alarm::status_error)
                 .collect(),
-            db_size_in_use: stats.file_bytes as i64,
+            db_size_in_use: self.core.data_bytes() as i64,
             is_learner: false,
         }))
     }

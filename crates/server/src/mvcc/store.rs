@@ -91,6 +91,8 @@ pub struct Store {
     /// Number of live keys.
     pub(crate) live: usize,
     pub(crate) max_txn_ops: usize,
+    /// The bytes of the kept records, as [`record_bytes`] counts them.
+    pub(crate) bytes: u64,
 }
 
 impl fmt::Debug for Store {
@@ -120,6 +122,7 @@ impl Store {
             compact_main_rev: -1,
             live: 0,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            bytes: 0,
         }
     }
 
@@ -149,6 +152,13 @@ impl Store {
     /// to the highest revision storage recorded); never lowers it.
     pub fn bump_revision(&mut self, revision: i64) {
         self.current_rev = self.current_rev.max(revision);
+    }
+
+    /// The bytes of the history kept (every record: live values, older
+    /// versions and tombstones not yet compacted away), about as storage
+    /// holds them.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Number of live keys.
@@ -340,7 +350,7 @@ impl Store {
                 if !ki.tombstone(rev) {
                     continue;
                 }
-                store.records.insert(rev, tombstone_record(kv.key, rev));
+                store.insert_record(rev, tombstone_record(kv.key, rev));
             } else {
                 let ki = store.index.entry(kv.key.clone()).or_default();
                 if ki.latest().is_some_and(|latest| latest >= rev) {
@@ -353,7 +363,7 @@ impl Store {
                 };
                 let created = Revision::new(kv.create_revision, created_sub);
                 ki.restore_put(rev, created, kv.version);
-                store.records.insert(
+                store.insert_record(
                     rev,
                     Record {
                         kv,
@@ -401,7 +411,7 @@ impl Store {
             !ki.is_empty()
         });
         for r in &removed {
-            self.records.remove(r);
+            self.remove_record(r);
         }
         removed.sort_unstable();
         removed
@@ -600,7 +610,7 @@ impl Store {
             value,
             lease,
         };
-        self.records.insert(
+        self.insert_record(
             rev,
             Record {
                 kv: kv.clone(),
@@ -629,7 +639,7 @@ impl Store {
         self.live -= 1;
         let record = tombstone_record(key.to_vec(), rev);
         let kv = record.kv.clone();
-        self.records.insert(rev, record);
+        self.insert_record(rev, record);
         Some(Event {
             r#type: EventType::Delete as i32,
             kv: Some(kv),
@@ -637,9 +647,24 @@ impl Store {
         })
     }
 
+    /// Keeps `record` at `rev`, counting its bytes.
+    fn insert_record(&mut self, rev: Revision, record: Record) {
+        self.bytes += record_bytes(&record);
+        if let Some(old) = self.records.insert(rev, record) {
+            self.bytes -= record_bytes(&old);
+        }
+    }
+
+    /// Drops the record at `rev`, if any, and its bytes.
+    fn remove_record(&mut self, rev: &Revision) {
+        if let Some(old) = self.records.remove(rev) {
+            self.bytes -= record_bytes(&old);
+        }
+    }
+
     /// Undoes the latest change, `event` recorded at `rev`.
     pub(crate) fn undo(&mut self, rev: Revision, event: &Event) {
-        self.records.remove(&rev);
+        self.remove_record(&rev);
         let Some(key) = event.kv.as_ref().map(|kv| kv.key.as_slice()) else {
             return;
         };
@@ -684,6 +709,15 @@ impl Store {
 }
 
 /// A tombstone's record: the key and the deletion's main revision.
+/// What a record takes in storage, about: its key and value, and a fixed
+/// allowance for its revision key, the rest of its key-value and the
+/// table's per-entry overhead. The space quota counts these (see
+/// `crate::alarm`).
+fn record_bytes(record: &Record) -> u64 {
+    const PER_RECORD: u64 = 64;
+    (record.kv.key.len() + record.kv.value.len()) as u64 + PER_RECORD
+}
+
 fn tombstone_record(key: Vec<u8>, rev: Revision) -> Record {
     Record {
         kv: KeyValue {
