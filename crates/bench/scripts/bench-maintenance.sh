@@ -165,7 +165,7 @@ for s in muster etcd; do
     serve "$s" "$restored" "$port"
     t1=$(now_ms)
     OUT[$s.start_s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1000 }')
-    OUT[$s.keys]=$(ctl "$port" get --prefix bench/ --count-only -w json | sed -n 's/.*"count":\([0-9]*\).*/\1/p')
+    OUT[$s.keys]=$(ctl "$port" get --prefix bench/ --limit 1 -w json | sed -n 's/.*"count":\([0-9]*\).*/\1/p')
     stop
     [[ ${OUT[$s.keys]} == "$KEYS" ]] || die "$s: the restored store has ${OUT[$s.keys]} keys, not $KEYS"
 done
