@@ -330,16 +330,7 @@ fn snapshot_under_write_load_is_one_revision() {
         .collect();
 
     let restored = tmp.path().join("restored");
-    muster_ok(
-        &ep,
-        &[
-            "snapshot".as_ref(),
-            "restore".as_ref(),
-            file.as_os_str(),
-            "--data-dir".as_ref(),
-            restored.as_os_str(),
-        ],
-    );
+    restore(&ep, &file, &restored);
     let (_copy, ep2) = serve_dir(&restored);
     let copy = muster::Etcd::connect_to(ep2.clone()).unwrap();
     let resp = runtime
@@ -432,16 +423,7 @@ fn auth_state_survives_a_restore() {
     let out = save(Some("root:rootpw"));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let restored = tmp.path().join("restored");
-    muster_ok(
-        &ep,
-        &[
-            "snapshot".as_ref(),
-            "restore".as_ref(),
-            file.as_os_str(),
-            "--data-dir".as_ref(),
-            restored.as_os_str(),
-        ],
-    );
+    restore(&ep, &file, &restored);
     let (_copy, ep2) = serve_dir(&restored);
     // Anonymous requests are refused: auth is on.
     let out = muster_testkit::etcdctl_at(&ep2, &["get", "/x"]).unwrap();
@@ -460,6 +442,20 @@ fn auth_state_survives_a_restore() {
             "get",
             "/muster/services/web/",
             "--prefix",
+        ],
+    );
+}
+
+/// `muster snapshot restore FILE --data-dir DIR`, which must succeed.
+fn restore(ep: &str, file: &std::path::Path, dir: &std::path::Path) {
+    muster_ok(
+        ep,
+        &[
+            "snapshot".as_ref(),
+            "restore".as_ref(),
+            file.as_os_str(),
+            "--data-dir".as_ref(),
+            dir.as_os_str(),
         ],
     );
 }

@@ -358,35 +358,32 @@ async fn muster_with_quota(dir: &std::path::Path) -> Server {
     reopen(dir, QUOTA).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn etcd_fill_refuse_recover() {
-    let Some(etcd) = etcd_with_quota() else {
-        return;
+/// Each body against etcd 3.4 and muster serve, both with the test's
+/// quota, on a fresh data directory: `NAME::etcd` and `NAME::embedded`.
+macro_rules! with_quota_on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread")]
+                async fn etcd() {
+                    let Some(etcd) = super::etcd_with_quota() else {
+                        return;
+                    };
+                    super::$name(&etcd.endpoint()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread")]
+                async fn embedded() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let server = super::muster_with_quota(dir.path()).await;
+                    super::$name(&server.endpoint()).await;
+                }
+            }
+        )*
     };
-    fill_refuse_recover(&etcd.endpoint()).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn muster_fill_refuse_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = muster_with_quota(dir.path()).await;
-    fill_refuse_recover(&server.endpoint()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn etcd_alarm_calls() {
-    let Some(etcd) = etcd_with_quota() else {
-        return;
-    };
-    alarm_calls(&etcd.endpoint()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn muster_alarm_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = muster_with_quota(dir.path()).await;
-    alarm_calls(&server.endpoint()).await;
-}
+with_quota_on_both!(fill_refuse_recover, alarm_calls, corrupt_alarm);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn muster_in_memory_alarm_calls_and_defragment() {
@@ -471,24 +468,23 @@ async fn defragment_shrinks_the_file_after_a_delete_and_a_compaction() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = size();
-    let rev = kv
-        .delete_range(pb::DeleteRangeRequest {
-            key: b"big/".to_vec(),
-            range_end: b"big0".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
-    kv.compact(pb::CompactionRequest {
-        revision: rev,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    let in_use = |m: &mut MaintenanceClient<Channel>| {
+        let mut m = m.clone();
+        async move {
+            m.status(pb::StatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .db_size_in_use
+        }
+    };
+    let full = in_use(&mut maint).await;
+    assert!(full > 12 << 20, "12.5 MiB kept: {full} bytes in use");
+    delete_and_compact(&mut kv, b"big/", b"big0").await;
+    // In use drops with the compaction, before any defragment: the quota
+    // counts it.
+    let freed = in_use(&mut maint).await;
+    assert!(freed < 1 << 20, "{freed} bytes in use after the compaction");
     // Defragment checkpoints first, so the file holds all of it, freed.
     maint.defragment(pb::DefragmentRequest {}).await.unwrap();
     let after = size();
@@ -577,24 +573,7 @@ async fn writes_during_a_defragment_are_not_lost() {
             .await
             .unwrap();
     }
-    let rev = kv
-        .delete_range(pb::DeleteRangeRequest {
-            key: b"old/".to_vec(),
-            range_end: b"old0".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
-    kv.compact(pb::CompactionRequest {
-        revision: rev,
-        physical: true,
-    })
-    .await
-    .unwrap();
+    delete_and_compact(&mut kv, b"old/", b"old0").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn({
         let mut kv = kv.clone();
@@ -732,16 +711,26 @@ async fn corrupt_alarm(endpoint: &str) {
     kv.put(put_req("k", b"w".to_vec())).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn etcd_corrupt_alarm() {
-    let Some(etcd) = etcd_with_quota() else {
-        return;
-    };
-    corrupt_alarm(&etcd.endpoint()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn muster_corrupt_alarm() {
-    let server = Server::start(ServerConfig::in_memory()).await.unwrap();
-    corrupt_alarm(&server.endpoint()).await;
+/// Deletes `[key, end)` and compacts (physically) at the delete's revision,
+/// which it returns.
+async fn delete_and_compact(kv: &mut KvClient<Channel>, key: &[u8], end: &[u8]) -> i64 {
+    let rev = kv
+        .delete_range(pb::DeleteRangeRequest {
+            key: key.to_vec(),
+            range_end: end.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(pb::CompactionRequest {
+        revision: rev,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    rev
 }
