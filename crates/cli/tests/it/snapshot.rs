@@ -272,13 +272,13 @@ fn in_memory_server_snapshots_too() {
     assert_eq!(status["revision"], 2);
 }
 
-/// 32 writers each put a pair of keys to the same counter in one txn, as
+/// 64 writers each put a pair of keys to the same counter in one txn, as
 /// fast as they can, and remember each txn's revision; a snapshot taken
 /// meanwhile holds, for every writer, both keys at the counter of its last
 /// txn at or below the snapshot's revision.
 #[test]
 fn snapshot_under_write_load_is_one_revision() {
-    const WRITERS: usize = 32;
+    const WRITERS: usize = 64;
     let tmp = tempfile::tempdir().unwrap();
     let (_serve, ep) = serve_dir(&tmp.path().join("loaded"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
