@@ -163,9 +163,11 @@ impl Lessor {
         })
     }
 
-    /// The TTL a lease was granted (`None` for an unknown lease).
-    pub fn granted_ttl(&self, id: i64) -> Option<i64> {
-        self.leases.get(&id).map(|l| l.ttl)
+    /// Every lease with the TTL it was granted, in id order.
+    pub fn granted(&self) -> Vec<(i64, i64)> {
+        let mut all: Vec<(i64, i64)> = self.leases.iter().map(|(id, l)| (*id, l.ttl)).collect();
+        all.sort_unstable();
+        all
     }
 
     /// Every lease id, the soonest to expire first (etcd's `LeaseLeases`

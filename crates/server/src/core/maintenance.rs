@@ -1,13 +1,16 @@
-//! The Maintenance service's checks on the core: hashes of the store and
-//! leadership (a single member is always its own leader). While auth is
+//! The Maintenance service's reads of the core: a consistent copy for
+//! snapshots, hashes of the store and leadership (a single member is always its own leader). While auth is
 //! on, these are admin calls, as etcd's (its `authMaintenanceServer`
 //! wraps them in an admin check).
 
 use muster_proto as pb;
 use tonic::Status;
 
+use std::time::{Duration, Instant};
+
 use super::{Core, mvcc_status};
 use crate::auth::Caller;
+use crate::storage::{LeaseRecord, Recovered};
 
 impl Core {
     /// `Maintenance.HashKV`: see [`crate::mvcc::Store::hash_kv`]. Revision
@@ -41,11 +44,8 @@ impl Core {
         let (kv, _) = st.store.hash_kv(0, committed).map_err(mvcc_status)?;
         let mut h = crc32fast::Hasher::new();
         h.update(&kv.to_be_bytes());
-        let mut ids = st.lessor.ids();
-        ids.sort_unstable();
-        for id in ids {
+        for (id, ttl) in st.lessor.granted() {
             h.update(&id.to_be_bytes());
-            let ttl = st.lessor.granted_ttl(id).unwrap_or(0);
             h.update(&ttl.to_be_bytes());
         }
         Ok(pb::HashResponse {
@@ -73,5 +73,114 @@ impl Core {
         Ok(pb::MoveLeaderResponse {
             header: self.header(self.committed()),
         })
+    }
+}
+
+/// Event records copied per hold of the read lock by [`Core::snapshot_view`].
+const SNAPSHOT_CHUNK_RECORDS: usize = 4096;
+
+impl Core {
+    /// A consistent copy of the state for `Maintenance.Snapshot`, at the
+    /// committed revision C read when it starts: every event record up to C
+    /// (under its `(revision, sub revision)`), the leases with their granted
+    /// TTLs, and the auth store. Events of writes applied but not yet
+    /// durable are left out. Needs the root role when auth is on, as etcd's
+    /// snapshot does.
+    ///
+    /// Writers are not stopped for the whole copy: the records are copied
+    /// [`SNAPSHOT_CHUNK_RECORDS`] at a time, each under the state's read
+    /// lock. Records at or below C never change, as later writes only add
+    /// records above it, except by a compaction; so the copy starts over
+    /// if the compact revision moves meanwhile (the last attempt copies
+    /// everything under one hold of the lock). Leases and the auth store
+    /// are taken with the first chunk, as applied (a lease change in
+    /// flight is included).
+    pub fn snapshot_view(&self, caller: &Caller) -> Result<Recovered, Status> {
+        use std::ops::Bound;
+        const ATTEMPTS: usize = 3;
+        self.check_alive()?;
+        let mut attempt = 0;
+        'attempt: loop {
+            attempt += 1;
+            let chunk = if attempt < ATTEMPTS {
+                SNAPSHOT_CHUNK_RECORDS
+            } else {
+                usize::MAX
+            };
+            let st = self.read();
+            if self.auth_enabled() && *caller != Caller::System {
+                st.auth.check_admin(caller)?;
+            }
+            // Read under the lock: every write at or below it is applied.
+            let committed = self.committed();
+            let compact_revision = st.store.compact_revision().max(0);
+            let leases: Vec<LeaseRecord> = st
+                .lessor
+                .granted()
+                .into_iter()
+                .map(|(id, ttl)| LeaseRecord { id, ttl })
+                .collect();
+            let auth = st.auth.export();
+            // Sized once (an upper bound): growing it would copy it all
+            // under the lock.
+            let mut events = Vec::with_capacity(st.store.records.len());
+            let mut last = None;
+            let mut st = Some(st);
+            let mut longest = Duration::ZERO;
+            let mut chunks = 0;
+            loop {
+                let guard = match st.take() {
+                    Some(guard) => guard,
+                    None => self.read(),
+                };
+                let held = Instant::now();
+                chunks += 1;
+                if guard.store.compact_revision().max(0) != compact_revision {
+                    continue 'attempt;
+                }
+                let lo = last.map_or(Bound::Unbounded, Bound::Excluded);
+                let before = events.len();
+                for (rev, rec) in guard
+                    .store
+                    .records
+                    .range((lo, Bound::Unbounded))
+                    .take_while(|(rev, _)| rev.main <= committed)
+                    .take(chunk)
+                {
+                    let r#type = if rec.tombstone {
+                        pb::EventType::Delete
+                    } else {
+                        pb::EventType::Put
+                    };
+                    events.push((
+                        (rev.main, rev.sub),
+                        pb::Event {
+                            r#type: r#type as i32,
+                            kv: Some(rec.kv.clone()),
+                            prev_kv: None,
+                        },
+                    ));
+                    last = Some(*rev);
+                }
+                drop(guard);
+                longest = longest.max(held.elapsed());
+                if events.len() - before < chunk {
+                    break;
+                }
+            }
+            tracing::debug!(
+                attempt,
+                chunks,
+                longest_hold_ms = longest.as_secs_f64() * 1e3,
+                "snapshot: copied"
+            );
+            return Ok(Recovered {
+                events,
+                compact_revision,
+                leases,
+                revision: committed.max(compact_revision),
+                auth,
+            });
+        }
     }
 }

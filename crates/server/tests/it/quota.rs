@@ -146,17 +146,7 @@ async fn fill_refuse_recover(endpoint: &str) {
 
     // Still working: reads (every acknowledged put is there), txns without
     // puts, watches, keep-alives, revokes.
-    let count = kv
-        .range(pb::RangeRequest {
-            key: b"q/".to_vec(),
-            range_end: b"q0".to_vec(),
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let count = count(&mut kv, b"q/", b"q0").await;
     // Every acknowledged put is there. etcd may have applied the refused
     // one too: its quotaApplierV3 applies a put that passed the check at
     // the front, then answers NOSPACE if the store crossed the quota
@@ -606,17 +596,7 @@ async fn writes_during_a_defragment_are_not_lost() {
     drop(kv);
     server.shutdown().await;
     let server = reopen(dir.path(), 0).await;
-    let count = KvClient::new(channel(&server).await)
-        .range(pb::RangeRequest {
-            key: b"new/".to_vec(),
-            range_end: b"new0".to_vec(),
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let count = count(&mut KvClient::new(channel(&server).await), b"new/", b"new0").await;
     assert_eq!(count, acked as i64);
 }
 
@@ -741,4 +721,18 @@ async fn delete_and_compact(kv: &mut KvClient<Channel>, key: &[u8], end: &[u8]) 
     .await
     .unwrap();
     rev
+}
+
+/// How many keys `[key, end)` holds.
+async fn count(kv: &mut KvClient<Channel>, key: &[u8], end: &[u8]) -> i64 {
+    kv.range(pb::RangeRequest {
+        key: key.to_vec(),
+        range_end: end.to_vec(),
+        count_only: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .count
 }
