@@ -9,7 +9,8 @@
 //! million 1 KB values take a 2.2 GB file), so the file size would refuse
 //! writes at half the data etcd takes under the same quota. Deletes and
 //! compaction free quota at once; defragmenting gives the file space back
-//! to the file system. The size is measured at most every 50 ms.
+//! to the file system. The write path keeps the count up to date, so the
+//! check reads one atomic.
 //!
 //! As etcd 3.4: a write that could grow the store (a put, a transaction
 //! with a put in a branch, a lease grant) is refused with
@@ -30,7 +31,6 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
 
 use muster_proto as pb;
 use tonic::Status;
@@ -52,9 +52,6 @@ pub const CORRUPT: &str = "etcdserver: corrupt cluster";
 
 /// etcd's quota cost of a lease grant.
 pub const LEASE_COST: u64 = 64;
-
-/// How long a measured size is reused by the quota check.
-const SIZE_REFRESH: Duration = Duration::from_millis(50);
 
 /// etcd's answer to a write refused for want of space.
 pub fn no_space() -> Status {
@@ -85,21 +82,22 @@ pub fn txn_cost(req: &pb::TxnRequest) -> u64 {
 #[derive(Debug)]
 pub struct Quota {
     limit: u64,
+    /// The store's bytes ([`crate::mvcc::Store::bytes`]) after the last
+    /// write, set by the write path.
     size: AtomicU64,
-    measured: Mutex<Option<Instant>>,
 }
 
 impl Quota {
-    /// A quota of `limit` bytes (0: [`DEFAULT_QUOTA_BYTES`]).
-    pub fn new(limit: u64) -> Quota {
+    /// A quota of `limit` bytes (0: [`DEFAULT_QUOTA_BYTES`]) over a store
+    /// of `size` bytes.
+    pub fn new(limit: u64, size: u64) -> Quota {
         Quota {
             limit: if limit == 0 {
                 DEFAULT_QUOTA_BYTES
             } else {
                 limit
             },
-            size: AtomicU64::new(0),
-            measured: Mutex::new(None),
+            size: AtomicU64::new(size),
         }
     }
 
@@ -108,15 +106,14 @@ impl Quota {
         self.limit
     }
 
-    /// The store's size as `measure` gives it, measured at most
-    /// [`SIZE_REFRESH`] ago (`fresh`: now).
-    pub fn size(&self, measure: impl FnOnce() -> u64, fresh: bool) -> u64 {
-        let mut measured = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
-        if fresh || measured.is_none_or(|at| at.elapsed() >= SIZE_REFRESH) {
-            self.size.store(measure(), Ordering::Relaxed);
-            *measured = Some(Instant::now());
-        }
+    /// The store's size after the last write.
+    pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    /// Records the store's size after a write.
+    pub fn set_size(&self, bytes: u64) {
+        self.size.store(bytes, Ordering::Relaxed);
     }
 
     /// Whether a write costing `cost` fits: etcd's `backendQuota.Available`.

@@ -676,7 +676,7 @@ impl Task {
     /// Handles one response; `Some` when the stream has to be replaced.
     fn handle(
         &mut self,
-        resp: pb::WatchResponse,
+        mut resp: pb::WatchResponse,
         outgoing: &mut Vec<pb::WatchRequest>,
     ) -> Option<StreamEnd> {
         let received = Instant::now();
@@ -767,7 +767,6 @@ impl Task {
             }
             return None;
         }
-        let mut resp = resp;
         if resp
             .events
             .first()

@@ -211,6 +211,7 @@ impl Core {
             lessor.reattach(key, 0, lease);
         }
         let committed = store.revision();
+        let committed_bytes = store.bytes();
         let hub = WatchHub::new(header, committed);
         let alarms = crate::alarm::Alarms::new(storage.stored_alarms());
         let core = Arc::new(Core {
@@ -234,7 +235,7 @@ impl Core {
             throttle: Throttle::default(),
             counters: Counters::default(),
             faults: config.faults.clone().map(Faults::new),
-            quota: crate::alarm::Quota::new(config.quota_backend_bytes),
+            quota: crate::alarm::Quota::new(config.quota_backend_bytes, committed_bytes),
             alarms,
             config,
         });
@@ -364,6 +365,8 @@ impl Core {
                 changes.push(Change::Revision(applied.revision));
             }
             changes.extend(applied.extra);
+            // The quota's size, exact after every write (compactions too).
+            self.quota.set_size(state.store.bytes());
             // Queued under the lock: storage sees writes in revision order.
             let durable = self.storage.commit(changes);
             if !applied.events.is_empty() {

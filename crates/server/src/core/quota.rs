@@ -21,7 +21,7 @@ impl Core {
         if self.alarms.nospace() {
             return Err(no_space());
         }
-        let size = self.quota.size(|| self.data_bytes(), false);
+        let size = self.quota.size();
         if self.quota.fits(size, cost) {
             return Ok(());
         }
@@ -53,7 +53,7 @@ impl Core {
     /// The bytes of the history the store keeps: what the quota is
     /// checked against, and Status's `db_size_in_use`.
     pub fn data_bytes(&self) -> u64 {
-        self.read().store.bytes()
+        self.quota.size()
     }
 
     /// The space quota in bytes.
@@ -147,7 +147,7 @@ impl Core {
             .await
             .map_err(|e| Status::internal(format!("etcdserver: defragment failed: {e}")))?;
         // The next quota check sees the new size.
-        let size = self.quota.size(|| self.data_bytes(), true);
+        let size = self.quota.size();
         tracing::debug!(
             before = done.before,
             after = done.after,
