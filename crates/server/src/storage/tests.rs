@@ -1206,6 +1206,40 @@ async fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
     );
 }
 
+/// A segment made to measure for an oversized record does not start a
+/// second spare while the first is still being zero-filled: two threads on
+/// the same files could leave one writing zeros over the segment that the
+/// next record goes into (a CI run lost an acknowledged record that way).
+#[test]
+fn an_oversized_record_leaves_the_pending_spare_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = WalWriter::new(dir.path().to_path_buf(), 1, 4096, None);
+    let mut append = |changes: Vec<Change>| {
+        let mut record = Vec::new();
+        wal::encode_record(changes.iter(), &mut record);
+        writer.append(&mut record).unwrap()
+    };
+    assert_eq!(append(vec![put(1, 0, "small", "v")]).segment, 1);
+    assert_eq!(
+        append(vec![put(2, 0, "big", &"x".repeat(20_000))]).segment,
+        2
+    );
+    assert_eq!(append(vec![put(3, 0, "small", "v")]).segment, 3);
+    // The first spare became segment 3; its successor is the only other.
+    assert_eq!(writer.spares_started(), 2);
+    drop(writer);
+    let mut revisions = Vec::new();
+    wal::replay(dir.path(), Position::default(), |changes, _| {
+        revisions.extend(changes.iter().map(|change| match change {
+            Change::Event { rev, .. } => *rev,
+            other => panic!("not an event: {other:?}"),
+        }));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(revisions, [1, 2, 3]);
+}
+
 #[tokio::test]
 async fn the_checkpointer_falling_behind_holds_the_writers_back() {
     let dir = tempfile::tempdir().unwrap();

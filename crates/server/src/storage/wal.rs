@@ -543,7 +543,12 @@ pub(super) struct WalWriter {
     file: Option<File>,
     offset: u64,
     len: u64,
+    /// The helper thread preparing the spare, until it is joined. At most
+    /// one at a time: two would zero-fill and rename the same files, and
+    /// one left running could write zeros over a segment already in use.
     spare: Option<JoinHandle<io::Result<()>>>,
+    /// How many spare preparations this writer started.
+    spares_started: u64,
     /// Tests: fail every append while set.
     fail: Option<Arc<AtomicBool>>,
 }
@@ -564,6 +569,7 @@ impl WalWriter {
             offset: 0,
             len: 0,
             spare: None,
+            spares_started: 0,
             fail,
         }
     }
@@ -643,7 +649,13 @@ impl WalWriter {
         std::fs::metadata(&path).is_ok_and(|metadata| metadata.len() == self.segment_bytes)
     }
 
+    /// Starts zero-filling the next spare, unless one is being prepared
+    /// already (a segment made to measure for an oversized record leaves the
+    /// pending spare for the next rotation).
     fn prepare_spare(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
         let dir = self.dir.clone();
         let len = self.segment_bytes;
         // Zero-filled and synced under a temporary name, then renamed: a
@@ -657,9 +669,18 @@ impl WalWriter {
                 sync_dir(&dir)
             });
         match spawned {
-            Ok(handle) => self.spare = Some(handle),
+            Ok(handle) => {
+                self.spare = Some(handle);
+                self.spares_started += 1;
+            }
             Err(error) => warn!(%error, "storage: cannot start the segment preparing thread"),
         }
+    }
+
+    /// How many spare preparations this writer started.
+    #[cfg(test)]
+    pub(super) fn spares_started(&self) -> u64 {
+        self.spares_started
     }
 }
 
