@@ -13,7 +13,8 @@
 # deregistrations, one change at a time; registries alternate within each
 # (placement, load) so that drifting background load hits all alike. The
 # table shows, per row, the time from the registrar's call returning to
-# the last caller's table showing the change (p50/p99/max over changes),
+# the last caller's table showing the change (stamped when its discovery
+# published that table; p50/p99/max over changes),
 # to each caller (p50/p99 over every (caller, change) pair), and from the
 # call's start to the last caller (p99: what a change costs end to end,
 # whichever way the registry orders its reply and its watch events), and

@@ -14,7 +14,11 @@
 //! For each change the clock runs from the registrar's call returning (the
 //! registry acknowledged its transaction) to a caller's table showing the
 //! change: the caller wakes on its service's version channel (as
-//! `Service::wait_for` does) and reads the snapshot. Every (caller, change)
+//! `Service::wait_for` does), reads the snapshot and takes the moment the
+//! discovery published it (`Snapshot::published_at`), when every picker on
+//! that table had the change, rather than when its own task got to run
+//! (with 1000 callers, a thousand tasks queue behind the tables they
+//! watch). Every (caller, change)
 //! pair is recorded, and per change the last caller's. A caller may see a
 //! change before the registrar's call returns (the watch event overtakes
 //! the transaction's reply on its way back through the registrar's task):
@@ -145,6 +149,17 @@ impl Clocks {
         let nanos = match clock {
             Clock::Monotonic => i64::try_from(self.base.elapsed().as_nanos()).unwrap_or(i64::MAX),
             Clock::Wall => wall_nanos(),
+        };
+        Stamp { clock, nanos }
+    }
+
+    /// `at`, a moment in the past, on `clock` (on the wall clock: now less
+    /// the time since).
+    fn at(&self, clock: Clock, at: Instant) -> Stamp {
+        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        let nanos = match clock {
+            Clock::Monotonic => nanos(at.saturating_duration_since(self.base)),
+            Clock::Wall => wall_nanos().saturating_sub(nanos(at.elapsed())),
         };
         Stamp { clock, nanos }
     }
@@ -338,7 +353,9 @@ impl Reporter {
 }
 
 /// One caller: waits on its service's version channel and reports each
-/// change its table shows, in order, until it has seen `changes` of them.
+/// change its table shows, in order, until it has seen `changes` of them,
+/// each at the moment the table showing it was published (when a picker
+/// on that table would have had it), not when this task got to look.
 async fn follow(
     service: muster::Service,
     caller: usize,
@@ -354,7 +371,10 @@ async fn follow(
     let mut id = instance_id(next);
     loop {
         let snapshot = service.snapshot();
-        let at = clocks.now(clock);
+        let at = match snapshot.published_at() {
+            Some(published) => clocks.at(clock, published),
+            None => clocks.now(clock),
+        };
         while next < changes && shown(next, snapshot.get(&id).is_some()) {
             if !reporter.send(Msg::Seen {
                 caller,

@@ -494,7 +494,7 @@ impl Shared {
             revision.max(current.revision())
         };
         self.publish(
-            Snapshot::new(self.name.clone(), revision, map),
+            Snapshot::new(self.name.clone(), revision, map).published(Instant::now()),
             revision,
             changes,
         );
@@ -552,8 +552,9 @@ impl Shared {
         }
         let revision = revision.max(last_rev);
         let snapshot = table.into_snapshot(self.name.clone(), revision);
-        self.apply.observe(received.elapsed());
-        self.publish(snapshot, last_rev, changes);
+        let now = Instant::now();
+        self.apply.observe(now.saturating_duration_since(received));
+        self.publish(snapshot.published(now), last_rev, changes);
     }
 
     fn progress(&self, revision: i64) {

@@ -2,17 +2,31 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::instance::Instance;
 
 /// A service's instances at one revision. Immutable: a change publishes a
 /// new snapshot, so readers never lock and never see a half-applied change.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Equality compares the service, revision and instances, not when the
+/// snapshot was published.
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     service: String,
     revision: i64,
     /// Sorted by id.
     instances: Vec<Arc<Instance>>,
+    /// When these instances became visible to readers.
+    published: Option<Instant>,
+}
+
+impl PartialEq for Snapshot {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.revision == other.revision
+            && self.instances == other.instances
+    }
 }
 
 impl Snapshot {
@@ -25,14 +39,32 @@ impl Snapshot {
             service,
             revision,
             instances: by_id.into_values().collect(),
+            published: None,
         }
     }
 
+    /// The same instances at a later revision (a progress notification):
+    /// still published when they first were.
     pub(crate) fn with_revision(&self, revision: i64) -> Self {
         Snapshot {
             revision,
             ..self.clone()
         }
+    }
+
+    /// Stamps the moment it is handed to readers.
+    pub(crate) fn published(mut self, at: Instant) -> Self {
+        self.published = Some(at);
+        self
+    }
+
+    /// When a discovery made these instances visible to its readers (and
+    /// pickers): the end of applying the registry's answer that produced
+    /// them, a progress notification keeping the time of the change. `None`
+    /// for a snapshot no discovery published (the empty one before the
+    /// first listing).
+    pub fn published_at(&self) -> Option<Instant> {
+        self.published
     }
 
     /// The service name.
@@ -127,6 +159,7 @@ impl Table {
             service,
             revision,
             instances: self.0,
+            published: None,
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Propagation figures against both backends: every applied change is
 //! timed per service, the revision lag returns to 0 once the table is
 //! current (progress notifications move an idle one), and the Prometheus
-//! text carries both for discovery and the catalog.
+//! text carries both for discovery and the catalog; a table says when it
+//! was published.
+
+use std::time::Instant;
 
 use crate::common;
 
@@ -14,7 +17,9 @@ async fn discovery_times_every_change_and_reports_lag(node: Box<dyn Registry>) {
     let etcd = client(&node.endpoint());
     let discovery = Discovery::new(etcd.clone());
     let user = discovery.service("user").await.unwrap();
-    let _billing = discovery.service("billing").await.unwrap();
+    let billing = discovery.service("billing").await.unwrap();
+    let listed = billing.snapshot();
+    let listed_at = listed.published_at().expect("the first list publishes");
     let catalog = Catalog::follow(etcd.clone(), muster::instance::DEFAULT_PREFIX)
         .await
         .unwrap();
@@ -23,6 +28,7 @@ async fn discovery_times_every_change_and_reports_lag(node: Box<dyn Registry>) {
         0,
         "the first list is not a change"
     );
+    let before = Instant::now();
     let registrar = registered(
         &etcd,
         30,
@@ -30,6 +36,8 @@ async fn discovery_times_every_change_and_reports_lag(node: Box<dyn Registry>) {
     )
     .await;
     user.wait_for(DEADLINE, |s| s.len() == 5).await.unwrap();
+    let published = user.snapshot().published_at().expect("a watched change");
+    assert!(before <= published && published <= Instant::now());
     assert!(user.apply_stats().count() >= 1);
     let p99 = user.apply_stats().quantile(0.99).expect("a figure");
     assert!(p99 <= user.apply_stats().max().max(p99));
@@ -60,6 +68,11 @@ async fn discovery_times_every_change_and_reports_lag(node: Box<dyn Registry>) {
         async move { lags.len() == 2 && lags.iter().all(|l| *l == 0.0) }
     })
     .await;
+    // Billing moved on by progress alone: its instances are the listed
+    // ones, published when they were listed.
+    let moved = billing.snapshot();
+    assert!(moved.revision() > listed.revision());
+    assert_eq!(moved.published_at(), Some(listed_at));
     let mut out = String::new();
     discovery.render_metrics(&mut out);
     let count = muster_testkit::metric_value(
