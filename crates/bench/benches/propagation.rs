@@ -102,10 +102,12 @@ async fn propagation(node: &EtcdNode, rounds: usize) {
                 let svc = svc.clone();
                 let id = id.clone();
                 tokio::spawn(async move {
-                    svc.wait_for(Duration::from_secs(10), |s| s.get(&id).is_some())
+                    let shown = svc
+                        .wait_for(Duration::from_secs(10), |s| s.get(&id).is_some())
                         .await
                         .expect("propagated");
-                    Instant::now()
+                    // When the table had it, not when this task woke.
+                    shown.published_at().unwrap_or_else(Instant::now)
                 })
             })
             .collect();
