@@ -142,7 +142,12 @@ pub async fn run(
     let deadline = tokio::time::Instant::now() + config.duration;
     let (stop_tx, stop) = watch::channel(false);
     let watch_endpoint = target.watch_endpoint.as_ref().unwrap_or(&target.endpoint);
-    let watcher = tokio::spawn(watch_all(channel(watch_endpoint)?, stop, base));
+    let watcher = tokio::spawn(watch_all(
+        channel(watch_endpoint)?,
+        watch_endpoint.clone(),
+        stop,
+        base,
+    ));
     let mut clients = Vec::new();
     for id in 0..config.clients {
         let ch = channel(&target.endpoint)?;
@@ -935,12 +940,17 @@ fn result_of(op: pb::ResponseOp) -> TxnOpResult {
 /// Watches every traffic key from revision 1, resuming after each broken
 /// stream from the revision after the last one delivered, until `stop` and
 /// the watch has reached the registry's revision at that moment (or a few
-/// seconds passed). Each stream is one [`WatchRecord`].
+/// seconds passed). Each stream is one [`WatchRecord`]. A stream that does
+/// not open within [`OPEN_TIMEOUT`] is given up, and the next one goes over
+/// a new connection (`endpoint`): through kills and cuts, a request on the
+/// old one once waited for ever, holding the whole run.
 async fn watch_all(
-    ch: Channel,
+    mut ch: Channel,
+    endpoint: String,
     mut stop: watch::Receiver<bool>,
     base: Instant,
 ) -> (Vec<WatchRecord>, bool) {
+    const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
     let mut records = Vec::new();
     let mut next = 1;
     let mut kv = KvClient::new(ch.clone());
@@ -993,14 +1003,24 @@ async fn watch_all(
         if req_tx.send(create).await.is_err() {
             return (records, false);
         }
-        let stream = WatchClient::new(ch.clone())
-            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-            .await;
+        let stream = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            WatchClient::new(ch.clone()).watch(tokio_stream::wrappers::ReceiverStream::new(req_rx)),
+        )
+        .await;
         let mut stream = match stream {
-            Ok(s) => s.into_inner(),
-            Err(_) => {
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(_)) => {
                 records.pop();
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(_) => {
+                records.pop();
+                if let Ok(fresh) = channel(&endpoint) {
+                    kv = KvClient::new(fresh.clone());
+                    ch = fresh;
+                }
                 continue;
             }
         };

@@ -4,6 +4,7 @@
 //! linearizability and every watch response validated against it. Real
 //! etcd is the control: if it fails there, the checker is wrong.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use muster_robustness::lease::Outage;
@@ -97,7 +98,27 @@ fn check(recorded: &traffic::Recorded, outages: &[Outage], seed: u64, what: &str
     }
 }
 
-async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Registry>) {
+/// What the run is doing, for the message if it never ends.
+type Phase = Arc<Mutex<&'static str>>;
+
+fn enter(phase: &Phase, what: &'static str) {
+    *phase.lock().unwrap_or_else(PoisonError::into_inner) = what;
+}
+
+async fn traffic_stays_linearizable_through_kills_and_cuts(node: Box<dyn Registry>) {
+    // Every wait inside is bounded; this bounds them all, so that a wait
+    // that is not fails here, saying where, instead of holding the suite.
+    const WHOLE_RUN: Duration = Duration::from_secs(300);
+    let name = node.name().to_string();
+    let phase: Phase = Arc::new(Mutex::new("starting"));
+    let run = kills_and_cuts(node, phase.clone());
+    if tokio::time::timeout(WHOLE_RUN, run).await.is_err() {
+        let phase = *phase.lock().unwrap_or_else(PoisonError::into_inner);
+        panic!("{name}: not done after {WHOLE_RUN:?}, while {phase}");
+    }
+}
+
+async fn kills_and_cuts(mut node: Box<dyn Registry>, phase: Phase) {
     let seed = seed();
     let proxy = TcpProxy::start(node.client_port()).unwrap();
     let target = Target {
@@ -120,11 +141,14 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
     let direct = format!("http://127.0.0.1:{}", node.client_port());
     let mut outages = Vec::new();
     for _ in 0..2 {
+        enter(&phase, "running traffic");
         tokio::time::sleep(Duration::from_secs(2)).await;
+        enter(&phase, "killing and restarting the registry");
         let start = now();
         node.kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
         node.restart().unwrap();
+        enter(&phase, "waiting for the restarted registry to answer");
         muster_robustness::run::answering(&direct, Duration::from_secs(30)).await;
         outages.push(Outage {
             kind: "kill".into(),
@@ -132,6 +156,7 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
             end: now(),
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
+        enter(&phase, "cutting the connections");
         let start = now();
         proxy.cut();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -142,9 +167,12 @@ async fn traffic_stays_linearizable_through_kills_and_cuts(mut node: Box<dyn Reg
             end: now(),
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
+        enter(&phase, "compacting");
         muster_robustness::run::compact(&direct).await;
     }
+    enter(&phase, "waiting for the traffic and its watch to end");
     let recorded = run.await.unwrap().unwrap();
+    enter(&phase, "checking the history");
     check(&recorded, &outages, seed, node.name());
 }
 
