@@ -26,6 +26,18 @@ impl Exposition {
     fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
         self.family(name, kind, help, &[("", value)]);
     }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &crate::storage::LatencySnapshot) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} histogram");
+        for (bound, count) in h.cumulative() {
+            let _ = writeln!(self.0, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let count = h.count();
+        let _ = writeln!(self.0, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.0, "{name}_sum {}", h.sum.as_secs_f64());
+        let _ = writeln!(self.0, "{name}_count {count}");
+    }
 }
 
 const WATCH: &str =
@@ -99,6 +111,17 @@ pub fn render(core: &Core) -> String {
         "counter",
         "Write batches made durable; more batches than commits is group commit at work.",
         stats.batches as f64,
+    );
+    let latencies = core.storage().latencies();
+    m.histogram(
+        "muster_storage_wal_append_seconds",
+        "Time to append a commit's record to the write-ahead log and fdatasync it (etcd: etcd_disk_wal_fsync_duration_seconds).",
+        &latencies.wal_append,
+    );
+    m.histogram(
+        "muster_storage_checkpoint_seconds",
+        "Time of each checkpoint, one durable database transaction (etcd: etcd_disk_backend_commit_duration_seconds).",
+        &latencies.checkpoint,
     );
     m.single(
         "muster_storage_db_bytes",

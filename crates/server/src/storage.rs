@@ -92,8 +92,11 @@ use redb::{
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use self::latency::Latency;
+pub use self::latency::{LATENCY_BOUNDS, LatencySnapshot, StorageLatencies};
 use self::wal::{Position, WalWriter};
 
+mod latency;
 mod wal;
 
 /// Name of the database file inside the storage directory.
@@ -426,6 +429,10 @@ struct Shared {
     batches: AtomicU64,
     checkpoints: AtomicU64,
     wal_bytes: AtomicU64,
+    /// Each log append with its fdatasync.
+    wal_append: Latency,
+    /// Each checkpoint transaction.
+    checkpoint_latency: Latency,
     /// Set once, by the storage thread or the checkpointer, when a write
     /// fails.
     failed: OnceLock<StorageError>,
@@ -689,6 +696,15 @@ impl Storage {
             checkpoints: shared.checkpoints.load(Ordering::Relaxed),
             wal_bytes: shared.wal_bytes.load(Ordering::Relaxed),
             pending_bytes: lock(&shared.queue).bytes as u64,
+        }
+    }
+
+    /// How long log appends and checkpoints took (empty in memory).
+    pub fn latencies(&self) -> StorageLatencies {
+        let shared = &self.inner.shared;
+        StorageLatencies {
+            wal_append: shared.wal_append.snapshot(),
+            checkpoint: shared.checkpoint_latency.snapshot(),
         }
     }
 
@@ -1160,7 +1176,10 @@ fn run(mut wal: WalWriter, receiver: mpsc::Receiver<Request>, shared: &Shared, o
             group.iter().flat_map(|request| &request.changes),
             &mut record,
         );
-        match wal.append(&mut record) {
+        let started = Instant::now();
+        let appended = wal.append(&mut record);
+        shared.wal_append.observe(started.elapsed());
+        match appended {
             Ok(end) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared
@@ -1261,7 +1280,9 @@ fn checkpointer(
         if let Some(end) = groups.last().map(|logged| logged.end) {
             let started = Instant::now();
             let bytes: usize = groups.iter().map(|logged| logged.bytes).sum();
-            if let Err(error) = checkpoint(&db, &groups, end, &mut revision) {
+            let checkpointed = checkpoint(&db, &groups, end, &mut revision);
+            shared.checkpoint_latency.observe(started.elapsed());
+            if let Err(error) = checkpointed {
                 error!(%error, "storage: checkpoint failed; storage is now failed");
                 let _ = shared.failed.set(error);
                 break;

@@ -146,3 +146,45 @@ async fn auto_compaction_keeps_the_last_revisions() {
     let kept = get_at(&mut kv, "k", last - 4).await;
     assert_eq!(kept, Some(format!("v{}", 20 - 5)));
 }
+
+/// Every log append and every checkpoint is timed, and `/metrics` carries
+/// both histograms with counts that agree with the commit and checkpoint
+/// counters.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_time_every_log_append_and_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, mut kv) = start(dir.path()).await;
+    for i in 0..20 {
+        put(&mut kv, &format!("k{i}"), "v").await;
+    }
+    // The checkpointer runs about once a second while changes wait.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.core().storage().stats().checkpoints == 0 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stats = server.core().storage().stats();
+    let latencies = server.core().storage().latencies();
+    assert!(stats.commits >= 20, "{stats:?}");
+    assert_eq!(latencies.wal_append.count(), stats.commits);
+    assert!(latencies.wal_append.sum > std::time::Duration::ZERO);
+    assert_eq!(latencies.checkpoint.count(), stats.checkpoints);
+    let text = muster_server::metrics::render(server.core());
+    let value = |name: &str, labels: &[&str]| muster_testkit::metric_value(&text, name, labels);
+    let commits = value("muster_storage_commits_total", &[]).unwrap();
+    assert!(commits >= 20.0, "{text}");
+    assert!(value("muster_storage_wal_append_seconds_count", &[]).unwrap() >= commits);
+    let inf = value(
+        "muster_storage_wal_append_seconds_bucket",
+        &[r#"le="+Inf""#],
+    );
+    let count = value("muster_storage_wal_append_seconds_count", &[]);
+    assert_eq!(inf, count, "{text}");
+    assert!(value("muster_storage_checkpoint_seconds_count", &[]).unwrap() >= 1.0);
+    assert!(text.contains("# TYPE muster_storage_wal_append_seconds histogram"));
+
+    // In memory there is nothing to time.
+    let (server, mut kv) = serve(ServerConfig::in_memory()).await;
+    put(&mut kv, "k", "v").await;
+    assert_eq!(server.core().storage().latencies(), Default::default());
+}
