@@ -491,28 +491,12 @@ async fn defragment_shrinks_the_file_after_a_delete_and_a_compaction() {
         after < 4 << 20 && after < before / 2,
         "{before} bytes, then {after}"
     );
-    let got = kv
-        .range(pb::RangeRequest {
-            key: b"keep".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.kvs[0].value, b"kept");
+    assert_eq!(value(&mut kv, b"keep").await.as_deref(), Some(&b"kept"[..]));
     server.shutdown().await;
     // And nothing was lost: the data reads back after a restart.
     let server = reopen(dir.path(), 0).await;
     let mut kv = KvClient::new(channel(&server).await);
-    let got = kv
-        .range(pb::RangeRequest {
-            key: b"keep".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.kvs[0].value, b"kept");
+    assert_eq!(value(&mut kv, b"keep").await.as_deref(), Some(&b"kept"[..]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -670,15 +654,7 @@ async fn corrupt_alarm(endpoint: &str) {
             .unwrap_err(),
     );
     // Reads go on.
-    let got = kv
-        .range(pb::RangeRequest {
-            key: b"k".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.kvs[0].value, b"v");
+    assert_eq!(value(&mut kv, b"k").await.as_deref(), Some(&b"v"[..]));
     let txn_read = pb::TxnRequest {
         success: vec![pb::RequestOp {
             request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
@@ -735,4 +711,18 @@ async fn count(kv: &mut KvClient<Channel>, key: &[u8], end: &[u8]) -> i64 {
     .unwrap()
     .into_inner()
     .count
+}
+
+/// The value of `key`, if it exists.
+async fn value(kv: &mut KvClient<Channel>, key: &[u8]) -> Option<Vec<u8>> {
+    kv.range(pb::RangeRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .kvs
+    .pop()
+    .map(|kv| kv.value)
 }
