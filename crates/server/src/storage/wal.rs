@@ -547,7 +547,8 @@ pub(super) struct WalWriter {
     /// one at a time: two would zero-fill and rename the same files, and
     /// one left running could write zeros over a segment already in use.
     spare: Option<JoinHandle<io::Result<()>>>,
-    /// How many spare preparations this writer started.
+    /// Tests: how many spare preparations this writer started.
+    #[cfg(test)]
     spares_started: u64,
     /// Tests: fail every append while set.
     fail: Option<Arc<AtomicBool>>,
@@ -569,6 +570,7 @@ impl WalWriter {
             offset: 0,
             len: 0,
             spare: None,
+            #[cfg(test)]
             spares_started: 0,
             fail,
         }
@@ -671,7 +673,10 @@ impl WalWriter {
         match spawned {
             Ok(handle) => {
                 self.spare = Some(handle);
-                self.spares_started += 1;
+                #[cfg(test)]
+                {
+                    self.spares_started += 1;
+                }
             }
             Err(error) => warn!(%error, "storage: cannot start the segment preparing thread"),
         }
